@@ -1,0 +1,1 @@
+"""What both sides need to speak the FedOCR wire: stubs, encoding, chunking, TLS and PKI."""

@@ -1,0 +1,1 @@
+"""The hashed ASTER / FedOCR-Hash recognizer: model, hashing, LMDB data, training and evaluation."""
