@@ -39,3 +39,7 @@ def decode(ids: list[int]) -> str:
         if 0 <= i < len(PRINTABLE):
             out.append(PRINTABLE[i])
     return "".join(out)
+
+# Longest transcription the decoder reads or writes; sequences are MAX_LABEL_LEN + 1 long (EOS).
+MAX_LABEL_LEN = 25
+MAX_SEQ_LEN = MAX_LABEL_LEN + 1
