@@ -24,6 +24,9 @@ DATA_FILE = "data.mdb"
 
 _INITIAL_MAP_SIZE = 64 << 20  # grown by doubling whenever a commit does not fit
 
+# Read-only environments of this process by real path, with the pid that opened them.
+_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
 
 class DatasetError(ValueError):
     """A word-image LMDB is missing, malformed or holds an unreadable sample."""
@@ -114,7 +117,8 @@ class LmdbReader:
     """Read-only access to a word-image LMDB; the environment opens lazily, once per process.
 
     Indices are 0-based: ``get(i)`` reads keys ``image-%09d`` / ``label-%09d`` at ``i + 1``.
-    The reader pickles without its environment, so DataLoader workers open their own.
+    Environments live in a per-process table, never in the reader, so a reader pickles cleanly
+    and each DataLoader worker opens its own.
 
     Raises:
         DatasetError: the path is missing or is not an LMDB, or ``num-samples`` is absent.
@@ -126,23 +130,24 @@ class LmdbReader:
             raise DatasetError(f"{self.path}: no such dataset")
         if not (self.path / DATA_FILE).is_file():
             raise DatasetError(f"{self.path}: not an LMDB directory (no {DATA_FILE})")
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
+        self._key_path = os.path.realpath(self.path)
+        opened_here = self._key_path not in _ENVS
         try:
             self._len = self._read_count()
         finally:
-            self.close()  # nothing stays open before a DataLoader forks its workers
+            if opened_here:
+                self.close()  # nothing stays open before a DataLoader forks its workers
 
     def _open(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
+        # py-lmdb allows one environment per path and process, so readers of a path share it.
+        pid, env = _ENVS.get(self._key_path, (-1, None))
+        if env is None or pid != os.getpid():
             try:
-                self._env = lmdb.open(
-                    str(self.path), readonly=True, lock=False, readahead=False, meminit=False
-                )
+                env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
             except lmdb.Error as exc:
                 raise DatasetError(f"{self.path}: cannot open as LMDB: {exc}") from exc
-            self._pid = os.getpid()
-        return self._env
+            _ENVS[self._key_path] = (os.getpid(), env)
+        return env
 
     def _read_count(self) -> int:
         raw = self._get(NUM_SAMPLES_KEY)
@@ -161,18 +166,13 @@ class LmdbReader:
             return txn.get(key)
 
     def close(self) -> None:
-        """Close the environment (it reopens on the next read)."""
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
+        """Close this process's environment for the path (any reader of it reopens on its next read)."""
+        pid, env = _ENVS.pop(self._key_path, (-1, None))
+        if env is not None and pid == os.getpid():
+            env.close()
 
     def __len__(self) -> int:
         return self._len
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_env"], state["_pid"] = None, -1
-        return state
 
     def _key(self, pattern: str, index: int) -> bytes:
         if not 0 <= index < self._len:

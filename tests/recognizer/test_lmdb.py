@@ -101,16 +101,18 @@ def test_failed_write_leaves_no_sample_count(tmp_path):
         LmdbReader(tmp_path / "db")
 
 
-def test_reader_pickles_without_its_environment(tmp_path):
+def test_readers_of_one_path_share_an_environment_and_pickle(tmp_path):
     with LmdbWriter(tmp_path / "db") as writer:
         writer.add(_png((5, 5, 5)), "x")
     reader = LmdbReader(tmp_path / "db")
     reader.get(0)
 
     clone = pickle.loads(pickle.dumps(reader))
-    reader.close()  # py-lmdb allows one open environment per path and process
+    other = LmdbReader(tmp_path / "db")
 
-    assert clone._env is None and clone.get_label(0) == "x"
+    assert clone.get_label(0) == "x" and other.get(0)[1] == "x" and reader.get_label(0) == "x"
+    reader.close()
+    assert clone.get_label(0) == "x"
 
 
 def test_missing_path(tmp_path):
