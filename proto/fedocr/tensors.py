@@ -1,0 +1,313 @@
+"""The tensor codec of the wire: float vectors to and from a checksummed stream of TensorChunks.
+
+A stream is: chunks with ``seq`` 0, 1, 2 ..., each holding ``count`` consecutive elements of one
+tensor starting at ``offset``, encoded (ENCODING_FLOAT32: little-endian binary32) and then
+compressed on its own (COMPRESSION_ZSTD: one zstd frame that records its content size, or
+COMPRESSION_NONE); then a Trailer whose ``sha256`` covers the encoded, uncompressed payloads in
+stream order and whose ``chunk_count`` is the number of chunks. Within one tensor the chunks are
+contiguous and in order; tensors may interleave. Empty tensors send no chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import zstandard
+
+from fedocr.v1 import federation_pb2 as pb
+
+FLOAT32 = np.dtype("<f4")  # ENCODING_FLOAT32 on the wire, whatever the host's byte order
+DEFAULT_CHUNK_ELEMS = (1 << 20) // FLOAT32.itemsize  # 1 MiB of raw float32 values per chunk
+MAX_CHUNK_RAW_BYTES = 2 << 20  # hard cap, well under gRPC's 4 MiB default message limit
+DEFAULT_ZSTD_LEVEL = 3
+# A zstd frame of incompressible data is a little larger than its input (ZSTD_COMPRESSBOUND:
+# n + n/256 + at most 64, plus an 18-byte header); allow that, no more.
+_ZSTD_SLACK_BYTES = 256
+
+_ITEMSIZE = {pb.ENCODING_FLOAT32: FLOAT32.itemsize}
+_COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
+
+
+class WireFormatError(ValueError):
+    """A tensor stream that breaks the wire contract (maps to INVALID_ARGUMENT)."""
+
+
+class UnsupportedEncoding(WireFormatError):
+    """An Encoding or Compression value this build does not implement."""
+
+
+class UnknownTensor(WireFormatError):
+    """A chunk names a tensor id that is not in the manifest."""
+
+
+class ChunkOrderError(WireFormatError):
+    """A chunk out of sequence, overlapping earlier elements, or leaving a gap."""
+
+
+class LengthMismatch(WireFormatError):
+    """Sizes disagree: payload vs count, chunk vs tensor bounds, stream vs manifest or trailer."""
+
+
+class ChecksumMismatch(WireFormatError):
+    """The trailer's sha256 is not the digest of the payloads received."""
+
+
+class ChunkTooLarge(WireFormatError):
+    """A chunk above the size limit, before or after decompression (maps to RESOURCE_EXHAUSTED)."""
+
+
+class NonFiniteValues(WireFormatError):
+    """A tensor holds NaN or infinity."""
+
+
+def _check_codec(encoding: int, compression: int) -> int:
+    """Return the item size of ``encoding``; raise UnsupportedEncoding for anything unimplemented."""
+    if encoding not in _ITEMSIZE:
+        name = pb.Encoding.Name(encoding) if encoding in pb.Encoding.values() else str(encoding)
+        raise UnsupportedEncoding(f"encoding {name} is not supported (only ENCODING_FLOAT32)")
+    if compression not in _COMPRESSIONS:
+        name = pb.Compression.Name(compression) if compression in pb.Compression.values() else compression
+        raise UnsupportedEncoding(
+            f"compression {name} is not supported (COMPRESSION_NONE or COMPRESSION_ZSTD)"
+        )
+    return _ITEMSIZE[encoding]
+
+
+class ChunkEncoder:
+    """Writer side: turns flat tensors into TensorChunks, then a Trailer.
+
+    Parameters: ``tensors`` are flattened (C order) and encoded as float32; ``ids`` default to
+    0..n-1; ``level`` is the zstd level (ignored for COMPRESSION_NONE); ``chunk_elems`` is the
+    number of values per chunk, at most MAX_CHUNK_RAW_BYTES // 4.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[np.ndarray],
+        encoding: int = pb.ENCODING_FLOAT32,
+        compression: int = pb.COMPRESSION_ZSTD,
+        level: int = DEFAULT_ZSTD_LEVEL,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        ids: Sequence[int] | None = None,
+    ) -> None:
+        itemsize = _check_codec(encoding, compression)
+        if not 1 <= chunk_elems <= MAX_CHUNK_RAW_BYTES // itemsize:
+            raise ValueError(
+                f"chunk_elems must be in 1..{MAX_CHUNK_RAW_BYTES // itemsize}, got {chunk_elems}"
+            )
+        if compression == pb.COMPRESSION_ZSTD and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"zstd level must be in 1..{zstandard.MAX_COMPRESSION_LEVEL}, got {level}")
+        ids = list(range(len(tensors))) if ids is None else list(ids)
+        if len(ids) != len(tensors) or len(set(ids)) != len(ids):
+            raise ValueError("ids must be unique, one per tensor")
+        self._tensors = [np.ascontiguousarray(t, dtype=FLOAT32).reshape(-1) for t in tensors]
+        self._ids = ids
+        self._compressor = (
+            zstandard.ZstdCompressor(level=level, write_content_size=True)
+            if compression == pb.COMPRESSION_ZSTD
+            else None
+        )
+        self._chunk_elems = chunk_elems
+        self._digest = hashlib.sha256()
+        self._started = False
+        self._done = False
+        self.chunk_count = 0
+        self.raw_bytes = 0  # encoded payload bytes before compression
+        self.wire_bytes = 0  # payload bytes as sent
+
+    def specs(self) -> list[pb.TensorSpec]:
+        """The manifest entries (id, length) of the tensors being sent."""
+        return [pb.TensorSpec(id=i, length=t.size) for i, t in zip(self._ids, self._tensors, strict=True)]
+
+    def chunks(self) -> Iterator[pb.TensorChunk]:
+        """Yield the chunks in stream order; may be iterated once."""
+        if self._started:
+            raise RuntimeError("ChunkEncoder.chunks() may be iterated only once")
+        self._started = True
+        for tensor_id, values in zip(self._ids, self._tensors, strict=True):
+            for offset in range(0, values.size, self._chunk_elems):
+                raw = values[offset : offset + self._chunk_elems].tobytes()
+                payload = self._compressor.compress(raw) if self._compressor else raw
+                self._digest.update(raw)
+                chunk = pb.TensorChunk(
+                    tensor_id=tensor_id,
+                    offset=offset,
+                    count=len(raw) // FLOAT32.itemsize,
+                    payload=payload,
+                    seq=self.chunk_count,
+                )
+                self.chunk_count += 1
+                self.raw_bytes += len(raw)
+                self.wire_bytes += len(payload)
+                yield chunk
+        self._done = True
+
+    def trailer(self) -> pb.Trailer:
+        """The Trailer for the stream; only after every chunk was taken."""
+        if not self._done:
+            raise RuntimeError("trailer() before all chunks were taken")
+        return pb.Trailer(sha256=self._digest.digest(), chunk_count=self.chunk_count)
+
+
+def iter_chunks(
+    tensors: Sequence[np.ndarray],
+    encoding: int = pb.ENCODING_FLOAT32,
+    compression: int = pb.COMPRESSION_ZSTD,
+    level: int = DEFAULT_ZSTD_LEVEL,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> Iterator[pb.TensorChunk]:
+    """Yield the chunks of ``tensors`` (ids 0..n-1); use ChunkEncoder to get the trailer too."""
+    yield from ChunkEncoder(tensors, encoding, compression, level, chunk_elems).chunks()
+
+
+class ChunkAssembler:
+    """Reader side: checks chunks one at a time and writes them into preallocated float32 arrays.
+
+    Parameters: ``specs`` are the manifest's TensorSpec messages or (id, length) pairs;
+    ``max_chunk_bytes`` caps one chunk's decoded size. After any error the assembler refuses
+    further input. ``raw_bytes`` / ``wire_bytes`` count decoded and received payload bytes.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[pb.TensorSpec | tuple[int, int]],
+        encoding: int = pb.ENCODING_FLOAT32,
+        compression: int = pb.COMPRESSION_ZSTD,
+        max_chunk_bytes: int = MAX_CHUNK_RAW_BYTES,
+    ) -> None:
+        self._itemsize = _check_codec(encoding, compression)
+        pairs = [(s.id, s.length) if isinstance(s, pb.TensorSpec) else (int(s[0]), int(s[1])) for s in specs]
+        if len({i for i, _ in pairs}) != len(pairs):
+            raise WireFormatError("the manifest names a tensor id twice")
+        self._index = {tensor_id: k for k, (tensor_id, _) in enumerate(pairs)}
+        self._ids = [tensor_id for tensor_id, _ in pairs]
+        self._arrays = [np.empty(length, dtype=np.float32) for _, length in pairs]
+        self._filled = [0] * len(pairs)  # next expected offset per tensor
+        self._max_elems = max_chunk_bytes // self._itemsize
+        self._max_wire = max_chunk_bytes + (max_chunk_bytes >> 8) + _ZSTD_SLACK_BYTES
+        self._decompressor = None
+        if compression == pb.COMPRESSION_ZSTD:
+            window = max(1 << 20, 1 << (max_chunk_bytes - 1).bit_length())
+            self._decompressor = zstandard.ZstdDecompressor(max_window_size=window)
+        self._digest = hashlib.sha256()
+        self._broken = False
+        self._finished = False
+        self.chunk_count = 0
+        self.raw_bytes = 0
+        self.wire_bytes = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        """Check one chunk and copy its values in place; raise a WireFormatError subclass if bad."""
+        if self._broken or self._finished:
+            raise ChunkOrderError("chunk after the stream ended or failed")
+        try:
+            self._add(chunk)
+        except WireFormatError:
+            self._broken = True
+            raise
+
+    def _add(self, chunk: pb.TensorChunk) -> None:
+        if chunk.seq != self.chunk_count:
+            raise ChunkOrderError(f"chunk seq {chunk.seq} where {self.chunk_count} was expected")
+        k = self._index.get(chunk.tensor_id)
+        if k is None:
+            raise UnknownTensor(f"chunk {chunk.seq} names tensor {chunk.tensor_id}, not in the manifest")
+        if chunk.count == 0:
+            raise LengthMismatch(f"chunk {chunk.seq} is empty")
+        if chunk.count > self._max_elems or len(chunk.payload) > self._max_wire:
+            raise ChunkTooLarge(
+                f"chunk {chunk.seq} holds {chunk.count} values / {len(chunk.payload)} bytes; "
+                f"the limit is {self._max_elems} values"
+            )
+        length = self._arrays[k].size
+        if chunk.offset + chunk.count > length:
+            raise LengthMismatch(
+                f"chunk {chunk.seq} covers [{chunk.offset}, {chunk.offset + chunk.count}) "
+                f"of tensor {chunk.tensor_id}, which has {length} values"
+            )
+        expected = self._filled[k]
+        if chunk.offset != expected:
+            what = "overlaps earlier values" if chunk.offset < expected else "leaves a gap"
+            raise ChunkOrderError(
+                f"chunk {chunk.seq} starts at {chunk.offset} of tensor {chunk.tensor_id} and {what} "
+                f"(next expected offset {expected})"
+            )
+        raw = self._decode(chunk)
+        self._arrays[k][chunk.offset : chunk.offset + chunk.count] = np.frombuffer(raw, dtype=FLOAT32)
+        self._digest.update(raw)
+        self._filled[k] += chunk.count
+        self.chunk_count += 1
+        self.raw_bytes += len(raw)
+        self.wire_bytes += len(chunk.payload)
+
+    def _decode(self, chunk: pb.TensorChunk) -> bytes:
+        """Return the encoded bytes of ``chunk``, decompressed with an exact output bound."""
+        size = chunk.count * self._itemsize
+        if self._decompressor is None:
+            if len(chunk.payload) != size:
+                raise LengthMismatch(
+                    f"chunk {chunk.seq} has {len(chunk.payload)} payload bytes for {chunk.count} values"
+                )
+            return chunk.payload
+        try:
+            declared = zstandard.frame_content_size(chunk.payload)
+        except zstandard.ZstdError as exc:
+            raise WireFormatError(f"chunk {chunk.seq} is not a zstd frame: {exc}") from exc
+        if declared != size:
+            raise LengthMismatch(
+                f"chunk {chunk.seq} declares {declared} decompressed bytes for {chunk.count} values"
+            )
+        # libzstd stops at the declared content size, so a frame that lies about it cannot
+        # expand past ``size`` (the zstd-bomb guard); eof and unused_data reject truncated or
+        # padded payloads.
+        stream = self._decompressor.decompressobj()
+        try:
+            raw = stream.decompress(chunk.payload)
+        except zstandard.ZstdError as exc:
+            raise WireFormatError(f"chunk {chunk.seq} does not decompress: {exc}") from exc
+        if not stream.eof or stream.unused_data or len(raw) != size:
+            raise LengthMismatch(f"chunk {chunk.seq} is not exactly one zstd frame of {size} bytes")
+        return raw
+
+    def finish(self, trailer: pb.Trailer) -> list[np.ndarray]:
+        """Check completeness, chunk count and checksum; return the arrays in manifest order."""
+        if self._broken or self._finished:
+            raise ChunkOrderError("trailer after the stream ended or failed")
+        self._broken = True  # whatever happens below, no more input is accepted
+        short = [
+            (i, f, a.size)
+            for i, f, a in zip(self._ids, self._filled, self._arrays, strict=True)
+            if f != a.size
+        ]
+        if short:
+            tensor_id, filled, length = short[0]
+            raise LengthMismatch(
+                f"stream ended with tensor {tensor_id} at {filled} of {length} values "
+                f"({len(short)} tensor(s) incomplete)"
+            )
+        if trailer.chunk_count != self.chunk_count:
+            raise LengthMismatch(
+                f"trailer counts {trailer.chunk_count} chunks, {self.chunk_count} were received"
+            )
+        if trailer.sha256 != self._digest.digest():
+            raise ChecksumMismatch("trailer sha256 does not match the payloads received")
+        self._finished = True
+        return self._arrays
+
+    def digest(self) -> bytes:
+        """The sha256 of the payloads received so far."""
+        return self._digest.digest()
+
+
+def check_finite(arrays: Sequence[np.ndarray], ids: Sequence[int] | None = None) -> None:
+    """Raise NonFiniteValues naming the first tensor (by id, default its index) with NaN or inf."""
+    for k, values in enumerate(arrays):
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.reshape(-1))
+            tensor_id = k if ids is None else ids[k]
+            raise NonFiniteValues(
+                f"tensor {tensor_id} has {bad.size} non-finite value(s), the first at element {bad[0]}"
+            )
