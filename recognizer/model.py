@@ -1,0 +1,239 @@
+"""The recognizer (ASTER-FL and FedOCR-Hash): its config, presets, construction and size report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from recognizer.blocks import ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
+from recognizer.charset import MAX_SEQ_LEN
+from recognizer.decoder import AttentionDecoder
+from recognizer.keys import derive_seed
+from recognizer.tps import Rectifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one recognizer; every preset is the same network at a different width."""
+
+    name: str
+    encoder: Literal["resnet", "shufflenet"]
+    # resnet: stem + 5 stages; shufflenet: stem + 3 stages + final 1x1 conv (see blocks.py).
+    encoder_widths: tuple[int, ...]
+    encoder_depths: tuple[int, ...]
+    lstm_hidden: int = 256  # per direction; the decoder reads 2x this
+    lstm_layers: int = 2
+    dec_hidden: int = 512
+    dec_attention: int = 512
+    dec_embedding: int = 512
+    input_hw: tuple[int, int] = (64, 256)
+    tps: bool = True
+    tps_points: int = 20
+    tps_input_hw: tuple[int, int] = (32, 64)  # the localization net sees a downsampled copy
+    tps_output_hw: tuple[int, int] = (32, 100)  # the encoder's input; 100 wide gives a 25-step sequence
+    tps_margins: tuple[float, float] = (0.05, 0.05)
+    stn_widths: tuple[int, ...] = (32, 64, 128, 256, 256, 256)
+    stn_fc: int = 512
+
+
+_RESNET45 = (3, 4, 6, 6, 3)
+_SHUFFLE = (4, 8, 4)
+
+PRESETS: dict[str, ModelConfig] = {
+    # aster.pytorch as the FedOCR paper's baseline: 20.99 M parameters in Table 1.
+    "aster-fl": ModelConfig("aster-fl", "resnet", (32, 32, 64, 128, 256, 512), _RESNET45),
+    # ShuffleNetV2 2.0x stages with a 1024-wide final conv: the width that lands on Table 1's 13.34 M
+    # (the 2048 of ImageNet ShuffleNetV2 2.0x would give 16.5 M through a wider first LSTM layer).
+    "fedocr": ModelConfig("fedocr", "shufflenet", (24, 244, 488, 976, 1024), _SHUFFLE),
+    "aster-fl-small": ModelConfig(
+        "aster-fl-small", "resnet", (16, 16, 32, 64, 96, 128), _RESNET45,
+        lstm_hidden=96, dec_hidden=128, dec_attention=128, dec_embedding=64,
+        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128,
+    ),
+    "fedocr-small": ModelConfig(
+        "fedocr-small", "shufflenet", (24, 116, 232, 464, 256), _SHUFFLE,
+        lstm_hidden=128, dec_hidden=192, dec_attention=192, dec_embedding=128,
+        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128,
+    ),
+    # Small enough to train in minutes on two CPU cores (demos, tests).
+    "fedocr-tiny": ModelConfig(
+        "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE,
+        lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
+        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64,
+    ),
+}  # fmt: skip
+
+
+def _hashing():
+    """The hashing module, imported on first use (it may not be present in every checkout)."""
+    return importlib.import_module("recognizer.hashing")
+
+
+class Recognizer(nn.Module):
+    """TPS rectifier, CNN encoder, BiLSTM and attentional decoder (ASTER, Shi et al. 2018)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gamma: float | None = None  # set by build_model once hashed
+        c = config
+        self.rectifier = (
+            Rectifier(c.tps_input_hw, c.tps_output_hw, c.tps_points, c.tps_margins, c.stn_widths, c.stn_fc)
+            if c.tps
+            else None
+        )
+        if c.encoder == "resnet":
+            self.encoder: ResNetEncoder | ShuffleNetEncoder = ResNetEncoder(
+                c.encoder_widths, c.encoder_depths
+            )
+        elif c.encoder == "shufflenet":
+            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths)
+        else:
+            raise ValueError(f"unknown encoder kind {c.encoder!r}; expected 'resnet' or 'shufflenet'")
+        self.sequence = SequenceEncoder(self.encoder.out_channels, c.lstm_hidden, c.lstm_layers)
+        self.decoder = AttentionDecoder(
+            self.sequence.out_channels, c.dec_hidden, c.dec_attention, c.dec_embedding
+        )
+
+    def reset_parameters(self) -> None:
+        """The initialization of aster.pytorch, drawn from the global torch generator."""
+        if self.rectifier is not None:
+            self.rectifier.localization.reset_parameters()
+        self.encoder.reset_parameters()
+        self.sequence.rnn.reset_parameters()
+        self.decoder.reset_parameters()
+
+    @contextlib.contextmanager
+    def _weights_cached(self) -> Iterator[None]:
+        """Build each hashed weight once per forward (the decoder's GRU cell runs once per step)."""
+        if self.gamma is None:
+            yield
+            return
+        with _hashing().cached_weights(self):
+            yield
+
+    def _encode(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] float in [-1, 1] -> sequence [B, L, D]."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if self.rectifier is not None:
+            x = self.rectifier(images)
+        else:
+            x = nn.functional.interpolate(images, size=self.config.tps_output_hw, mode="bilinear")
+        return self.sequence(self.encoder(x))
+
+    def forward(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        images: [B, 3, 64, 256] float32 in [-1, 1]. targets: [B, T] long (ids, then EOS, then PAD).
+        The decoder reads START at step 0, then targets[:, :-1]. Returns [B, T, NUM_CLASSES] float.
+        """
+        with self._weights_cached():
+            return self.decoder(self._encode(images), targets)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, beam_width: int = 5, max_len: int = MAX_SEQ_LEN) -> list[list[int]]:
+        """Class ids per image, without EOS; beam_width=1 is greedy. Runs in eval mode, then restores it.
+
+        images: [B, 3, 64, 256] float32 in [-1, 1].
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with self._weights_cached():
+                return self.decoder.decode(self._encode(images), beam_width, max_len)
+        finally:
+            self.train(was_training)
+
+
+def resolve_preset(preset: str | ModelConfig) -> ModelConfig:
+    """The config of a preset name (or the config itself). Raises ValueError listing the valid names."""
+    if isinstance(preset, ModelConfig):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def build_model(preset: str | ModelConfig, key: bytes, gamma: float | None = 1.0) -> Recognizer:
+    """A recognizer initialized from the federation key, hashed with ratio ``gamma``.
+
+    The plain initialization is drawn from derive_seed(key, 'init') inside a forked RNG, so the
+    global torch seed is untouched and every edge holding the key gets the same W_0. gamma=None
+    leaves the model unhashed (baselines, benchmarks).
+    """
+    config = resolve_preset(preset)
+    if gamma is not None and not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1] or None, got {gamma}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(key, "init"))
+        model = Recognizer(config)
+        model.reset_parameters()
+    if gamma is not None:
+        _hashing().hash_model(model, key, gamma)
+        model.gamma = gamma
+    log.debug("built %s (gamma=%s): %d parameters", config.name, gamma, count_params(model))
+    return model
+
+
+def count_params(module: nn.Module) -> int:
+    """Trainable parameters (for a hashed module: the real vectors plus batch norm)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _state_bytes(model: Recognizer) -> int:
+    """float32 bytes of the flat state an edge uploads: real vectors, BN parameters and BN buffers."""
+    try:
+        state = importlib.import_module("recognizer.state")
+    except ImportError:
+        state = None
+    if state is not None and hasattr(state, "export_state"):
+        flat = state.export_state(model)
+        return int(flat.numel() if isinstance(flat, Tensor) else len(flat)) * 4
+    n = count_params(model)
+    n += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+    return n * 4
+
+
+def model_info(preset: str, gamma: float | None) -> dict:
+    """Sizes of a preset at one hashing ratio, for ``recognizer info --json``.
+
+    Returns {'preset', 'gamma', 'virtual_params', 'real_params', 'state_bytes', 'layers'}, where
+    'layers' lists every module that owns weights as {'name', 'virtual', 'real', 'ratio'}.
+    """
+    config = resolve_preset(preset)
+    key = bytes(32)  # sizes do not depend on the key
+    plain = build_model(config, key, gamma=None)
+    model = build_model(config, key, gamma=gamma) if gamma is not None else plain
+    hashed_modules = dict(model.named_modules())
+    layers = []
+    for name, module in plain.named_modules():
+        virtual = sum(p.numel() for p in module.parameters(recurse=False))
+        if not virtual:
+            continue
+        real = count_params(hashed_modules[name]) if name in hashed_modules else virtual
+        layers.append({"name": name, "virtual": virtual, "real": real, "ratio": real / virtual})
+    return {
+        "preset": config.name,
+        "gamma": gamma,
+        "virtual_params": count_params(plain),
+        "real_params": count_params(model),
+        "state_bytes": _state_bytes(model),
+        "layers": layers,
+    }
+
+
+def config_dict(config: ModelConfig) -> dict:
+    """The config as plain JSON-able values."""
+    return dataclasses.asdict(config)
