@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fedocr import tls
 
 METHOD = "/fedocr.test.Probe/Who"
@@ -111,6 +116,52 @@ def test_certificate_without_role_is_unknown(test_pki):
         tls.identity_from_pem(test_pki.ca.read_bytes())
     with pytest.raises(tls.UnknownRole, match="does not parse"):
         tls.identity_from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+
+
+def forged_pem(test_pki, cn: str, ou: str, uris: list[str]) -> bytes:
+    """A certificate signed by the federation CA whose subject and URIs are chosen freely."""
+    ca_key = serialization.load_pem_private_key((test_pki.dir / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate(test_pki.ca.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("cn", "ou", "uris", "match"),
+    [
+        ("edge-9", "edge", ["fedocr://observer/edge-9"], "disagrees"),
+        ("edge-9", "edge", ["fedocr://edge/edge-8"], "disagrees"),
+        ("edge-9", "edge", ["fedocr://edge/edge-9", "fedocr://observer/edge-9"], "2 role URIs"),
+        ("edge-9", "admin", ["fedocr://admin/edge-9"], "0 role URIs"),
+    ],
+)
+def test_ambiguous_certificates_name_no_role(test_pki, cn, ou, uris, match):
+    with pytest.raises(tls.UnknownRole, match=match):
+        tls.identity_from_pem(forged_pem(test_pki, cn, ou, uris))
+
+
+def test_consistent_forged_certificate_is_read(test_pki):
+    pem = forged_pem(test_pki, "ops-2", "observer", ["fedocr://observer/ops-2", "https://example.org"])
+
+    assert tls.identity_from_pem(pem) == tls.Identity(name="ops-2", role="observer")
 
 
 def test_peer_identity_refuses_a_plaintext_context():
