@@ -1,0 +1,1 @@
+"""The FedOCR aggregator: rounds, streaming FedAvg, durable state and the gRPC service."""

@@ -1,0 +1,136 @@
+"""The aggregator's configuration: one frozen dataclass, loaded from TOML and/or CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aggregator.fedavg import WEIGHTINGS
+
+# TOML section of every field; the key inside the section is the field name.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "server": ("listen", "state_dir", "max_workers", "log_level"),
+    "tls": ("cert", "key", "ca"),
+    "rounds": ("total_rounds", "quorum", "min_edges", "deadline_s", "weighting"),
+    "plan": ("local_epochs", "learning_rate", "lr_decay_rounds", "lr_decay_factors", "batch_size"),
+    "transfer": (
+        "zstd_level",
+        "max_chunk_bytes",
+        "chunk_elements",
+        "max_concurrent_uploads",
+        "upload_wait_s",
+        "join_wait_max_s",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is inconsistent or names an unknown key."""
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything `aggregator serve` needs; see deploy/aggregator.toml for a commented sample."""
+
+    listen: str = "127.0.0.1:50051"
+    state_dir: Path = Path("runs/aggregator/state")
+    max_workers: int = 64  # long-polling Joins hold a thread each; size for edges + uploads
+    log_level: str = "INFO"
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    total_rounds: int = 40
+    quorum: int = 2  # a round closes as soon as this many edges uploaded
+    min_edges: int = 1  # at the deadline, enough to aggregate; below it the round fails
+    deadline_s: float = 600.0
+    weighting: str = "samples"  # "samples" (FedAvg) or "uniform" (the paper's Algorithm 2)
+    local_epochs: int = 1
+    learning_rate: float = 1.0  # Adadelta's lr, as in the paper
+    # 1-based round numbers from which lr is multiplied by the matching factor (paper: 5 and 30).
+    lr_decay_rounds: tuple[int, ...] = (5, 30)
+    lr_decay_factors: tuple[float, ...] = (0.1, 0.01)
+    batch_size: int = 64
+    zstd_level: int = 3
+    max_chunk_bytes: int = 1 << 20  # encoded bytes per chunk; far below gRPC's 4 MiB default
+    chunk_elements: int = 1 << 18  # float32 values per downloaded chunk (1 MiB)
+    max_concurrent_uploads: int = 2  # each staged upload holds one model copy in memory
+    upload_wait_s: float = 60.0  # an upload beyond the bound waits this long, then RESOURCE_EXHAUSTED
+    join_wait_max_s: float = 30.0  # cap on a Join long-poll
+
+    def __post_init__(self) -> None:
+        """Validate cross-field constraints."""
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.quorum < 1 or self.min_edges < 1 or self.min_edges > self.quorum:
+            raise ConfigError(f"need 1 <= min_edges ({self.min_edges}) <= quorum ({self.quorum})")
+        if self.total_rounds < 1:
+            raise ConfigError("total_rounds must be >= 1")
+        if len(self.lr_decay_rounds) != len(self.lr_decay_factors):
+            raise ConfigError("lr_decay_rounds and lr_decay_factors must have the same length")
+        if not 1 <= self.zstd_level <= 22:
+            raise ConfigError("zstd_level must be within 1..22")
+        if self.max_concurrent_uploads < 1 or self.deadline_s <= 0:
+            raise ConfigError("max_concurrent_uploads must be >= 1 and deadline_s > 0")
+
+    def learning_rate_for(self, round_index: int) -> float:
+        """The lr of a 0-based round index: base lr times the factor of the last decay reached."""
+        lr = self.learning_rate
+        for start, factor in zip(self.lr_decay_rounds, self.lr_decay_factors, strict=True):
+            if round_index + 1 >= start:
+                lr = self.learning_rate * factor
+        return lr
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> AggregatorConfig:
+        """Read a TOML file (if any) then apply non-None overrides (CLI flags)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+            for section, table in doc.items():
+                if section not in SECTIONS or not isinstance(table, dict):
+                    raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+                for key, value in table.items():
+                    if key not in SECTIONS[section]:
+                        raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+                    values[key] = value
+            base = Path(path).resolve().parent
+            for key in ("state_dir", "cert", "key", "ca"):  # relative paths are relative to the file
+                if key in values:
+                    values[key] = base / values[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**_coerce(values))
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Convert TOML/CLI values to the dataclass's field types."""
+    out: dict[str, Any] = {}
+    types = {f.name: f.type for f in dataclasses.fields(AggregatorConfig)}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"unknown setting {key!r}")
+        kind = str(types[key])
+        if "Path" in kind:
+            out[key] = Path(value)
+        elif kind.startswith("tuple[int"):
+            out[key] = tuple(int(v) for v in value)
+        elif kind.startswith("tuple[float"):
+            out[key] = tuple(float(v) for v in value)
+        elif kind == "int":
+            out[key] = int(value)
+        elif kind == "float":
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def field_names() -> list[str]:
+    """All setting names, for the CLI."""
+    return [f.name for f in dataclasses.fields(AggregatorConfig)]
+
+
+__all__ = ["AggregatorConfig", "ConfigError", "SECTIONS", "field_names"]

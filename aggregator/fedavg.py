@@ -1,0 +1,98 @@
+"""Streaming FedAvg in pure numpy: running weighted sums, the weighted mean and checks on arrays.
+
+The global state, the running sum and each increment are ONE flat vector: the tensors of the
+manifest laid end to end in manifest order (`layout`). Algorithm 2 of the paper:
+    W_{t+1} = W_t + sum_i w_i * dW_i / sum_i w_i      (w_i = 1 for the paper's uniform mean)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from fedocr.errors import MalformedRequest
+
+# Blocks bound the float64 temporaries of an in-place update to a few MB whatever the model size.
+BLOCK = 1 << 20
+
+WEIGHTINGS = ("samples", "uniform")
+
+
+def layout(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Return (offset, length) of each tensor inside the flat vector, in manifest order."""
+    out, offset = [], 0
+    for n in lengths:
+        if n < 0:
+            raise MalformedRequest(f"tensor length must be >= 0, got {n}")
+        out.append((offset, int(n)))
+        offset += int(n)
+    return out
+
+
+def weight_for(samples: int, weighting: str) -> float:
+    """The FedAvg weight of one upload: its sample count, or 1 for the uniform mean."""
+    if weighting == "uniform":
+        return 1.0
+    if weighting != "samples":
+        raise ValueError(f"unknown weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+    if samples <= 0:
+        raise MalformedRequest("sample_count must be > 0 when the federation weights by samples")
+    return float(samples)
+
+
+def check_increment(values: np.ndarray, expected_length: int) -> None:
+    """Raise MalformedRequest unless `values` is a 1-D float array of the length with finite values."""
+    if values.ndim != 1 or values.shape[0] != expected_length:
+        raise MalformedRequest(f"increment has {values.size} values, the manifest says {expected_length}")
+    for start in range(0, values.shape[0], BLOCK):
+        block = values[start : start + BLOCK]
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block))[0])
+            raise MalformedRequest(f"increment holds a non-finite value (NaN or Inf) at element {bad}")
+
+
+def accumulate(total: np.ndarray, increment: np.ndarray, weight: float) -> None:
+    """total += weight * increment, in place.
+
+    total: float64 (n,), the round's running sum; increment: float32 or float64 (n,).
+    """
+    if total.shape != increment.shape:
+        raise MalformedRequest(f"increment shape {increment.shape} does not match the sum {total.shape}")
+    scratch = np.empty(min(BLOCK, total.shape[0]), dtype=np.float64)
+    for start in range(0, total.shape[0], BLOCK):
+        stop = min(start + BLOCK, total.shape[0])
+        tmp = scratch[: stop - start]
+        np.multiply(increment[start:stop], weight, out=tmp, dtype=np.float64)
+        total[start:stop] += tmp
+
+
+def apply_mean(state: np.ndarray, total: np.ndarray, weight: float) -> None:
+    """state += total / weight, in place (float32 state, float64 sum): the new global state."""
+    if weight <= 0:
+        raise ValueError("cannot average a round with zero total weight")
+    if state.shape != total.shape:
+        raise ValueError(f"state shape {state.shape} does not match the sum {total.shape}")
+    scratch = np.empty(min(BLOCK, state.shape[0]), dtype=np.float64)
+    for start in range(0, state.shape[0], BLOCK):
+        stop = min(start + BLOCK, state.shape[0])
+        tmp = scratch[: stop - start]
+        np.divide(total[start:stop], weight, out=tmp)
+        tmp += state[start:stop]
+        state[start:stop] = tmp
+
+
+def split(flat: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+    """Views of each tensor inside a flat vector (no copies)."""
+    return [flat[off : off + n] for off, n in layout(lengths)]
+
+
+def concat_into(out: np.ndarray, arrays: Sequence[np.ndarray], lengths: Sequence[int]) -> np.ndarray:
+    """Copy per-tensor arrays into the flat vector `out`, checking each length; returns `out`."""
+    if len(arrays) != len(lengths):
+        raise MalformedRequest(f"upload has {len(arrays)} tensors, the manifest says {len(lengths)}")
+    for (off, n), arr in zip(layout(lengths), arrays, strict=True):
+        arr = np.asarray(arr).reshape(-1)
+        if arr.shape[0] != n:
+            raise MalformedRequest(f"tensor at offset {off} has {arr.shape[0]} values, expected {n}")
+        out[off : off + n] = arr
+    return out

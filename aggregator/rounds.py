@@ -1,0 +1,169 @@
+"""Round bookkeeping: one round's record (edges, bytes, timings) and its legal transitions.
+
+Pure Python, clock passed in: no I/O, no locks, no grpc. Records serialise to JSON for the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedocr.errors import DuplicateUpload, RoundClosed, UnknownRound
+
+OPEN, AGGREGATING, CLOSED, FAILED, FINISHED = "OPEN", "AGGREGATING", "CLOSED", "FAILED", "FINISHED"
+BYTE_FIELDS = ("raw_up", "wire_up", "raw_down", "wire_down")
+
+
+@dataclass
+class Bytes:
+    """Bytes moved, as encoded tensors (raw) and after compression (wire)."""
+
+    raw_up: int = 0
+    wire_up: int = 0
+    raw_down: int = 0
+    wire_down: int = 0
+
+    def add(self, other: Bytes) -> None:
+        """Add another count into this one."""
+        for name in BYTE_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class EdgeRecord:
+    """One edge's part in one round."""
+
+    edge_id: str
+    joined_at: float | None = None
+    uploaded: bool = False
+    uploaded_at: float | None = None
+    samples: int = 0
+    weight: float = 0.0
+    bytes: Bytes = field(default_factory=Bytes)
+
+
+@dataclass
+class TrainingPlan:
+    """What edges do locally in a round (Algorithm 1): epochs, Adadelta lr, batch size."""
+
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+
+
+@dataclass
+class RoundRecord:
+    """One round: id (1-based, new on retry), index (0-based into the plan), state and edges."""
+
+    round_id: int
+    round_index: int
+    total_rounds: int
+    quorum: int
+    min_edges: int
+    opened_at: float
+    deadline: float
+    state_version: int
+    plan: TrainingPlan
+    state: str = OPEN
+    closed_at: float | None = None
+    message: str = ""
+    weight: float = 0.0  # sum of the weights committed into the running sum
+    edges: dict[str, EdgeRecord] = field(default_factory=dict)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def committed(self) -> int:
+        """How many edges have an acknowledged upload in this round."""
+        return sum(1 for e in self.edges.values() if e.uploaded)
+
+    def has_uploaded(self, edge_id: str) -> bool:
+        """Whether `edge_id` already has an acknowledged upload in this round."""
+        edge = self.edges.get(edge_id)
+        return edge is not None and edge.uploaded
+
+    def bytes(self) -> Bytes:
+        """The round's byte totals over all edges."""
+        total = Bytes()
+        for edge in self.edges.values():
+            total.add(edge.bytes)
+        return total
+
+    def quorum_reached(self) -> bool:
+        """True once `quorum` edges uploaded."""
+        return self.committed >= self.quorum
+
+    def past_deadline(self, now: float) -> bool:
+        """True when the round is open and its deadline has passed."""
+        return self.state == OPEN and now >= self.deadline
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def edge(self, edge_id: str) -> EdgeRecord:
+        """The edge's record in this round, created on first use."""
+        if edge_id not in self.edges:
+            self.edges[edge_id] = EdgeRecord(edge_id=edge_id)
+        return self.edges[edge_id]
+
+    def join(self, edge_id: str, now: float) -> None:
+        """Note that an edge was handed this round to train."""
+        edge = self.edge(edge_id)
+        if edge.joined_at is None:
+            edge.joined_at = now
+
+    def check_upload(self, edge_id: str, round_id: int) -> None:
+        """Raise unless `edge_id` may upload now for `round_id` (this record is the current round)."""
+        if round_id == 0 or round_id > self.round_id:
+            raise UnknownRound(f"round {round_id} does not exist; the current round is {self.round_id}")
+        if round_id != self.round_id or self.state != OPEN:
+            state = "closed" if round_id != self.round_id else self.state.lower()
+            raise RoundClosed(
+                f"round {round_id} is {state} and takes no uploads; the current round is "
+                f"{self.round_id} ({self.state.lower()}): join again"
+            )
+        if self.has_uploaded(edge_id):
+            raise DuplicateUpload(f"edge {edge_id!r} already has an acknowledged upload in round {round_id}")
+
+    def commit(self, edge_id: str, samples: int, weight: float, moved: Bytes, now: float) -> None:
+        """Record an acknowledged upload (the sum was updated by the caller)."""
+        edge = self.edge(edge_id)
+        edge.uploaded, edge.uploaded_at, edge.samples, edge.weight = True, now, samples, weight
+        edge.bytes.add(moved)
+        self.weight += weight
+
+    def close(self, now: float) -> None:
+        """Mark the round aggregated into the global state."""
+        self.state, self.closed_at = CLOSED, now
+        self.message = f"aggregated {self.committed} upload(s)"
+
+    def fail(self, now: float) -> None:
+        """Mark the round failed: deadline passed below the minimum number of uploads."""
+        self.state, self.closed_at = FAILED, now
+        self.message = (
+            f"deadline passed with {self.committed} upload(s), below the minimum of {self.min_edges}; "
+            f"round {self.round_index} is retried under a new id"
+        )
+
+    # -- serialisation ---------------------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        """Serialise to UTF-8 JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RoundRecord:
+        """Inverse of to_json."""
+        doc: dict[str, Any] = json.loads(data)
+        doc["plan"] = TrainingPlan(**doc["plan"])
+        doc["edges"] = {k: EdgeRecord(**{**e, "bytes": Bytes(**e["bytes"])}) for k, e in doc["edges"].items()}
+        return cls(**doc)
+
+
+def total_bytes(records: list[RoundRecord]) -> Bytes:
+    """Byte totals over several rounds."""
+    total = Bytes()
+    for record in records:
+        total.add(record.bytes())
+    return total

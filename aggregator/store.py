@@ -1,0 +1,174 @@
+"""Durable aggregator state in LMDB: manifest, global state, the open round's sum and the history.
+
+Every write is one LMDB transaction, committed with fsync (sync=True) before it returns, so a
+receipt sent after `commit_upload` survives `kill -9`. An upload's sum, weight and committed-edge
+list move together in one transaction: after a crash either all of it is there or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from aggregator.rounds import RoundRecord
+
+logger = logging.getLogger(__name__)
+
+# The on-disk format: key names, defined once here (writer and reader).
+KEY_FORMAT = b"format"
+FORMAT_VERSION = b"fedocr-aggregator/1"
+KEY_MANIFEST = b"manifest"  # JSON {"tensors": [[id, length], ...], "fingerprint": hex}
+KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
+KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
+KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
+KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
+HISTORY_PREFIX = b"history/"
+STATE_DTYPE = np.dtype("<f4")
+SUM_DTYPE = np.dtype("<f8")
+DEFAULT_MAP_SIZE = 1 << 38  # address space only; the file grows with what is written
+
+
+def history_key(round_id: int) -> bytes:
+    """The key of a finished round's record."""
+    return HISTORY_PREFIX + b"%012d" % round_id
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the aggregator knows of the model: (tensor id, length) pairs and a keyed fingerprint."""
+
+    tensors: tuple[tuple[int, int], ...]
+    fingerprint: bytes
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tensor lengths in manifest order."""
+        return [n for _, n in self.tensors]
+
+    @property
+    def size(self) -> int:
+        """Total number of values."""
+        return sum(self.lengths)
+
+    def to_json(self) -> bytes:
+        """Serialise to JSON."""
+        return json.dumps({"tensors": self.tensors, "fingerprint": self.fingerprint.hex()}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        """Inverse of to_json."""
+        doc = json.loads(data)
+        return cls(tuple((int(i), int(n)) for i, n in doc["tensors"]), bytes.fromhex(doc["fingerprint"]))
+
+
+@dataclass
+class Snapshot:
+    """Everything loaded at start-up."""
+
+    manifest: Manifest | None
+    state: np.ndarray | None
+    state_version: int
+    round: RoundRecord | None
+    total: np.ndarray | None
+    history: list[RoundRecord]
+
+
+class Store:
+    """The LMDB environment under `state_dir`; one per process, opened once."""
+
+    def __init__(self, state_dir: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir
+        self._env = lmdb.open(str(state_dir), map_size=map_size, sync=True, metasync=True, max_dbs=0)
+        with self._env.begin(write=True) as txn:
+            found = txn.get(KEY_FORMAT)
+            if found is None:
+                txn.put(KEY_FORMAT, FORMAT_VERSION)
+            elif found != FORMAT_VERSION:
+                raise RuntimeError(f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}")
+
+    def close(self) -> None:
+        """Close the environment."""
+        self._env.close()
+
+    def load(self) -> Snapshot:
+        """Read the durable state (copies out of the map, so nothing stays pinned)."""
+        with self._env.begin(buffers=True) as txn:
+            raw = txn.get(KEY_MANIFEST)
+            manifest = Manifest.from_json(bytes(raw)) if raw is not None else None
+            state = _array(txn.get(KEY_STATE), STATE_DTYPE)
+            total = _array(txn.get(KEY_ROUND_SUM), SUM_DTYPE)
+            version = txn.get(KEY_STATE_VERSION)
+            rnd = txn.get(KEY_ROUND)
+            history = [RoundRecord.from_json(bytes(v)) for _, v in _prefix(txn, HISTORY_PREFIX)]
+            return Snapshot(
+                manifest=manifest,
+                state=state,
+                state_version=int(bytes(version)) if version is not None else 0,
+                round=RoundRecord.from_json(bytes(rnd)) if rnd is not None else None,
+                total=total,
+                history=history,
+            )
+
+    def init_model(self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord) -> None:
+        """Record the federation's manifest, its zero global state and the first round, at once."""
+        with self._env.begin(write=True) as txn:
+            txn.put(KEY_MANIFEST, manifest.to_json())
+            txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
+            txn.put(KEY_STATE_VERSION, b"%d" % version)
+            txn.put(KEY_ROUND, first.to_json())
+            txn.delete(KEY_ROUND_SUM)
+
+    def save_round(self, record: RoundRecord) -> None:
+        """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
+        with self._env.begin(write=True) as txn:
+            txn.put(KEY_ROUND, record.to_json())
+
+    def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
+        """Persist the running sum, its weight (in the record) and the committed edges together."""
+        with self._env.begin(write=True) as txn:
+            txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+            txn.put(KEY_ROUND, record.to_json())
+
+    def finish_round(
+        self, done: RoundRecord, state: np.ndarray | None, version: int, following: RoundRecord | None
+    ) -> None:
+        """Move a closed/failed round to the history, store the new state, open the next round."""
+        with self._env.begin(write=True) as txn:
+            txn.put(history_key(done.round_id), done.to_json())
+            if state is not None:
+                txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
+            txn.put(KEY_STATE_VERSION, b"%d" % version)
+            txn.delete(KEY_ROUND_SUM)
+            if following is not None:
+                txn.put(KEY_ROUND, following.to_json())
+            else:
+                txn.delete(KEY_ROUND)
+
+
+def _bytes(array: np.ndarray, dtype: np.dtype) -> memoryview:
+    """A zero-copy byte view of `array` in the on-disk dtype."""
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise ValueError(f"expected a contiguous {dtype} array, got {array.dtype}")
+    return memoryview(array).cast("B")
+
+
+def _array(buf: memoryview | None, dtype: np.dtype) -> np.ndarray | None:
+    """Copy a stored buffer into a fresh writable array."""
+    return None if buf is None else np.frombuffer(buf, dtype=dtype).copy()
+
+
+def _prefix(txn: lmdb.Transaction, prefix: bytes):
+    """Iterate (key, value) pairs whose key starts with `prefix`."""
+    cursor = txn.cursor()
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not bytes(key).startswith(prefix):
+            break
+        yield key, value

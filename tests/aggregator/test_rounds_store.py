@@ -1,0 +1,128 @@
+"""Round records, their transitions, the store's round trip and the status-code table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedocr import errors, tensors
+
+from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan
+from aggregator.store import Manifest, Store
+
+
+def record(round_id: int = 3, quorum: int = 2) -> RoundRecord:
+    return RoundRecord(
+        round_id=round_id,
+        round_index=1,
+        total_rounds=5,
+        quorum=quorum,
+        min_edges=1,
+        opened_at=100.0,
+        deadline=160.0,
+        state_version=2,
+        plan=TrainingPlan(1, 0.5, 8),
+    )
+
+
+def test_upload_checks_name_the_right_error() -> None:
+    r = record()
+    r.check_upload("a", 3)
+    with pytest.raises(errors.UnknownRound):
+        r.check_upload("a", 4)
+    with pytest.raises(errors.UnknownRound):
+        r.check_upload("a", 0)
+    with pytest.raises(errors.RoundClosed):
+        r.check_upload("a", 2)
+    r.commit("a", 10, 10.0, Bytes(raw_up=40, wire_up=30), now=120.0)
+    with pytest.raises(errors.DuplicateUpload):
+        r.check_upload("a", 3)
+    r.close(130.0)
+    with pytest.raises(errors.RoundClosed):
+        r.check_upload("b", 3)
+
+
+def test_quorum_deadline_and_failure() -> None:
+    r = record(quorum=2)
+    r.join("a", 101.0)
+    r.commit("a", 5, 5.0, Bytes(), 110.0)
+    assert not r.quorum_reached() and not r.past_deadline(159.0) and r.past_deadline(160.0)
+    r.commit("b", 5, 5.0, Bytes(), 111.0)
+    assert r.quorum_reached() and r.weight == 10.0 and r.committed == 2
+    f = record()
+    f.fail(170.0)
+    assert f.state == FAILED and "below the minimum of 1" in f.message
+    assert r.state == OPEN and (r.close(1.0) or r.state) == CLOSED
+
+
+def test_record_json_round_trip() -> None:
+    r = record()
+    r.join("edge-1", 101.5)
+    r.commit("edge-1", 7, 7.0, Bytes(1, 2, 3, 4), 105.0)
+    again = RoundRecord.from_json(r.to_json())
+    assert again == r and again.bytes() == Bytes(1, 2, 3, 4)
+
+
+def test_store_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    m = Manifest(((0, 2), (5, 1)), b"fp")
+    store.init_model(m, np.zeros(3, dtype=np.float32), 1, record(1))
+    r = record(1)
+    r.commit("e", 2, 2.0, Bytes(), 1.0)
+    store.commit_upload(r, np.array([1.0, 2.0, 3.0]))
+    store.close()
+
+    snap = Store(tmp_path / "s").load()
+
+    assert snap.manifest == m and snap.state_version == 1 and snap.round == r
+    assert snap.total.tolist() == [1.0, 2.0, 3.0] and snap.state.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_store_finish_round_moves_to_history(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.init_model(Manifest(((0, 1),), b"fp"), np.zeros(1, dtype=np.float32), 1, record(1))
+    done, following = record(1), record(2)
+    done.close(5.0)
+    store.finish_round(done, np.array([0.5], dtype=np.float32), 2, following)
+    snap = store.load()
+    assert [h.round_id for h in snap.history] == [1] and snap.round.round_id == 2
+    assert snap.total is None and snap.state.tolist() == [0.5] and snap.state_version == 2
+
+
+def test_status_table() -> None:
+    cases = {
+        errors.MalformedRequest("x"): "INVALID_ARGUMENT",
+        tensors.ChecksumMismatch("x"): "INVALID_ARGUMENT",
+        tensors.NonFiniteValues("x"): "INVALID_ARGUMENT",
+        tensors.ChunkTooLarge("x"): "RESOURCE_EXHAUSTED",
+        errors.RoundClosed("x"): "FAILED_PRECONDITION",
+        errors.UnknownRound("x"): "NOT_FOUND",
+        errors.DuplicateUpload("x"): "ALREADY_EXISTS",
+        errors.Busy("x"): "RESOURCE_EXHAUSTED",
+        errors.Draining("x"): "UNAVAILABLE",
+        errors.WrongRole("x"): "PERMISSION_DENIED",
+        errors.ModelMismatch("x"): "PERMISSION_DENIED",
+        KeyError("x"): None,
+    }
+    for exc, name in cases.items():
+        assert errors.status_name_for(exc) == name, exc
+
+
+def test_config_lr_decay_and_validation(tmp_path: Path) -> None:
+    c = AggregatorConfig(learning_rate=1.0, lr_decay_rounds=(5, 30), lr_decay_factors=(0.1, 0.01))
+    assert [c.learning_rate_for(i) for i in (0, 3, 4, 28, 29, 40)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    with pytest.raises(ConfigError):
+        AggregatorConfig(quorum=1, min_edges=2)
+    path = tmp_path / "a.toml"
+    path.write_text(
+        "[rounds]\nquorum = 3\nmin_edges = 2\n[plan]\nlr_decay_rounds = [2]\n"
+        'lr_decay_factors = [0.5]\n[server]\nstate_dir = "st"\n'
+    )
+    loaded = AggregatorConfig.load(path, quorum=4)
+    assert (loaded.quorum, loaded.min_edges, loaded.lr_decay_rounds) == (4, 2, (2,))
+    assert loaded.state_dir == tmp_path / "st"
+    path.write_text("[rounds]\nquorom = 3\n")
+    with pytest.raises(ConfigError, match="quorom"):
+        AggregatorConfig.load(path)
