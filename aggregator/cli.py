@@ -1,0 +1,80 @@
+"""The `aggregator` console script: `aggregator serve [--config FILE] [flags]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig, ConfigError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aggregator", description="FedOCR aggregator (FedAvg over mTLS gRPC)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the federation until SIGINT/SIGTERM")
+    serve.add_argument(
+        "--config", type=Path, help="TOML file (see deploy/aggregator.toml); flags override it"
+    )
+    add = serve.add_argument
+    add("--listen", help="host:port, e.g. 127.0.0.1:50051 (port 0 = ephemeral)")
+    add("--state-dir", dest="state_dir", type=Path, help="LMDB directory of the durable state")
+    add("--cert", type=Path, help="server certificate (PEM)")
+    add("--key", type=Path, help="server private key (PEM)")
+    add("--ca", type=Path, help="federation CA certificate; clients must present a cert it signed")
+    add("--rounds", dest="total_rounds", type=int, help="number of rounds to run")
+    add("--quorum", type=int, help="uploads that close a round at once")
+    add(
+        "--min-edges", dest="min_edges", type=int, help="uploads needed at the deadline, else the round fails"
+    )
+    add("--deadline", dest="deadline_s", type=float, help="seconds a round stays open")
+    add("--weighting", choices=("samples", "uniform"), help="FedAvg weights")
+    add("--local-epochs", dest="local_epochs", type=int)
+    add("--lr", dest="learning_rate", type=float, help="base learning rate (Adadelta, paper: 1.0)")
+    add("--lr-decay-rounds", dest="lr_decay_rounds", type=_ints, help="1-based rounds, e.g. 5,30")
+    add("--lr-decay-factors", dest="lr_decay_factors", type=_floats, help="e.g. 0.1,0.01")
+    add("--batch-size", dest="batch_size", type=int)
+    add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
+    add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)
+    add("--max-workers", dest="max_workers", type=int, help="RPC threads (long-polls hold one each)")
+    add("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = vars(_parser().parse_args(argv))
+    command, path = args.pop("command"), args.pop("config")
+    try:
+        config = AggregatorConfig.load(path, **args)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"aggregator: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if command == "serve":
+        from aggregator.server import serve  # grpc is loaded only to serve
+
+        try:
+            return serve(config)
+        except (ConfigError, OSError) as exc:
+            print(f"aggregator: cannot start: {exc}", file=sys.stderr)
+            return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The federation's domain object: joins, downloads, uploads and the round clock, thread-safe.
+
+It owns the global state (float32, flat), the open round's running sum (float64, flat), the round
+record and the store. It raises fedocr.errors exceptions and never imports grpc.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator import fedavg
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, TrainingPlan
+from aggregator.store import Manifest, Store
+from aggregator.transfer import StateCache, StateStream
+from aggregator.upload import read_header, stage
+from fedocr.errors import (
+    Busy,
+    Draining,
+    DuplicateUpload,
+    ModelMismatch,
+    NotReady,
+    RoundClosed,
+    TooLarge,
+    UnknownRound,
+)
+from fedocr.v1 import federation_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+MAX_MODEL_VALUES = 1 << 30  # refuse a manifest over 4 GiB of float32 rather than allocate it
+TICK_S = 0.2
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    """What Join answers: TRAIN (with the round), WAIT or FINISHED."""
+
+    action: str
+    edge_id: str
+    round: RoundRecord | None = None
+    state_version: int = 0
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an acknowledged upload answers."""
+
+    round_id: int
+    edge_id: str
+    raw_bytes: int
+    wire_bytes: int
+    committed: int
+    round_state: str
+    sha256: bytes
+
+
+class Federation:
+    """Rounds, FedAvg and durability behind one lock; the servicer calls one method per RPC."""
+
+    def __init__(
+        self, config: AggregatorConfig, store: Store, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._in_flight: set[str] = set()
+        self._draining = False
+        self._ticker: threading.Thread | None = None
+        self._cache = StateCache(config.zstd_level, config.chunk_elements)
+        self._load()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """(Re)load everything from the store."""
+        snap = self._store.load()
+        self.manifest: Manifest | None = snap.manifest
+        self._state = snap.state
+        self.state_version = snap.state_version
+        self._round = snap.round
+        self._history = snap.history
+        self._total = snap.total
+        if self.manifest is not None and self._total is None:
+            self._total = np.zeros(self.manifest.size, dtype=np.float64)
+        if self._round is not None:
+            logger.info(
+                "resumed round %s (index %s): %s upload(s) committed, weight %s, state version %s",
+                self._round.round_id,
+                self._round.round_index,
+                self._round.committed,
+                self._round.weight,
+                self.state_version,
+            )
+
+    def start(self) -> None:
+        """Start the round clock (deadlines, and a quorum reached just before a crash)."""
+        self._ticker = threading.Thread(target=self._run_clock, name="round-clock", daemon=True)
+        self._ticker.start()
+
+    def drain(self) -> None:
+        """Refuse new joins and uploads; wake long-polls so they answer at once."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Drain and stop the round clock."""
+        self.drain()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+
+    def _run_clock(self) -> None:
+        with self._cond:
+            while not self._draining:
+                try:
+                    self._tick()
+                except Exception:  # the clock must survive; the error is logged and retried
+                    logger.exception("round clock failed; retrying")
+                self._cond.wait(TICK_S)
+
+    def _tick(self) -> None:
+        """Close or fail the open round when its quorum or deadline says so."""
+        r, now = self._round, self._clock()
+        if r is None or r.state != OPEN:
+            return
+        if r.quorum_reached() or (r.past_deadline(now) and r.committed >= r.min_edges):
+            self._aggregate(now)
+        elif r.past_deadline(now):
+            r.fail(now)
+            following = self._new_round(r.round_index, now, self.state_version)
+            self._store.finish_round(r, None, self.state_version, following)
+            self._history.append(r)
+            self._round = following
+            logger.warning(
+                "round %s failed: %s; reopened as round %s", r.round_id, r.message, following.round_id
+            )
+            self._cond.notify_all()
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True once every planned round closed."""
+        return self.manifest is not None and self._round is None
+
+    def _new_round(self, index: int, now: float, version: int) -> RoundRecord:
+        c = self.config
+        last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
+        plan = TrainingPlan(c.local_epochs, c.learning_rate_for(index), c.batch_size)
+        return RoundRecord(
+            round_id=last + 1,
+            round_index=index,
+            total_rounds=c.total_rounds,
+            quorum=c.quorum,
+            min_edges=c.min_edges,
+            opened_at=now,
+            deadline=now + c.deadline_s,
+            state_version=version,
+            plan=plan,
+        )
+
+    def _aggregate(self, now: float) -> None:
+        """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically."""
+        r = self._round
+        state = self._state.copy()
+        fedavg.apply_mean(state, self._total, r.weight)
+        r.close(now)
+        version = self.state_version + 1
+        following = None
+        if r.round_index + 1 < self.config.total_rounds:
+            following = self._new_round(r.round_index + 1, now, version)
+        self._store.finish_round(r, state, version, following)
+        self._state, self.state_version, self._round = state, version, following
+        self._history.append(r)
+        self._total.fill(0.0)
+        logger.info(
+            "round %s closed: %s upload(s), weight %s, state version %s%s",
+            r.round_id,
+            r.committed,
+            r.weight,
+            version,
+            "" if following else "; federation finished",
+        )
+        if following is not None:
+            logger.info(
+                "round %s opened (index %s/%s)",
+                following.round_id,
+                following.round_index,
+                self.config.total_rounds,
+            )
+        self._cond.notify_all()
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    def join(self, edge_id: str, manifest: Manifest, wait_s: float) -> JoinResult:
+        """Register the edge's model (the first manifest defines it) and long-poll for work."""
+        until = self._clock() + max(0.0, min(wait_s, self.config.join_wait_max_s))
+        with self._cond:
+            self._check_serving()
+            self._match_or_init(manifest)
+            while True:
+                r = self._round
+                if r is None:
+                    return JoinResult("FINISHED", edge_id, self._history[-1], self.state_version)
+                if r.state == OPEN and not r.has_uploaded(edge_id) and edge_id not in self._in_flight:
+                    if edge_id not in r.edges:
+                        r.join(edge_id, self._clock())
+                        self._store.save_round(r)
+                        logger.info("round %s: edge %s joined", r.round_id, edge_id)
+                    return JoinResult("TRAIN", edge_id, copy.deepcopy(r), self.state_version)
+                remaining = until - self._clock()
+                if remaining <= 0 or self._draining:
+                    return JoinResult("WAIT", edge_id, copy.deepcopy(r), self.state_version)
+                self._cond.wait(min(remaining, TICK_S * 5))
+
+    def _match_or_init(self, manifest: Manifest) -> None:
+        if self.manifest is not None:
+            if manifest.fingerprint != self.manifest.fingerprint:
+                raise ModelMismatch(
+                    "manifest fingerprint differs from the federation's: this edge's federation key or "
+                    "model preset is not the one the other edges use"
+                )
+            if manifest.tensors != self.manifest.tensors:
+                raise ModelMismatch(
+                    f"manifest tensors {manifest.tensors[:4]} differ from the federation's "
+                    f"{self.manifest.tensors[:4]} under the same fingerprint"
+                )
+            return
+        ids = [i for i, _ in manifest.tensors]
+        if not manifest.tensors or not manifest.fingerprint or len(set(ids)) != len(ids):
+            raise ModelMismatch("the first manifest must list unique tensor ids and carry a fingerprint")
+        if manifest.size > MAX_MODEL_VALUES or min(manifest.lengths) < 1:
+            raise TooLarge(f"manifest of {manifest.size} values; tensors must hold 1..{MAX_MODEL_VALUES}")
+        now = self._clock()
+        self.manifest, self.state_version = manifest, 1
+        self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0
+        self._total = np.zeros(manifest.size, dtype=np.float64)
+        self._round = self._new_round(0, now, 1)
+        self._store.init_model(manifest, self._state, 1, self._round)
+        logger.info(
+            "model registered: %s tensor(s), %s values; round %s opened",
+            len(manifest.tensors),
+            manifest.size,
+            self._round.round_id,
+        )
+        self._cond.notify_all()
+
+    def download(self, edge_id: str, held_version: int) -> StateStream:
+        """The current global state as chunks (header only when the edge holds that version)."""
+        with self._cond:
+            if self.manifest is None:
+                raise NotReady("no model yet: an edge must Join with its manifest first")
+            state, version, specs = self._state, self.state_version, self.manifest.tensors
+        stream = self._cache.stream(state, version, specs, unchanged=held_version == version)
+        stream.on_done = lambda moved: self._account_download(edge_id, moved)
+        return stream
+
+    def _account_download(self, edge_id: str, moved: Bytes) -> None:
+        with self._cond:
+            record = self._round or (self._history[-1] if self._history else None)
+            if record is not None:
+                record.edge(edge_id).bytes.add(moved)
+                if record is self._round:
+                    self._store.save_round(record)
+
+    def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage]) -> Receipt:
+        """Stage, verify, then add one increment into the running sum; durable before returning."""
+        header = read_header(messages)
+        with self._cond:
+            self._check_serving()
+            if self.manifest is None:
+                raise NotReady("no model yet: Join first")
+            self._check_upload(edge_id, header)
+            weight = fedavg.weight_for(header.sample_count, self.config.weighting)
+            self._in_flight.add(edge_id)
+        try:
+            if not self._uploads.acquire(timeout=self.config.upload_wait_s):
+                raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
+            try:
+                staged = stage(header, messages, list(self.manifest.tensors), self.config.max_chunk_bytes)
+                return self._commit(edge_id, header, staged, weight)
+            finally:
+                self._uploads.release()
+        finally:
+            with self._cond:
+                self._in_flight.discard(edge_id)
+
+    def _check_upload(self, edge_id: str, header: pb.UploadHeader) -> None:
+        if header.fingerprint != self.manifest.fingerprint:
+            raise ModelMismatch("upload fingerprint differs from the federation's model")
+        r = self._round
+        if r is None:
+            last = self._history[-1].round_id
+            if header.round_id == 0 or header.round_id > last:
+                raise UnknownRound(f"round {header.round_id} does not exist; the federation finished")
+            raise RoundClosed(f"round {header.round_id} is closed; the federation finished")
+        r.check_upload(edge_id, header.round_id)
+        if edge_id in self._in_flight:
+            raise DuplicateUpload(f"an upload from edge {edge_id!r} is already in progress")
+        if header.base_state_version not in (0, r.state_version):
+            raise RoundClosed(
+                f"increment computed from state version {header.base_state_version}; round "
+                f"{r.round_id} trains from version {r.state_version}: download the state again"
+            )
+
+    def _commit(self, edge_id: str, header: pb.UploadHeader, staged, weight: float) -> Receipt:
+        with self._cond:
+            r = self._round
+            if r is None:
+                raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
+            r.check_upload(edge_id, header.round_id)
+            for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
+                fedavg.accumulate(self._total[off : off + n], values, weight)
+            moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
+            r.commit(edge_id, header.sample_count, weight, moved, self._clock())
+            try:
+                self._store.commit_upload(r, self._total)
+            except Exception:
+                self._load()  # the sum in memory moved ahead of the disk: go back to the disk
+                raise
+            committed = r.committed
+            logger.info(
+                "round %s: upload from %s committed (%s/%s, %s samples, %s wire bytes)",
+                r.round_id,
+                edge_id,
+                committed,
+                r.quorum,
+                header.sample_count,
+                staged.wire_bytes,
+            )
+            if r.quorum_reached():
+                self._aggregate(self._clock())
+            return Receipt(
+                r.round_id, edge_id, staged.raw_bytes, staged.wire_bytes, committed, r.state, staged.sha256
+            )
+
+    def _check_serving(self) -> None:
+        if self._draining:
+            raise Draining("the aggregator is shutting down; retry against the restarted service")
+
+    # -- status ----------------------------------------------------------------------------
+
+    def round_status(self, round_id: int = 0) -> RoundRecord:
+        """A copy of the round's record (0 = current; FINISHED after the last round)."""
+        with self._cond:
+            if round_id == 0 or (self._round and round_id == self._round.round_id):
+                if self._round is not None:
+                    return copy.deepcopy(self._round)
+                if not self._history:
+                    raise NotReady("no round yet: the first edge to Join opens round 1")
+                last = copy.deepcopy(self._history[-1])
+                last.state = FINISHED
+                return last
+            for record in self._history:
+                if record.round_id == round_id:
+                    return copy.deepcopy(record)
+            raise UnknownRound(f"round {round_id} does not exist")
+
+    def all_rounds(self) -> tuple[list[RoundRecord], int]:
+        """Copies of every round so far (history then current) and the state version."""
+        with self._cond:
+            rounds = list(self._history) + ([self._round] if self._round else [])
+            return copy.deepcopy(rounds), self.state_version
+
+    def global_state(self) -> np.ndarray | None:
+        """The current flat global state (a reference; do not modify)."""
+        with self._cond:
+            return self._state
+
+
+__all__ = ["CLOSED", "Federation", "JoinResult", "Receipt"]

@@ -1,0 +1,109 @@
+"""The fedocr.v1.Federation servicer: a thin adapter from RPCs to the Federation domain object.
+
+Each method checks the caller's role (from its client certificate), decodes the request, makes
+one domain call and encodes the reply. Errors go through the one table in fedocr.errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from aggregator import messages
+from aggregator.federation import Federation
+from fedocr import pki, tls
+from fedocr.errors import WrongRole, status_for
+from fedocr.v1 import federation_pb2 as pb
+from fedocr.v1 import federation_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+EDGE_ONLY = frozenset({pki.ROLE_EDGE})
+READERS = frozenset({pki.ROLE_EDGE, pki.ROLE_OBSERVER})
+
+
+def _caller(context: grpc.ServicerContext, roles: frozenset[str], method: str) -> str:
+    """The caller's certificate name; raise WrongRole unless its role may call `method`."""
+    who = tls.peer_identity(context)
+    if who.role not in roles:
+        raise WrongRole(
+            f"{who.role} certificate {who.name!r} may not call {method}; "
+            f"allowed roles: {', '.join(sorted(roles))}"
+        )
+    return who.name
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    """Answer with the status the table gives `exc` (INTERNAL, logged, for anything unknown)."""
+    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream
+        logger.info("%s: stream ended by the peer %s", method, context.peer())
+        context.abort(grpc.StatusCode.CANCELLED, "stream cancelled by the client")
+    code, details = status_for(exc)
+    if code is not grpc.StatusCode.INTERNAL:
+        logger.info("%s from %s refused: %s %s", method, context.peer(), code.name, details)
+    context.abort(code, details)
+
+
+def _unary(roles: frozenset[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a unary-response method: role check, then errors mapped through the table."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def method(self: FederationServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                caller = _caller(context, roles, fn.__name__)
+                return fn(self, caller, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error goes through the table
+                _abort(context, fn.__name__, exc)
+
+        return method
+
+    return wrap
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """Adapter over one Federation."""
+
+    def __init__(self, federation: Federation) -> None:
+        self._fed = federation
+
+    @_unary(READERS)
+    def GetRound(
+        self, caller: str, request: pb.GetRoundRequest, context: grpc.ServicerContext
+    ) -> pb.RoundStatus:
+        """The current round (round_id 0) or a past one."""
+        return messages.round_status(self._fed.round_status(request.round_id))
+
+    @_unary(READERS)
+    def ListRounds(
+        self, caller: str, request: pb.ListRoundsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRoundsResponse:
+        """Every round with byte accounting, and the totals."""
+        return messages.list_rounds(*self._fed.all_rounds())
+
+    @_unary(EDGE_ONLY)
+    def Join(self, caller: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        """Long-poll for work."""
+        manifest = messages.manifest_from(request.manifest)
+        return messages.join_response(self._fed.join(caller, manifest, float(request.wait_seconds)))
+
+    @_unary(EDGE_ONLY)
+    def UploadIncrement(
+        self, caller: str, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
+    ) -> pb.UploadReceipt:
+        """Stage, verify and commit one increment; the receipt comes after the fsync."""
+        return messages.receipt(self._fed.upload(caller, request_iterator))
+
+    def DownloadState(
+        self, request: pb.DownloadStateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StateChunk]:
+        """Stream the global state (header only when the edge holds the current version)."""
+        try:
+            caller = _caller(context, EDGE_ONLY, "DownloadState")
+            yield from self._fed.download(caller, request.held_state_version).messages()
+        except Exception as exc:  # noqa: BLE001 - every error goes through the table
+            _abort(context, "DownloadState", exc)

@@ -1,0 +1,64 @@
+"""Staging one upload stream: parse header/chunks/trailer, decode into a scratch copy, verify.
+
+Nothing here touches the round's sum: a staged upload is only added once every check passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedocr import tensors
+from fedocr.errors import MalformedRequest
+from fedocr.v1 import federation_pb2 as pb
+
+
+@dataclass
+class Staged:
+    """A verified increment: per-tensor float32 arrays in manifest order, and what it cost."""
+
+    arrays: list[np.ndarray]
+    raw_bytes: int
+    wire_bytes: int
+    sha256: bytes
+
+
+def read_header(messages: Iterator[pb.UploadMessage]) -> pb.UploadHeader:
+    """Take the first message of an upload stream, which must be the header."""
+    first = next(messages, None)
+    if first is None:
+        raise MalformedRequest("empty upload stream: send an UploadHeader, the chunks, then a Trailer")
+    if first.WhichOneof("kind") != "header":
+        raise MalformedRequest(f"upload stream starts with a {first.WhichOneof('kind')}, not a header")
+    return first.header
+
+
+def stage(
+    header: pb.UploadHeader,
+    messages: Iterator[pb.UploadMessage],
+    specs: list[tuple[int, int]],
+    max_chunk_bytes: int,
+) -> Staged:
+    """Consume chunks up to the trailer and return the verified arrays.
+
+    Raises a fedocr.tensors.WireFormatError subclass (order, lengths, checksum, encoding, size,
+    non-finite values) or MalformedRequest (stream shape: missing trailer, second header).
+    """
+    assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression, max_chunk_bytes)
+    for message in messages:
+        kind = message.WhichOneof("kind")
+        if kind == "chunk":
+            assembler.add(message.chunk)
+        elif kind == "trailer":
+            arrays = assembler.finish(message.trailer)
+            if next(messages, None) is not None:
+                raise MalformedRequest("upload stream continues after the trailer")
+            tensors.check_finite(arrays, [i for i, _ in specs])
+            return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256)
+        else:
+            raise MalformedRequest(f"unexpected {kind} after the header of an upload stream")
+    raise MalformedRequest(
+        f"upload stream ended after {assembler.chunk_count} chunk(s) without a trailer (truncated)"
+    )

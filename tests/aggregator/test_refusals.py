@@ -1,0 +1,152 @@
+"""Every bad input gets its specific status and leaves the round's sum and the state unchanged."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from fedclient import Client, code_of, upload_messages
+
+from fedocr.v1 import federation_pb2 as pb
+from fedocr.v1 import federation_pb2_grpc as pb_grpc
+
+C = grpc.StatusCode
+LENGTHS = [6, 4]
+
+
+def ones(scale: float = 1.0) -> list[np.ndarray]:
+    return [np.full(n, scale, dtype=np.float32) for n in LENGTHS]
+
+
+@pytest.fixture
+def fed(serve, connect):
+    """A server with quorum 3 and round 1 open, edge-0 already counted with an increment of ones."""
+    running = serve(quorum=3, min_edges=3, max_chunk_bytes=4096)
+    a = connect(running, "edge-0")
+    round_id = a.join(LENGTHS).round_id
+    a.upload(round_id, ones(), samples=1)
+    return running, round_id
+
+
+def check_unchanged_then_close(running, connect, round_id: int) -> None:
+    """The round still holds edge-0 only; two clean uploads close it to the exact mean."""
+    observer = connect(running, "ops")
+    status = observer.get_round()
+    assert status.round_id == round_id and status.state == pb.ROUND_STATE_OPEN
+    assert [e.edge_id for e in status.edges if e.uploaded] == ["edge-0"]
+    for name in ("edge-10", "edge-11"):
+        c = connect(running, name)
+        c.join(LENGTHS)
+        c.upload(round_id, ones(4.0), samples=1)
+    _, state = connect(running, "edge-10").download()
+    np.testing.assert_array_equal(state[0], np.full(6, 3.0, dtype=np.float32))  # (1 + 4 + 4) / 3
+
+
+def tampered(round_id: int, edit) -> list[pb.UploadMessage]:
+    messages = upload_messages(round_id, ones(9.0), samples=5)
+    edit(messages)
+    return messages
+
+
+def test_stream_refusals(fed, connect) -> None:
+    running, r = fed
+    b = connect(running, "edge-1")
+    b.join(LENGTHS)
+
+    def chunk_payload(m):
+        m[1].chunk.payload = m[1].chunk.payload[:-3]
+
+    def bad_sum(m):
+        m[-1].trailer.sha256 = b"\0" * 32
+
+    def encoding(m):
+        m[0].header.encoding = pb.ENCODING_FLOAT16
+
+    def unknown_encoding(m):
+        m[0].header.encoding = 99
+
+    def round_ahead(m):
+        m[0].header.round_id = r + 5
+
+    def fingerprint(m):
+        m[0].header.fingerprint = b"\x22" * 32
+
+    def truncated(m):
+        del m[-1]
+
+    def missing_chunk(m):
+        del m[2]
+        m[-1].trailer.chunk_count = 1
+
+    def no_header(m):
+        del m[0]
+
+    cases = {
+        "corrupt zstd payload": (chunk_payload, C.INVALID_ARGUMENT),
+        "bad checksum": (bad_sum, C.INVALID_ARGUMENT),
+        "reserved encoding": (encoding, C.INVALID_ARGUMENT),
+        "unknown encoding": (unknown_encoding, C.INVALID_ARGUMENT),
+        "unknown round": (round_ahead, C.NOT_FOUND),
+        "wrong fingerprint": (fingerprint, C.PERMISSION_DENIED),
+        "truncated stream": (truncated, C.INVALID_ARGUMENT),
+        "missing chunk": (missing_chunk, C.INVALID_ARGUMENT),
+        "no header": (no_header, C.INVALID_ARGUMENT),
+    }
+    for name, (edit, code) in cases.items():
+        assert code_of(b.send, tampered(r, edit)) == code, name
+    nan, inf = ones(), ones()
+    nan[0][2], inf[1][0] = np.nan, np.inf
+    assert code_of(b.upload, r, nan) == C.INVALID_ARGUMENT
+    assert code_of(b.upload, r, inf) == C.INVALID_ARGUMENT
+    assert code_of(b.upload, r, [np.ones(6, dtype=np.float32)]) == C.INVALID_ARGUMENT  # tensor count
+    assert code_of(b.upload, r, [np.ones(7, np.float32), np.ones(4, np.float32)]) == C.INVALID_ARGUMENT
+    assert code_of(b.upload, r, ones(), samples=0) == C.INVALID_ARGUMENT  # samples weighting
+    assert code_of(b.upload, r, ones(), base_state_version=7) == C.FAILED_PRECONDITION
+    check_unchanged_then_close(running, connect, r)
+
+
+def test_second_upload_and_late_upload(fed, connect) -> None:
+    running, r = fed
+    a = connect(running, "edge-0")
+    assert code_of(a.upload, r, ones(5.0)) == C.ALREADY_EXISTS
+    check_unchanged_then_close(running, connect, r)
+    late = connect(running, "edge-1")
+    assert code_of(late.upload, r, ones(5.0)) == C.FAILED_PRECONDITION  # round r closed
+    assert late.join(LENGTHS).round_id == r + 1
+
+
+def test_oversized_chunk(serve, connect) -> None:
+    running = serve(quorum=2, min_edges=2, max_chunk_bytes=4096)
+    a = connect(running, "edge-0")
+    r = a.join([2000]).round_id
+    # 2000 float32 in one chunk = 8000 bytes, over the 4096-byte limit
+    assert code_of(a.upload, r, [np.ones(2000, np.float32)], chunk_elems=2000) == C.RESOURCE_EXHAUSTED
+    assert a.upload(r, [np.ones(2000, np.float32)], chunk_elems=1000).committed_edges == 1
+
+
+def test_roles_and_manifests(fed, connect, agg_pki) -> None:
+    running, r = fed
+    observer = connect(running, "ops")
+    assert code_of(observer.upload, r, ones()) == C.PERMISSION_DENIED
+    assert code_of(observer.join, LENGTHS) == C.PERMISSION_DENIED
+    assert code_of(observer.download) == C.PERMISSION_DENIED
+    assert observer.list_rounds().rounds[0].round_id == r
+    b = connect(running, "edge-1")
+    assert code_of(b.join, LENGTHS, fingerprint=b"\x33" * 32) == C.PERMISSION_DENIED
+    assert code_of(b.join, [6, 5]) == C.PERMISSION_DENIED
+    assert code_of(b.get_round, 99) == C.NOT_FOUND
+    check_unchanged_then_close(running, connect, r)
+
+
+def test_plaintext_and_foreign_ca_refused(fed, connect, agg_pki, test_pki) -> None:
+    running, r = fed
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.FederationStub(channel)
+        assert code_of(stub.GetRound, pb.GetRoundRequest(), timeout=5) == C.UNAVAILABLE
+    foreign = Client(running.port, agg_pki.ca, *test_pki.foreign_pair)
+    try:
+        assert code_of(foreign.upload, r, ones()) == C.UNAVAILABLE
+        assert code_of(foreign.get_round) == C.UNAVAILABLE
+    finally:
+        foreign.close()
+    check_unchanged_then_close(running, connect, r)
