@@ -141,7 +141,12 @@ class LmdbReader:
     def _open(self) -> lmdb.Environment:
         # py-lmdb allows one environment per path and process, so readers of a path share it.
         pid, env = _ENVS.get(self._key_path, (-1, None))
-        if env is None or pid != os.getpid():
+        if env is not None and pid != os.getpid():
+            # Inherited through fork from a parent that had it open: py-lmdb refuses a second open
+            # until this copy is closed, and closing a read-only, lock-free copy leaves the parent's alone.
+            env.close()
+            env = None
+        if env is None:
             try:
                 env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
             except lmdb.Error as exc:
