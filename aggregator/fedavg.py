@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from fedocr.errors import MalformedRequest
 
 # Blocks bound the float64 temporaries of an in-place update to a few MB whatever the model size.

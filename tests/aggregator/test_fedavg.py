@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedocr.errors import MalformedRequest
 
 from aggregator import fedavg
+from fedocr.errors import MalformedRequest
 
 
 def test_weighted_mean_of_two_increments_is_exact() -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedocr import errors, tensors
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan
 from aggregator.store import Manifest, Store
+from fedocr import errors, tensors
 
 
 def record(round_id: int = 3, quorum: int = 2) -> RoundRecord:
