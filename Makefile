@@ -32,3 +32,19 @@ proto: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# A local aggregator on $(AGG_LISTEN) with deploy/aggregator.toml; the first run makes a PKI
+# (CA, server cert for 127.0.0.1/localhost, observer "ops") under $(AGG_DIR)/pki (ignored by git).
+AGG_DIR    ?= runs/aggregator
+AGG_PKI    := $(AGG_DIR)/pki
+AGG_LISTEN ?= 127.0.0.1:50051
+AGG_CONFIG ?= deploy/aggregator.toml
+
+run-aggregator: install
+	test -f $(AGG_PKI)/ca.pem || $(BIN)/fedocr-pki init --dir $(AGG_PKI)
+	test -f $(AGG_PKI)/aggregator.pem || \
+		$(BIN)/fedocr-pki server --name aggregator --host 127.0.0.1 --host localhost --dir $(AGG_PKI)
+	test -f $(AGG_PKI)/ops.pem || $(BIN)/fedocr-pki observer --name ops --dir $(AGG_PKI)
+	$(BIN)/aggregator serve --config $(AGG_CONFIG) --listen $(AGG_LISTEN) \
+		--state-dir $(AGG_DIR)/state --cert $(AGG_PKI)/aggregator.pem \
+		--key $(AGG_PKI)/aggregator.key --ca $(AGG_PKI)/ca.pem

@@ -54,7 +54,7 @@ class AggregatorConfig:
     lr_decay_factors: tuple[float, ...] = (0.1, 0.01)
     batch_size: int = 64
     zstd_level: int = 3
-    max_chunk_bytes: int = 1 << 20  # encoded bytes per chunk; far below gRPC's 4 MiB default
+    max_chunk_bytes: int = 2 << 20  # decoded bytes per upload chunk (fedocr.tensors.MAX_CHUNK_RAW_BYTES)
     chunk_elements: int = 1 << 18  # float32 values per downloaded chunk (1 MiB)
     max_concurrent_uploads: int = 2  # each staged upload holds one model copy in memory
     upload_wait_s: float = 60.0  # an upload beyond the bound waits this long, then RESOURCE_EXHAUSTED

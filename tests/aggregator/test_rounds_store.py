@@ -126,3 +126,10 @@ def test_config_lr_decay_and_validation(tmp_path: Path) -> None:
     path.write_text("[rounds]\nquorom = 3\n")
     with pytest.raises(ConfigError, match="quorom"):
         AggregatorConfig.load(path)
+
+
+def test_sample_config_loads() -> None:
+    sample = Path(__file__).resolve().parents[2] / "deploy" / "aggregator.toml"
+    config = AggregatorConfig.load(sample)
+    assert config.weighting == "samples" and config.lr_decay_rounds == (5, 30)
+    assert config.cert is not None and config.cert.name == "aggregator.pem"
