@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,10 +12,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from recognizer import hashing
 from recognizer.blocks import ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
 from recognizer.charset import MAX_SEQ_LEN
 from recognizer.decoder import AttentionDecoder
 from recognizer.keys import derive_seed
+from recognizer.state import state_lengths
 from recognizer.tps import Rectifier
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,6 @@ PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
-def _hashing():
-    """The hashing module, imported on first use (it may not be present in every checkout)."""
-    return importlib.import_module("recognizer.hashing")
-
-
 class Recognizer(nn.Module):
     """TPS rectifier, CNN encoder, BiLSTM and attentional decoder (ASTER, Shi et al. 2018)."""
 
@@ -119,7 +115,7 @@ class Recognizer(nn.Module):
         if self.gamma is None:
             yield
             return
-        with _hashing().cached_weights(self):
+        with hashing.cached_weights(self):
             yield
 
     def _encode(self, images: Tensor) -> Tensor:
@@ -181,7 +177,7 @@ def build_model(preset: str | ModelConfig, key: bytes, gamma: float | None = 1.0
         model = Recognizer(config)
         model.reset_parameters()
     if gamma is not None:
-        _hashing().hash_model(model, key, gamma)
+        hashing.hash_model(model, key, gamma)
         model.gamma = gamma
     log.debug("built %s (gamma=%s): %d parameters", config.name, gamma, count_params(model))
     return model
@@ -192,44 +188,28 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _state_bytes(model: Recognizer) -> int:
-    """float32 bytes of the flat state an edge uploads: real vectors, BN parameters and BN buffers."""
-    try:
-        state = importlib.import_module("recognizer.state")
-    except ImportError:
-        state = None
-    if state is not None and hasattr(state, "export_state"):
-        flat = state.export_state(model)
-        return int(flat.numel() if isinstance(flat, Tensor) else len(flat)) * 4
-    n = count_params(model)
-    n += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
-    return n * 4
-
-
 def model_info(preset: str, gamma: float | None) -> dict:
     """Sizes of a preset at one hashing ratio, for ``recognizer info --json``.
 
     Returns {'preset', 'gamma', 'virtual_params', 'real_params', 'state_bytes', 'layers'}, where
-    'layers' lists every module that owns weights as {'name', 'virtual', 'real', 'ratio'}.
+    'layers' lists every weight tensor as {'name', 'virtual', 'real', 'ratio'} (batch norm: ratio 1).
     """
     config = resolve_preset(preset)
-    key = bytes(32)  # sizes do not depend on the key
-    plain = build_model(config, key, gamma=None)
-    model = build_model(config, key, gamma=gamma) if gamma is not None else plain
-    hashed_modules = dict(model.named_modules())
+    model = build_model(config, bytes(32), gamma=gamma)  # sizes do not depend on the key
+    hashed = {h.name: h for h in hashing.hashed_layers(model)}
     layers = []
-    for name, module in plain.named_modules():
-        virtual = sum(p.numel() for p in module.parameters(recurse=False))
-        if not virtual:
-            continue
-        real = count_params(hashed_modules[name]) if name in hashed_modules else virtual
+    for name, p in model.named_parameters():
+        virtual = real = p.numel()
+        if name.endswith(hashing.REAL_SUFFIX):
+            name = name[: -len(hashing.REAL_SUFFIX)]
+            virtual = hashed[name].virtual
         layers.append({"name": name, "virtual": virtual, "real": real, "ratio": real / virtual})
     return {
         "preset": config.name,
         "gamma": gamma,
-        "virtual_params": count_params(plain),
-        "real_params": count_params(model),
-        "state_bytes": _state_bytes(model),
+        "virtual_params": sum(layer["virtual"] for layer in layers),
+        "real_params": sum(layer["real"] for layer in layers),
+        "state_bytes": 4 * sum(state_lengths(model)),  # float32, BN buffers included
         "layers": layers,
     }
 

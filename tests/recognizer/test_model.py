@@ -1,0 +1,185 @@
+"""Tests for the recognizer network: shapes, sizes, key-derived init, decoding and a short fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recognizer import hashing
+from recognizer.charset import EOS, MAX_SEQ_LEN, NUM_CLASSES, PAD
+from recognizer.model import PRESETS, build_model, count_params, model_info
+from recognizer.tps import TPSGrid, _ctrl_points
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 64, 256, generator=g) * 2 - 1
+
+
+def _targets(n: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((n, t), PAD, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, t, (1,), generator=g))
+        out[i, :length] = torch.randint(0, 62, (length,), generator=g)
+        out[i, length] = EOS
+    return out
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_forward_shapes_and_sequence_length(preset):
+    model = build_model(preset, KEY_A, gamma=None)
+    images, targets = _images(2), _targets(2, 7)
+
+    logits = model(images, targets)
+    seq = model._encode(images)
+
+    assert logits.shape == (2, 7, NUM_CLASSES)
+    assert seq.shape == (2, 25, 2 * PRESETS[preset].lstm_hidden)
+    assert torch.isfinite(logits).all()
+
+
+def test_param_counts_match_the_paper():
+    aster = count_params(build_model("aster-fl", KEY_A, gamma=None))
+    fedocr = model_info("fedocr", 1.0)
+
+    assert abs(aster - 20.99e6) / 20.99e6 < 0.02
+    assert abs(fedocr["real_params"] - 13.34e6) / 13.34e6 < 0.05
+    assert fedocr["real_params"] == fedocr["virtual_params"]
+
+
+def test_small_presets_are_small():
+    for preset in ("aster-fl-small", "fedocr-small"):
+        assert 1e6 <= count_params(build_model(preset, KEY_A, gamma=None)) <= 3e6
+    assert count_params(build_model("fedocr-tiny", KEY_A, gamma=None)) < 1e6
+
+
+def test_real_params_scale_with_gamma():
+    infos = {g: model_info("fedocr-tiny", g) for g in (None, 1.0, 0.25, 0.125)}
+    virtual = infos[None]["virtual_params"]
+    n_tensors = len(infos[None]["layers"])
+
+    assert {i["virtual_params"] for i in infos.values()} == {virtual}
+    assert infos[1.0]["real_params"] == virtual
+    for g in (0.25, 0.125):
+        hashed = sum(x["virtual"] for x in infos[g]["layers"] if x["ratio"] < 1)
+        plain = virtual - hashed
+        # ceil(gamma * T) per hashed tensor; batch norm stays plain.
+        assert g * hashed + plain <= infos[g]["real_params"] <= g * hashed + plain + n_tensors
+    assert infos[0.125]["state_bytes"] < infos[0.25]["state_bytes"] < infos[1.0]["state_bytes"]
+
+
+def test_same_key_same_init_other_key_different():
+    rng_before = torch.random.get_rng_state()
+    images, targets = _images(2), _targets(2, 5)
+
+    outs = []
+    for key in (KEY_A, KEY_A, KEY_B):
+        model = build_model("fedocr-tiny", key, gamma=0.5).eval()
+        outs.append(model(images, targets))
+
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+
+
+def test_hashing_at_gamma_one_keeps_the_plain_function():
+    images, targets = _images(2), _targets(2, 6)
+    plain = build_model("fedocr-tiny", KEY_A, gamma=None).eval()
+    hashed = build_model("fedocr-tiny", KEY_A, gamma=1.0).eval()
+
+    assert hashed.gamma == 1.0 and plain.gamma is None
+    torch.testing.assert_close(hashed(images, targets), plain(images, targets))
+
+
+def test_hashed_weights_are_gathered_once_per_forward(monkeypatch):
+    model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
+    images = _images(2)
+    calls = []
+    real_index_select = torch.index_select
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_index_select(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", counting)
+    counts = []
+    for t in (3, 12):
+        calls.clear()
+        model(images, _targets(2, t))
+        counts.append(len(calls))
+
+    assert counts[0] == counts[1] == len(hashing.hashed_layers(model))
+
+
+def test_unknown_preset_lists_the_valid_names():
+    with pytest.raises(ValueError, match="fedocr-tiny"):
+        build_model("resnet-9000", KEY_A)
+
+
+@pytest.mark.parametrize("beam_width", [1, 5])
+def test_predict_returns_valid_ids(beam_width):
+    model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
+    model.train()
+
+    preds = model.predict(_images(3), beam_width=beam_width, max_len=8)
+
+    assert model.training  # predict restores the mode
+    assert len(preds) == 3
+    for ids in preds:
+        assert len(ids) <= 8
+        assert all(isinstance(i, int) and 0 <= i < NUM_CLASSES and i not in (EOS, PAD) for i in ids)
+
+
+def test_greedy_decoding_agrees_with_teacher_forcing():
+    model = build_model("fedocr-tiny", KEY_A, gamma=0.5).eval()
+    images = _images(3, seed=1)
+
+    preds = model.predict(images, beam_width=1)
+
+    for i, ids in enumerate(preds):
+        seq = ids + [EOS] if len(ids) < MAX_SEQ_LEN else ids
+        logits = model(images[i : i + 1], torch.tensor([seq]))
+        logits[..., PAD] = float("-inf")
+        assert logits.argmax(-1)[0].tolist() == seq
+
+
+def test_beam_search_rows_are_independent():
+    model = build_model("fedocr-tiny", KEY_B, gamma=0.25)
+    images = _images(3, seed=2)
+
+    batched = model.predict(images, beam_width=5)
+    single = [model.predict(images[i : i + 1], beam_width=5)[0] for i in range(3)]
+
+    assert batched == single
+
+
+def test_tps_with_source_equal_to_target_is_the_identity():
+    grid = TPSGrid((8, 20), 20, (0.05, 0.05))
+    ctrl = _ctrl_points(20, 0.05, 0.05).float().unsqueeze(0)
+
+    out = grid(ctrl)[0]
+
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 20), indexing="ij")
+    torch.testing.assert_close(out, torch.stack([xs, ys], -1), atol=1e-4, rtol=0)
+
+
+def test_tiny_loss_falls_on_a_fixed_batch():
+    model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    images, targets = _images(8, seed=3), _targets(8, 6, seed=3)
+
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        logits = model(images, targets)
+        loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), targets.reshape(-1), ignore_index=PAD)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    assert losses[-1] < 0.8 * losses[0]
