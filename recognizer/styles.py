@@ -111,7 +111,7 @@ def curve(mask: Image.Image, rng: random.Random, strips: int = 16) -> Image.Imag
     """Bend a text mask along an arc or a sine wave by shifting vertical strips (a mesh warp)."""
     w, h = mask.size
     strips = max(1, min(strips, w // 4))  # strips of a few pixels at least
-    amp = rng.uniform(0.15, 0.5) * h
+    amp = rng.uniform(0.15, 0.5) * h * min(1.0, w / (4.0 * h))  # short words bend less
     if rng.random() < 0.6:
         sign = rng.choice((-1, 1))  # arc: smile or frown
         shift = [sign * amp * (2.0 * i / strips - 1.0) ** 2 for i in range(strips + 1)]
@@ -135,7 +135,7 @@ def blur(img: Image.Image, rng: random.Random) -> Image.Image:
     """Defocus (Gaussian) or horizontal motion blur, scaled to the image height."""
     h = img.size[1]
     if rng.random() < 0.65:
-        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.03, 0.07) * h))
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.025, 0.06) * h))
     n = 5
     kernel = [0.0] * (n * n)
     for x in range(n):

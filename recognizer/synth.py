@@ -31,6 +31,9 @@ FONT_PACKAGES: tuple[str, ...] = (
     "font_manrope", "font_hanken_grotesk", "font_fredoka_one", "font_amatic_sc",
 )
 JPEG_QUALITY = 90
+SMALL_CAPS_MARK = "AmaticSC"  # faces whose lower case are small capitals
+# Variable fonts duplicate the static faces; hairline weights vanish under blur, noise and downscaling.
+_SKIPPED_FACES = ("Variable", "Thin", "ExtraLight")
 
 
 class SynthError(ValueError):
@@ -39,7 +42,7 @@ class SynthError(ValueError):
 
 @functools.cache
 def font_files() -> tuple[str, ...]:
-    """Paths of every usable face in FONT_PACKAGES, sorted (``.ttf``, or ``.otf`` where no ``.ttf``)."""
+    """Paths of the faces in FONT_PACKAGES, sorted (``.ttf``, or ``.otf`` where no ``.ttf``; no hairlines)."""
     found: list[str] = []
     for package in FONT_PACKAGES:
         spec = importlib.util.find_spec(package)
@@ -48,7 +51,7 @@ def font_files() -> tuple[str, ...]:
             continue
         files = Path(next(iter(spec.submodule_search_locations))) / "files"
         faces = sorted(files.glob("*.ttf")) or sorted(files.glob("*.otf"))
-        found += [str(p) for p in faces if "Variable" not in p.name]
+        found += [str(p) for p in faces if not any(mark in p.name for mark in _SKIPPED_FACES)]
     if not found:
         raise SynthError(f"no fonts found in any of {', '.join(FONT_PACKAGES)}")
     return tuple(found)
@@ -111,10 +114,10 @@ def sample_label(rng: random.Random) -> str:
     return word
 
 
-def _text_masks(label: str, style: str, rng: random.Random) -> list[Image.Image]:
+def _text_masks(label: str, style: str, rng: random.Random, font_path: str) -> list[Image.Image]:
     """Grey-level masks of ``label`` (with the outline as a second, wider mask for ``outlined``)."""
     height = rng.randint(32, 64)
-    font = _font(rng.choice(font_files()), max(8, round(height * rng.uniform(0.8, 1.05))))
+    font = _font(font_path, max(8, round(height * rng.uniform(0.8, 1.05))))
     stroke = rng.randint(1, max(1, font.size // 12)) if style == "outlined" else 0
     left, top, right, bottom = font.getbbox(label, stroke_width=stroke)
     pad = stroke + 2
@@ -151,11 +154,15 @@ def _background(style: str, rng: random.Random, size: tuple[int, int]) -> Image.
     return fx.gradient_background(rng, size) if pick < 0.8 else fx.texture_background(rng, size)
 
 
-def render_word(label: str, style: str, rng: random.Random) -> Image.Image:
-    """Render ``label`` as an RGB word crop in style family ``style``, drawing all randomness from ``rng``."""
+def render_word(label: str, style: str, rng: random.Random, font_path: str | None = None) -> Image.Image:
+    """Render ``label`` as an RGB word crop in style family ``style``, drawing all randomness from ``rng``.
+
+    ``font_path`` defaults to a face drawn from ``font_files()``.
+    """
     if style not in STYLES:
         raise SynthError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
-    masks = _warp(_text_masks(label, style, rng), style, rng)
+    font_path = font_path or rng.choice(font_files())
+    masks = _warp(_text_masks(label, style, rng, font_path), style, rng)
     box = masks[0].getbbox() or (0, 0, *masks[0].size)
     masks = [m.crop(box) for m in masks]
     w, h = masks[0].size
@@ -187,7 +194,10 @@ def render_sample(seed: int, index: int, style: str, quality: int = JPEG_QUALITY
     """JPEG bytes and label of sample ``index`` of the data set with ``seed`` (pure: same in, same out)."""
     rng = sample_rng(seed, index)
     label = sample_label(rng)
-    img = render_word(label, style, rng)
+    font_path = rng.choice(font_files())
+    if SMALL_CAPS_MARK in Path(font_path).name:
+        label = label.upper()  # a small-caps face draws every letter as a capital; label what is seen
+    img = render_word(label, style, rng, font_path)
     if style == "lowres":
         quality = min(quality, rng.randint(40, 80))  # small crops usually come heavily compressed
     buf = io.BytesIO()

@@ -56,8 +56,8 @@ def test_every_style_renders_a_decodable_word_crop(style):
     data, label = render_sample(seed=3, index=5, style=style)
     img = Image.open(io.BytesIO(data))
     assert img.format == "JPEG" and img.mode == "RGB"
-    min_h = 12 if style == "lowres" else 16
-    assert img.size[1] >= min_h and img.size[0] >= 4
+    min_h, max_h = (12, 20) if style == "lowres" else (16, 400)
+    assert min_h <= img.size[1] <= max_h and img.size[0] >= 4
     # Something was drawn: the crop is not one flat colour.
     lo, hi = img.convert("L").getextrema()
     assert hi - lo > 40
@@ -67,6 +67,14 @@ def test_every_style_renders_a_decodable_word_crop(style):
 def test_render_word_rejects_an_unknown_style():
     with pytest.raises(SynthError, match="unknown style 'sepia'"):
         render_word("abc", "sepia", random.Random(0))
+
+
+def test_small_caps_faces_get_upper_case_labels():
+    rng = random.Random(1)
+    small_caps = next(f for f in font_files() if "AmaticSC" in f)
+    assert render_word("Word", "clean", rng, small_caps).mode == "RGB"
+    labels = [render_sample(0, i, "clean")[1] for i in range(300)]
+    assert any(label.isupper() for label in labels)
 
 
 def test_render_sample_is_pure():
