@@ -20,20 +20,25 @@ Sample = tuple[torch.Tensor, torch.Tensor, str]
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
-def check_vocabulary(reader: LmdbReader) -> None:
-    """Raise if any label holds a character outside the vocabulary.
+def check_vocabulary(reader: LmdbReader, max_len: int | None = None) -> None:
+    """Raise if any label holds a character outside the vocabulary; log how many ``max_len`` cuts.
 
     Raises:
         DatasetError: naming the path, every offending character and the first offending key.
     """
     bad: set[str] = set()
-    first, offending = None, 0
+    first, offending, too_long = None, 0, 0
     for i in range(len(reader)):
-        missing = charset.out_of_vocabulary(reader.get_label(i))
+        label = reader.get_label(i)
+        too_long += max_len is not None and len(label) > max_len - 1
+        missing = charset.out_of_vocabulary(label)
         if missing:
             bad |= missing
             offending += 1
             first = first or sample_key(LABEL_KEY, i + 1).decode()
+    if too_long:
+        logger.warning("%s: %d label(s) longer than %d characters; targets are cut", reader.path,
+                       too_long, max_len - 1)
     if bad:
         chars = " ".join(repr(c) for c in sorted(bad))
         raise DatasetError(
@@ -70,7 +75,7 @@ class WordDataset(Dataset):
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.max_len = max_len
         if check_labels:
-            check_vocabulary(self.reader)
+            check_vocabulary(self.reader, max_len)
             self.reader.close()  # opened by the check; closed again before any worker forks
 
     def __len__(self) -> int:

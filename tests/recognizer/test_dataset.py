@@ -90,3 +90,8 @@ def test_vocabulary_check_names_bad_characters_and_first_key(tmp_path):
     with pytest.raises(DatasetError, match=r"bad: 2 label\(s\)") as err:
         WordDataset(tmp_path / "bad", check_labels=True)
     assert str(err.value).endswith(": ' ' 'é' 'ï' '€'; first at key 'label-000000002'")
+
+
+def test_vocabulary_check_passes_and_reports_long_labels(words, caplog):
+    WordDataset(words, check_labels=True)
+    assert "1 label(s) longer than 25 characters" in caplog.text

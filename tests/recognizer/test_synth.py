@@ -93,11 +93,12 @@ def test_dataset_is_deterministic_by_seed(tmp_path):
 
 
 def test_dataset_records_labels_and_styles(tmp_path):
-    render_dataset(tmp_path / "d", 6, seed=5, styles=["blur", "outlined"])
+    done = []
+    render_dataset(tmp_path / "d", 6, seed=5, styles=["blur", "outlined"], progress=done.append)
 
     reader = LmdbReader(tmp_path / "d")
 
-    assert len(reader) == 6
+    assert len(reader) == 6 and done == [1, 2, 3, 4, 5, 6]
     assert [reader.get_style(i) for i in range(6)] == ["blur", "outlined"] * 3
     image, label, style = reader.get(3)
     assert image.mode == "RGB" and style == "outlined"

@@ -1,0 +1,80 @@
+"""Measured figures for the data path: rendering images/s per style, and WordDataset read+decode images/s.
+
+Run: .venv/bin/python benchmarks/synth.py [--per-style 500] [--read 4000] [--workers 0 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from recognizer.dataset import WordDataset, make_loader
+from recognizer.synth import STYLES, dictionary_words, font_files, render_dataset, render_sample
+
+logger = logging.getLogger(__name__)
+
+
+def render_rates(per_style: int, seed: int) -> dict[str, float]:
+    """Images/s of ``render_sample`` (render + JPEG encode, one core) for each style family."""
+    font_files(), dictionary_words()  # one-off loads are not part of the rate
+    rates = {}
+    for style in STYLES:
+        start = time.perf_counter()
+        for i in range(per_style):
+            render_sample(seed, i, style)
+        rates[style] = per_style / (time.perf_counter() - start)
+    return rates
+
+
+def read_rates(path: Path, workers: list[int], batch_size: int = 64) -> dict[str, float]:
+    """Images/s of WordDataset items (LMDB read, JPEG decode, resize to 64x256, tensor)."""
+    rates = {}
+    ds = WordDataset(path)
+    start = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    rates["dataset_items"] = len(ds) / (time.perf_counter() - start)
+    for n in workers:
+        loader = make_loader(path, batch_size, shuffle=True, workers=n)
+        start = time.perf_counter()
+        count = sum(images.shape[0] for images, _, _ in loader)
+        rates[f"loader_workers_{n}"] = count / (time.perf_counter() - start)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-style", type=int, default=500, help="images rendered per style")
+    parser.add_argument("--read", type=int, default=4000, help="images in the set read back")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--render-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+
+    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"}
+    rates = render_rates(args.per_style, args.seed)
+    result["render_images_per_s_one_core"] = {k: round(v) for k, v in rates.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench"
+        summary = render_dataset(path, args.read, args.seed, workers=args.render_workers)
+        result["render_dataset"] = {
+            "count": summary["count"], "workers": args.render_workers,
+            "images_per_s": round(summary["images_per_s"]),
+            "mean_image_bytes": round(summary["bytes"] / summary["count"]),
+        }
+        result["read_images_per_s"] = {k: round(v) for k, v in read_rates(path, args.workers).items()}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
