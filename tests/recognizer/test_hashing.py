@@ -164,6 +164,7 @@ def test_keyed_permutation_is_deterministic_and_label_dependent():
     assert sorted(p.tolist()) == list(range(50))
     assert p.tolist() == keyed_permutation(KEY, "idx/a/weight", 50).tolist()
     assert p.tolist() != keyed_permutation(KEY, "idx/b/weight", 50).tolist()
+    assert keyed_permutation(KEY, "x", 1).tolist() == [0] and keyed_permutation(KEY, "x", 0).size == 0
 
 
 def _train(model: nn.Module, loss_fn, steps: int) -> tuple[float, float]:
