@@ -119,17 +119,30 @@ def _text_masks(label: str, style: str, rng: random.Random, font_path: str) -> l
     height = rng.randint(32, 64)
     font = _font(font_path, max(8, round(height * rng.uniform(0.8, 1.05))))
     stroke = rng.randint(1, max(1, font.size // 12)) if style == "outlined" else 0
-    left, top, right, bottom = font.getbbox(label, stroke_width=stroke)
-    pad = stroke + 2
-    size = (max(1, right - left) + 2 * pad, max(1, bottom - top) + 2 * pad)
-    origin = (pad - left, pad - top)
-    fill = Image.new("L", size, 0)
-    ImageDraw.Draw(fill).text(origin, label, font=font, fill=255)
-    if not stroke:
-        return [fill]
-    outer = Image.new("L", size, 0)
-    ImageDraw.Draw(outer).text(origin, label, font=font, fill=255, stroke_width=stroke, stroke_fill=255)
-    return [outer, fill]
+    # Draw on a canvas that should hold the text and crop after: cheaper than laying the text out
+    # twice (font.getbbox, then draw.text). A canvas the ink touches is too small: retry wider.
+    ascent, descent = font.getmetrics()
+    pad = stroke + font.size // 3 + 2  # room for italic overhang and strokes
+    per_char = 1.2
+    while True:
+        size = (round(font.size * (per_char * len(label) + 1)) + 2 * pad, ascent + descent + 2 * pad)
+        masks = [_draw(label, font, size, pad, 0)]
+        if stroke:
+            masks.insert(0, _draw(label, font, size, pad, stroke))
+        box = masks[0].getbbox() or (1, 1, 2, 2)
+        if (box[0] > 0 and box[1] > 0 and box[2] < size[0] and box[3] < size[1]) or per_char > 10:
+            break
+        per_char *= 2
+    box = (max(0, box[0] - 2), max(0, box[1] - 2), min(size[0], box[2] + 2), min(size[1], box[3] + 2))
+    return [m.crop(box) for m in masks]
+
+
+def _draw(
+    label: str, font: ImageFont.FreeTypeFont, size: tuple[int, int], pad: int, stroke: int
+) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).text((pad, pad), label, font=font, fill=255, stroke_width=stroke, stroke_fill=255)
+    return mask
 
 
 def _warp(masks: list[Image.Image], style: str, rng: random.Random) -> list[Image.Image]:
