@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from recognizer import charset
 from recognizer.charset import MAX_SEQ_LEN
@@ -88,14 +89,30 @@ class WordDataset(Dataset):
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """float32 ``[3, H, W]`` in ``[-1, 1]`` of an RGB image resized to ``input_hw``."""
-        h, w = self.input_hw
-        pixels = np.array(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)  # [H, W, 3]
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [3, H, W]
-        return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+        return image_to_tensor(image, self.input_hw)
 
     def __getitem__(self, index: int) -> Sample:
         image, label, _ = self.reader.get(index)
         return self.to_tensor(image), self.encode_target(label), label
+
+
+def image_to_tensor(image: Image.Image, input_hw: tuple[int, int]) -> torch.Tensor:
+    """float32 ``[3, H, W]`` in ``[-1, 1]`` of ``image`` resized to ``input_hw`` (aspect not kept)."""
+    h, w = input_hw
+    pixels = np.array(image.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
+    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def load_image_file(path: Path, input_hw: tuple[int, int] = (64, 256)) -> torch.Tensor:
+    """An image file as the model's input tensor. Raises DatasetError naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image_to_tensor(image, input_hw)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: no such image file") from exc
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from exc
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -105,7 +122,7 @@ def collate(samples: list[Sample]) -> Batch:
 
 
 def make_loader(
-    path: Path,
+    path: Path | Sequence[Path],
     batch_size: int,
     shuffle: bool,
     workers: int = 0,
@@ -118,9 +135,14 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader of ``WordDataset(path, ...)`` batches ``(images, targets, labels)``.
 
-    ``seed`` fixes the shuffle order, so the same seed gives the same batches.
+    Several paths are pooled into one dataset (the centralized manner). ``seed`` fixes the
+    shuffle order, so the same seed gives the same batches.
     """
-    dataset = WordDataset(path, input_hw=input_hw, max_len=max_len, check_labels=check_labels)
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise ValueError("make_loader needs at least one LMDB path")
+    parts = [WordDataset(p, input_hw=input_hw, max_len=max_len, check_labels=check_labels) for p in paths]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -1,0 +1,236 @@
+"""The `recognizer` command: synth, shard, train, eval, predict, info and keygen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+log = logging.getLogger("recognizer")
+
+
+def parse_gamma(text: str) -> float | None:
+    """``1``, ``0.25`` or ``1/4`` → a float in (0, 1]; ``none`` → None (no hashing, a baseline)."""
+    if text.lower() in ("none", "off", "-"):
+        return None
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"gamma must be a number in (0, 1] or 'none', got {text!r}") from exc
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"gamma must be in (0, 1], got {text}")
+    return value
+
+
+def _key_path(args: argparse.Namespace) -> Path:
+    """The --key file, or the model file's name with .key (what `recognizer train` writes)."""
+    return Path(args.key) if args.key else Path(args.model).with_suffix(".key")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from recognizer.keys import generate_key
+
+    generate_key(Path(args.out))
+    print(f"wrote a new federation key to {args.out}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from recognizer.synth import render_dataset
+
+    styles = args.styles.split(",") if args.styles else None
+    stats = render_dataset(Path(args.out), args.count, args.seed, styles)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from recognizer.shard import split_dataset
+
+    for path in split_dataset(Path(args.input), args.parts, Path(args.out), args.split, args.seed):
+        print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from recognizer.dataset import make_loader
+    from recognizer.keys import generate_key, load_key
+    from recognizer.model import build_model
+    from recognizer.model_io import save_model
+    from recognizer.train import evaluate, lr_at, make_optimizer, set_lr, train_epoch
+
+    torch.set_num_threads(args.threads)
+    key_path = Path(args.key) if args.key else Path(args.out).with_suffix(".key")
+    if key_path.exists():
+        key = load_key(key_path)
+    else:
+        key = generate_key(key_path)
+        log.info("created federation key %s", key_path)
+    loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
+                         workers=args.workers, seed=args.seed)
+    val = make_loader(Path(args.val), args.batch_size, shuffle=False) if args.val else None
+    torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
+    model = build_model(args.preset, key, args.gamma)
+    optimizer = make_optimizer(model, args.lr)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(args.epochs):
+        set_lr(optimizer, lr_at(epoch, args.lr, args.decay_epochs))
+        stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=args.bf16)
+        row = {"epoch": epoch + 1, "loss": round(stats.loss, 4),
+               "images_per_s": round(stats.images_per_second, 1)}
+        if val is not None:
+            result = evaluate(model, val, beam_width=args.beam)
+            row.update(val_accuracy=round(result.accuracy, 4), val_loss=round(result.loss, 4))
+        history.append(row)
+        log.info("epoch %s", row)
+    save_model(Path(args.out), model, key, args.preset)
+    summary = {"model": args.out, "key": str(key_path), "seconds": round(time.perf_counter() - started, 1),
+               "history": history}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from recognizer.dataset import make_loader
+    from recognizer.keys import load_key
+    from recognizer.model_io import load_model
+    from recognizer.train import evaluate
+
+    torch.set_num_threads(args.threads)
+    key = load_key(_key_path(args))
+    model, meta = load_model(Path(args.model), key)
+    result = evaluate(model, make_loader(Path(args.data), args.batch_size, shuffle=False),
+                      beam_width=args.beam)
+    report = {"model": args.model, "data": args.data, "preset": meta["preset"], "gamma": meta["gamma"],
+              "accuracy": result.accuracy, "loss": result.loss, "samples": result.samples}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.data}: accuracy {100 * result.accuracy:.2f}% on {result.samples} words "
+              f"(loss {result.loss:.3f}, {meta['preset']}, gamma {meta['gamma']})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from recognizer import charset
+    from recognizer.dataset import load_image_file
+    from recognizer.keys import load_key
+    from recognizer.model_io import load_model
+
+    key = load_key(_key_path(args))
+    model, _ = load_model(Path(args.model), key)
+    images = torch.stack([load_image_file(Path(p), model.config.input_hw) for p in args.images])
+    for path, ids in zip(args.images, model.predict(images, beam_width=args.beam), strict=True):
+        print(f"{path}\t{charset.decode(ids)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from recognizer.model import model_info
+
+    info = model_info(args.preset, args.gamma)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['preset']} gamma={info['gamma']}: virtual {info['virtual_params']:,} "
+          f"real {info['real_params']:,} state {info['state_bytes'] / 2**20:.2f} MiB")
+    for layer in info["layers"]:
+        print(f"  {layer['name']:<48} {layer['virtual']:>10,} -> {layer['real']:>10,} ({layer['ratio']:.3f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `recognizer` command."""
+    parser = argparse.ArgumentParser(prog="recognizer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="write a new 32-byte federation key")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("synth", help="render synthetic word images into an LMDB")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--styles", help="comma-separated style families (default: all)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("shard", help="split an LMDB into C shards")
+    p.add_argument("--input", required=True)
+    p.add_argument("--parts", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=("iid", "style"), default="iid")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("train", help="train on one or more LMDBs (single or centralized manner)")
+    p.add_argument("--data", action="append", required=True, help="an LMDB; repeat to pool several")
+    p.add_argument("--preset", default="fedocr-tiny")
+    p.add_argument("--gamma", type=parse_gamma, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--out", required=True, help="model file to write")
+    p.add_argument("--key", help="federation key file (default: OUT with .key; created when missing)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
+    p.add_argument("--val", help="an LMDB evaluated after each epoch")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="CPU bfloat16 autocast")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="word accuracy of a model on an LMDB")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--key", help="federation key file (default: MODEL with .key)")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="read the words in image files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--key", help="federation key file (default: MODEL with .key)")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="parameter counts of a preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--gamma", type=parse_gamma, default=1.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `recognizer` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # the project's errors name the file or the setting
+        print(f"recognizer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

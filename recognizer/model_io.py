@@ -1,0 +1,86 @@
+"""Model files: the packed (keyed, shuffled) flat state plus the preset and gamma that rebuild it.
+
+A model file holds no key and no layer names: without the federation key its vector is a shuffled
+bag of floats, and even with the preset known the index maps cannot be rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from recognizer import state
+from recognizer.model import Recognizer, build_model
+
+FORMAT = "fedocr-model/1"
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, malformed, or belongs to another federation key."""
+
+
+def save_model(path: Path, model: Recognizer, key: bytes, preset: str) -> None:
+    """Write ``model``'s packed state and the settings that rebuild it to ``path`` (.npz)."""
+    path = Path(path)
+    fresh = build_model(preset, key, model.gamma)
+    meta = {
+        "format": FORMAT,
+        "preset": preset,
+        "gamma": model.gamma,
+        "fingerprint": state.fingerprint(fresh, key).hex(),
+    }
+    packed = state.pack_state(state.export_state(model), key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), state=packed)
+
+
+def read_model_file(path: Path) -> tuple[dict, np.ndarray]:
+    """The metadata and packed vector of a model file. Raises ModelFileError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            packed = np.asarray(npz["state"], dtype=np.float32)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"{path}: not a FedOCR model file ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: unknown model format {meta.get('format')!r}, expected {FORMAT}")
+    return meta, packed
+
+
+def model_from_packed(
+    preset: str, gamma: float | None, key: bytes, packed: np.ndarray
+) -> tuple[Recognizer, bytes]:
+    """Rebuild the network for ``preset``/``gamma`` under ``key`` and load a packed state into it.
+
+    Returns the model and the fingerprint of its initial weights under ``key``.
+    """
+    model = build_model(preset, key, gamma)
+    fingerprint = state.fingerprint(model, key)  # of W_0, before the state replaces it
+    lengths = state.state_lengths(model)
+    if packed.size != sum(lengths):
+        raise ModelFileError(
+            f"state has {packed.size} values but preset {preset} at gamma {gamma} needs {sum(lengths)}"
+        )
+    state.load_state(model, [np.asarray(t) for t in state.unpack_state(packed, key, lengths)])
+    return model, fingerprint
+
+
+def load_model(path: Path, key: bytes, *, verify_key: bool = True) -> tuple[Recognizer, dict]:
+    """Load a model file with the federation key; returns (model in eval mode, metadata).
+
+    With ``verify_key`` (default) a file made under another key is refused; without it the file
+    loads anyway and the network reads garbage, which is the point of the keyed hashing.
+    """
+    meta, packed = read_model_file(path)
+    model, fingerprint = model_from_packed(meta["preset"], meta["gamma"], key, packed)
+    if verify_key and fingerprint.hex() != meta["fingerprint"]:
+        raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
+    model.eval()
+    return model, meta
