@@ -1,0 +1,156 @@
+"""The recognizer CLI end to end on tiny data, model files, and the errors users get for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recognizer import cli
+from recognizer.dataset import make_loader
+from recognizer.keys import generate_key, load_key
+from recognizer.lmdb_data import LmdbWriter
+from recognizer.model import build_model
+from recognizer.model_io import ModelFileError, load_model, save_model
+from recognizer.synth import render_sample
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-image synthetic LMDB."""
+    out = tmp_path_factory.mktemp("cli") / "words"
+    assert cli.main(["synth", "--out", str(out), "--count", "24", "--seed", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(words: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model file trained for one epoch by `recognizer train` (its key lands beside it)."""
+    model = tmp_path_factory.mktemp("model") / "tiny.npz"
+    argv = ["train", "--data", str(words), "--preset", "fedocr-tiny", "--gamma", "1/2",
+            "--epochs", "1", "--batch-size", "12", "--out", str(model)]
+    assert cli.main(argv) == 0
+    return model
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_a_model_and_its_key(trained: Path) -> None:
+    assert trained.is_file()
+    assert len(trained.with_suffix(".key").read_bytes()) == 32
+
+
+def test_eval_json_reports_accuracy_and_loss(trained: Path, words: Path, capsys) -> None:
+    code, out, _ = run_cli(["eval", "--model", str(trained), "--data", str(words), "--json", "--beam", "1"],
+                           capsys)
+    report = json.loads(out)
+    assert code == 0
+    assert report["samples"] == 24 and report["gamma"] == 0.5 and report["preset"] == "fedocr-tiny"
+    assert 0.0 <= report["accuracy"] <= 1.0 and np.isfinite(report["loss"])
+
+
+def test_predict_reads_image_files(trained: Path, tmp_path: Path, capsys) -> None:
+    image, _label = render_sample(seed=1, index=0, style="clean")
+    path = tmp_path / "word.jpg"
+    path.write_bytes(image)
+    code, out, _ = run_cli(["predict", "--model", str(trained), "--beam", "2", str(path)], capsys)
+    assert code == 0
+    assert out.startswith(f"{path}\t")
+
+
+def test_info_json_counts_scale_with_gamma(capsys) -> None:
+    infos = {}
+    for gamma in ("1", "1/4"):
+        code, out, _ = run_cli(["info", "--preset", "fedocr-tiny", "--gamma", gamma, "--json"], capsys)
+        assert code == 0
+        infos[gamma] = json.loads(out)
+    assert infos["1"]["virtual_params"] == infos["1/4"]["virtual_params"]
+    assert infos["1/4"]["real_params"] < 0.5 * infos["1"]["real_params"]
+    assert {"name", "virtual", "real", "ratio"} <= set(infos["1/4"]["layers"][0])
+
+
+def test_saved_model_reloads_to_the_same_outputs(tmp_path: Path, words: Path) -> None:
+    key = generate_key(tmp_path / "k.key")
+    model = build_model("fedocr-tiny", key, 0.25)
+    with torch.no_grad():  # move BN statistics and weights away from W_0
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny")
+    loaded, meta = load_model(tmp_path / "m.npz", key)
+    images, targets, _ = next(iter(make_loader(words, 4, shuffle=False)))
+    model.eval()
+    assert meta["gamma"] == 0.25
+    assert torch.allclose(model(images, targets), loaded(images, targets), atol=1e-6)
+
+
+def test_wrong_key_is_refused_and_unverified_reads_garbage(tmp_path: Path, words: Path) -> None:
+    key = generate_key(tmp_path / "right.key")
+    other = generate_key(tmp_path / "other.key")
+    model = build_model("fedocr-tiny", key, 0.5)
+    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny")
+    with pytest.raises(ModelFileError, match="another federation key"):
+        load_model(tmp_path / "m.npz", other)
+    garbage, _ = load_model(tmp_path / "m.npz", other, verify_key=False)
+    images, targets, _ = next(iter(make_loader(words, 4, shuffle=False)))
+    model.eval()
+    with torch.no_grad():  # BN variances land on shuffled weights, so NaN counts as garbage too
+        assert not torch.allclose(model(images, targets), garbage(images, targets), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "--model", "{tmp}/none.npz", "--data", "{words}", "--key", "{key}"],
+         "none.npz: no such model"),
+        (["eval", "--model", "{model}", "--data", "{tmp}/missing", "--key", "{key}"], "missing"),
+        (["eval", "--model", "{model}", "--data", "{tmp}", "--key", "{key}"], "{tmp}"),
+        (["eval", "--model", "{model}", "--data", "{words}", "--key", "{tmp}/short.key"], "short.key"),
+        (["eval", "--model", "{tmp}/junk.npz", "--data", "{words}", "--key", "{key}"],
+         "junk.npz: not a FedOCR"),
+        (["predict", "--model", "{model}", "--key", "{key}", "{tmp}/junk.npz"],
+         "junk.npz: not a readable image"),
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/m.npz", "--key", "{key}"], "missing"),
+        (["info", "--preset", "no-such-preset"], "fedocr-tiny"),
+    ],
+)
+def test_bad_input_gets_an_error_naming_it(argv, expected, trained: Path, words: Path, tmp_path: Path,
+                                           capsys) -> None:
+    (tmp_path / "short.key").write_bytes(b"x" * 31)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    names = {"tmp": str(tmp_path), "words": str(words), "model": str(trained),
+             "key": str(trained.with_suffix(".key"))}
+    code, _, err = run_cli([a.format(**names) for a in argv], capsys)
+    assert code == 2
+    assert "error" in err and expected.format(**names) in err
+
+
+def test_bad_gamma_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["info", "--preset", "fedocr-tiny", "--gamma", "2"])
+    assert exc.value.code == 2
+    assert "gamma must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_console_script_is_installed_and_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("recognizer")
+    first = subprocess.run([exe, "keygen", "--out", tmp_path / "f.key"], capture_output=True, text=True)
+    second = subprocess.run([exe, "keygen", "--out", tmp_path / "f.key"], capture_output=True, text=True)
+    assert first.returncode == 0 and len(load_key(tmp_path / "f.key")) == 32
+    assert second.returncode == 2 and "refusing to overwrite" in second.stderr
+
+
+def test_labels_outside_the_vocabulary_are_reported(tmp_path: Path) -> None:
+    image, _ = render_sample(seed=0, index=0, style="clean")
+    with LmdbWriter(tmp_path / "bad") as writer:
+        writer.add(image, "café")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        make_loader(tmp_path / "bad", 1, shuffle=False, check_labels=True)
