@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregator import fedavg
 from aggregator.config import AggregatorConfig
+from aggregator.groupcommit import GroupCommitter
 from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, TrainingPlan
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream
@@ -77,6 +78,7 @@ class Federation:
         self._draining = False
         self._ticker: threading.Thread | None = None
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
+        self._commits = GroupCommitter(self._cond, self._prepare_write, self._load, self._maybe_close)
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,10 +130,19 @@ class Federation:
                     logger.exception("round clock failed; retrying")
                 self._cond.wait(TICK_S)
 
+    def _prepare_write(self) -> Callable[[], None]:
+        return self._store.prepare_upload(self._round, self._total)
+
+    def _maybe_close(self) -> None:
+        """After a durable write: close the round at once if the quorum is in."""
+        r = self._round
+        if r is not None and r.state == OPEN and r.quorum_reached():
+            self._aggregate(self._clock())
+
     def _tick(self) -> None:
         """Close or fail the open round when its quorum or deadline says so."""
         r, now = self._round, self._clock()
-        if r is None or r.state != OPEN:
+        if r is None or r.state != OPEN or self._commits.flushing:
             return
         if r.quorum_reached() or (r.past_deadline(now) and r.committed >= r.min_edges):
             self._aggregate(now)
@@ -141,6 +152,7 @@ class Federation:
             self._store.finish_round(r, None, self.state_version, following)
             self._history.append(r)
             self._round = following
+            self._commits.mark_all_durable()  # the history record carries every applied upload
             logger.warning(
                 "round %s failed: %s; reopened as round %s", r.round_id, r.message, following.round_id
             )
@@ -183,6 +195,7 @@ class Federation:
         self._state, self.state_version, self._round = state, version, following
         self._history.append(r)
         self._total.fill(0.0)
+        self._commits.mark_all_durable()  # the new state and history carry every applied upload
         logger.info(
             "round %s closed: %s upload(s), weight %s, state version %s%s",
             r.round_id,
@@ -215,7 +228,7 @@ class Federation:
                 if r.state == OPEN and not r.has_uploaded(edge_id) and edge_id not in self._in_flight:
                     if edge_id not in r.edges:
                         r.join(edge_id, self._clock())
-                        self._store.save_round(r)
+                        self._save_record()
                         logger.info("round %s: edge %s joined", r.round_id, edge_id)
                     return JoinResult("TRAIN", edge_id, copy.deepcopy(r), self.state_version)
                 remaining = until - self._clock()
@@ -271,11 +284,12 @@ class Federation:
             if record is not None:
                 record.edge(edge_id).bytes.add(moved)
                 if record is self._round:
-                    self._store.save_round(record)
+                    self._save_record()
 
     def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage]) -> Receipt:
         """Stage, verify, then add one increment into the running sum; durable before returning."""
         header = read_header(messages)
+        t0 = time.perf_counter()
         with self._cond:
             self._check_serving()
             if self.manifest is None:
@@ -287,8 +301,9 @@ class Federation:
             if not self._uploads.acquire(timeout=self.config.upload_wait_s):
                 raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
             try:
+                t1 = time.perf_counter()
                 staged = stage(header, messages, list(self.manifest.tensors), self.config.max_chunk_bytes)
-                return self._commit(edge_id, header, staged, weight)
+                return self._commit(edge_id, header, staged, weight, (t0, t1, time.perf_counter()))
             finally:
                 self._uploads.release()
         finally:
@@ -313,7 +328,9 @@ class Federation:
                 f"{r.round_id} trains from version {r.state_version}: download the state again"
             )
 
-    def _commit(self, edge_id: str, header: pb.UploadHeader, staged, weight: float) -> Receipt:
+    def _commit(
+        self, edge_id: str, header: pb.UploadHeader, staged, weight: float, times: tuple[float, ...]
+    ) -> Receipt:
         with self._cond:
             r = self._round
             if r is None:
@@ -323,26 +340,34 @@ class Federation:
                 fedavg.accumulate(self._total[off : off + n], values, weight)
             moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
             r.commit(edge_id, header.sample_count, weight, moved, self._clock())
-            try:
-                self._store.commit_upload(r, self._total)
-            except Exception:
-                self._load()  # the sum in memory moved ahead of the disk: go back to the disk
-                raise
             committed = r.committed
+            self._commits.wait_durable(self._commits.apply())  # the quorum check runs after the write
+            t0, t1, t2 = times
             logger.info(
-                "round %s: upload from %s committed (%s/%s, %s samples, %s wire bytes)",
+                "round %s: upload from %s committed (%s/%s, %s samples, %s wire bytes; "
+                "%.3f s queued, %.3f s receive+verify, %.3f s sum+fsync)",
                 r.round_id,
                 edge_id,
                 committed,
                 r.quorum,
                 header.sample_count,
                 staged.wire_bytes,
+                t1 - t0,
+                t2 - t1,
+                time.perf_counter() - t2,
             )
-            if r.quorum_reached():
-                self._aggregate(self._clock())
             return Receipt(
                 r.round_id, edge_id, staged.raw_bytes, staged.wire_bytes, committed, r.state, staged.sha256
             )
+
+    def _save_record(self) -> None:
+        """Persist join/download notes, unless that would get ahead of the durable sum.
+
+        While a group commit is pending, the record in memory lists uploads the disk's sum does
+        not hold yet; the next commit writes the notes with them.
+        """
+        if self._commits.idle:
+            self._store.save_round(self._round)
 
     def _check_serving(self) -> None:
         if self._draining:

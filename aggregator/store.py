@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,28 @@ class Store:
         with self._env.begin(write=True) as txn:
             txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
             txn.put(KEY_ROUND, record.to_json())
+
+    def prepare_upload(self, record: RoundRecord, total: np.ndarray) -> Callable[[], None]:
+        """Copy the sum and record into an open write transaction; return its commit (the fsync).
+
+        Group commit: the copy happens under the caller's lock, the returned commit without it.
+        """
+        txn = self._env.begin(write=True)
+        try:
+            txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+            txn.put(KEY_ROUND, record.to_json())
+        except BaseException:
+            txn.abort()
+            raise
+
+        def commit() -> None:
+            try:
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+
+        return commit
 
     def finish_round(
         self, done: RoundRecord, state: np.ndarray | None, version: int, following: RoundRecord | None

@@ -45,6 +45,10 @@ class Draining(FedOCRError):
     """The aggregator is shutting down and accepts no new work."""
 
 
+class StorageUnavailable(FedOCRError):
+    """The aggregator could not make state durable; nothing was counted, retry later."""
+
+
 class WrongRole(FedOCRError):
     """The caller's certificate role may not call this method."""
 
@@ -70,6 +74,7 @@ STATUS_TABLE: dict[str, str] = {
     "TooLarge": "RESOURCE_EXHAUSTED",
     "Busy": "RESOURCE_EXHAUSTED",
     "Draining": "UNAVAILABLE",
+    "StorageUnavailable": "UNAVAILABLE",
     "WrongRole": "PERMISSION_DENIED",
     "ModelMismatch": "PERMISSION_DENIED",
     "UnknownRole": "PERMISSION_DENIED",  # fedocr.tls: a certificate that names no known role
