@@ -23,6 +23,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_concurrent_uploads",
         "upload_wait_s",
         "join_wait_max_s",
+        "stream_window_bytes",
     ),
 }
 
@@ -59,6 +60,8 @@ class AggregatorConfig:
     max_concurrent_uploads: int = 2  # each staged upload holds one model copy in memory
     upload_wait_s: float = 60.0  # an upload beyond the bound waits this long, then RESOURCE_EXHAUSTED
     join_wait_max_s: float = 30.0  # cap on a Join long-poll
+    # Fixed HTTP/2 stream window: bounds what a waiting upload holds in the transport (0 = BDP).
+    stream_window_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         """Validate cross-field constraints."""

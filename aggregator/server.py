@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name  # "fedocr.v1.Federation"
 # Headroom over the largest chunk (2 MiB raw, plus zstd slack and framing); uploads stream anyway.
 MAX_MESSAGE_BYTES = 4 << 20
+# glibc: buffers from 8 MiB up (staged increments, LMDB's dirty copy of the sum) come straight
+# from mmap and go back on free; smaller ones (1 MiB chunks) stay in the heap, which is trimmed
+# only past 64 MiB of free top space, so chunks do not page-fault on every message.
+MMAP_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = 64 << 20
 
 
 @dataclass
@@ -47,11 +53,40 @@ class Running:
         logger.info("aggregator stopped")
 
 
+def tune_malloc() -> None:
+    """glibc only: two malloc arenas, fixed mmap and trim thresholds (see MMAP_THRESHOLD).
+
+    Uploads allocate and free model-sized buffers on many RPC threads; with glibc's defaults
+    each thread's arena keeps freed memory and the mmap threshold ratchets up to 32 MiB, so RSS
+    grows with the number of uploads.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from <malloc.h>
+    libc.mallopt(m_arena_max, 2)
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
+
+
+def _window_options(window: int) -> list[tuple[str, int]]:
+    """A fixed HTTP/2 stream window instead of BDP probing (which grows it to several MiB).
+
+    An upload waiting for its turn is buffered by the transport up to its window, so a fixed
+    window bounds what each waiting upload costs in memory. 0 keeps gRPC's adaptive default.
+    """
+    if window <= 0:
+        return []
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)]
+
+
 def start(config: AggregatorConfig) -> Running:
     """Open the store, start the Federation and serve on `config.listen` (mTLS). Returns at once."""
     if not (config.cert and config.key and config.ca):
         raise ConfigError("mutual TLS is mandatory: set cert, key and ca ([tls] or --cert/--key/--ca)")
     credentials = tls.server_credentials(config.cert, config.key, config.ca)
+    tune_malloc()
     store = Store(config.state_dir)
     federation = Federation(config, store)
     server = grpc.server(
@@ -60,7 +95,8 @@ def start(config: AggregatorConfig) -> Running:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ],
+        ]
+        + _window_options(config.stream_window_bytes),
     )
     pb_grpc.add_FederationServicer_to_server(FederationServicer(federation), server)
     health_servicer = health.HealthServicer()
