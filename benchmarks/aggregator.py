@@ -1,0 +1,289 @@
+"""Aggregator figures (not a test): upload ingest rate against a raw grpcio mTLS stream, and the
+aggregator's peak RSS with 10, 50 and 200 edges uploading one increment each in one round.
+
+    .venv/bin/python benchmarks/aggregator.py [--values 3400000] [--edges 10,50,200] [--uploads 6]
+
+Everything runs on 127.0.0.1 with a throwaway PKI made by fedocr.pki. The aggregator and the raw
+sink each run in their own process; this process is the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedocr import pki, tensors, tls
+from fedocr.v1 import federation_pb2 as pb
+from fedocr.v1 import federation_pb2_grpc as pb_grpc
+
+FINGERPRINT = b"\x5a" * 32
+SINK_METHOD = "/bench.Sink/Upload"
+MB = 1e6
+LOG_LEVEL = "WARNING"
+
+
+def sink_main(pki_dir: Path) -> None:
+    """The raw baseline: an mTLS grpcio server that reads a client stream of bytes and drops it."""
+
+    def upload(request_iterator, context):
+        n = 0
+        for message in request_iterator:
+            n += len(message)
+        return n.to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Sink", {"Upload": grpc.stream_unary_rpc_method_handler(upload)}
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[("grpc.max_receive_message_length", 4 << 20), ("grpc.so_reuseport", 0)],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    creds = tls.server_credentials(
+        pki.cert_path(pki_dir, "aggregator"), pki.key_path(pki_dir, "aggregator"), pki_dir / pki.CA_CERT_FILE
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    print(f"sink listening on port {port}", flush=True)
+    server.wait_for_termination()
+
+
+class Child:
+    """A child process whose first stdout line ends with its port."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.popen.stdout.readline()
+        if "listening on port" not in line:
+            self.popen.kill()
+            raise RuntimeError(f"child did not start: {line!r}")
+        self.port = int(line.rsplit(" ", 1)[1])
+
+    def memory(self) -> str:
+        """RssAnon / RssFile of the child now."""
+        text = Path(f"/proc/{self.popen.pid}/status").read_text()
+        found = dict(
+            line.split(":", 1) for line in text.splitlines() if line.startswith(("RssAnon", "RssFile"))
+        )
+        return ", ".join(f"{k} {int(v.split()[0]) / 1024:.0f} MiB" for k, v in found.items())
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the child: its peak resident set."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(timeout=30)
+
+
+def aggregator(pki_dir: Path, state: Path, quorum: int) -> Child:
+    """Start `aggregator serve` with a round that stays open until `quorum` uploads."""
+    return Child(
+        [
+            sys.executable,
+            "-m",
+            "aggregator.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+            "--cert",
+            str(pki.cert_path(pki_dir, "aggregator")),
+            "--key",
+            str(pki.key_path(pki_dir, "aggregator")),
+            "--ca",
+            str(pki_dir / pki.CA_CERT_FILE),
+            "--quorum",
+            str(quorum),
+            "--min-edges",
+            "1",
+            "--deadline",
+            "3600",
+            "--log-level",
+            LOG_LEVEL,
+        ]
+    )
+
+
+def channel(pki_dir: Path, port: int, name: str) -> grpc.Channel:
+    return tls.secure_channel(
+        f"127.0.0.1:{port}",
+        pki_dir / pki.CA_CERT_FILE,
+        pki.cert_path(pki_dir, name),
+        pki.key_path(pki_dir, name),
+    )
+
+
+def encode(values: np.ndarray, compression: int) -> tuple[list[pb.TensorChunk], pb.Trailer, int]:
+    """Chunks, trailer and wire bytes of one increment, encoded once and reused by every upload."""
+    enc = tensors.ChunkEncoder([values], pb.ENCODING_FLOAT32, compression, level=1)
+    chunks = list(enc.chunks())
+    return chunks, enc.trailer(), enc.wire_bytes
+
+
+def stream(round_id: int, chunks, trailer, compression: int):
+    header = pb.UploadHeader(
+        round_id=round_id,
+        sample_count=10,
+        fingerprint=FINGERPRINT,
+        encoding=pb.ENCODING_FLOAT32,
+        compression=compression,
+    )
+    yield pb.UploadMessage(header=header)
+    for chunk in chunks:
+        yield pb.UploadMessage(chunk=chunk)
+    yield pb.UploadMessage(trailer=trailer)
+
+
+def join(ch: grpc.Channel, values: int) -> int:
+    manifest = pb.Manifest(tensors=[pb.TensorSpec(id=0, length=values)], fingerprint=FINGERPRINT)
+    reply = pb_grpc.FederationStub(ch).Join(pb.JoinRequest(manifest=manifest), timeout=60)
+    if reply.action != pb.JoinResponse.ACTION_TRAIN:
+        raise RuntimeError(f"join answered {reply.action}")
+    return reply.round_id
+
+
+def ingest(
+    pki_dir: Path, work: Path, values: np.ndarray, uploads: int, compression: int, streams: int
+) -> None:
+    """Ingest rate of UploadIncrement vs the raw sink, same serialized messages, `streams` at once.
+
+    Each round of the comparison sends `streams` uploads concurrently (distinct edges) to the
+    aggregator, then the same to the raw sink; the rate is bytes over wall time, median of rounds.
+    """
+    chunks, trailer, wire = encode(values, compression)
+    agg = aggregator(pki_dir, work / f"ingest-{compression}-{streams}", quorum=(uploads + 2) * streams + 1)
+    sink = Child([sys.executable, __file__, "--sink", str(pki_dir)])
+    pool = futures.ThreadPoolExecutor(streams)
+    try:
+        sink_chans = [channel(pki_dir, sink.port, f"edge-{k}") for k in range(streams)]
+        senders = [ch.stream_unary(SINK_METHOD) for ch in sink_chans]
+        chans = [channel(pki_dir, agg.port, f"edge-{k}") for k in range((uploads + 2) * streams)]
+        round_id = [join(ch, values.size) for ch in chans][0]
+        raw_messages = [m.SerializeToString() for m in stream(round_id, chunks, trailer, compression)]
+        nbytes = sum(len(m) for m in raw_messages)
+        list(pool.map(lambda send: send(iter(raw_messages), timeout=60), senders))  # warm up
+
+        def to_aggregator(ch: grpc.Channel) -> None:
+            messages = list(stream(round_id, chunks, trailer, compression))
+            pb_grpc.FederationStub(ch).UploadIncrement(iter(messages), timeout=300)
+
+        list(pool.map(to_aggregator, chans[-2 * streams :]))  # warm up: the LMDB file reaches its size
+        agg_rates, raw_rates = [], []
+        for k in range(uploads):
+            t0 = time.perf_counter()
+            list(pool.map(to_aggregator, chans[k * streams : (k + 1) * streams]))
+            agg_rates.append(streams * nbytes / (time.perf_counter() - t0) / MB)
+            t0 = time.perf_counter()
+            list(pool.map(lambda send: send(iter(raw_messages), timeout=60), senders))
+            raw_rates.append(streams * nbytes / (time.perf_counter() - t0) / MB)
+        a, r = statistics.median(agg_rates), statistics.median(raw_rates)
+        name = pb.Compression.Name(compression)
+        print(
+            f"ingest {name:17s} x{streams} streams, {nbytes / MB:.1f} MB/upload "
+            f"(payload {wire / MB:.1f} MB): "
+            f"UploadIncrement {a:6.1f} MB/s, raw grpcio mTLS stream {r:6.1f} MB/s, ratio {a / r:.2f} "
+            f"(median of {uploads})",
+            flush=True,
+        )
+        for ch in [*chans, *sink_chans]:
+            ch.close()
+    finally:
+        pool.shutdown()
+        agg.stop()
+        sink.stop()
+
+
+def rss(pki_dir: Path, work: Path, values: np.ndarray, edges: int, threads: int = 8) -> None:
+    """Peak RSS of a fresh aggregator while `edges` edges upload one increment each in one round.
+
+    Every edge keeps its channel open (as edges do between rounds). For scale, the raw sink gets
+    the same uploads over as many connections, and its peak RSS is printed beside.
+    """
+    chunks, trailer, _ = encode(values, pb.COMPRESSION_NONE)
+    agg = aggregator(pki_dir, work / f"rss-{edges}", quorum=edges)
+    sink = Child([sys.executable, __file__, "--sink", str(pki_dir)])
+    try:
+        chans = [channel(pki_dir, agg.port, f"edge-{k}") for k in range(edges)]
+        round_id = [join(ch, values.size) for ch in chans][0]
+        baseline = agg.peak_rss_mb()
+
+        def upload(ch: grpc.Channel) -> pb.UploadReceipt:
+            messages = stream(round_id, chunks, trailer, pb.COMPRESSION_NONE)
+            return pb_grpc.FederationStub(ch).UploadIncrement(messages, timeout=600)
+
+        t0 = time.perf_counter()
+        with futures.ThreadPoolExecutor(threads) as pool:
+            receipts = list(pool.map(upload, chans))
+        took = time.perf_counter() - t0
+        closed = sum(r.round_state == pb.ROUND_STATE_CLOSED for r in receipts)
+        peak, now = agg.peak_rss_mb(), agg.memory()
+        for ch in chans:
+            ch.close()
+
+        sink_chans = [channel(pki_dir, sink.port, f"edge-{k}") for k in range(edges)]
+        raw_messages = [m.SerializeToString() for m in stream(round_id, chunks, trailer, pb.COMPRESSION_NONE)]
+        sink_base = sink.peak_rss_mb()
+        with futures.ThreadPoolExecutor(threads) as pool:
+            list(
+                pool.map(lambda ch: ch.stream_unary(SINK_METHOD)(iter(raw_messages), timeout=600), sink_chans)
+            )
+        for ch in sink_chans:
+            ch.close()
+        model_mb = values.nbytes / 2**20
+        print(
+            f"rss {edges:4d} edges x{threads} at once: aggregator peak {peak:6.1f} MiB "
+            f"(after joins {baseline:.1f}; "
+            f"target <= 4 x {model_mb:.1f} + 150 = {4 * model_mb + 150:.0f} MiB; at rest {now}); "
+            f"raw sink peak {sink.peak_rss_mb():.1f} MiB (idle {sink_base:.1f}); {took:.1f} s, "
+            f"{edges * values.nbytes / took / MB:.0f} MB/s; {closed} receipt(s) say CLOSED",
+            flush=True,
+        )
+    finally:
+        agg.stop()
+        sink.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=3_400_000, help="floats per increment")
+    parser.add_argument("--edges", default="10,50,200")
+    parser.add_argument("--uploads", type=int, default=6)
+    parser.add_argument("--sink", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sink:
+        sink_main(args.sink)
+        return 0
+    counts = [int(x) for x in args.edges.split(",")]
+    with tempfile.TemporaryDirectory(prefix="fedocr-bench-") as tmp:
+        work = Path(tmp)
+        pki_dir = work / "pki"
+        pki.create_ca(pki_dir)
+        pki.issue(pki_dir, pki.ROLE_SERVER, "aggregator", hosts=["127.0.0.1"])
+        for k in range(max(counts + [(args.uploads + 2) * 4])):
+            pki.issue(pki_dir, pki.ROLE_EDGE, f"edge-{k}")
+        values = np.random.default_rng(0).normal(0, 1e-3, args.values).astype(np.float32)
+        print(f"increment: {args.values} float32 ({values.nbytes / MB:.1f} MB); 127.0.0.1, mTLS", flush=True)
+        for streams in (1, 4):
+            ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_NONE, streams)
+        ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_ZSTD, 4)
+        for n in counts:
+            rss(pki_dir, work, values, n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
