@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
+from fedclient import code_of
 
 from fedocr.v1 import federation_pb2 as pb
 
@@ -81,15 +85,49 @@ def test_round_fails_below_minimum_and_reopens(serve, connect) -> None:
 
 
 def test_join_long_polls_until_the_next_round(serve, connect) -> None:
-    running = serve(quorum=1, min_edges=1, total_rounds=2)
-    a = connect(running, "edge-0")
+    running = serve(quorum=2, min_edges=2, total_rounds=2)
+    a, b = connect(running, "edge-0"), connect(running, "edge-1")
     r = a.join(LENGTHS).round_id
+    b.join(LENGTHS)
     a.upload(r, [np.ones(n, dtype=np.float32) for n in LENGTHS])
-    reply = a.join(LENGTHS, wait=2)
-    assert reply.action == pb.JoinResponse.ACTION_TRAIN and reply.round_id == r + 1
-    assert reply.state_version == 2
+    assert a.join(LENGTHS, wait=0).action == pb.JoinResponse.ACTION_WAIT  # a already uploaded
+    replies: list[pb.JoinResponse] = []
+    poller = threading.Thread(target=lambda: replies.append(a.join(LENGTHS, wait=5)))
+    poller.start()
+    time.sleep(0.3)
+    assert not replies  # still parked in the long-poll
+    b.upload(r, [np.ones(n, dtype=np.float32) for n in LENGTHS])
+    poller.join(5)
+    assert replies[0].action == pb.JoinResponse.ACTION_TRAIN and replies[0].round_id == r + 1
+    assert replies[0].state_version == 2 and replies[0].plan.local_epochs == 1
     header, held = a.download(held=2)
     assert header.unchanged and held is None
+
+
+def test_concurrent_uploads_group_commit_to_the_exact_mean(serve, connect) -> None:
+    edges = 8
+    running = serve(quorum=edges, min_edges=edges, max_concurrent_uploads=3, weighting="samples")
+    clients = [connect(running, f"edge-{k}") for k in range(edges)]
+    r = [c.join(LENGTHS) for c in clients][0].round_id
+    incs = [[np.full(n, k + 1, dtype=np.float32) for n in LENGTHS] for k in range(edges)]
+    with ThreadPoolExecutor(edges) as pool:
+        receipts = list(pool.map(lambda k: clients[k].upload(r, incs[k], samples=k + 1), range(edges)))
+    assert sorted(x.committed_edges for x in receipts) == list(range(1, edges + 1))
+    _, state = clients[0].download()
+    weights = np.arange(1, edges + 1, dtype=np.float64)
+    expected = (weights * weights).sum() / weights.sum()  # sum_k w_k * (k + 1) / sum_k w_k, w_k = k + 1
+    np.testing.assert_allclose(state[0], np.full(LENGTHS[0], expected), rtol=0, atol=1e-6)
+
+
+def test_draining_refuses_new_work(serve, connect) -> None:
+    running = serve()
+    a = connect(running, "edge-0")
+    a.join(LENGTHS)
+    running.federation.drain()
+    assert code_of(a.join, LENGTHS) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        code_of(a.upload, 1, [np.ones(n, dtype=np.float32) for n in LENGTHS]) == grpc.StatusCode.UNAVAILABLE
+    )
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:
