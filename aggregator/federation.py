@@ -149,7 +149,7 @@ class Federation:
         elif r.past_deadline(now):
             r.fail(now)
             following = self._new_round(r.round_index, now, self.state_version)
-            self._store.finish_round(r, None, self.state_version, following)
+            self._finish(r, None, self.state_version, following)
             self._history.append(r)
             self._round = following
             self._commits.mark_all_durable()  # the history record carries every applied upload
@@ -159,6 +159,14 @@ class Federation:
             self._cond.notify_all()
 
     # -- rounds ----------------------------------------------------------------------------
+
+    def _finish(self, r: RoundRecord, state: np.ndarray | None, version: int, following) -> None:
+        """Persist a round's end; on failure go back to what the disk holds."""
+        try:
+            self._store.finish_round(r, state, version, following)
+        except Exception:
+            self._load()
+            raise
 
     @property
     def finished(self) -> bool:
@@ -191,7 +199,7 @@ class Federation:
         following = None
         if r.round_index + 1 < self.config.total_rounds:
             following = self._new_round(r.round_index + 1, now, version)
-        self._store.finish_round(r, state, version, following)
+        self._finish(r, state, version, following)
         self._state, self.state_version, self._round = state, version, following
         self._history.append(r)
         self._total.fill(0.0)

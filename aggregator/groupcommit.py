@@ -87,11 +87,13 @@ class GroupCommitter:
             )
         finally:
             self.flushing = False
-        if ok:
-            self.durable = max(self.durable, target)
-            self._after()
-        else:
-            self._lost_upto = self.applied
-            self.durable = self.applied
-            self._rollback()
-        self._cond.notify_all()
+        try:
+            if ok:
+                self.durable = max(self.durable, target)
+                self._after()
+            else:
+                self._lost_upto = self.applied
+                self.durable = self.applied
+                self._rollback()
+        finally:
+            self._cond.notify_all()  # waiters must wake whatever happened

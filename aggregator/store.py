@@ -7,6 +7,7 @@ list move together in one transaction: after a crash either all of it is there o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 from collections.abc import Callable
@@ -29,9 +30,14 @@ KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
 KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
 KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
 HISTORY_PREFIX = b"history/"
+LOCK_FILE = "aggregator.lock"
 STATE_DTYPE = np.dtype("<f4")
 SUM_DTYPE = np.dtype("<f8")
 DEFAULT_MAP_SIZE = 1 << 38  # address space only; the file grows with what is written
+
+
+class StateLocked(RuntimeError):
+    """Another process holds the state directory."""
 
 
 def history_key(round_id: int) -> bytes:
@@ -85,6 +91,13 @@ class Store:
     def __init__(self, state_dir: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir
+        # One aggregator per state directory: LMDB would let a second process write too.
+        self._lock = open(state_dir / LOCK_FILE, "a+b")  # held for the store's life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StateLocked(f"{state_dir} is in use by another aggregator process") from None
         self._env = lmdb.open(str(state_dir), map_size=map_size, sync=True, metasync=True, max_dbs=0)
         with self._env.begin(write=True) as txn:
             found = txn.get(KEY_FORMAT)
@@ -94,8 +107,11 @@ class Store:
                 raise RuntimeError(f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}")
 
     def close(self) -> None:
-        """Close the environment."""
+        """Close the environment and release the directory."""
         self._env.close()
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
 
     def load(self) -> Snapshot:
         """Read the durable state (copies out of the map, so nothing stays pinned)."""
@@ -132,9 +148,7 @@ class Store:
 
     def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
         """Persist the running sum, its weight (in the record) and the committed edges together."""
-        with self._env.begin(write=True) as txn:
-            txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
-            txn.put(KEY_ROUND, record.to_json())
+        self.prepare_upload(record, total)()
 
     def prepare_upload(self, record: RoundRecord, total: np.ndarray) -> Callable[[], None]:
         """Copy the sum and record into an open write transaction; return its commit (the fsync).

@@ -9,7 +9,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan
-from aggregator.store import Manifest, Store
+from aggregator.store import Manifest, StateLocked, Store
 from fedocr import errors, tensors
 
 
@@ -133,3 +133,20 @@ def test_sample_config_loads() -> None:
     config = AggregatorConfig.load(sample)
     assert config.weighting == "samples" and config.lr_decay_rounds == (5, 30)
     assert config.cert is not None and config.cert.name == "aggregator.pem"
+
+
+def test_one_aggregator_per_state_directory(tmp_path: Path) -> None:
+    first = Store(tmp_path / "s")
+    with pytest.raises(StateLocked, match="in use"):
+        Store(tmp_path / "s")
+    first.close()
+    Store(tmp_path / "s").close()
+
+
+def test_cli_refuses_bad_config_and_plaintext(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aggregator import cli
+
+    assert cli.main(["serve", "--quorum", "1", "--min-edges", "3"]) == 2
+    assert "min_edges" in capsys.readouterr().err
+    assert cli.main(["serve", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s")]) == 1
+    assert "mutual TLS is mandatory" in capsys.readouterr().err
