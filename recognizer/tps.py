@@ -65,7 +65,9 @@ class TPSGrid(nn.Module):
         """
         b = ctrl_points.shape[0]
         h, w = self.output_hw
-        coords = torch.matmul(self.mapping.to(ctrl_points.dtype), ctrl_points)  # [B, H*W, 2]
+        # Always float32: under bf16 autocast the coordinates would be off by up to a pixel.
+        with torch.autocast(ctrl_points.device.type, enabled=False):
+            coords = torch.matmul(self.mapping, ctrl_points.float())  # [B, H*W, 2]
         grid = coords.view(b, h, w, 2).clamp(0.0, 1.0)
         return grid * 2.0 - 1.0
 
