@@ -10,6 +10,7 @@ sink each run in their own process; this process is the client.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,6 @@ from fedocr.v1 import federation_pb2_grpc as pb_grpc
 FINGERPRINT = b"\x5a" * 32
 SINK_METHOD = "/bench.Sink/Upload"
 MB = 1e6
-LOG_LEVEL = "WARNING"
 
 
 def sink_main(pki_dir: Path) -> None:
@@ -60,8 +60,10 @@ def sink_main(pki_dir: Path) -> None:
 class Child:
     """A child process whose first stdout line ends with its port."""
 
-    def __init__(self, cmd: list[str]) -> None:
-        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    def __init__(self, cmd: list[str], log: Path | None = None) -> None:
+        self.log = log
+        stderr = open(log, "w") if log else None  # noqa: SIM115 - the child owns it
+        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
         line = self.popen.stdout.readline()
         if "listening on port" not in line:
             self.popen.kill()
@@ -113,9 +115,20 @@ def aggregator(pki_dir: Path, state: Path, quorum: int) -> Child:
             "--deadline",
             "3600",
             "--log-level",
-            LOG_LEVEL,
-        ]
+            "INFO",
+        ],
+        log=state.with_suffix(".log"),
     )
+
+
+def phases(log: Path, last: int) -> str:
+    """Median server-side phases of the last `last` uploads, from the aggregator's log lines."""
+    found = re.findall(r"([0-9.]+) s receive\+verify, ([0-9.]+) s sum\+fsync", log.read_text())[-last:]
+    if not found:
+        return "no timings logged"
+    receive = statistics.median(float(a) for a, _ in found) * 1e3
+    durable = statistics.median(float(b) for _, b in found) * 1e3
+    return f"server: {receive:.0f} ms receive+verify, {durable:.0f} ms sum+fsync per upload (median)"
 
 
 def channel(pki_dir: Path, port: int, name: str) -> grpc.Channel:
@@ -196,7 +209,7 @@ def ingest(
             f"ingest {name:17s} x{streams} streams, {nbytes / MB:.1f} MB/upload "
             f"(payload {wire / MB:.1f} MB): "
             f"UploadIncrement {a:6.1f} MB/s, raw grpcio mTLS stream {r:6.1f} MB/s, ratio {a / r:.2f} "
-            f"(median of {uploads})",
+            f"(median of {uploads}); {phases(agg.log, uploads * streams)}",
             flush=True,
         )
         for ch in [*chans, *sink_chans]:

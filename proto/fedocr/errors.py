@@ -76,6 +76,8 @@ STATUS_TABLE: dict[str, str] = {
     "Draining": "UNAVAILABLE",
     "StorageUnavailable": "UNAVAILABLE",
     "WrongRole": "PERMISSION_DENIED",
+    # A foreign model (fingerprint or tensor lengths differ) is not a state to wait out: the edge
+    # holds another federation key or preset and must not retry, so PERMISSION_DENIED.
     "ModelMismatch": "PERMISSION_DENIED",
     "UnknownRole": "PERMISSION_DENIED",  # fedocr.tls: a certificate that names no known role
 }
