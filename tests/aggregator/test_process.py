@@ -211,3 +211,28 @@ def test_aggregator_never_imports_torch_or_recognizer(agg_pki, tmp_path: Path) -
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def rss_mib(pid: int) -> float:
+    """Current resident set of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_server_rss_flat_with_many_uploads(agg_pki, tmp_path: Path, procs) -> None:
+    values = 1_000_000  # a 4 MB model
+    proc = Proc(agg_pki, tmp_path / "state", "--quorum", "100", "--min-edges", "1")
+    procs.append(proc)
+    rng = np.random.default_rng(3)
+    increment = [rng.normal(size=values).astype(np.float32)]
+    seen = []
+    for k in range(12):
+        client = Client(proc.port, agg_pki.ca, *agg_pki.pair(f"edge-{k}"))
+        round_id = client.join([values]).round_id
+        client.upload(round_id, increment, samples=1)
+        client.close()
+        seen.append(rss_mib(proc.popen.pid))
+    # after warm-up, eight more uploads (2.5x the edges) add less than one model's size
+    assert seen[-1] - seen[3] < values * 4 / 2**20, seen
