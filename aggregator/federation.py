@@ -293,6 +293,8 @@ class Federation:
                 record.edge(edge_id).bytes.add(moved)
                 if record is self._round:
                     self._save_record()
+                else:
+                    self._store.save_history(record)
 
     def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage]) -> Receipt:
         """Stage, verify, then add one increment into the running sum; durable before returning."""

@@ -146,6 +146,11 @@ class Store:
         with self._env.begin(write=True) as txn:
             txn.put(KEY_ROUND, record.to_json())
 
+    def save_history(self, record: RoundRecord) -> None:
+        """Rewrite a finished round's record (downloads of the final state are counted there)."""
+        with self._env.begin(write=True) as txn:
+            txn.put(history_key(record.round_id), record.to_json())
+
     def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
         """Persist the running sum, its weight (in the record) and the committed edges together."""
         self.prepare_upload(record, total)()

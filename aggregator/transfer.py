@@ -38,14 +38,19 @@ class StateStream:
     on_done: Callable[[Bytes], None] | None = field(default=None)
 
     def messages(self) -> Iterator[pb.StateChunk]:
-        """Yield the StateChunk stream; reports the bytes moved once the last message was taken."""
+        """Yield the StateChunk stream; reports the bytes moved just before the last message."""
+        if self.encoded is None:
+            self._done(Bytes())
+            yield pb.StateChunk(header=self.header)
+            return
         yield pb.StateChunk(header=self.header)
-        moved = Bytes()
-        if self.encoded is not None:
-            for chunk in self.encoded.chunks:
-                yield pb.StateChunk(chunk=chunk)
-            yield pb.StateChunk(trailer=self.encoded.trailer)
-            moved = Bytes(raw_down=self.encoded.raw_bytes, wire_down=self.encoded.wire_bytes)
+        for chunk in self.encoded.chunks:
+            yield pb.StateChunk(chunk=chunk)
+        # counted before the last message leaves, so a status read after the download sees it
+        self._done(Bytes(raw_down=self.encoded.raw_bytes, wire_down=self.encoded.wire_bytes))
+        yield pb.StateChunk(trailer=self.encoded.trailer)
+
+    def _done(self, moved: Bytes) -> None:
         if self.on_done is not None:
             self.on_done(moved)
 

@@ -48,6 +48,19 @@ def run_rounds(serve, connect, weighting: str, rounds: int = 3, edges: int = 3) 
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert clients[0].join(LENGTHS).action == pb.JoinResponse.ACTION_FINISHED
     assert clients[0].get_round().state == pb.ROUND_STATE_FINISHED
+    # byte accounting: 32 raw bytes per upload and per download; the final download counts in the last round
+    listing = connect(running, "ops").list_rounds()
+    raw = 4 * sum(LENGTHS)
+    assert listing.total_bytes.raw_up == rounds * edges * raw
+    assert listing.total_bytes.raw_down == (rounds * edges + 1) * raw
+    assert listing.total_bytes.wire_up > 0 and listing.total_bytes.wire_down > 0
+    first = listing.rounds[0]
+    assert first.bytes.raw_up == edges * raw and len(first.edges) == edges
+    assert all(e.bytes.raw_up == raw and e.bytes.raw_down == raw and e.uploaded for e in first.edges)
+    assert (
+        listing.state_version == rounds + 1
+        and [r.state for r in listing.rounds] == [pb.ROUND_STATE_CLOSED] * rounds
+    )
 
 
 @pytest.mark.parametrize("weighting", ["samples", "uniform"])
