@@ -18,7 +18,7 @@ import numpy as np
 from aggregator import fedavg
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
-from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, TrainingPlan
+from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, new_round
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream
 from aggregator.upload import read_header, stage
@@ -29,7 +29,6 @@ from fedocr.errors import (
     ModelMismatch,
     NotReady,
     RoundClosed,
-    TooLarge,
     UnknownRound,
 )
 from fedocr.v1 import federation_pb2 as pb
@@ -174,20 +173,8 @@ class Federation:
         return self.manifest is not None and self._round is None
 
     def _new_round(self, index: int, now: float, version: int) -> RoundRecord:
-        c = self.config
         last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
-        plan = TrainingPlan(c.local_epochs, c.learning_rate_for(index), c.batch_size)
-        return RoundRecord(
-            round_id=last + 1,
-            round_index=index,
-            total_rounds=c.total_rounds,
-            quorum=c.quorum,
-            min_edges=c.min_edges,
-            opened_at=now,
-            deadline=now + c.deadline_s,
-            state_version=version,
-            plan=plan,
-        )
+        return new_round(self.config, last + 1, index, now, version)
 
     def _aggregate(self, now: float) -> None:
         """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically."""
@@ -246,22 +233,9 @@ class Federation:
 
     def _match_or_init(self, manifest: Manifest) -> None:
         if self.manifest is not None:
-            if manifest.fingerprint != self.manifest.fingerprint:
-                raise ModelMismatch(
-                    "manifest fingerprint differs from the federation's: this edge's federation key or "
-                    "model preset is not the one the other edges use"
-                )
-            if manifest.tensors != self.manifest.tensors:
-                raise ModelMismatch(
-                    f"manifest tensors {manifest.tensors[:4]} differ from the federation's "
-                    f"{self.manifest.tensors[:4]} under the same fingerprint"
-                )
+            self.manifest.check_same(manifest)
             return
-        ids = [i for i, _ in manifest.tensors]
-        if not manifest.tensors or not manifest.fingerprint or len(set(ids)) != len(ids):
-            raise ModelMismatch("the first manifest must list unique tensor ids and carry a fingerprint")
-        if manifest.size > MAX_MODEL_VALUES or min(manifest.lengths) < 1:
-            raise TooLarge(f"manifest of {manifest.size} values; tensors must hold 1..{MAX_MODEL_VALUES}")
+        manifest.check_first(MAX_MODEL_VALUES)
         now = self._clock()
         self.manifest, self.state_version = manifest, 1
         self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0

@@ -8,9 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedocr.errors import DuplicateUpload, RoundClosed, UnknownRound
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
 
 OPEN, AGGREGATING, CLOSED, FAILED, FINISHED = "OPEN", "AGGREGATING", "CLOSED", "FAILED", "FINISHED"
 BYTE_FIELDS = ("raw_up", "wire_up", "raw_down", "wire_down")
@@ -159,6 +162,21 @@ class RoundRecord:
         doc["plan"] = TrainingPlan(**doc["plan"])
         doc["edges"] = {k: EdgeRecord(**{**e, "bytes": Bytes(**e["bytes"])}) for k, e in doc["edges"].items()}
         return cls(**doc)
+
+
+def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, version: int) -> RoundRecord:
+    """A fresh OPEN round with the config's quorum, deadline and this index's training plan."""
+    return RoundRecord(
+        round_id=round_id,
+        round_index=index,
+        total_rounds=config.total_rounds,
+        quorum=config.quorum,
+        min_edges=config.min_edges,
+        opened_at=now,
+        deadline=now + config.deadline_s,
+        state_version=version,
+        plan=TrainingPlan(config.local_epochs, config.learning_rate_for(index), config.batch_size),
+    )
 
 
 def total_bytes(records: list[RoundRecord]) -> Bytes:

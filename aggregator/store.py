@@ -18,6 +18,7 @@ import lmdb
 import numpy as np
 
 from aggregator.rounds import RoundRecord
+from fedocr.errors import ModelMismatch, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,27 @@ class Manifest:
     def size(self) -> int:
         """Total number of values."""
         return sum(self.lengths)
+
+    def check_first(self, max_values: int) -> None:
+        """Raise unless this manifest can define the federation's model."""
+        ids = [i for i, _ in self.tensors]
+        if not self.tensors or not self.fingerprint or len(set(ids)) != len(ids):
+            raise ModelMismatch("the first manifest must list unique tensor ids and carry a fingerprint")
+        if self.size > max_values or min(self.lengths) < 1:
+            raise TooLarge(f"manifest of {self.size} values; tensors must hold 1..{max_values} in all")
+
+    def check_same(self, other: Manifest) -> None:
+        """Raise ModelMismatch unless `other` (a later edge's manifest) is this model."""
+        if other.fingerprint != self.fingerprint:
+            raise ModelMismatch(
+                "manifest fingerprint differs from the federation's: this edge's federation key or "
+                "model preset is not the one the other edges use"
+            )
+        if other.tensors != self.tensors:
+            raise ModelMismatch(
+                f"manifest tensors {other.tensors[:4]} differ from the federation's "
+                f"{self.tensors[:4]} under the same fingerprint"
+            )
 
     def to_json(self) -> bytes:
         """Serialise to JSON."""
