@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recognizer.charset import EOS, NUM_CLASSES, PAD, START
+
+
+class _StepWeights(NamedTuple):
+    """The decoder step's weights for one forward (see AttentionDecoder._weights)."""
+
+    emb: Tensor  # [3H, E]
+    emb_bias: Tensor  # [3H]
+    ctx: Tensor  # [3H, D]
+    state: Tensor  # [A + 3H, H]
+    state_bias: Tensor  # [A + 3H]
+    score: Tensor  # [1, A]
+    score_bias: Tensor  # [1]
 
 
 class AttentionDecoder(nn.Module):
@@ -35,15 +49,51 @@ class AttentionDecoder(nn.Module):
         self.embedding.reset_parameters()
         self.gru.reset_parameters()
 
-    def _step(self, feats: Tensor, feats_proj: Tensor, state: Tensor, emb: Tensor) -> Tensor:
-        """One decoder step.
+    def _weights(self) -> _StepWeights:
+        """This forward's step weights, gathered once (hashed layers) and cast once (autocast).
 
-        feats [N, L, D], feats_proj [N, L, A] (x_embed of feats), state [N, H], emb [N, E]. Returns [N, H].
+        The state feeds both the next attention query and the GRU's hidden gates, so s_embed and
+        the GRU's hidden weights are stacked into one matmul per step; the embedding half of the
+        GRU's input weights is split off so teacher forcing projects all steps in one matmul.
         """
-        scores = self.w_embed(torch.tanh(feats_proj + self.s_embed(state).unsqueeze(1))).squeeze(2)  # [N, L]
-        alpha = torch.softmax(scores, dim=1)
+        e = self.embedding.embedding_dim
+        w_ih = self.gru.weight_ih  # [3H, E + D]
+        weights = _StepWeights(
+            emb=w_ih[:, :e],
+            emb_bias=self.gru.bias_ih,
+            ctx=w_ih[:, e:],
+            state=torch.cat([self.s_embed.weight, self.gru.weight_hh], 0),  # [A + 3H, H]
+            state_bias=torch.cat([self.s_embed.bias, self.gru.bias_hh], 0),
+            score=self.w_embed.weight,
+            score_bias=self.w_embed.bias,
+        )
+        device = w_ih.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast caches its casts of leaf parameters only; gathered (hashed) weights would be
+            # cast again at every step.
+            dtype = torch.get_autocast_dtype(device)
+            weights = _StepWeights(*(w.to(dtype) for w in weights))
+        return weights
+
+    def _step(
+        self, w: _StepWeights, feats: Tensor, feats_proj: Tensor, state: Tensor, emb_proj: Tensor
+    ) -> Tensor:
+        """One decoder step: attend with the previous state, then a GRU cell update (nn.GRUCell's maths).
+
+        feats [N, L, D], feats_proj [N, L, A] (x_embed of feats), state [N, H],
+        emb_proj [N, 3H] (the previous symbol's embedding through the GRU's input weights). Returns [N, H].
+        """
+        h = self.hidden
+        query, gh = F.linear(state, w.state, w.state_bias).split([w.state.shape[0] - 3 * h, 3 * h], 1)
+        scores = F.linear(torch.tanh(feats_proj + query.unsqueeze(1)), w.score, w.score_bias)  # [N, L, 1]
+        alpha = torch.softmax(scores.squeeze(2), dim=1)
         context = torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # [N, D]
-        return self.gru(torch.cat([emb, context], 1), state)
+        gi = torch.addmm(emb_proj, context, w.ctx.t())  # [N, 3H]
+        gi_rz, gi_n = gi.split([2 * h, h], 1)
+        gh_rz, gh_n = gh.split([2 * h, h], 1)
+        r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, 1)
+        n = torch.tanh(gi_n + r * gh_n)
+        return n + z * (state - n)  # (1 - z) * n + z * state
 
     def forward(self, feats: Tensor, targets: Tensor) -> Tensor:
         """Teacher-forced logits.
@@ -52,14 +102,15 @@ class AttentionDecoder(nn.Module):
         Returns [B, T, NUM_CLASSES] float; step t is predicted from START, targets[:, :t].
         """
         b, t = targets.shape
+        w = self._weights()
         prev = torch.cat([targets.new_full((b, 1), START), targets[:, :-1]], 1)  # [B, T]
-        emb = self.embedding(prev)  # [B, T, E]
+        emb_proj = F.linear(self.embedding(prev), w.emb, w.emb_bias)  # [B, T, 3H]
         # The sequence projection does not depend on the step: compute it once per forward.
         feats_proj = self.x_embed(feats)
         state = feats.new_zeros(b, self.hidden)
         states = []
         for i in range(t):
-            state = self._step(feats, feats_proj, state, emb[:, i])
+            state = self._step(w, feats, feats_proj, state, emb_proj[:, i])
             states.append(state)
         return self.fc(torch.stack(states, 1))  # [B, T, H] -> [B, T, C]
 
@@ -75,6 +126,7 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         b, n_seq, d = feats.shape
         k = beam_width
+        w = self._weights()
         feats_proj = self.x_embed(feats)
         feats = feats.repeat_interleave(k, 0)  # [B*K, L, D]
         feats_proj = feats_proj.repeat_interleave(k, 0)
@@ -89,7 +141,8 @@ class AttentionDecoder(nn.Module):
         eos_only = torch.full((NUM_CLASSES,), float("-inf"), device=feats.device)
         eos_only[EOS] = 0.0
         for step in range(max_len):
-            state = self._step(feats, feats_proj, state, self.embedding(prev))
+            emb_proj = F.linear(self.embedding(prev), w.emb, w.emb_bias)
+            state = self._step(w, feats, feats_proj, state, emb_proj)
             logp = F.log_softmax(self.fc(state).float(), dim=1).view(b, k, NUM_CLASSES)
             logp[..., PAD] = float("-inf")
             logp = torch.where(finished.unsqueeze(2), eos_only, logp)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from recognizer import hashing
-from recognizer.charset import EOS, MAX_SEQ_LEN, NUM_CLASSES, PAD
+from recognizer.charset import EOS, MAX_SEQ_LEN, NUM_CLASSES, PAD, START
+from recognizer.decoder import AttentionDecoder
 from recognizer.model import PRESETS, build_model, count_params, model_info
 from recognizer.tps import TPSGrid, _ctrl_points
 
@@ -183,3 +185,21 @@ def test_tiny_loss_falls_on_a_fixed_batch():
         losses.append(loss.item())
 
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_fused_decoder_step_matches_the_reference_cell():
+    torch.manual_seed(0)
+    dec = AttentionDecoder(in_dim=8, hidden=6, attention=5, embedding=4)
+    dec.reset_parameters()
+    nn.init.normal_(dec.s_embed.weight)  # the default init is too small to test the attention path
+    nn.init.normal_(dec.w_embed.weight)
+    feats, state, prev = torch.randn(3, 7, 8), torch.randn(3, 6), torch.tensor([0, START, 96])
+
+    w = dec._weights()
+    ours = dec._step(w, feats, dec.x_embed(feats), state, F.linear(dec.embedding(prev), w.emb, w.emb_bias))
+
+    # aster.pytorch's DecoderUnit, written with the modules themselves.
+    scores = dec.w_embed(torch.tanh(dec.x_embed(feats) + dec.s_embed(state).unsqueeze(1))).squeeze(2)
+    context = torch.bmm(torch.softmax(scores, 1).unsqueeze(1), feats).squeeze(1)
+    ref = dec.gru(torch.cat([dec.embedding(prev), context], 1), state)
+    torch.testing.assert_close(ours, ref)
