@@ -56,7 +56,10 @@ class AggregatorConfig:
     batch_size: int = 64
     zstd_level: int = 3
     max_chunk_bytes: int = 2 << 20  # decoded bytes per upload chunk (fedocr.tensors.MAX_CHUNK_RAW_BYTES)
-    chunk_elements: int = 1 << 18  # float32 values per downloaded chunk (1 MiB)
+    # float32 values per downloaded chunk (256 KiB): gRPC keeps, per connection, buffers about the
+    # size of the largest message it carried (measured ~0.8 MiB/connection at 1 MiB chunks, ~0.35
+    # at 256 KiB), so small chunks keep memory flat with hundreds of edges.
+    chunk_elements: int = 1 << 16
     max_concurrent_uploads: int = 2  # each staged upload holds one model copy in memory
     upload_wait_s: float = 60.0  # an upload beyond the bound waits this long, then RESOURCE_EXHAUSTED
     join_wait_max_s: float = 30.0  # cap on a Join long-poll

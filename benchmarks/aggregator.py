@@ -29,6 +29,9 @@ from fedocr.v1 import federation_pb2_grpc as pb_grpc
 FINGERPRINT = b"\x5a" * 32
 SINK_METHOD = "/bench.Sink/Upload"
 MB = 1e6
+# Upload chunk size (values): 256 KiB messages. gRPC keeps, per connection, buffers about the size
+# of the largest message it carried, so edges should not send 1 MiB chunks (--chunk-kib).
+CHUNK_ELEMS = 1 << 16
 
 
 def sink_main(pki_dir: Path) -> None:
@@ -142,7 +145,7 @@ def channel(pki_dir: Path, port: int, name: str) -> grpc.Channel:
 
 def encode(values: np.ndarray, compression: int) -> tuple[list[pb.TensorChunk], pb.Trailer, int]:
     """Chunks, trailer and wire bytes of one increment, encoded once and reused by every upload."""
-    enc = tensors.ChunkEncoder([values], pb.ENCODING_FLOAT32, compression, level=1)
+    enc = tensors.ChunkEncoder([values], pb.ENCODING_FLOAT32, compression, level=1, chunk_elems=CHUNK_ELEMS)
     chunks = list(enc.chunks())
     return chunks, enc.trailer(), enc.wire_bytes
 
@@ -275,8 +278,11 @@ def main() -> int:
     parser.add_argument("--values", type=int, default=3_400_000, help="floats per increment")
     parser.add_argument("--edges", default="10,50,200")
     parser.add_argument("--uploads", type=int, default=6)
+    parser.add_argument("--chunk-kib", type=int, default=256, help="upload chunk size")
     parser.add_argument("--sink", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CHUNK_ELEMS
+    CHUNK_ELEMS = args.chunk_kib * 1024 // 4
     if args.sink:
         sink_main(args.sink)
         return 0
@@ -289,7 +295,11 @@ def main() -> int:
         for k in range(max(counts + [(args.uploads + 2) * 4])):
             pki.issue(pki_dir, pki.ROLE_EDGE, f"edge-{k}")
         values = np.random.default_rng(0).normal(0, 1e-3, args.values).astype(np.float32)
-        print(f"increment: {args.values} float32 ({values.nbytes / MB:.1f} MB); 127.0.0.1, mTLS", flush=True)
+        print(
+            f"increment: {args.values} float32 ({values.nbytes / MB:.1f} MB) in {args.chunk_kib} KiB chunks; "
+            "127.0.0.1, mTLS",
+            flush=True,
+        )
         for streams in (1, 4):
             ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_NONE, streams)
         ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_ZSTD, 4)
