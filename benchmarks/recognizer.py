@@ -25,7 +25,6 @@ from pathlib import Path
 # Run as a script from the repository root: make the project importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BIG = ("aster-fl", "fedocr")
 GAMMAS = (None, 1.0, 0.25, 0.125)
 
 
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    p.add_argument("--batch", type=int, default=None, help="default: 64, and 16 for aster-fl and fedocr")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=MAX_SEQ_LEN, help="decoder steps (default: the maximum)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     for preset in args.presets:
-        batch = args.batch or (16 if preset in BIG else 64)
+        batch = args.batch
         res = _in_child(measure_speed, preset, batch, args.seq_len, args.rounds, args.threads, args.bf16)
         res["peak_rss_mib_gamma_0.25"] = _in_child(measure_rss, preset, batch, args.seq_len, args.threads)
         if args.json:

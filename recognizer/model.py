@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,8 +211,3 @@ def model_info(preset: str, gamma: float | None) -> dict:
         "state_bytes": 4 * sum(state_lengths(model)),  # float32, BN buffers included
         "layers": layers,
     }
-
-
-def config_dict(config: ModelConfig) -> dict:
-    """The config as plain JSON-able values."""
-    return dataclasses.asdict(config)
