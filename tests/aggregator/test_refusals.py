@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -150,3 +153,27 @@ def test_plaintext_and_foreign_ca_refused(fed, connect, agg_pki, test_pki) -> No
     finally:
         foreign.close()
     check_unchanged_then_close(running, connect, r)
+
+
+def test_upload_bound_waits_then_refuses(serve, connect) -> None:
+    running = serve(quorum=3, min_edges=3, max_concurrent_uploads=1, upload_wait_s=0.3)
+    a, b = connect(running, "edge-0"), connect(running, "edge-1")
+    r = a.join(LENGTHS).round_id
+    b.join(LENGTHS)
+    messages = upload_messages(r, ones(), chunk_elems=3)
+    started, release = threading.Event(), threading.Event()
+
+    def stalled():
+        yield from messages[:2]
+        started.set()
+        release.wait(10)
+        yield from messages[2:]
+
+    holder = threading.Thread(target=lambda: a.send(stalled()))
+    holder.start()
+    assert started.wait(5)
+    time.sleep(0.2)
+    assert code_of(b.upload, r, ones()) == C.RESOURCE_EXHAUSTED  # waited 0.3 s for the one slot
+    release.set()
+    holder.join(10)
+    assert b.upload(r, ones()).committed_edges == 2  # the slot is free again
