@@ -28,6 +28,10 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A chunk's payload must fit one gRPC message (the server allows 4 MiB) with room for framing.
+MAX_MESSAGE_PAYLOAD = 3 << 20
+
+
 class ConfigError(ValueError):
     """The configuration is inconsistent or names an unknown key."""
 
@@ -78,6 +82,12 @@ class AggregatorConfig:
             raise ConfigError("lr_decay_rounds and lr_decay_factors must have the same length")
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError("zstd_level must be within 1..22")
+        if not 4096 <= self.max_chunk_bytes <= MAX_MESSAGE_PAYLOAD:
+            raise ConfigError(
+                f"max_chunk_bytes must be within 4096..{MAX_MESSAGE_PAYLOAD} (gRPC message limit)"
+            )
+        if not 1 <= self.chunk_elements <= MAX_MESSAGE_PAYLOAD // 4:
+            raise ConfigError(f"chunk_elements must be within 1..{MAX_MESSAGE_PAYLOAD // 4}")
         if self.max_concurrent_uploads < 1 or self.deadline_s <= 0:
             raise ConfigError("max_concurrent_uploads must be >= 1 and deadline_s > 0")
 
