@@ -9,6 +9,7 @@ import stat
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedocr import pki, tls
 
 

@@ -6,6 +6,7 @@ import random
 
 import grpc
 import pytest
+
 from fedocr.retry import RetryEvent, RetryInvoker, RetryPolicy, status_code
 
 C = grpc.StatusCode

@@ -7,11 +7,12 @@ import hashlib
 import numpy as np
 import pytest
 import zstandard
-from fedocr import tensors as T
-from fedocr.v1 import federation_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from fedocr import tensors as T
+from fedocr.v1 import federation_pb2 as pb
 
 NONE, ZSTD = pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD
 
