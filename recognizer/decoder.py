@@ -124,7 +124,7 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        b, n_seq, d = feats.shape
+        b = feats.shape[0]
         k = beam_width
         w = self._weights()
         feats_proj = self.x_embed(feats)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recognizer import hashing
+from recognizer.blocks import channel_shuffle
 from recognizer.charset import EOS, MAX_SEQ_LEN, NUM_CLASSES, PAD, START
 from recognizer.decoder import AttentionDecoder
 from recognizer.model import PRESETS, build_model, count_params, model_info
@@ -203,3 +204,23 @@ def test_fused_decoder_step_matches_the_reference_cell():
     context = torch.bmm(torch.softmax(scores, 1).unsqueeze(1), feats).squeeze(1)
     ref = dec.gru(torch.cat([dec.embedding(prev), context], 1), state)
     torch.testing.assert_close(ours, ref)
+
+
+def test_channel_shuffle_interleaves_the_two_halves():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+
+    out = channel_shuffle(x, 2)
+
+    assert out.flatten().tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+
+
+def test_bf16_autocast_forward_keeps_the_tps_grid_in_float32():
+    model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
+    images, targets = _images(2), _targets(2, 5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grid = model.rectifier.grid(torch.rand(2, 20, 2))
+        logits = model(images, targets)
+
+    assert grid.dtype == torch.float32
+    assert logits.shape == (2, 5, NUM_CLASSES) and torch.isfinite(logits.float()).all()
