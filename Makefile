@@ -4,7 +4,6 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
-PROTOS  := $(wildcard proto/fedocr/v1/*.proto)
 
 .PHONY: install test lint proto run-aggregator clean
 
@@ -24,7 +23,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
 
 # Regenerate the gRPC stubs from proto/fedocr/v1/*.proto (committed; a test checks for drift).
 proto: install
