@@ -116,9 +116,15 @@ def load_image_file(path: Path, input_hw: tuple[int, int] = (64, 256)) -> torch.
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Stack samples into ``(images [B, 3, H, W] float32, targets [B, T] int64, labels)``."""
+    """Stack samples into ``(images [B, 3, H, W] float32, targets [B, T] int64, labels)``.
+
+    T is the batch's longest label plus EOS, not max_len: the decoder runs one step per position,
+    so padding columns that every row ignores would only cost time.
+    """
     images, targets, labels = zip(*samples, strict=True)
-    return torch.stack(images), torch.stack(targets), list(labels)
+    stacked = torch.stack(targets)  # [B, max_len]
+    used = int((stacked != charset.PAD).sum(1).max())
+    return torch.stack(images), stacked[:, :used], list(labels)
 
 
 def make_loader(

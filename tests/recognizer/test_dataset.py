@@ -60,7 +60,10 @@ def test_loader_batches(words):
     batches = list(loader)
 
     images, targets, labels = batches[0]
-    assert len(batches) == 3 and images.shape == (2, 3, 64, 256) and targets.shape == (2, 26)
+    # Targets are cut to the batch's longest label plus EOS: "hello" + EOS.
+    assert len(batches) == 3 and images.shape == (2, 3, 64, 256) and targets.shape == (2, 6)
+    assert targets[0].tolist() == charset.encode("Ab1") + [charset.PAD] * 2
+    assert targets[1, -1] == charset.EOS
     assert labels == ["Ab1", "hello"] and batches[-1][2] == ["end."]
     assert len(list(make_loader(words, batch_size=2, shuffle=False, drop_last=True))) == 2
 
