@@ -6,6 +6,7 @@ import io
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from recognizer.dataset import make_loader
@@ -18,6 +19,7 @@ WORDS = ("cat", "dog", "sun", "tree", "bird", "fish", "road", "door", "lamp", "b
          "wind", "star", "moon", "fire", "ship", "gold", "rose", "king", "bell", "leaf", "snow", "wolf")
 
 
+@pytest.mark.timeout(900)  # about 450 steps; a minute or two on two idle cores
 def test_tiny_hashed_model_overfits_two_dozen_words(tmp_path: Path) -> None:
     rng = random.Random(0)
     with LmdbWriter(tmp_path / "words") as writer:
