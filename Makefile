@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator clean
+.PHONY: install test lint proto run-aggregator bench clean
 
 install: $(STAMP)
 

@@ -1,7 +1,7 @@
 """Aggregator figures (not a test): upload ingest rate against a raw grpcio mTLS stream, and the
 aggregator's peak RSS with 10, 50 and 200 edges uploading one increment each in one round.
 
-    .venv/bin/python benchmarks/aggregator.py [--values 3400000] [--edges 10,50,200] [--uploads 6]
+    .venv/bin/python -m benchmarks.aggregator [--values 3400000] [--edges 10,50,200] [--uploads 6]
 
 Everything runs on 127.0.0.1 with a throwaway PKI made by fedocr.pki. The aggregator and the raw
 sink each run in their own process; this process is the client.

@@ -1,6 +1,6 @@
 """Train-step speed and memory of the recognizer presets: hashed vs unhashed, float32 vs bf16 autocast.
 
-Run: .venv/bin/python benchmarks/recognizer.py [--presets fedocr-tiny fedocr-small] [--bf16] [--json]
+Run: .venv/bin/python -m benchmarks.model_speed [--presets fedocr-tiny fedocr-small] [--bf16] [--json]
 
 Each preset is measured in its own spawned process. Within it every variant (unhashed, gamma 1, 1/4,
 1/8, and with --bf16 the same under CPU bf16 autocast) is built and trained side by side, one step
@@ -20,10 +20,6 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
-
-# Run as a script from the repository root: make the project importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GAMMAS = (None, 1.0, 0.25, 0.125)
 
