@@ -1,6 +1,7 @@
 """Measured figures for the data path: rendering images/s per style, and WordDataset read+decode images/s.
 
-Run from the repository root: .venv/bin/python -m benchmarks.synth [--per-style 500] [--read 4000] [--workers 0 2]
+Run from the repository root:
+    .venv/bin/python -m benchmarks.synth [--per-style 500] [--read 4000] [--workers 0 2]
 """
 
 from __future__ import annotations
