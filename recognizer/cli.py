@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recognizer.keys import generate_key, load_key
     from recognizer.model import build_model
     from recognizer.model_io import save_model
-    from recognizer.train import evaluate, lr_at, make_optimizer, set_lr, train_epoch
+    from recognizer.train import DEFAULT_LR, evaluate, lr_at, make_optimizer, set_lr, train_epoch
 
     torch.set_num_threads(args.threads)
     key_path = Path(args.key) if args.key else Path(args.out).with_suffix(".key")
@@ -77,11 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = make_loader(Path(args.val), args.batch_size, shuffle=False) if args.val else None
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
     model = build_model(args.preset, key, args.gamma)
-    optimizer = make_optimizer(model, args.lr)
+    base_lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    optimizer = make_optimizer(model, base_lr, args.optimizer)
     history = []
     started = time.perf_counter()
     for epoch in range(args.epochs):
-        set_lr(optimizer, lr_at(epoch, args.lr, args.decay_epochs))
+        set_lr(optimizer, lr_at(epoch, base_lr, args.decay_epochs))
         stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=args.bf16)
         row = {"epoch": epoch + 1, "loss": round(stats.loss, 4),
                "images_per_s": round(stats.images_per_second, 1)}
@@ -183,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--key", help="federation key file (default: OUT with .key; created when missing)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=("adadelta", "adam"), default="adadelta",
+                   help="adadelta as in the paper (default) or adam")
+    p.add_argument("--lr", type=float, help="base learning rate (default: 1.0 adadelta, 0.001 adam)")
     p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
     p.add_argument("--val", help="an LMDB evaluated after each epoch")

@@ -1,0 +1,32 @@
+"""Optimizer choice, learning-rate decay and the sequence loss of the training loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from recognizer import charset
+from recognizer.train import lr_at, make_optimizer, sequence_loss
+
+
+def test_optimizers_by_name() -> None:
+    model = nn.Linear(2, 2)
+    assert isinstance(make_optimizer(model, 1.0), torch.optim.Adadelta)
+    adam = make_optimizer(model, 1e-3, "adam")
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="adadelta, adam"):
+        make_optimizer(model, 1.0, "sgd")
+
+
+def test_lr_decays_tenfold_at_each_point() -> None:
+    assert [lr_at(step, 1.0, [5, 30]) for step in (0, 4, 5, 29, 30, 40)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    )
+
+
+def test_sequence_loss_ignores_padding() -> None:
+    targets = torch.tensor([[3, charset.EOS, charset.PAD]])
+    logits = torch.zeros(1, 3, charset.NUM_CLASSES)
+    logits[0, 2, 0] = 100.0  # a confident wrong guess at the padded position must not count
+    assert sequence_loss(logits, targets).item() == pytest.approx(torch.log(torch.tensor(97.0)).item())
