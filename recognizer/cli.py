@@ -63,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recognizer.keys import generate_key, load_key
     from recognizer.model import build_model
     from recognizer.model_io import save_model
+    from recognizer.state import fingerprint
     from recognizer.train import DEFAULT_LR, evaluate, lr_at, make_optimizer, set_lr, train_epoch
 
     torch.set_num_threads(args.threads)
@@ -77,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = make_loader(Path(args.val), args.batch_size, shuffle=False) if args.val else None
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
     model = build_model(args.preset, key, args.gamma)
+    initial_fingerprint = fingerprint(model, key)  # of W_0, recorded in the model file
     base_lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = make_optimizer(model, base_lr, args.optimizer)
     history = []
@@ -91,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             row.update(val_accuracy=round(result.accuracy, 4), val_loss=round(result.loss, 4))
         history.append(row)
         log.info("epoch %s", row)
-    save_model(Path(args.out), model, key, args.preset)
+    save_model(Path(args.out), model, key, args.preset, initial_fingerprint)
     summary = {"model": args.out, "key": str(key_path), "seconds": round(time.perf_counter() - started, 1),
                "history": history}
     print(json.dumps(summary, indent=2))

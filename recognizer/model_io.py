@@ -22,16 +22,14 @@ class ModelFileError(ValueError):
     """A model file is missing, malformed, or belongs to another federation key."""
 
 
-def save_model(path: Path, model: Recognizer, key: bytes, preset: str) -> None:
-    """Write ``model``'s packed state and the settings that rebuild it to ``path`` (.npz)."""
+def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerprint: bytes) -> None:
+    """Write ``model``'s packed state and the settings that rebuild it to ``path`` (.npz).
+
+    ``fingerprint`` is ``state.fingerprint`` of the model as built (W_0), taken by the caller
+    before training so that saving never rebuilds the network.
+    """
     path = Path(path)
-    fresh = build_model(preset, key, model.gamma)
-    meta = {
-        "format": FORMAT,
-        "preset": preset,
-        "gamma": model.gamma,
-        "fingerprint": state.fingerprint(fresh, key).hex(),
-    }
+    meta = {"format": FORMAT, "preset": preset, "gamma": model.gamma, "fingerprint": fingerprint.hex()}
     packed = state.pack_state(state.export_state(model), key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

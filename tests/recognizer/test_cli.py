@@ -17,6 +17,7 @@ from recognizer.keys import generate_key, load_key
 from recognizer.lmdb_data import LmdbWriter
 from recognizer.model import build_model
 from recognizer.model_io import ModelFileError, load_model, save_model
+from recognizer.state import fingerprint
 from recognizer.synth import render_sample
 
 
@@ -81,10 +82,11 @@ def test_info_json_counts_scale_with_gamma(capsys) -> None:
 def test_saved_model_reloads_to_the_same_outputs(tmp_path: Path, words: Path) -> None:
     key = generate_key(tmp_path / "k.key")
     model = build_model("fedocr-tiny", key, 0.25)
+    initial = fingerprint(model, key)
     with torch.no_grad():  # move BN statistics and weights away from W_0
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny")
+    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny", initial)
     loaded, meta = load_model(tmp_path / "m.npz", key)
     images, targets, _ = next(iter(make_loader(words, 4, shuffle=False)))
     model.eval()
@@ -96,7 +98,7 @@ def test_wrong_key_is_refused_and_unverified_reads_garbage(tmp_path: Path, words
     key = generate_key(tmp_path / "right.key")
     other = generate_key(tmp_path / "other.key")
     model = build_model("fedocr-tiny", key, 0.5)
-    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny")
+    save_model(tmp_path / "m.npz", model, key, "fedocr-tiny", fingerprint(model, key))
     with pytest.raises(ModelFileError, match="another federation key"):
         load_model(tmp_path / "m.npz", other)
     garbage, _ = load_model(tmp_path / "m.npz", other, verify_key=False)
