@@ -20,6 +20,10 @@ REAL_SUFFIX = "_real"
 INDEX_SUFFIX = "_idx"
 # Layers that own no weights worth hashing; the paper leaves batch norm plain.
 _PLAIN_OK = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# A module with this attribute set to True keeps its plain weights: the paper hashes "nearly all"
+# parameters, and a layer whose initial values carry structure (the TPS head's identity frame)
+# would be scrambled by the random index map.
+EXEMPT_ATTR = "hash_exempt"
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ def _hash_parameter(module: nn.Module, qualname: str, pname: str, key: bytes, ga
 def hash_model(model: nn.Module, key: bytes, gamma: float) -> nn.Module:
     """Hash every Conv2d, Linear, Embedding, GRUCell, LSTM and GRU of ``model`` in place.
 
+    Modules marked with ``hash_exempt = True`` stay plain.
+
     Call it after the plain (key-seeded) initialization: the real vectors are taken from the
     current weights. Batch norm stays plain. Returns ``model``.
 
@@ -216,6 +222,8 @@ def hash_model(model: nn.Module, key: bytes, gamma: float) -> nn.Module:
     for qualname, module in list(model.named_modules()):
         if isinstance(module, _HashedMixin):
             raise ValueError(f"{qualname or 'model'}: already hashed")
+        if getattr(module, EXEMPT_ATTR, False):
+            continue
         cls = _hashed_class(type(module))
         if cls is None:
             own = [n for n, p in module.named_parameters(recurse=False)]

@@ -103,6 +103,9 @@ class LocalizationNet(nn.Module):
         self.fc1 = nn.Linear(widths[-1] * h * w, fc_dim)
         self.bn = nn.BatchNorm1d(fc_dim)
         self.fc2 = nn.Linear(fc_dim, num_points * 2)
+        # Its bias is the identity frame of control points; a hashed bias would be permuted by the
+        # index map and the rectifier would start from a scrambled warp that training never untangles.
+        self.fc2.hash_exempt = True
         self.num_points = num_points
 
     def reset_parameters(self, margin: float = 0.01) -> None:
