@@ -1,0 +1,283 @@
+"""The edge's loop: join, download, train local epochs, upload the increment, until the federation ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from edge_agent.client import FederationClient
+from edge_agent.local import LocalModel, Plan
+from edge_agent.report import Journal, Progress, megabytes
+from fedocr import retry
+from fedocr.v1 import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# An upload refused with these means the round moved on: log it and join the next one.
+ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+
+JOURNAL_FILE = "rounds.jsonl"
+FINAL_MODEL_FILE = "final.npz"
+
+
+class AgentError(RuntimeError):
+    """The federation refused this edge for good (wrong model, certificate or request)."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How the loop behaves (the model, data and endpoint are built by the caller)."""
+
+    work_dir: Path
+    final_model: Path
+    join_wait_s: int = 30
+    zstd_level: int = 3
+    val: Path | None = None  # a local held-out LMDB: the global model is scored on it each round
+
+
+class EdgeAgent:
+    """Runs one edge until the aggregator says the federation is finished.
+
+    The model the edge trains each round is ``W_0 + G`` of the round's global state G; the edge
+    keeps G in memory and downloads it only when the round's state version differs from the
+    one it holds.
+    """
+
+    def __init__(
+        self, local: LocalModel, client: FederationClient, settings: AgentSettings, progress: Progress
+    ) -> None:
+        self.local = local
+        self.client = client
+        self.settings = settings
+        self.progress = progress
+        self.journal = Journal(settings.work_dir / JOURNAL_FILE)
+        self.held_version = 0
+        self._global = np.zeros(local.length, dtype=np.float32)
+        self._waiting_after: int | None = None
+
+    def run(self) -> Path:
+        """Take part in rounds until the federation finishes; returns the final model's path.
+
+        Raises:
+            AgentError: the aggregator refused this edge for a reason a retry cannot fix.
+            grpc.RpcError: the aggregator stayed unreachable past the retry policy's patience.
+        """
+        while True:
+            reply = self._call(
+                self.client.join,
+                self.local.length,
+                self.local.fingerprint,
+                self.held_version,
+                self.settings.join_wait_s,
+            )
+            if reply.action == pb.JoinResponse.ACTION_FINISHED:
+                return self._finish(reply)
+            if reply.action == pb.JoinResponse.ACTION_TRAIN:
+                self._waiting_after = None
+                self._train_round(reply)
+            elif self._waiting_after != reply.round_id:
+                self._waiting_after = reply.round_id
+                self.progress.info(
+                    "round %s (%s): waiting for the next round", reply.round_id, _position(reply)
+                )
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        """Call the aggregator; a non-transient refusal becomes an AgentError with the server's reason."""
+        try:
+            return fn(*args)
+        except grpc.RpcError as exc:
+            code = retry.status_code(exc)
+            if code in (
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                raise AgentError(f"the aggregator refused this edge ({code.name}): {details}") from exc
+            raise
+
+    def _sync(self, version: int) -> dict[str, int]:
+        """Hold global state ``version`` (downloading it unless held) and load it into the model."""
+        moved = {"raw": 0, "wire": 0}
+        if version != self.held_version:
+            started = time.perf_counter()
+            download = self._call(self.client.download, self.held_version)
+            if download is not None:
+                self._global, self.held_version = download.vector, download.version
+                moved = {"raw": download.moved.raw, "wire": download.moved.wire}
+                self.progress.moved(down_raw=download.moved.raw, down_wire=download.moved.wire)
+                self.progress.info(
+                    "downloaded global state v%d: %s wire, %s raw, in %.1f s",
+                    download.version,
+                    megabytes(download.moved.wire),
+                    megabytes(download.moved.raw),
+                    time.perf_counter() - started,
+                )
+        self.local.apply_global(self._global)
+        return moved
+
+    def _score(self, version: int) -> dict[str, float] | None:
+        """The global model's held-out accuracy and loss, when a validation set was given."""
+        if self.settings.val is None:
+            return None
+        result = self.local.evaluate(self.settings.val)
+        self.progress.info(
+            "global state v%d on %s: accuracy %.1f%%, loss %.3f (%d words)",
+            version,
+            self.settings.val,
+            100 * result.accuracy,
+            result.loss,
+            result.samples,
+        )
+        return {"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples}
+
+    def _train_round(self, reply: pb.JoinResponse) -> None:
+        where = f"round {reply.round_id} ({_position(reply)})"
+        started = time.perf_counter()
+        down = self._sync(reply.state_version)
+        val = self._score(self.held_version)
+        plan = Plan(reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size)
+        steps = -(-self.local.samples // max(1, plan.batch_size))
+        record: dict[str, Any] = {
+            "event": "round",
+            "round_id": reply.round_id,
+            "round_index": reply.round_index,
+            "edge_id": reply.edge_id,
+            "state_version": self.held_version,
+            "samples": self.local.samples,
+            "plan": {
+                "local_epochs": plan.local_epochs,
+                "learning_rate": plan.learning_rate,
+                "batch_size": plan.batch_size,
+            },
+            "down": down,
+            "val": val,
+            "up": {"raw": 0, "wire": 0},
+            "epochs": [],
+        }
+        self.progress.info(
+            "%s: training %d epoch(s) at lr %g on %d words",
+            where,
+            plan.local_epochs,
+            plan.learning_rate,
+            self.local.samples,
+        )
+        try:
+            history = self.local.train_round(
+                plan,
+                on_epoch=lambda s: self.progress.info(
+                    "%s epoch %d/%d: loss %.3f, %.0f images/s, %.1f s",
+                    where,
+                    s.epoch + 1,
+                    plan.local_epochs,
+                    s.loss,
+                    s.images_per_second,
+                    s.seconds,
+                ),
+                on_batch=lambda e, step, loss: self.progress.batch(
+                    f"{where} epoch {e + 1}/{plan.local_epochs}", step, steps, loss
+                ),
+            )
+        except FloatingPointError as exc:
+            # A diverged model is never uploaded; the next round starts again from the global state.
+            log.error("%s: training diverged (%s); skipping this round", where, exc)
+            self.journal.write({**record, "status": "diverged", "error": str(exc)})
+            self._waiting_after = reply.round_id
+            return
+        record["epochs"] = [
+            {
+                "loss": round(s.loss, 5),
+                "images_per_s": round(s.images_per_second, 1),
+                "seconds": round(s.seconds, 2),
+            }
+            for s in history
+        ]
+        increment = self.local.increment()
+        try:
+            upload = self._call(
+                self.client.upload,
+                reply.round_id,
+                reply.edge_id,
+                increment,
+                self.local.samples,
+                self.local.fingerprint,
+                self.held_version,
+                self.settings.zstd_level,
+            )
+        except grpc.RpcError as exc:
+            if retry.status_code(exc) not in ROUND_GONE:
+                raise
+            log.warning("%s: upload refused as late (%s); waiting for the next round", where, exc.details())
+            self.journal.write(
+                {
+                    **record,
+                    "status": "late",
+                    "error": exc.details(),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            return
+        self.progress.moved(up_raw=upload.moved.raw, up_wire=upload.moved.wire)
+        record["up"] = {"raw": upload.moved.raw, "wire": upload.moved.wire}
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        receipt = upload.receipt
+        if receipt is None:
+            record["status"] = "duplicate"
+            counted = "already counted"
+        else:
+            record["status"] = "counted"
+            record["receipt"] = {
+                "round_id": receipt.round_id,
+                "edge_id": receipt.edge_id,
+                "raw_bytes": receipt.raw_bytes,
+                "wire_bytes": receipt.wire_bytes,
+                "committed_edges": receipt.committed_edges,
+                "sha256": receipt.sha256.hex(),
+            }
+            counted = f"{receipt.committed_edges} edge(s) counted so far"
+        self.journal.write(record)
+        self.progress.summary(
+            "%s: loss %.3f, %.0f images/s; up %s wire (%s raw), down %s wire; %s; %.1f s",
+            where,
+            history[-1].loss if history else float("nan"),
+            history[-1].images_per_second if history else 0.0,
+            megabytes(upload.moved.wire),
+            megabytes(upload.moved.raw),
+            megabytes(down["wire"]),
+            counted,
+            record["seconds"],
+        )
+
+    def _finish(self, reply: pb.JoinResponse) -> Path:
+        down = self._sync(reply.state_version)
+        path = self.settings.final_model
+        self.local.save(path)
+        val = self._score(self.held_version)
+        self.journal.write(
+            {
+                "event": "finished",
+                "state_version": self.held_version,
+                "down": down,
+                "val": val,
+                "model": str(path),
+            }
+        )
+        p = self.progress
+        p.summary(
+            "federation finished: global state v%d written to %s; this edge moved %s up and %s down (wire)",
+            self.held_version,
+            path,
+            megabytes(p.up_wire),
+            megabytes(p.down_wire),
+        )
+        return path
+
+
+def _position(reply: pb.JoinResponse) -> str:
+    return f"{reply.round_index + 1}/{reply.total_rounds}"

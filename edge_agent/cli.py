@@ -1,0 +1,186 @@
+"""The `edge_agent` command: take part in a federation, or make a federation key.
+
+edge_agent --shard DIR --server HOST:PORT --key federation.key --cert edge.pem --cert-key edge.key --ca ca.pem
+edge_agent keygen --out federation.key
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from recognizer.cli import parse_gamma
+from recognizer.train import OPTIMIZERS
+
+log = logging.getLogger("edge_agent")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge_agent",
+        description="FedOCR edge: trains the hashed recognizer on a local LMDB shard and uploads "
+        "increments to the aggregator over mutual TLS until the federation finishes. "
+        "`edge_agent keygen --out FILE` makes a federation key.",
+    )
+    p.add_argument("--shard", required=True, type=Path, help="the local LMDB of word images (never sent)")
+    p.add_argument("--server", required=True, help="aggregator address, host:port")
+    p.add_argument("--key", required=True, type=Path, help="federation key file (32 bytes; never sent)")
+    p.add_argument("--cert", required=True, type=Path, help="this edge's certificate (PEM, role edge)")
+    p.add_argument("--cert-key", required=True, type=Path, help="this edge's private key (PEM)")
+    p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
+    p.add_argument("--server-name", help="name to check in the aggregator's certificate (default: the host)")
+    p.add_argument("--preset", default="fedocr-tiny", help="model preset; every edge must use the same")
+    p.add_argument("--gamma", type=parse_gamma, default=1.0, help="hashing ratio: 1, 1/2, 1/4, 1/8 or none")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adadelta",
+        help="local optimizer (paper: adadelta); the round's learning rate comes from the aggregator",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("edge-work"),
+        help="where the journal (rounds.jsonl) and the final model go (default: ./edge-work)",
+    )
+    p.add_argument(
+        "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
+    )
+    p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    p.add_argument("--seed", type=int, default=0, help="local batch order")
+    p.add_argument("--join-wait", type=int, default=30, help="seconds one Join long-poll waits for work")
+    p.add_argument(
+        "--patience",
+        type=float,
+        default=3600.0,
+        help="seconds to keep retrying an unreachable aggregator before giving up",
+    )
+    p.add_argument("--zstd-level", type=int, default=3, help="compression level of uploads (1..22)")
+    p.add_argument("-q", "--quiet", action="store_true", help="one line per round")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _keygen_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge_agent keygen", description="Write a new random federation key (32 bytes, mode 0600)."
+    )
+    p.add_argument(
+        "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
+    )
+    p.add_argument("--out", required=True, type=Path, help="key file to create (never overwritten)")
+    return p
+
+
+def keygen(argv: Sequence[str]) -> int:
+    """`edge_agent keygen --out FILE`."""
+    from recognizer.keys import KeyFileError, generate_key
+
+    args = _keygen_parser().parse_args(argv)
+    try:
+        generate_key(args.out)
+    except (KeyFileError, OSError) as exc:
+        print(f"edge_agent keygen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"wrote a new federation key to {args.out}; copy it to every edge over a private channel, "
+        "never to the aggregator"
+    )
+    return EXIT_OK
+
+
+def run(argv: Sequence[str]) -> int:
+    """Take part in the federation until it finishes."""
+    args = _run_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    import grpc
+
+    from edge_agent.agent import FINAL_MODEL_FILE, AgentError, AgentSettings, EdgeAgent
+    from edge_agent.client import Endpoint, FederationClient
+    from edge_agent.local import LocalModel, set_threads
+    from edge_agent.report import Progress, megabytes
+    from fedocr import retry
+    from fedocr.tls import CredentialsError
+    from recognizer.keys import KeyFileError, load_key
+    from recognizer.lmdb_data import DatasetError
+
+    set_threads(args.threads)
+    progress = Progress(quiet=args.quiet)
+    try:
+        key = load_key(args.key)
+        local = LocalModel(
+            args.shard,
+            key,
+            args.preset,
+            args.gamma,
+            optimizer=args.optimizer,
+            workers=args.workers,
+            seed=args.seed,
+        )
+        endpoint = Endpoint(args.server, args.ca, args.cert, args.cert_key, args.server_name)
+        policy = retry.RetryPolicy(
+            base_delay=0.5, max_delay=30.0, max_attempts=None, max_elapsed=args.patience
+        )
+        client = FederationClient(endpoint, policy, on_retry=progress.retrying)
+    except (KeyFileError, DatasetError, CredentialsError, ValueError, OSError) as exc:
+        print(f"edge_agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress.summary(
+        "edge on %s (%d words): %s gamma %s, %d values (%s float32) per upload; aggregator %s",
+        args.shard,
+        local.samples,
+        args.preset,
+        args.gamma,
+        local.length,
+        megabytes(4 * local.length),
+        args.server,
+    )
+    settings = AgentSettings(
+        work_dir=args.work_dir,
+        final_model=args.out or args.work_dir / FINAL_MODEL_FILE,
+        join_wait_s=args.join_wait,
+        zstd_level=args.zstd_level,
+        val=args.val,
+    )
+    agent = EdgeAgent(local, client, settings, progress)
+    try:
+        agent.run()
+    except AgentError as exc:
+        print(f"edge_agent: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except grpc.RpcError as exc:
+        print(
+            f"edge_agent: giving up on {args.server} after {args.patience:.0f} s: "
+            f"{retry.status_code(exc)} {exc.details() if hasattr(exc, 'details') else exc}",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print("edge_agent: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "keygen":
+        return keygen(argv[1:])
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

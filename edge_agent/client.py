@@ -1,0 +1,195 @@
+"""The edge's side of fedocr.v1.Federation: join, download the global state, upload an increment.
+
+Every call retries transient failures (aggregator down or restarting) with capped exponential
+backoff and full jitter; anything else is raised as a grpc.RpcError for the agent to judge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedocr import retry, tensors, tls
+from fedocr.v1 import federation_pb2 as pb
+from fedocr.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# The single packed vector DESIGN.md asks for travels as tensor id 0.
+TENSOR_ID = 0
+# Upload chunks of 256 KiB decoded: well under the aggregator's per-chunk limit.
+UPLOAD_CHUNK_ELEMS = 65536
+RPC_TIMEOUT_S = 120.0
+# How often an ALREADY_EXISTS answer is checked against the round's record before giving up.
+DUPLICATE_CHECKS = 6
+
+
+class UploadUnconfirmed(RuntimeError):
+    """The aggregator keeps answering ALREADY_EXISTS but its round record never lists the upload."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Payload bytes of one download or upload, before (raw) and after (wire) compression."""
+
+    raw: int = 0
+    wire: int = 0
+
+
+@dataclass(frozen=True)
+class Download:
+    """A downloaded global state: its version, the flat vector, and the bytes it took."""
+
+    version: int
+    vector: np.ndarray
+    moved: Transfer
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload the aggregator acknowledged; ``receipt`` is None when it had already counted it."""
+
+    receipt: pb.UploadReceipt | None
+    moved: Transfer
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the aggregator is and the edge's mutual-TLS material."""
+
+    server: str
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str | None = None
+
+
+class FederationClient:
+    """One edge's channel to the aggregator, with retries on transient failures."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        policy: retry.RetryPolicy,
+        on_retry: Callable[[retry.RetryEvent], None] | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._channel = tls.secure_channel(
+            endpoint.server, endpoint.ca, endpoint.cert, endpoint.key, server_name=endpoint.server_name
+        )
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self._invoker = retry.RetryInvoker(policy, on_retry=on_retry)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def join(self, length: int, fingerprint: bytes, held_version: int, wait_s: int) -> pb.JoinResponse:
+        """Ask for work with the manifest of one packed vector of ``length`` values."""
+        request = pb.JoinRequest(
+            manifest=pb.Manifest(
+                tensors=[pb.TensorSpec(id=TENSOR_ID, length=length)], fingerprint=fingerprint
+            ),
+            held_state_version=held_version,
+            wait_seconds=wait_s,
+        )
+        return self._invoker.call(self._stub.Join, request, timeout=RPC_TIMEOUT_S + wait_s)
+
+    def download(self, held_version: int = 0) -> Download | None:
+        """The global state, or None when the aggregator says ``held_version`` is current."""
+        return self._invoker.call(self._download_once, held_version)
+
+    def _download_once(self, held_version: int) -> Download | None:
+        request = pb.DownloadStateRequest(held_state_version=held_version)
+        stream: Iterator[pb.StateChunk] = iter(self._stub.DownloadState(request, timeout=RPC_TIMEOUT_S))
+        header = next(stream).header
+        if header.unchanged:
+            return None
+        specs = list(header.tensors)
+        if [s.id for s in specs] != [TENSOR_ID]:
+            raise tensors.WireFormatError(
+                f"expected one packed tensor, the state has ids {[s.id for s in specs]}"
+            )
+        assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression)
+        for message in stream:
+            if message.WhichOneof("kind") == "chunk":
+                assembler.add(message.chunk)
+            elif message.WhichOneof("kind") == "trailer":
+                (vector,) = assembler.finish(message.trailer)
+                moved = Transfer(raw=assembler.raw_bytes, wire=assembler.wire_bytes)
+                return Download(int(header.state_version), np.asarray(vector, np.float32), moved)
+        raise tensors.WireFormatError("the state stream ended without a trailer")
+
+    def upload(
+        self,
+        round_id: int,
+        edge_id: str,
+        increment: np.ndarray,
+        samples: int,
+        fingerprint: bytes,
+        base_version: int,
+        zstd_level: int = 3,
+    ) -> Upload:
+        """Stream ``increment`` (float32, zstd) for ``round_id``.
+
+        ALREADY_EXISTS counts as acknowledged, with no receipt, once the round's record lists this
+        edge (a retry after the first attempt was counted but its receipt lost). Other refusals are
+        raised.
+        """
+        header = pb.UploadHeader(
+            round_id=round_id,
+            sample_count=samples,
+            fingerprint=fingerprint,
+            encoding=pb.ENCODING_FLOAT32,
+            compression=pb.COMPRESSION_ZSTD,
+            base_state_version=base_version,
+        )
+        encoder = tensors.ChunkEncoder(
+            [increment],
+            pb.ENCODING_FLOAT32,
+            pb.COMPRESSION_ZSTD,
+            level=zstd_level,
+            chunk_elems=UPLOAD_CHUNK_ELEMS,
+            ids=[TENSOR_ID],
+        )
+        chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
+        trailer = encoder.trailer()
+        moved = Transfer(raw=encoder.raw_bytes, wire=encoder.wire_bytes)
+
+        def messages() -> Iterator[pb.UploadMessage]:
+            yield pb.UploadMessage(header=header)
+            for chunk in chunks:
+                yield pb.UploadMessage(chunk=chunk)
+            yield pb.UploadMessage(trailer=trailer)
+
+        for attempt in range(DUPLICATE_CHECKS):
+            try:
+                receipt = self._invoker.call(
+                    lambda: self._stub.UploadIncrement(messages(), timeout=RPC_TIMEOUT_S)
+                )
+                return Upload(receipt, moved)
+            except grpc.RpcError as exc:
+                if retry.status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                # Either counted already (a retry whose first attempt's receipt was lost) or a
+                # first attempt still in progress on the server: only the round's record can tell.
+                if self.uploaded(round_id, edge_id):
+                    log.info("round %s: the aggregator had already counted this upload", round_id)
+                    return Upload(None, moved)
+                time.sleep(min(30.0, 2.0**attempt))
+        raise UploadUnconfirmed(
+            f"round {round_id}: the aggregator reports an upload in progress that never completes"
+        )
+
+    def uploaded(self, round_id: int, edge_id: str) -> bool:
+        """Whether round ``round_id``'s record lists ``edge_id`` as uploaded."""
+        status = self._invoker.call(
+            self._stub.GetRound, pb.GetRoundRequest(round_id=round_id), timeout=RPC_TIMEOUT_S
+        )
+        return any(e.edge_id == edge_id and e.uploaded for e in status.edges)

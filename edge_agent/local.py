@@ -1,0 +1,131 @@
+"""The edge's local model: W_0 from the key, the global state applied on top, local epochs, the increment.
+
+Everything here stays on the edge. The vectors it hands out (``length``, ``fingerprint`` and the
+increment) are in the keyed packed layout, which the aggregator can average but not decode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recognizer import state, train
+from recognizer.charset import MAX_SEQ_LEN
+from recognizer.dataset import check_vocabulary, make_loader
+from recognizer.lmdb_data import LmdbReader
+from recognizer.model import build_model
+from recognizer.model_io import save_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the aggregator asks of one round (the wire's TrainingPlan)."""
+
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+
+
+class LocalModel:
+    """The hashed recognizer of one edge and its private shard.
+
+    The edge's model is always ``W_0 + G``: W_0 comes from the federation key (the same on every
+    edge) and G is the global state the aggregator averages; ``increment()`` is ``W_local - W_0 - G``.
+    """
+
+    def __init__(
+        self,
+        shard: Path,
+        key: bytes,
+        preset: str,
+        gamma: float | None,
+        *,
+        optimizer: str = "adadelta",
+        workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        reader = LmdbReader(shard)  # a missing or corrupt shard fails here, naming the path
+        try:
+            self.samples = len(reader)
+            check_vocabulary(reader, MAX_SEQ_LEN)  # before joining, not after the first round
+        finally:
+            reader.close()
+        self.shard = shard
+        self.preset = preset
+        self._key = key
+        self.model = build_model(preset, key, gamma)
+        self.fingerprint = state.fingerprint(self.model, key)
+        self._w0 = state.pack_state(state.export_state(self.model), key)
+        self._lengths = state.state_lengths(self.model)
+        self._base = self._w0.copy()  # W_0 + G of the last global state applied
+        self._optimizer = train.make_optimizer(self.model, train.DEFAULT_LR[optimizer], optimizer)
+        self._workers = workers
+        self._seed = seed
+        self._rounds_trained = 0
+
+    @property
+    def length(self) -> int:
+        """Number of values in the packed state (the manifest's single length)."""
+        return int(self._w0.size)
+
+    def apply_global(self, global_state: np.ndarray) -> None:
+        """Set the model to ``W_0 + global_state`` (a packed vector from the aggregator)."""
+        if global_state.shape != self._w0.shape:
+            raise ValueError(f"global state has {global_state.size} values, this model has {self._w0.size}")
+        self._base = self._w0 + global_state
+        state.load_state(self.model, state.unpack_state(self._base, self._key, self._lengths))
+
+    def train_round(
+        self,
+        plan: Plan,
+        on_epoch: Callable[[train.EpochStats], None] | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> list[train.EpochStats]:
+        """Run ``plan.local_epochs`` epochs over the shard (Algorithm 1's ClientUpdate).
+
+        ``on_batch(epoch, step, loss)`` and ``on_epoch(stats)`` report progress.
+        """
+        train.set_lr(self._optimizer, plan.learning_rate)
+        loader = make_loader(
+            self.shard,
+            plan.batch_size,
+            shuffle=True,
+            workers=self._workers,
+            seed=self._seed + self._rounds_trained,
+            input_hw=self.model.config.input_hw,
+        )
+        history = []
+        for epoch in range(plan.local_epochs):
+            batch_cb = (lambda step, loss, e=epoch: on_batch(e, step, loss)) if on_batch else None
+            stats = train.train_epoch(self.model, loader, self._optimizer, epoch=epoch, on_batch=batch_cb)
+            history.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+        self._rounds_trained += 1
+        return history
+
+    def evaluate(self, data: Path, batch_size: int = 64, beam_width: int = 1) -> train.EvalResult:
+        """Word accuracy and loss of the model as it is now on a local held-out LMDB."""
+        loader = make_loader(data, batch_size, shuffle=False, input_hw=self.model.config.input_hw)
+        return train.evaluate(self.model, loader, beam_width=beam_width)
+
+    def increment(self) -> np.ndarray:
+        """``W_local - (W_0 + G)`` in the packed layout: what the edge uploads."""
+        local = state.pack_state(state.export_state(self.model), self._key)
+        return (local - self._base).astype(np.float32, copy=False)
+
+    def save(self, path: Path) -> None:
+        """Write the model as it is now (after apply_global: the global model) for `recognizer eval`."""
+        save_model(path, self.model, self._key, self.preset, self.fingerprint)
+
+
+def set_threads(threads: int) -> None:
+    """Limit torch's intra-op threads (several agents on one machine share its cores)."""
+    torch.set_num_threads(max(1, threads))
