@@ -1,0 +1,63 @@
+"""Edge-agent fixtures: small synthetic shards, a federation key, and the demo's process launcher."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from recognizer.keys import generate_key
+from recognizer.shard import split_dataset
+from recognizer.synth import render_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy"))  # demo.py: the launcher `make demo` uses (importlib mode)
+
+import demo  # noqa: E402
+
+TRAIN_WORDS = 480
+TEST_WORDS = 96
+
+
+@dataclass(frozen=True)
+class EdgeData:
+    """Two IID shards of clean synthetic words and a held-out test set of another seed."""
+
+    shards: list[Path]
+    test: Path
+
+
+@pytest.fixture(scope="session")
+def edge_data(tmp_path_factory: pytest.TempPathFactory) -> EdgeData:
+    """Rendered once per session (about a second)."""
+    root = tmp_path_factory.mktemp("edge-data")
+    render_dataset(root / "train", TRAIN_WORDS, seed=11, styles=["clean"])
+    render_dataset(root / "test", TEST_WORDS, seed=12, styles=["clean"])
+    shards = split_dataset(root / "train", 2, root / "shards", seed=11)
+    return EdgeData(shards=shards, test=root / "test")
+
+
+@pytest.fixture(scope="session")
+def federation_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation key file shared by the edges (never given to the aggregator)."""
+    path = tmp_path_factory.mktemp("key") / "federation.key"
+    generate_key(path)
+    return path
+
+
+@pytest.fixture
+def launch(test_pki, federation_key: Path, tmp_path: Path) -> Iterator:
+    """Factory: a demo.Federation (aggregator + edge processes) in tmp_path; stopped after the test."""
+    started: list[demo.Federation] = []
+
+    def _launch(settings: demo.Settings) -> demo.Federation:
+        fed = demo.Federation(tmp_path, test_pki.dir, federation_key, settings)
+        started.append(fed)
+        return fed
+
+    yield _launch
+    for fed in started:
+        fed.stop()

@@ -1,0 +1,148 @@
+"""The federation end to end: a real aggregator and real edge-agent processes over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import demo
+import numpy as np
+import pytest
+import torch
+
+from recognizer import state
+from recognizer.dataset import make_loader
+from recognizer.keys import load_key
+from recognizer.model import build_model
+from recognizer.model_io import load_model, model_from_packed, read_model_file
+from recognizer.train import evaluate
+
+PRESET, GAMMA = "fedocr-tiny", "1/2"
+pytestmark = pytest.mark.timeout(420)
+
+
+def journal(fed: demo.Federation, name: str) -> list[dict]:
+    path = fed.work / "edges" / name / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def uploaded(round_status: dict) -> set[str]:
+    return {e["edge_id"] for e in round_status.get("edges", []) if e.get("uploaded")}
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def log_says(fed: demo.Federation, name: str, text: str) -> bool:
+    log = fed.work / "edges" / name / "edge.log"
+    return log.exists() and text in log.read_text()
+
+
+def held_out(model, data: Path) -> tuple[float, float]:
+    """(loss, accuracy) on ``data``; a NaN loss (BN statistics scrambled) counts as infinite."""
+    torch.set_num_threads(2)
+    result = evaluate(model, make_loader(data, 48, shuffle=False), beam_width=1)
+    return (result.loss if math.isfinite(result.loss) else math.inf), result.accuracy
+
+
+def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
+    settings = demo.Settings(rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24)
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    for k, shard in enumerate(edge_data.shards):
+        fed.start_edge(f"edge-{k}", shard, val=edge_data.test)
+    fed.wait_edges(timeout_s=300)
+    history = demo.list_rounds(test_pki.dir, fed.port)
+    fed.stop()
+
+    # The rounds completed, each with both edges counted.
+    rounds = history["rounds"]
+    assert [r["round_index"] for r in rounds] == [0, 1]
+    assert all(r["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED") for r in rounds), rounds
+    assert all(uploaded(r) == {"edge-0", "edge-1"} for r in rounds)
+
+    # Every round's upload was acknowledged with a receipt, and the journals' bytes are the server's bytes.
+    records = {name: journal(fed, name) for name in ("edge-0", "edge-1")}
+    edge_totals = dict.fromkeys(("raw_up", "wire_up", "raw_down", "wire_down"), 0)
+    for name, recs in records.items():
+        counted = [r for r in recs if r["event"] == "round"]
+        assert [r["status"] for r in counted] == ["counted", "counted"], recs
+        assert all(r["receipt"]["edge_id"] == name and len(r["receipt"]["sha256"]) == 64 for r in counted)
+        for r in recs:
+            edge_totals["raw_up"] += r.get("up", {}).get("raw", 0)
+            edge_totals["wire_up"] += r.get("up", {}).get("wire", 0)
+            edge_totals["raw_down"] += r["down"]["raw"]
+            edge_totals["wire_down"] += r["down"]["wire"]
+    assert edge_totals == {k: int(v) for k, v in history["total_bytes"].items()}
+    assert edge_totals["raw_up"] > 0 and edge_totals["wire_down"] > 0
+
+    # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
+    first = records["edge-0"][0]["val"]
+    final = records["edge-0"][-1]
+    assert final["event"] == "finished"
+    assert final["val"]["loss"] < first["loss"] - 0.1, (first, final["val"])
+
+    # The aggregator's state directory and log hold neither the key nor any layer name.
+    key = load_key(federation_key)
+    names = {name for name, _ in state._state_entries(build_model(PRESET, key, 0.5))}
+    words = {p for n in names for p in n.split(".") if len(p) > 3 and not p.isdigit()} - {"weight", "bias"}
+    assert {"rectifier", "decoder", "weight_real", "running_var"} <= words
+    blobs = [p.read_bytes() for p in (fed.work / "aggregator").rglob("*") if p.is_file()]
+    assert blobs and any(len(b) > 100_000 for b in blobs)  # the LMDB state is there
+    for blob in blobs:
+        assert key not in blob and key.hex().encode() not in blob
+        assert not [w for w in words if w.encode() in blob]
+
+    # The same global state read with the right key beats it read with a wrong key by a wide margin.
+    final_model = fed.work / "edges" / "edge-0" / "final.npz"
+    right, meta = load_model(final_model, key)
+    _, packed = read_model_file(final_model)
+    wrong, _ = model_from_packed(meta["preset"], meta["gamma"], bytes(32), packed)
+    right_loss, right_acc = held_out(right, edge_data.test)
+    wrong_loss, wrong_acc = held_out(wrong, edge_data.test)
+    assert right_loss < 4.0 < wrong_loss, (right_loss, wrong_loss)
+    assert right_acc >= wrong_acc
+    # Both edges wrote the same final model.
+    other = read_model_file(fed.work / "edges" / "edge-1" / "final.npz")[1]
+    np.testing.assert_array_equal(packed, other)
+
+
+def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
+    settings = demo.Settings(
+        rounds=2, local_epochs=3, preset=PRESET, gamma=GAMMA, batch_size=24, quorum=2, min_edges=1,
+        deadline_s=25.0,
+    )
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    fed.start_edge("edge-0", edge_data.shards[0])
+    victim = fed.start_edge("edge-1", edge_data.shards[1])
+    wait_for(lambda: log_says(fed, "edge-1", "round 1 (1/2): training"), 120, "edge-1 to start training")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    def round_one_closed() -> dict | None:
+        rounds = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
+        return rounds[0] if rounds and rounds[0]["state"] != "ROUND_STATE_OPEN" else None
+
+    first = wait_for(round_one_closed, 90, "round 1 to close at its deadline", every=0.5)
+    assert first["state"] == "ROUND_STATE_CLOSED", first
+    assert uploaded(first) == {"edge-0"}
+
+    fed.start_edge("edge-1", edge_data.shards[1])  # restarted: it must take part in round 2
+    fed.wait_edges(timeout_s=200)
+    rounds = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
+    assert [uploaded(r) for r in rounds] == [{"edge-0"}, {"edge-0", "edge-1"}]
+    assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
+        int(rounds[1]["round_id"])
+    ]
