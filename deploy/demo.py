@@ -175,8 +175,11 @@ class Federation:
             list(cmd), stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
-    def start_aggregator(self, n_edges: int) -> int:
-        """Start the aggregator on an ephemeral 127.0.0.1 port; returns the port."""
+    def start_aggregator(self, n_edges: int, port: int = 0) -> int:
+        """Start the aggregator on 127.0.0.1:``port`` (0: an ephemeral port); returns the port.
+
+        A restart with the same state directory resumes the federation where it stood.
+        """
         s = self.settings
         pki = self.pki
         cmd = [
@@ -185,7 +188,7 @@ class Federation:
             "aggregator.cli",
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            f"127.0.0.1:{port}",
             "--state-dir",
             str(self.work / "aggregator" / "state"),
             "--cert",

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -146,3 +147,31 @@ def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data,
     assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
         int(rounds[1]["round_id"])
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_edges_wait_for_a_late_aggregator_and_ride_out_its_restart(launch, edge_data, test_pki) -> None:
+    settings = demo.Settings(rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24)
+    fed = launch(settings)
+    fed.port = free_port()
+    for k, shard in enumerate(edge_data.shards):  # no aggregator yet: the edges back off and retry
+        fed.start_edge(f"edge-{k}", shard)
+    for name in ("edge-0", "edge-1"):
+        wait_for(lambda n=name: log_says(fed, n, "aggregator unavailable"), 120, f"{name} to retry")
+    fed.start_aggregator(n_edges=2, port=fed.port)
+    wait_for(lambda: log_says(fed, "edge-0", "round 1 (1/2): training"), 120, "round 1 to start")
+    os.killpg(fed.aggregator.pid, signal.SIGKILL)  # mid-round, nothing graceful
+    fed.aggregator.wait()
+    time.sleep(1.0)
+    fed.start_aggregator(n_edges=2, port=fed.port)  # same state directory: the round resumes
+    fed.wait_edges(timeout_s=240)
+    rounds = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
+    assert [uploaded(r) for r in rounds] == [{"edge-0", "edge-1"}] * 2
+    for name in ("edge-0", "edge-1"):
+        statuses = [r["status"] for r in journal(fed, name) if r["event"] == "round"]
+        assert statuses.count("counted") + statuses.count("duplicate") == 2, statuses
