@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.federation import Federation
-from aggregator.servicer import FederationServicer
+from aggregator.servicer import FederationServicer, ParseRequests
 from aggregator.store import Store
 from fedocr import tls
 from fedocr.v1 import federation_pb2 as pb
@@ -91,6 +91,7 @@ def start(config: AggregatorConfig) -> Running:
     federation = Federation(config, store)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        interceptors=[ParseRequests()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

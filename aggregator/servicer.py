@@ -12,16 +12,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from aggregator import messages
 from aggregator.federation import Federation
 from fedocr import pki, tls
-from fedocr.errors import WrongRole, status_for
+from fedocr.errors import MalformedRequest, WrongRole, status_for
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["Federation"].full_name + "/"
 EDGE_ONLY = frozenset({pki.ROLE_EDGE})
 READERS = frozenset({pki.ROLE_EDGE, pki.ROLE_OBSERVER})
 
@@ -107,3 +109,51 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield from self._fed.download(caller, request.held_state_version).messages()
         except Exception as exc:  # noqa: BLE001 - every error goes through the table
             _abort(context, "DownloadState", exc)
+
+
+def _parsed(raw_messages: Iterator[bytes], parse: Callable[[bytes], Any]) -> Iterator[Any]:
+    """Parse a client stream message by message; a malformed one raises MalformedRequest."""
+    for k, raw in enumerate(raw_messages):
+        try:
+            yield parse(raw)
+        except DecodeError as exc:
+            raise MalformedRequest(f"stream message {k} is not a valid protobuf message: {exc}") from exc
+
+
+class ParseRequests(grpc.ServerInterceptor):
+    """Parse Federation requests inside the method, so malformed bytes get INVALID_ARGUMENT.
+
+    grpc parses a request before the method runs and answers INTERNAL ("Exception deserializing
+    request!") when that fails; here the handler takes raw bytes and parses them itself.
+    """
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        if not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        parse, serialize = handler.request_deserializer, handler.response_serializer
+        if handler.stream_unary is not None:
+            inner = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda raws, context: inner(_parsed(raws, parse), context), None, serialize
+            )
+        if handler.unary_unary is not None or handler.unary_stream is not None:
+
+            def parse_or_abort(raw: bytes, context: grpc.ServicerContext) -> Any:
+                try:
+                    return parse(raw)
+                except DecodeError as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid protobuf message: {exc}")
+
+            if handler.unary_unary is not None:
+                unary = handler.unary_unary
+                return grpc.unary_unary_rpc_method_handler(
+                    lambda raw, context: unary(parse_or_abort(raw, context), context), None, serialize
+                )
+            streaming = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda raw, context: streaming(parse_or_abort(raw, context), context), None, serialize
+            )
+        return handler
