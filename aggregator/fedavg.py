@@ -17,6 +17,8 @@ from fedocr.errors import MalformedRequest
 BLOCK = 1 << 16  # 64 Ki values: a 512 KiB float64 scratch stays in cache (2x faster than 1 Mi)
 
 WEIGHTINGS = ("samples", "uniform")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SAMPLES = 1 << 53  # sample counts above this are not exact as float64 weights
 
 
 def layout(lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -32,6 +34,10 @@ def layout(lengths: Sequence[int]) -> list[tuple[int, int]]:
 
 def weight_for(samples: int, weighting: str) -> float:
     """The FedAvg weight of one upload: its sample count, or 1 for the uniform mean."""
+    if samples > MAX_SAMPLES:
+        raise MalformedRequest(
+            f"sample_count {samples} is not a count (above 2**53; a negative number sent unsigned?)"
+        )
     if weighting == "uniform":
         return 1.0
     if weighting != "samples":
@@ -50,6 +56,35 @@ def check_increment(values: np.ndarray, expected_length: int) -> None:
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block))[0])
             raise MalformedRequest(f"increment holds a non-finite value (NaN or Inf) at element {bad}")
+
+
+def peak(arrays: Sequence[np.ndarray]) -> float:
+    """The largest magnitude in `arrays` (finite values), without a temporary copy."""
+    return max((max(float(a.max()), -float(a.min())) for a in arrays if a.size), default=0.0)
+
+
+def check_headroom(
+    state: np.ndarray, increments: Sequence[np.ndarray], peak: float, state_peak: float
+) -> None:
+    """Raise MalformedRequest unless state + increment stays within float32, element by element.
+
+    A weighted mean lies between its increments, so the aggregated state then stays finite too.
+    `peak` and `state_peak` are the largest magnitudes; the element pass runs only when they alone
+    cannot rule an overflow out.
+    """
+    if state_peak + peak <= FLOAT32_MAX:
+        return
+    offset = 0
+    for values in increments:
+        for start in range(0, values.size, BLOCK):
+            block = values[start : start + BLOCK].astype(np.float64)
+            block += state[offset + start : offset + start + block.size]
+            if np.abs(block).max() > FLOAT32_MAX:
+                at = offset + start + int(np.abs(block).argmax())
+                raise MalformedRequest(
+                    f"increment would take the global state beyond float32 at element {at}"
+                )
+        offset += values.size
 
 
 def accumulate(total: np.ndarray, increment: np.ndarray, weight: float) -> None:

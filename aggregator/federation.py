@@ -91,6 +91,7 @@ class Federation:
         self._round = snap.round
         self._history = snap.history
         self._total = snap.total
+        self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
         if self._round is not None:
@@ -320,6 +321,7 @@ class Federation:
             if r is None:
                 raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
             r.check_upload(edge_id, header.round_id)
+            fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
             for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
                 fedavg.accumulate(self._total[off : off + n], values, weight)
             moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
@@ -343,6 +345,12 @@ class Federation:
             return Receipt(
                 r.round_id, edge_id, staged.raw_bytes, staged.wire_bytes, committed, r.state, staged.sha256
             )
+
+    def _state_peak(self) -> float:
+        """The largest magnitude in the global state, computed once per state version."""
+        if self._peak[0] != self.state_version:
+            self._peak = (self.state_version, fedavg.peak([self._state]))
+        return self._peak[1]
 
     def _save_record(self) -> None:
         """Persist join/download notes, unless that would get ahead of the durable sum.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator import fedavg
 from fedocr import tensors
 from fedocr.errors import MalformedRequest
 from fedocr.v1 import federation_pb2 as pb
@@ -23,6 +24,7 @@ class Staged:
     raw_bytes: int
     wire_bytes: int
     sha256: bytes
+    peak: float  # the largest magnitude among the values
 
 
 def read_header(messages: Iterator[pb.UploadMessage]) -> pb.UploadHeader:
@@ -56,7 +58,8 @@ def stage(
             if next(messages, None) is not None:
                 raise MalformedRequest("upload stream continues after the trailer")
             tensors.check_finite(arrays, [i for i, _ in specs])
-            return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256)
+            peak = fedavg.peak(arrays)
+            return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, peak)
         else:
             raise MalformedRequest(f"unexpected {kind} after the header of an upload stream")
     raise MalformedRequest(
