@@ -18,7 +18,7 @@ import lmdb
 import numpy as np
 
 from aggregator.rounds import RoundRecord
-from fedocr.errors import ModelMismatch, TooLarge
+from fedocr.errors import MalformedRequest, ModelMismatch, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,12 @@ class Manifest:
     def check_first(self, max_values: int) -> None:
         """Raise unless this manifest can define the federation's model."""
         ids = [i for i, _ in self.tensors]
-        if not self.tensors or not self.fingerprint or len(set(ids)) != len(ids):
-            raise ModelMismatch("the first manifest must list unique tensor ids and carry a fingerprint")
-        if self.size > max_values or min(self.lengths) < 1:
-            raise TooLarge(f"manifest of {self.size} values; tensors must hold 1..{max_values} in all")
+        if not self.tensors or not self.fingerprint or len(set(ids)) != len(ids) or min(self.lengths) < 1:
+            raise MalformedRequest(
+                "the first manifest must list unique tensor ids of at least one value and carry a fingerprint"
+            )
+        if self.size > max_values:
+            raise TooLarge(f"manifest of {self.size} values; the aggregator holds at most {max_values}")
 
     def check_same(self, other: Manifest) -> None:
         """Raise ModelMismatch unless `other` (a later edge's manifest) is this model."""
