@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,15 @@ class AggregatorConfig:
             raise ConfigError(f"chunk_elements must be within 1..{MAX_MESSAGE_PAYLOAD // 4}")
         if self.max_concurrent_uploads < 1 or self.deadline_s <= 0:
             raise ConfigError("max_concurrent_uploads must be >= 1 and deadline_s > 0")
+        if self.max_workers < 1:
+            raise ConfigError(f"max_workers must be >= 1, got {self.max_workers}")
+        for name in ("deadline_s", "upload_wait_s", "join_wait_max_s", "learning_rate"):
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not all(math.isfinite(x) for x in self.lr_decay_factors):
+            raise ConfigError(f"lr_decay_factors must be finite, got {self.lr_decay_factors}")
+        if not isinstance(logging.getLevelNamesMapping().get(str(self.log_level).upper()), int):
+            raise ConfigError(f"log_level {self.log_level!r} is not a level (DEBUG, INFO, WARNING ...)")
 
     def learning_rate_for(self, round_index: int) -> float:
         """The lr of a 0-based round index: base lr times the factor of the last decay reached."""
@@ -105,7 +116,10 @@ class AggregatorConfig:
         values: dict[str, Any] = {}
         if path is not None:
             with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
+                try:
+                    doc = tomllib.load(fh)
+                except tomllib.TOMLDecodeError as exc:
+                    raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
             for section, table in doc.items():
                 if section not in SECTIONS or not isinstance(table, dict):
                     raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
@@ -113,35 +127,62 @@ class AggregatorConfig:
                     if key not in SECTIONS[section]:
                         raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
                     values[key] = value
+            values = _coerce(values, f"{path}: ")
             base = Path(path).resolve().parent
             for key in ("state_dir", "cert", "key", "ca"):  # relative paths are relative to the file
                 if key in values:
                     values[key] = base / values[key]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**_coerce(values))
+        values.update(_coerce({k: v for k, v in overrides.items() if v is not None}))
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
 
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """Convert TOML/CLI values to the dataclass's field types."""
+def _coerce(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check TOML/CLI values against the fields' types; ConfigError names the setting (and `where`)."""
     out: dict[str, Any] = {}
-    types = {f.name: f.type for f in dataclasses.fields(AggregatorConfig)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(AggregatorConfig)}
     for key, value in values.items():
         if key not in types:
-            raise ConfigError(f"unknown setting {key!r}")
-        kind = str(types[key])
-        if "Path" in kind:
-            out[key] = Path(value)
-        elif kind.startswith("tuple[int"):
-            out[key] = tuple(int(v) for v in value)
-        elif kind.startswith("tuple[float"):
-            out[key] = tuple(float(v) for v in value)
-        elif kind == "int":
-            out[key] = int(value)
-        elif kind == "float":
-            out[key] = float(value)
-        else:
-            out[key] = value
+            raise ConfigError(f"{where}unknown setting {key!r}")
+        kind = types[key]
+        try:
+            out[key] = _convert(kind, value)
+        except TypeError:
+            expected = next(text for prefix, text in _EXPECTED if kind.startswith(prefix))
+            raise ConfigError(f"{where}{key} = {value!r} is not {expected}") from None
     return out
+
+
+_EXPECTED = (
+    ("Path", "a path (string)"),
+    ("tuple[int", "a list of integers"),
+    ("tuple[float", "a list of numbers"),
+    ("int", "an integer"),
+    ("float", "a number"),
+    ("str", "a string"),
+)
+
+
+def _convert(kind: str, value: Any) -> Any:
+    """One value as field type `kind` ("int", "float", "str", "Path | None", "tuple[int, ...]" ...)."""
+    if "Path" in kind:
+        if not isinstance(value, str | Path):
+            raise TypeError(kind)
+        return Path(value)
+    if kind.startswith("tuple["):
+        if not isinstance(value, list | tuple):
+            raise TypeError(kind)
+        item = "int" if kind.startswith("tuple[int") else "float"
+        return tuple(_convert(item, v) for v in value)
+    if kind == "str" and not isinstance(value, str):
+        raise TypeError(kind)
+    if kind in ("int", "float"):  # a bool is an int to Python, never to an operator
+        if isinstance(value, bool) or not isinstance(value, int if kind == "int" else int | float):
+            raise TypeError(kind)
+        return int(value) if kind == "int" else float(value)
+    return value
 
 
 def field_names() -> list[str]:
