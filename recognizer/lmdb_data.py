@@ -151,8 +151,21 @@ class LmdbReader:
                 env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
             except lmdb.Error as exc:
                 raise DatasetError(f"{self.path}: cannot open as LMDB: {exc}") from exc
+            try:
+                self._check_size(env)
+            except BaseException:
+                env.close()
+                raise
             _ENVS[self._key_path] = (os.getpid(), env)
         return env
+
+    def _check_size(self, env: lmdb.Environment) -> None:
+        """Refuse a data file shorter than its last page: reading a page past the end of the
+        mapped file would kill the process (SIGBUS) instead of raising."""
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = (self.path / DATA_FILE).stat().st_size
+        if size < needed:
+            raise DatasetError(f"{self.path}: {DATA_FILE} is truncated ({size} bytes of {needed})")
 
     def _read_count(self) -> int:
         raw = self._get(NUM_SAMPLES_KEY)
@@ -167,8 +180,11 @@ class LmdbReader:
         return count
 
     def _get(self, key: bytes) -> bytes | None:
-        with self._open().begin(write=False, buffers=False) as txn:
-            return txn.get(key)
+        try:
+            with self._open().begin(write=False, buffers=False) as txn:
+                return txn.get(key)
+        except lmdb.Error as exc:
+            raise DatasetError(f"{self.path}: corrupt LMDB reading key {key.decode()!r}: {exc}") from exc
 
     def close(self) -> None:
         """Close this process's environment for the path (any reader of it reopens on its next read)."""
@@ -187,8 +203,11 @@ class LmdbReader:
     def get_raw(self, index: int) -> tuple[bytes, str, str | None]:
         """Encoded image bytes, label and style (None when absent) of sample ``index``."""
         ikey, lkey, skey = (self._key(p, index) for p in (IMAGE_KEY, LABEL_KEY, STYLE_KEY))
-        with self._open().begin(write=False, buffers=False) as txn:
-            image, label, style = txn.get(ikey), txn.get(lkey), txn.get(skey)
+        try:
+            with self._open().begin(write=False, buffers=False) as txn:
+                image, label, style = txn.get(ikey), txn.get(lkey), txn.get(skey)
+        except lmdb.Error as exc:
+            raise DatasetError(f"{self.path}: corrupt LMDB reading sample {index}: {exc}") from exc
         for key, value in ((ikey, image), (lkey, label)):
             if value is None:
                 raise DatasetError(f"{self.path}: key {key.decode()!r} missing")
