@@ -47,8 +47,17 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray]:
             packed = np.asarray(npz["state"], dtype=np.float32)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"{path}: not a FedOCR model file ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: unknown model format {meta.get('format')!r}, expected {FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelFileError(f"{path}: unknown model format {found!r}, expected {FORMAT}")
+    gamma = meta.get("gamma", "")
+    if (
+        not isinstance(meta.get("preset"), str)
+        or not isinstance(meta.get("fingerprint"), str)
+        or not (gamma is None or (isinstance(gamma, int | float) and 0 < gamma <= 1))
+        or packed.ndim != 1
+    ):
+        raise ModelFileError(f"{path}: malformed model file (preset, gamma, fingerprint or state)")
     return meta, packed
 
 
@@ -77,7 +86,10 @@ def load_model(path: Path, key: bytes, *, verify_key: bool = True) -> tuple[Reco
     loads anyway and the network reads garbage, which is the point of the keyed hashing.
     """
     meta, packed = read_model_file(path)
-    model, fingerprint = model_from_packed(meta["preset"], meta["gamma"], key, packed)
+    try:
+        model, fingerprint = model_from_packed(meta["preset"], meta["gamma"], key, packed)
+    except ValueError as exc:  # an unknown preset, a state of the wrong size: name the file
+        raise ModelFileError(f"{path}: {exc}") from exc
     if verify_key and fingerprint.hex() != meta["fingerprint"]:
         raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
     model.eval()
