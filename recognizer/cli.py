@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from fractions import Fraction
@@ -60,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from recognizer.dataset import make_loader
-    from recognizer.keys import generate_key, load_key
+    from recognizer.keys import KEY_BYTES, load_key, write_key
     from recognizer.model import build_model
     from recognizer.model_io import save_model
     from recognizer.state import fingerprint
@@ -68,13 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     key_path = Path(args.key) if args.key else Path(args.out).with_suffix(".key")
-    if key_path.exists():
-        key = load_key(key_path)
-    else:
-        key = generate_key(key_path)
-        log.info("created federation key %s", key_path)
+    new_key = not key_path.exists()  # a new key is written beside the model, never before it
+    key = os.urandom(KEY_BYTES) if new_key else load_key(key_path)
     loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
-                         workers=args.workers, seed=args.seed)
+                         workers=args.workers, seed=args.seed, check_labels=True)
     val = make_loader(Path(args.val), args.batch_size, shuffle=False) if args.val else None
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
     model = build_model(args.preset, key, args.gamma)
@@ -93,6 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             row.update(val_accuracy=round(result.accuracy, 4), val_loss=round(result.loss, 4))
         history.append(row)
         log.info("epoch %s", row)
+    if new_key:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        write_key(key_path, key)
+        log.info("created federation key %s", key_path)
     save_model(Path(args.out), model, key, args.preset, initial_fingerprint)
     summary = {"model": args.out, "key": str(key_path), "seconds": round(time.perf_counter() - started, 1),
                "history": history}

@@ -17,8 +17,14 @@ class KeyFileError(ValueError):
 
 def generate_key(path: Path) -> bytes:
     """Write 32 fresh random bytes to ``path`` (mode 0600, never overwriting) and return them."""
+    return write_key(path, os.urandom(KEY_BYTES))
+
+
+def write_key(path: Path, key: bytes) -> bytes:
+    """Write ``key`` to a new file ``path`` (mode 0600, never overwriting) and return it."""
     path = Path(path)
-    key = os.urandom(KEY_BYTES)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"federation key must be {KEY_BYTES} bytes, got {len(key)}")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
