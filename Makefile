@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator bench clean
+.PHONY: install test lint proto run-aggregator demo bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The whole federation on this machine: data, PKI, key, one aggregator and 3 edge agents as
+# processes over mutual TLS (deploy/demo.py). Its files stay in $(DEMO_DIR).
+DEMO_DIR ?= runs/demo
+demo: install
+	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
 
 lint: install
 	$(BIN)/ruff check .
