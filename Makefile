@@ -34,6 +34,13 @@ lint: install
 proto: install
 	$(BIN)/python -m fedocr.protogen
 
+# Measured figures, not tests (README "Measured results"); each prints a table.
+bench: install
+	$(BIN)/python -m benchmarks.model_speed
+	$(BIN)/python -m benchmarks.synth
+	$(BIN)/python -m benchmarks.aggregator
+	$(BIN)/python -m benchmarks.load
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
