@@ -116,12 +116,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, make_loader(Path(args.data), args.batch_size, shuffle=False),
                       beam_width=args.beam)
     report = {"model": args.model, "data": args.data, "preset": meta["preset"], "gamma": meta["gamma"],
-              "accuracy": result.accuracy, "loss": result.loss, "samples": result.samples}
+              "accuracy": result.accuracy, "char_accuracy": result.char_accuracy, "loss": result.loss,
+              "samples": result.samples}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.data}: accuracy {100 * result.accuracy:.2f}% on {result.samples} words "
-              f"(loss {result.loss:.3f}, {meta['preset']}, gamma {meta['gamma']})")
+        print(f"{args.data}: accuracy {100 * result.accuracy:.2f}% on {result.samples} words, "
+              f"1-NED {result.char_accuracy:.3f} (loss {result.loss:.3f}, {meta['preset']}, "
+              f"gamma {meta['gamma']})")
     return 0
 
 

@@ -37,13 +37,14 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Word accuracy (case-insensitive, alphanumerics, as in the paper) and teacher-forced loss."""
+    """Word accuracy (case-insensitive, alphanumerics, as in the paper), 1-N.E.D. and teacher-forced loss."""
 
     accuracy: float
     loss: float
     samples: int
     predictions: list[str]
     labels: list[str]
+    char_accuracy: float = 0.0  # 1 - normalized edit distance: partial credit
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,7 @@ def evaluate(
         labels.extend(batch_labels)
     return EvalResult(
         accuracy=metrics.word_accuracy(predictions, labels) if labels else 0.0,
+        char_accuracy=metrics.char_accuracy(predictions, labels) if labels else 0.0,
         loss=loss_sum / max(seen, 1),
         samples=seen,
         predictions=predictions,

@@ -30,3 +30,14 @@ def test_word_accuracy_errors():
         word_accuracy(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no samples"):
         word_accuracy([], [])
+
+
+def test_edit_distance_and_char_accuracy():
+    from recognizer.metrics import char_accuracy, edit_distance
+
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3 and edit_distance("abc", "abc") == 0
+    # "Hello" vs "hallo": one substitution in five; "" vs "": perfect; "x" vs "abcd": nothing right.
+    assert char_accuracy(["Hello", "", "x"], ["hallo", "!", "abcd"]) == pytest.approx((0.8 + 1.0 + 0.0) / 3)
+    with pytest.raises(ValueError):
+        char_accuracy([], [])
