@@ -7,10 +7,12 @@ list move together in one transaction: after a crash either all of it is there o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import lmdb
 import numpy as np
 
 from aggregator.rounds import RoundRecord
-from fedocr.errors import MalformedRequest, ModelMismatch, TooLarge
+from fedocr.errors import MalformedRequest, ModelMismatch, StorageUnavailable, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ LOCK_FILE = "aggregator.lock"
 STATE_DTYPE = np.dtype("<f4")
 SUM_DTYPE = np.dtype("<f8")
 DEFAULT_MAP_SIZE = 1 << 38  # address space only; the file grows with what is written
+# LMDB's reader table (lock.mdb) is written through a shared mapping of a file it only truncates
+# to size: on a full disk the first store to an unallocated page is a SIGBUS, not an error.
+# Allocating it beforehand turns that into ENOSPC (LMDB uses a larger file as it is: 8 KiB needed).
+LMDB_LOCK_FILE = "lock.mdb"
+LMDB_LOCK_BYTES = 64 << 10
 
 
 class StateLocked(RuntimeError):
@@ -122,20 +129,53 @@ class Store:
         except BlockingIOError:
             self._lock.close()
             raise StateLocked(f"{state_dir} is in use by another aggregator process") from None
-        self._env = lmdb.open(str(state_dir), map_size=map_size, sync=True, metasync=True, max_dbs=0)
-        with self._env.begin(write=True) as txn:
-            found = txn.get(KEY_FORMAT)
-            if found is None:
-                txn.put(KEY_FORMAT, FORMAT_VERSION)
-            elif found != FORMAT_VERSION:
-                raise RuntimeError(f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}")
+        try:
+            _allocate(state_dir / LMDB_LOCK_FILE, LMDB_LOCK_BYTES)
+            self._env = lmdb.open(str(state_dir), map_size=map_size, sync=True, metasync=True, max_dbs=0)
+        except (OSError, lmdb.Error) as exc:
+            self._release()
+            raise self._unwritable("cannot open", exc) from exc
+        try:
+            with self._write() as txn:
+                found = txn.get(KEY_FORMAT)
+                if found is None:
+                    txn.put(KEY_FORMAT, FORMAT_VERSION)
+                elif found != FORMAT_VERSION:
+                    raise RuntimeError(
+                        f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}"
+                    )
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Close the environment and release the directory."""
         self._env.close()
+        self._release()
+
+    def _release(self) -> None:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+    def _unwritable(self, what: str, exc: BaseException) -> StorageUnavailable:
+        """The error for a failed open or write: names the directory, the cause and the free space."""
+        try:
+            st = os.statvfs(self.path)
+            free = f"; {st.f_bavail * st.f_frsize} bytes free there"
+        except OSError:
+            free = ""
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return StorageUnavailable(f"{what} the aggregator state in {self.path}: {cause}{free}")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction, committed on exit; LMDB errors become StorageUnavailable."""
+        try:
+            with self._env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as exc:
+            raise self._unwritable("cannot write", exc) from exc
 
     def load(self) -> Snapshot:
         """Read the durable state (copies out of the map, so nothing stays pinned)."""
@@ -158,7 +198,7 @@ class Store:
 
     def init_model(self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord) -> None:
         """Record the federation's manifest, its zero global state and the first round, at once."""
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.put(KEY_MANIFEST, manifest.to_json())
             txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
@@ -167,12 +207,12 @@ class Store:
 
     def save_round(self, record: RoundRecord) -> None:
         """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.put(KEY_ROUND, record.to_json())
 
     def save_history(self, record: RoundRecord) -> None:
         """Rewrite a finished round's record (downloads of the final state are counted there)."""
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.put(history_key(record.round_id), record.to_json())
 
     def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
@@ -184,19 +224,26 @@ class Store:
 
         Group commit: the copy happens under the caller's lock, the returned commit without it.
         """
-        txn = self._env.begin(write=True)
+        try:
+            txn = self._env.begin(write=True)
+        except lmdb.Error as exc:
+            raise self._unwritable("cannot write", exc) from exc
         try:
             txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
             txn.put(KEY_ROUND, record.to_json())
-        except BaseException:
+        except BaseException as exc:
             txn.abort()
+            if isinstance(exc, lmdb.Error):
+                raise self._unwritable("cannot write", exc) from exc
             raise
 
         def commit() -> None:
             try:
                 txn.commit()
-            except BaseException:
+            except BaseException as exc:
                 txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise self._unwritable("cannot write", exc) from exc
                 raise
 
         return commit
@@ -205,7 +252,7 @@ class Store:
         self, done: RoundRecord, state: np.ndarray | None, version: int, following: RoundRecord | None
     ) -> None:
         """Move a closed/failed round to the history, store the new state, open the next round."""
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.put(history_key(done.round_id), done.to_json())
             if state is not None:
                 txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
@@ -215,6 +262,15 @@ class Store:
                 txn.put(KEY_ROUND, following.to_json())
             else:
                 txn.delete(KEY_ROUND)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """Make sure the first `size` bytes of `path` have disk blocks (ENOSPC now, not SIGBUS later)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def _bytes(array: np.ndarray, dtype: np.dtype) -> memoryview:
