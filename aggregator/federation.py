@@ -29,6 +29,7 @@ from fedocr.errors import (
     ModelMismatch,
     NotReady,
     RoundClosed,
+    StorageUnavailable,
     UnknownRound,
 )
 from fedocr.v1 import federation_pb2 as pb
@@ -164,8 +165,10 @@ class Federation:
         """Persist a round's end; on failure go back to what the disk holds."""
         try:
             self._store.finish_round(r, state, version, following)
-        except Exception:
+        except Exception as exc:
             self._load()
+            # uploads applied to the sum in memory but not yet written are gone with it
+            self._commits.drop_pending(str(exc) or type(exc).__name__)
             raise
 
     @property
@@ -266,10 +269,13 @@ class Federation:
             record = self._round or (self._history[-1] if self._history else None)
             if record is not None:
                 record.edge(edge_id).bytes.add(moved)
-                if record is self._round:
-                    self._save_record()
-                else:
-                    self._store.save_history(record)
+                try:  # a note on the bytes sent; a full disk must not fail the download itself
+                    if record is self._round:
+                        self._save_record()
+                    else:
+                        self._store.save_history(record)
+                except StorageUnavailable as exc:
+                    logger.warning("download by %s not recorded on disk: %s", edge_id, exc)
 
     def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage]) -> Receipt:
         """Stage, verify, then add one increment into the running sum; durable before returning."""

@@ -43,6 +43,7 @@ class GroupCommitter:
         self.durable = 0
         self.flushing = False
         self._lost_upto = 0
+        self._lost_reason = ""
 
     @property
     def idle(self) -> bool:
@@ -59,6 +60,14 @@ class GroupCommitter:
         self.durable = self.applied
         self._cond.notify_all()
 
+    def drop_pending(self, reason: str) -> None:
+        """The in-memory state went back to what the disk holds: uploads applied since the last
+        durable write are not in it any more, so their waiters get CommitLost, never a receipt."""
+        if self.applied > self.durable:
+            self._lost_upto, self._lost_reason = self.applied, reason
+            self.durable = self.applied
+            self._cond.notify_all()
+
     def wait_durable(self, seq: int) -> None:
         """Block (lock released while waiting) until upload `seq` is durable; raise CommitLost."""
         while self.durable < seq:
@@ -67,12 +76,14 @@ class GroupCommitter:
             else:
                 self._flush()
         if seq <= self._lost_upto:
-            raise CommitLost("the aggregator could not write its state to disk; upload again")
+            raise CommitLost(
+                f"the aggregator could not write its state to disk ({self._lost_reason}); upload again"
+            )
 
     def _flush(self) -> None:
         self.flushing = True
         target = self.applied
-        ok = False
+        ok, reason = False, ""
         try:
             commit = self._prepare()
             self._cond.release()  # the fsync runs unlocked: others keep applying
@@ -81,9 +92,13 @@ class GroupCommitter:
                 ok = True
             finally:
                 self._cond.acquire()
-        except Exception:
-            logger.exception(
-                "durable write of %s upload(s) failed; rolling back to disk", target - self.durable
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            logger.error(
+                "durable write of %s upload(s) failed; rolling back to disk: %s",
+                target - self.durable,
+                reason,
+                exc_info=not isinstance(exc, StorageUnavailable),  # a full disk needs no traceback
             )
         finally:
             self.flushing = False
@@ -92,7 +107,7 @@ class GroupCommitter:
                 self.durable = max(self.durable, target)
                 self._after()
             else:
-                self._lost_upto = self.applied
+                self._lost_upto, self._lost_reason = self.applied, reason
                 self.durable = self.applied
                 self._rollback()
         finally:
