@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator demo bench clean
+.PHONY: install test lint proto run-aggregator demo bench soak clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test: install
 DEMO_DIR ?= runs/demo
 demo: install
 	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
+
+# The aggregator SIGKILLed at random points of rounds, SOAK_KILLS times (the test suite does 20),
+# restarted each time on the same port and state; SOAK_SEED picks the kill timing.
+SOAK_KILLS ?= 200
+SOAK_SEED  ?= 20261122
+soak: install
+	FEDOCR_CRASH_KILLS=$(SOAK_KILLS) FEDOCR_CRASH_SEED=$(SOAK_SEED) $(BIN)/pytest -q -s \
+		tests/faults/test_crashes.py -k killed_at_random
 
 lint: install
 	$(BIN)/ruff check .
