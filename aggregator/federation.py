@@ -75,6 +75,8 @@ class Federation:
         self._cond = threading.Condition(threading.RLock())
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._in_flight: set[str] = set()
+        self._polling = 0  # Joins waiting in a long-poll, each holding an RPC thread
+        self._pool_warned: int | None = None  # the round the thread-pool warning was logged for
         self._draining = False
         self._ticker: threading.Thread | None = None
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
@@ -233,7 +235,31 @@ class Federation:
                 remaining = until - self._clock()
                 if remaining <= 0 or self._draining:
                     return JoinResult("WAIT", edge_id, copy.deepcopy(r), self.state_version)
-                self._cond.wait(min(remaining, TICK_S * 5))
+                self._polling += 1
+                try:
+                    self._warn_if_polls_hold_pool(r.round_id)
+                    self._cond.wait(min(remaining, TICK_S * 5))
+                finally:
+                    self._polling -= 1
+
+    def _warn_if_polls_hold_pool(self, round_id: int) -> None:
+        """Log once per round when long-polling Joins leave fewer RPC threads than upload slots.
+
+        Uploads then queue in the server's thread pool behind the polls until one ends (up to
+        join_wait_max_s): with 200 edges on 64 threads, staggered uploads each waited ~23 s
+        (benchmarks/load.py --stagger 20) instead of ~0.2 s.
+        """
+        spare = self.config.max_workers - self._polling
+        if spare > self.config.max_concurrent_uploads or self._pool_warned == round_id:
+            return
+        self._pool_warned = round_id
+        logger.warning(
+            "round %s: %s Join long-polls hold that many of the %s RPC threads (max_workers); uploads "
+            "wait for a free thread: set max_workers above the number of edges + max_concurrent_uploads",
+            round_id,
+            self._polling,
+            self.config.max_workers,
+        )
 
     def _match_or_init(self, manifest: Manifest) -> None:
         if self.manifest is not None:
