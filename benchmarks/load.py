@@ -1,14 +1,17 @@
 """Load figures (not a test): N concurrent light edges upload one increment each in ONE round.
 
     .venv/bin/python -m benchmarks.load [--edges 200] [--floats 3400000] [--short] [--json FILE]
+                                        [--stagger S] [--long-poll S] [--max-workers N] ...
 
 A real aggregator runs as a child process (mutual TLS on 127.0.0.1, a fresh PKI with one
 certificate per edge, quorum = edges, one round). The edges are threads in a few client
 processes, each edge with its own channel (one TLS connection each). Uploads are encoded once per
 client process (a few distinct increments, kept as serialized messages; only the header differs
 per edge), so an edge costs little more than TLS and HTTP/2. Every edge joins and downloads the
-state, waits for all the others, then all upload at once, retrying RESOURCE_EXHAUSTED, UNAVAILABLE
-and DEADLINE_EXCEEDED with capped exponential backoff and full jitter (fedocr.retry).
+state, waits for all the others, then all upload at once (or spread over --stagger seconds), and
+then long-poll Join until the federation says FINISHED, as edge_agent does. Every call retries
+RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED with capped exponential backoff and full
+jitter (fedocr.retry).
 
 Figures: round time (first Join to the last receipt), ingest rate, the aggregator's peak RSS
 (sampled every 50 ms with its children), failures by status code, retries, CPU seconds of the
@@ -44,7 +47,8 @@ from fedocr import pki, retry, tensors, tls
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
-# FedOCR-Hash_1/4's flat state: 3,373,238 hashed real weights plus the BN tensors, rounded up.
+# About FedOCR-Hash_1/4's flat state (`recognizer info --preset fedocr --gamma 1/4`: 3,423,304 float32
+# with BN today); the figure benchmarks.aggregator uses, so the two compare.
 DEFAULT_FLOATS = 3_400_000
 DEFAULT_EDGES = 200
 SHORT_EDGES, SHORT_FLOATS = 20, 200_000
@@ -100,6 +104,9 @@ class WorkerSpec:
     distinct: int
     compression: int
     zstd_level: int
+    long_poll_s: int
+    stagger_s: float
+    edge_count: int
 
 
 @dataclass
@@ -110,7 +117,9 @@ class EdgeRecord:
     join_start: float = 0.0
     upload_start: float = 0.0
     upload_end: float = 0.0
-    stage: str = "join"  # where it stopped: join, download, upload, done
+    uploaded: bool = False  # the aggregator acknowledged the upload
+    finished_at: float = 0.0  # a long-poll Join answered FINISHED
+    stage: str = "join"  # where it stopped: join, download, upload, long-poll, done
     code: str | None = None  # the failure's status code (or exception type); None when counted
     details: str = ""
     retries: list[str] = field(default_factory=list)  # status code of each retried attempt
@@ -147,7 +156,10 @@ def run_edge(
     ready: threading.Barrier,
     go: threading.Event,
 ) -> None:
-    """Join, download, wait for `go`, upload with retries; fills `record`, never raises."""
+    """Join, download, wait for `go`, upload, long-poll Join until FINISHED; fills `record`, never raises.
+
+    Every call retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with backoff.
+    """
     stub = pb_grpc.FederationStub(channel)
     upload = channel.stream_unary(
         UPLOAD_METHOD, request_serializer=None, response_deserializer=pb.UploadReceipt.FromString
@@ -173,6 +185,8 @@ def run_edge(
         at_barrier = True
         ready.wait()
         go.wait()
+        if spec.stagger_s > 0:  # edges finish training at different times
+            time.sleep(spec.stagger_s * record.edge / spec.edge_count)
         header = pb.UploadHeader(
             round_id=reply.round_id,
             sample_count=samples_of(record.edge),
@@ -194,6 +208,19 @@ def run_edge(
         record.upload_end = time.monotonic()
         record.receipt_wire_bytes = receipt.wire_bytes
         record.receipt_state = pb.RoundState.Name(receipt.round_state)
+        record.uploaded = True
+        if spec.long_poll_s > 0:  # as edge_agent does next: long-poll Join until there is news
+            record.stage = "long-poll"
+            request = pb.JoinRequest(manifest=manifest(spec.floats), wait_seconds=spec.long_poll_s)
+            while True:
+                reply = invoker.call(stub.Join, request, timeout=RPC_TIMEOUT_S + spec.long_poll_s)
+                if reply.action != pb.JoinResponse.ACTION_WAIT:
+                    break
+            if reply.action != pb.JoinResponse.ACTION_FINISHED:
+                raise RuntimeError(
+                    f"Join answered {pb.JoinResponse.Action.Name(reply.action)} after the round"
+                )
+            record.finished_at = time.monotonic()
         record.stage = "done"
     except grpc.RpcError as exc:
         code = retry.status_code(exc)
@@ -448,6 +475,27 @@ def check_state(
 # -- the run ------------------------------------------------------------------------------------
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether the aggregator's code differs from it (others edit too)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "aggregator", "proto"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return {}
+    return {
+        "commit": head.stdout.strip(),
+        "aggregator_uncommitted": [line[3:] for line in dirty.stdout.splitlines()],
+    }
+
+
 def issue_pki(pki_dir: Path, edges: int) -> float:
     """CA, server certificate and `edges` edge certificates; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -481,10 +529,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "floats": args.floats,
         "distinct_increments": min(args.distinct, args.edges),
         "compression": args.compression,
+        "long_poll_s": args.long_poll,
+        "stagger_s": args.stagger,
         "client_processes": procs,
         "aggregator": effective,
         "cores": os.cpu_count(),
         "load_before": list(os.getloadavg()),
+        "source": source_state(),
     }
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="fedocr-load-") as tmp:
@@ -508,6 +559,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.distinct,
                     COMPRESSIONS[args.compression],
                     args.zstd_level,
+                    args.long_poll,
+                    args.stagger,
+                    args.edges,
                 )
                 worker = ctx.Process(target=worker_main, args=(spec, start, go, release, out), daemon=True)
                 worker.start()
@@ -534,7 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for w in workers:
                 w.join(timeout=30)
             time.sleep(2 * SAMPLE_PERIOD_S)
-            ok = [r for r in records if r.code is None]
+            ok = [r for r in records if r.uploaded]
             round_id = 1
             result["state_check"] = check_state(
                 agg.port, pki_dir, round_id, args.edges, args.floats, min(args.distinct, args.edges)
@@ -549,8 +603,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             hwm = agg.hwm_bytes() if agg.popen.poll() is None else 0
             result["aggregator_exit"] = agg.stop()
         result["server_phases"] = server_phases(agg.log)
-        errors = [line for line in agg.log.read_text().splitlines() if " ERROR " in line]
-        result["aggregator_error_lines"] = len(errors)
+        lines = agg.log.read_text().splitlines()
+        result["aggregator_log"] = {
+            level: [line.split(": ", 1)[-1][:240] for line in lines if f" {level} " in line]
+            for level in ("ERROR", "WARNING")
+        }
     result["load_after"] = list(os.getloadavg())
     first_join = min(r.join_start for r in records)
     closed = max((r.upload_end for r in ok), default=t_end)
@@ -576,6 +633,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "receipts_closed": sum(r.receipt_state == "ROUND_STATE_CLOSED" for r in ok),
             "failures": dict(Counter(r.code for r in records if r.code is not None)),
+            "failures_by_stage": dict(Counter(r.stage for r in records if r.code is not None)),
+            "finished_after_close_s": (
+                max(r.finished_at for r in records) - closed if all(r.finished_at for r in records) else None
+            ),
             "failure_examples": sorted({f"{r.stage}: {r.code} {r.details}"[:200] for r in records if r.code})[
                 :5
             ],
@@ -614,7 +675,12 @@ def table(r: dict[str, Any]) -> str:
         return "-" if x is None else format(x, spec)
 
     rows = [
-        ("edges (one TLS channel each) / client processes", f"{r['edges']} / {r['client_processes']}"),
+        (
+            "edges (one TLS channel each) / client processes",
+            f"{r['edges']} / {r['client_processes']}; after uploading, Join long-polls of "
+            + (f"{r['long_poll_s']} s" if r["long_poll_s"] else "none")
+            + (f"; uploads start over {r['stagger_s']:g} s" if r["stagger_s"] else "; uploads start at once"),
+        ),
         ("floats per increment (float32 MiB)", f"{r['floats']:,} ({model_mib:.1f} MiB), {r['compression']}"),
         (
             "aggregator settings",
@@ -624,7 +690,7 @@ def table(r: dict[str, Any]) -> str:
         ("PKI: CA + server + edge certificates", f"{r['pki_s']:.1f} s"),
         ("round time, first Join to round closed", f"{r['round_s']:.1f} s"),
         ("  joins + downloads (all edges ready)", f"{r['join_download_s']:.1f} s"),
-        ("  upload phase (all at once to closed)", f"{r['upload_phase_s']:.1f} s"),
+        ("  upload phase (go to round closed)", f"{r['upload_phase_s']:.1f} s"),
         (
             "uploads counted / receipts saying CLOSED",
             f"{r['uploads_counted']}/{r['edges']} / {r['receipts_closed']}",
@@ -647,7 +713,12 @@ def table(r: dict[str, Any]) -> str:
             f"{rss['idle']:.0f} / {rss['after_joins_downloads']:.0f} / {rss['peak']:.0f} "
             f"({rss['vm_hwm']:.0f}) MiB; peak / model {rss['peak'] / model_mib:.1f}x",
         ),
-        ("client failures by status code", json.dumps(r["failures"]) if r["failures"] else "none"),
+        (
+            "client failures by status code (by stage)",
+            f"{json.dumps(r['failures'])} ({json.dumps(r['failures_by_stage'])})"
+            if r["failures"]
+            else "none",
+        ),
         (
             "retries by status code (edges that retried)",
             f"{json.dumps(r['retries']) if r['retries'] else 'none'} ({r['edges_retried']})",
@@ -659,9 +730,26 @@ def table(r: dict[str, Any]) -> str:
             f"client share {r['client_cpu_share']:.2f}, machine {r['machine_utilisation']:.0%} busy",
         ),
         (
+            "aggregator log: ERROR / WARNING lines",
+            f"{len(r['aggregator_log']['ERROR'])} / {len(r['aggregator_log']['WARNING'])}"
+            + "".join(
+                f"\n    {line}"
+                for line in (r["aggregator_log"]["ERROR"] + r["aggregator_log"]["WARNING"])[:3]
+            ),
+        ),
+        (
             "final state == FedAvg of the uploads",
             f"{'yes' if r['state_check']['ok'] else 'NO'} (max abs error "
             f"{r['state_check'].get('max_abs_error', float('nan')):.1e})",
+        ),
+        (
+            "code measured",
+            f"{r['source'].get('commit', '?')}"
+            + (
+                f" + uncommitted {' '.join(r['source']['aggregator_uncommitted'])}"
+                if r["source"].get("aggregator_uncommitted")
+                else ""
+            ),
         ),
         (
             "load average 1/5/15 min before -> after",
@@ -692,6 +780,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-workers", type=int, help="aggregator RPC threads (default: its own)")
     parser.add_argument("--upload-wait", type=float, help="aggregator upload_wait_s (default: its own)")
     parser.add_argument("--stream-window", type=int, help="aggregator stream_window_bytes (default: its own)")
+    parser.add_argument(
+        "--long-poll",
+        type=int,
+        default=30,
+        help="after its upload each edge long-polls Join this long per call until FINISHED, as edge_agent "
+        "does (default 30; 0: no long-poll)",
+    )
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="spread the uploads' starts over this many seconds"
+    )
     parser.add_argument("--timeout", type=float, default=1200.0, help="give up on a phase after this")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)

@@ -19,4 +19,5 @@ def test_load_benchmark_small_round(tmp_path: Path) -> None:
     assert figures["failures"] == {}
     assert figures["uploads_counted"] == 3
     assert figures["state_check"]["ok"], figures["state_check"]
+    assert figures["aggregator_log"]["ERROR"] == []
     assert figures["rss_mib"]["peak"] > 0 and figures["round_s"] > 0
