@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name  # "fedocr.v1.Federation"
 # Headroom over the largest chunk (2 MiB raw, plus zstd slack and framing); uploads stream anyway.
 MAX_MESSAGE_BYTES = 4 << 20
+# Ping each peer with a call in progress after KEEPALIVE_S of silence and drop the connection if the
+# ping is not answered within KEEPALIVE_TIMEOUT_S: an edge whose side of a connection vanished (NAT
+# or path loss, an address change) would otherwise hold its upload slot, and refuse its own retry as
+# ALREADY_EXISTS, until the dead stream's deadline (the edge's 120 s). gRPC 1.85 waits for a ping's
+# answer for grpc.http2.ping_timeout_ms (60 s), not keepalive_timeout_ms, so both are set. No limit on
+# pings sent while the server sends no data: an upload or a long-polling Join sends none.
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 10
 # glibc: buffers from 8 MiB up (staged increments, LMDB's dirty copy of the sum) come straight
 # from mmap and go back on free; smaller ones (1 MiB chunks) stay in the heap, which is trimmed
 # only past 64 MiB of free top space, so chunks do not page-fault on every message.
@@ -96,6 +103,10 @@ def start(config: AggregatorConfig) -> Running:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         + _window_options(config.stream_window_bytes),
     )
