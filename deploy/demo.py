@@ -348,27 +348,73 @@ def evaluate(model: Path, key: Path, data: Path, threads: int = 2) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def round_table(rounds: dict) -> str:
-    """The per-round table: edges counted, bytes up and down (wire and raw) and duration."""
-    mb = lambda n: f"{int(n) / 1e6:8.2f}"  # noqa: E731
-    lines = [
-        f"{'round':>5} {'state':>9} {'edges':>5} {'up wire MB':>10} {'up raw MB':>9} "
-        f"{'down wire MB':>12} {'down raw MB':>11} {'seconds':>8}",
-    ]
+def scores_by_version(journal: Path) -> dict[int, dict]:
+    """Held-out scores of the global model by state version, from an edge journal (``--val``)."""
+    scores = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("val"):
+                scores[int(record["state_version"])] = record["val"]
+    return scores
+
+
+def round_table(rounds: dict, scores: dict[int, dict] | None = None) -> str:
+    """A table per round: edges counted, bytes up and down (wire and raw), duration, and the held-out
+    score of the global model the round produced (from ``scores_by_version``), when known."""
+    scores = scores or {}
+    mb = lambda n: f"{int(n) / 1e6:.2f}"  # noqa: E731
+    head = (
+        "round",
+        "state",
+        "edges",
+        "up wire MB",
+        "up raw MB",
+        "down wire MB",
+        "down raw MB",
+        "seconds",
+        "acc %",
+        "1-NED",
+        "loss",
+    )
+    rows = []
     for r in rounds.get("rounds", []):
         b = r["bytes"]
         uploaded = sum(1 for e in r.get("edges", []) if e.get("uploaded"))
-        lines.append(
-            f"{r['round_index'] + 1:>5} {r['state'].removeprefix('ROUND_STATE_'):>9} {uploaded:>5} "
-            f"{mb(b['wire_up']):>10} {mb(b['raw_up']):>9} {mb(b['wire_down']):>12} {mb(b['raw_down']):>11} "
-            f"{r['duration_seconds']:8.1f}"
+        after = scores.get(int(r.get("state_version", 0)) + 1, {})
+        rows.append(
+            (
+                str(r["round_index"] + 1),
+                r["state"].removeprefix("ROUND_STATE_"),
+                str(uploaded),
+                mb(b["wire_up"]),
+                mb(b["raw_up"]),
+                mb(b["wire_down"]),
+                mb(b["raw_down"]),
+                f"{r['duration_seconds']:.1f}",
+                f"{100 * after['accuracy']:.1f}" if after else "-",
+                f"{after['char_accuracy']:.3f}" if after else "-",
+                f"{after['loss']:.3f}" if after else "-",
+            )
         )
     t = rounds.get("total_bytes", {})
-    lines.append(
-        f"{'total':>5} {'':>9} {'':>5} {mb(t.get('wire_up', 0)):>10} {mb(t.get('raw_up', 0)):>9} "
-        f"{mb(t.get('wire_down', 0)):>12} {mb(t.get('raw_down', 0)):>11}"
+    rows.append(
+        (
+            "total",
+            "",
+            "",
+            mb(t.get("wire_up", 0)),
+            mb(t.get("raw_up", 0)),
+            mb(t.get("wire_down", 0)),
+            mb(t.get("raw_down", 0)),
+            "",
+            "",
+            "",
+            "",
+        )
     )
-    return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    return "\n".join(" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *rows])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -382,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adadelta", choices=("adadelta", "adam"))
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-words", type=int, default=6000)
+    p.add_argument("--train-words", type=int, default=24000)
     p.add_argument("--test-words", type=int, default=600)
     p.add_argument("--styles", default="clean")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the federation may take")
@@ -420,14 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         fed = Federation(work, pki, key, settings)
         port = fed.start_aggregator(args.edges)
         print(f"demo: aggregator on 127.0.0.1:{port}; {args.edges} edges, {args.rounds} rounds", flush=True)
-        for k, shard in enumerate(shards):
-            fed.start_edge(f"edge-{k}", shard)
+        for k, shard in enumerate(shards):  # edge-0 also scores each global model on the test set
+            fed.start_edge(f"edge-{k}", shard, val=test if k == 0 else None)
         fed_started = time.perf_counter()
         fed.wait_edges(args.timeout)
         fed_seconds = time.perf_counter() - fed_started
         rounds = list_rounds(pki, port)
         fed.stop()
-        print(round_table(rounds), flush=True)
+        scores = scores_by_version(work / "edges" / "edge-0" / "rounds.jsonl")
+        print(round_table(rounds, scores), flush=True)
         single_model = work / "single" / "model.npz"
         single_started = time.perf_counter()
         _run(
@@ -463,14 +510,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         federated = evaluate(work / "edges" / "edge-0" / "final.npz", key, test)
         single = evaluate(single_model, key, test)
         print(f"\nheld-out test set: {federated['samples']} words ({args.styles})")
-        print(
-            f"  federated ({args.edges} edges, {args.rounds} rounds x {args.local_epochs} epoch): "
-            f"accuracy {100 * federated['accuracy']:.1f}%, loss {federated['loss']:.3f} ({fed_seconds:.0f} s)"
-        )
-        print(
-            f"  single edge (shard 0, {args.rounds * args.local_epochs} epochs): "
-            f"accuracy {100 * single['accuracy']:.1f}%, loss {single['loss']:.3f} ({single_seconds:.0f} s)"
-        )
+        for name, result, seconds in (
+            (
+                f"federated, {args.edges} edges x {args.rounds} rounds x {args.local_epochs} epoch",
+                federated,
+                fed_seconds,
+            ),
+            (f"single edge, shard 0 x {args.rounds * args.local_epochs} epochs", single, single_seconds),
+        ):
+            print(
+                f"  {name:<44} accuracy {100 * result['accuracy']:5.1f}%  "
+                f"1-NED {result['char_accuracy']:.3f}  "
+                f"loss {result['loss']:.3f}  ({seconds:.0f} s)"
+            )
         summary = {
             "federated": federated,
             "single": single,

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.client import FederationClient
+from edge_agent.client import FederationClient, UploadUnconfirmed
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
 from fedocr import retry
@@ -128,14 +128,20 @@ class EdgeAgent:
             return None
         result = self.local.evaluate(self.settings.val)
         self.progress.info(
-            "global state v%d on %s: accuracy %.1f%%, loss %.3f (%d words)",
+            "global state v%d on %s: accuracy %.1f%%, 1-NED %.3f, loss %.3f (%d words)",
             version,
             self.settings.val,
             100 * result.accuracy,
+            result.char_accuracy,
             result.loss,
             result.samples,
         )
-        return {"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples}
+        return {
+            "accuracy": result.accuracy,
+            "char_accuracy": result.char_accuracy,
+            "loss": result.loss,
+            "samples": result.samples,
+        }
 
     def _train_round(self, reply: pb.JoinResponse) -> None:
         where = f"round {reply.round_id} ({_position(reply)})"
@@ -222,6 +228,11 @@ class EdgeAgent:
                     "seconds": round(time.perf_counter() - started, 2),
                 }
             )
+            return
+        except UploadUnconfirmed as exc:
+            # An upload the server keeps reporting in progress: the round goes on without this edge.
+            log.warning("%s: %s; waiting for the next round", where, exc)
+            self.journal.write({**record, "status": "unconfirmed", "error": str(exc)})
             return
         self.progress.moved(up_raw=upload.moved.raw, up_wire=upload.moved.wire)
         record["up"] = {"raw": upload.moved.raw, "wire": upload.moved.wire}

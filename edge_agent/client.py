@@ -6,6 +6,7 @@ backoff and full jitter; anything else is raised as a grpc.RpcError for the agen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +86,9 @@ class FederationClient:
         )
         self._stub = pb_grpc.FederationStub(self._channel)
         self._invoker = retry.RetryInvoker(policy, on_retry=on_retry)
+        # A busy aggregator sheds uploads with RESOURCE_EXHAUSTED: back off and resend.
+        busy_ok = dataclasses.replace(policy, retry_resource_exhausted=True)
+        self._upload_invoker = retry.RetryInvoker(busy_ok, on_retry=on_retry)
 
     def close(self) -> None:
         """Close the channel."""
@@ -170,7 +174,7 @@ class FederationClient:
 
         for attempt in range(DUPLICATE_CHECKS):
             try:
-                receipt = self._invoker.call(
+                receipt = self._upload_invoker.call(
                     lambda: self._stub.UploadIncrement(messages(), timeout=RPC_TIMEOUT_S)
                 )
                 return Upload(receipt, moved)
