@@ -417,6 +417,10 @@ def round_table(rounds: dict, scores: dict[int, dict] | None = None) -> str:
     return "\n".join(" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *rows])
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
@@ -438,7 +442,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # runs the cleanup below
+    signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGTERM, _interrupt)
     work: Path = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
