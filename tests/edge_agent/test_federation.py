@@ -121,7 +121,13 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
 
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
     settings = demo.Settings(
-        rounds=2, local_epochs=3, preset=PRESET, gamma=GAMMA, batch_size=24, quorum=2, min_edges=1,
+        rounds=2,
+        local_epochs=3,
+        preset=PRESET,
+        gamma=GAMMA,
+        batch_size=24,
+        quorum=2,
+        min_edges=1,
         deadline_s=25.0,
     )
     fed = launch(settings)
@@ -175,3 +181,31 @@ def test_edges_wait_for_a_late_aggregator_and_ride_out_its_restart(launch, edge_
     for name in ("edge-0", "edge-1"):
         statuses = [r["status"] for r in journal(fed, name) if r["event"] == "round"]
         assert statuses.count("counted") + statuses.count("duplicate") == 2, statuses
+
+
+def test_a_restarted_edge_rejoins_the_round_in_progress(launch, edge_data, test_pki) -> None:
+    settings = demo.Settings(
+        rounds=1,
+        local_epochs=2,
+        preset=PRESET,
+        gamma=GAMMA,
+        batch_size=24,
+        quorum=2,
+        min_edges=2,
+        deadline_s=120.0,
+    )
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    fed.start_edge("edge-0", edge_data.shards[0])
+    victim = fed.start_edge("edge-1", edge_data.shards[1])
+    wait_for(lambda: log_says(fed, "edge-1", "round 1 (1/1): training"), 120, "edge-1 to start training")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    fed.start_edge("edge-1", edge_data.shards[1])  # the same round is still open: it trains it again
+    fed.wait_edges(timeout_s=200)
+    (only,) = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
+    assert only["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED")
+    assert uploaded(only) == {"edge-0", "edge-1"}
+    assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
+        only["round_id"]
+    ]
