@@ -207,5 +207,5 @@ def test_a_restarted_edge_rejoins_the_round_in_progress(launch, edge_data, test_
     assert only["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED")
     assert uploaded(only) == {"edge-0", "edge-1"}
     assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
-        only["round_id"]
+        int(only["round_id"])
     ]
