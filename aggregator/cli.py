@@ -67,13 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if command == "serve":
         from aggregator.server import serve  # grpc is loaded only to serve
-        from aggregator.store import StateLocked
+        from aggregator.store import StateFormatMismatch, StateLocked
         from fedocr.errors import StorageUnavailable
         from fedocr.tls import CredentialsError
 
         try:
             return serve(config)
-        except (ConfigError, OSError, StateLocked, StorageUnavailable, CredentialsError) as exc:
+        except (
+            ConfigError,
+            OSError,
+            StateLocked,
+            StateFormatMismatch,
+            StorageUnavailable,
+            CredentialsError,
+        ) as exc:
             print(f"aggregator: cannot start: {exc}", file=sys.stderr)
             return 1
     return 2

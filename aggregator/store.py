@@ -48,6 +48,10 @@ class StateLocked(RuntimeError):
     """Another process holds the state directory."""
 
 
+class StateFormatMismatch(RuntimeError):
+    """The state directory was written by another, incompatible format version."""
+
+
 def history_key(round_id: int) -> bytes:
     """The key of a finished round's record."""
     return HISTORY_PREFIX + b"%012d" % round_id
@@ -141,7 +145,7 @@ class Store:
                 if found is None:
                     txn.put(KEY_FORMAT, FORMAT_VERSION)
                 elif found != FORMAT_VERSION:
-                    raise RuntimeError(
+                    raise StateFormatMismatch(
                         f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}"
                     )
         except BaseException:
