@@ -7,6 +7,8 @@ bag of floats, and even with the preset known the index maps cannot be rebuilt.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -32,8 +34,17 @@ def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerpri
     meta = {"format": FORMAT, "preset": preset, "gamma": model.gamma, "fingerprint": fingerprint.hex()}
     packed = state.pack_state(state.export_state(model), key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), state=packed)
+    # Written beside the target, then renamed over it: a crash leaves the old file or none, never half.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), state=packed)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_model_file(path: Path) -> tuple[dict, np.ndarray]:

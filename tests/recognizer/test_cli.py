@@ -156,3 +156,21 @@ def test_labels_outside_the_vocabulary_are_reported(tmp_path: Path) -> None:
         writer.add(image, "café")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         make_loader(tmp_path / "bad", 1, shuffle=False, check_labels=True)
+
+
+def test_a_failed_save_leaves_the_previous_model_file_whole(tmp_path: Path, monkeypatch) -> None:
+    key = bytes(range(32))
+    model = build_model("fedocr-tiny", key, 0.5)
+    path = tmp_path / "m.npz"
+    save_model(path, model, key, "fedocr-tiny", fingerprint(model, key))
+    before = path.read_bytes()
+
+    def broken_savez(f, **arrays):
+        f.write(b"half a model")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("recognizer.model_io.np.savez", broken_savez)
+    with pytest.raises(OSError, match="No space"):
+        save_model(path, model, key, "fedocr-tiny", fingerprint(model, key))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
