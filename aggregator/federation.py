@@ -125,12 +125,18 @@ class Federation:
             self._ticker.join(timeout=5)
 
     def _run_clock(self) -> None:
+        failing = ""  # the error the clock keeps hitting: logged in full once, not every tick
         with self._cond:
             while not self._draining:
                 try:
                     self._tick()
-                except Exception:  # the clock must survive; the error is logged and retried
-                    logger.exception("round clock failed; retrying")
+                    if failing:
+                        logger.info("round clock recovered")
+                        failing = ""
+                except Exception as exc:  # the clock must survive; the error is logged and retried
+                    if repr(exc) != failing:
+                        logger.exception("round clock failed; retrying every %s s", TICK_S)
+                        failing = repr(exc)
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
