@@ -50,6 +50,22 @@ def log_says(fed: demo.Federation, name: str, text: str) -> bool:
     return log.exists() and text in log.read_text()
 
 
+def counted_rounds(fed: demo.Federation, name: str) -> list[int]:
+    """Round ids of the uploads edge ``name`` journalled as counted."""
+    return [r["round_id"] for r in journal(fed, name) if r.get("status") == "counted"]
+
+
+def kill_edge_one_while_training(fed: demo.Federation, edge_data, total_rounds: int) -> None:
+    """Start the aggregator and both edges, then SIGKILL edge-1 once it trains round 1."""
+    fed.start_aggregator(n_edges=2)
+    fed.start_edge("edge-0", edge_data.shards[0])
+    victim = fed.start_edge("edge-1", edge_data.shards[1])
+    started = f"round 1 (1/{total_rounds}): training"
+    wait_for(lambda: log_says(fed, "edge-1", started), 120, "edge-1 to start training")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+
 def held_out(model, data: Path) -> tuple[float, float]:
     """(loss, accuracy) on ``data``; a NaN loss (BN statistics scrambled) counts as infinite."""
     torch.set_num_threads(1)  # the edges may still be exiting; a second thread would wait on them
@@ -131,12 +147,7 @@ def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data,
         deadline_s=25.0,
     )
     fed = launch(settings)
-    fed.start_aggregator(n_edges=2)
-    fed.start_edge("edge-0", edge_data.shards[0])
-    victim = fed.start_edge("edge-1", edge_data.shards[1])
-    wait_for(lambda: log_says(fed, "edge-1", "round 1 (1/2): training"), 120, "edge-1 to start training")
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_edge_one_while_training(fed, edge_data, total_rounds=2)
 
     def round_one_closed() -> dict | None:
         rounds = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
@@ -150,9 +161,7 @@ def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data,
     fed.wait_edges(timeout_s=200)
     rounds = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
     assert [uploaded(r) for r in rounds] == [{"edge-0"}, {"edge-0", "edge-1"}]
-    assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
-        int(rounds[1]["round_id"])
-    ]
+    assert counted_rounds(fed, "edge-1") == [int(rounds[1]["round_id"])]
 
 
 def free_port() -> int:
@@ -195,17 +204,10 @@ def test_a_restarted_edge_rejoins_the_round_in_progress(launch, edge_data, test_
         deadline_s=120.0,
     )
     fed = launch(settings)
-    fed.start_aggregator(n_edges=2)
-    fed.start_edge("edge-0", edge_data.shards[0])
-    victim = fed.start_edge("edge-1", edge_data.shards[1])
-    wait_for(lambda: log_says(fed, "edge-1", "round 1 (1/1): training"), 120, "edge-1 to start training")
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_edge_one_while_training(fed, edge_data, total_rounds=1)
     fed.start_edge("edge-1", edge_data.shards[1])  # the same round is still open: it trains it again
     fed.wait_edges(timeout_s=200)
     (only,) = demo.list_rounds(test_pki.dir, fed.port)["rounds"]
     assert only["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED")
     assert uploaded(only) == {"edge-0", "edge-1"}
-    assert [r["round_id"] for r in journal(fed, "edge-1") if r.get("status") == "counted"] == [
-        int(only["round_id"])
-    ]
+    assert counted_rounds(fed, "edge-1") == [int(only["round_id"])]
