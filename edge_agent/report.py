@@ -82,10 +82,3 @@ class Journal:
         """Append one record (flushed at once, so a killed agent loses at most the record in hand)."""
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every record so far (an empty list when there is no journal yet)."""
-        if not self.path.exists():
-            return []
-        with self.path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
