@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator demo bench soak clean
+.PHONY: install test lint proto run-aggregator demo experiment bench soak clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test: install
 DEMO_DIR ?= runs/demo
 demo: install
 	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
+
+# The paper's experiments in miniature: 5 models x single/centralized/federated, then
+# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini (the CPU run reported) or paper
+# (an accelerator). Resumable: finished runs (results/SCALE/*.json) are not repeated.
+SCALE ?= mini
+experiment: install
+	$(BIN)/python -m experiments --scale $(SCALE)
 
 # The aggregator SIGKILLed at random points of rounds, SOAK_KILLS times (the test suite does 20),
 # restarted each time on the same port and state; SOAK_SEED picks the kill timing.

@@ -151,7 +151,7 @@ class Settings:
     min_edges: int = 1
     deadline_s: float = 900.0
     threads: int = 1
-    lr_decay_rounds: str = ""
+    lr_decay_rounds: str = ""  # 1-based rounds, "5,30"; the lr is x0.1, x0.01 ... from each on
     optimizer: str = "adadelta"
     extra_edge_args: tuple[str, ...] = ()
 
@@ -214,7 +214,7 @@ class Federation:
             "--lr-decay-rounds",
             s.lr_decay_rounds,
             "--lr-decay-factors",
-            ",".join("0.1" for _ in s.lr_decay_rounds.split(",") if _),
+            ",".join(f"{0.1 ** (i + 1):g}" for i, _ in enumerate(filter(None, s.lr_decay_rounds.split(",")))),
         ]
         log = self.work / "aggregator" / "aggregator.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,30 @@ def table1(runs: list[dict]) -> str:
     return _table(header, rows, ["l", "l", "l", "r", "r", "r", "r", "r", "r"])
 
 
+def paper_size_table(meta: dict) -> str:
+    """The paper-size presets counted (not trained): parameters, upload per round and the reduction
+    against ASTER-FL, next to the paper's reductions. Reads ``meta["paper_size"]``."""
+    sizes = meta.get("paper_size")
+    if not isinstance(sizes, dict) or not sizes:
+        return DASH + "\n"
+    base = _num(sizes.get(BASELINE, {}).get("real_params"))
+    header = ["Model", "Preset", "γ", "Params (real, M)", "Upload per round (MB, raw)",
+              "reduction vs ASTER-FL", "Paper: params (M) / reduction"]  # fmt: skip
+    rows = []
+    for model in [m for m in MODEL_ORDER if m in sizes]:
+        size = sizes[model]
+        real = _num(size.get("real_params"))
+        reduction = f"{100.0 * (1.0 - real / base):.2f} %" if base and real is not None else DASH
+        paper = PAPER_TABLE1.get(model)
+        paper_text = DASH
+        if paper is not None:
+            paper_text = f"{paper[0]:.2f} / " + (DASH if paper[1] is None else f"{paper[1]:.2f} %")
+        rows.append([_label(model), _text(size.get("preset")), _text(size.get("gamma")),
+                     _fmt(real, ".3f", 1 / MB), _fmt(size.get("state_bytes"), ".2f", 1 / MB), reduction,
+                     paper_text])  # fmt: skip
+    return _table(header, rows, ["l", "l", "l", "r", "r", "r", "r"])
+
+
 def _comparisons(runs: list[dict]) -> str:
     """Per model: Acc_FED − Acc_SUM and single < federated, on word accuracy and on 1-NED."""
     index = _index(runs)
@@ -449,6 +473,12 @@ def write_report(results_dir: Path, docs_md: Path, fig_png: Path, preamble: str 
         "the virtual weights); MB = 10^6 bytes. Upload per round is one edge's increment, raw and as\n"
         "sent on the wire. Paper figures are the paper's Table 1, for comparison of trends only.\n\n"
         + table1(runs)
+    )
+    parts.append(
+        "### The paper-size models, counted\n\n"
+        "The byte reduction by γ at the paper's widths (ASTER-FL and FedOCR presets), from the\n"
+        "parameter counts of the real vectors; an upload is every real parameter and batch-norm\n"
+        "value as float32 (MB = 10^6 bytes).\n\n" + paper_size_table(meta)
     )
     parts.append(
         "## Table 2 analogue\n\n"

@@ -44,7 +44,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from recognizer.synth import render_dataset
 
     styles = args.styles.split(",") if args.styles else None
-    stats = render_dataset(Path(args.out), args.count, args.seed, styles)
+    stats = render_dataset(Path(args.out), args.count, args.seed, styles, labels=args.labels)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--styles", help="comma-separated style families (default: all)")
+    p.add_argument("--labels", choices=("mixed", "digits"), default="mixed",
+                   help="words, numbers and codes (mixed) or digit strings only")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("shard", help="split an LMDB into C shards")

@@ -65,6 +65,17 @@ PRESETS: dict[str, ModelConfig] = {
         lstm_hidden=128, dec_hidden=192, dec_attention=192, dec_embedding=128,
         stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128,
     ),
+    # Half the widths of aster-fl and fedocr everywhere (ShuffleNetV2 1.0x stages) and no TPS
+    # rectifier: the CPU experiments (experiments/scales.py), where a rectifier learning from
+    # scratch held the recognizer on its initial plateau for the whole budget (docs/results.md).
+    "aster-fl-half-norect": ModelConfig(
+        "aster-fl-half-norect", "resnet", (16, 16, 32, 64, 128, 256), _RESNET45,
+        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, tps=False,
+    ),
+    "fedocr-half-norect": ModelConfig(
+        "fedocr-half-norect", "shufflenet", (24, 116, 232, 464, 512), _SHUFFLE,
+        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, tps=False,
+    ),
     # Small enough to train in minutes on two CPU cores (demos, tests).
     "fedocr-tiny": ModelConfig(
         "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE,

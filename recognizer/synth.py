@@ -114,6 +114,15 @@ def sample_label(rng: random.Random) -> str:
     return word
 
 
+def sample_digits(rng: random.Random) -> str:
+    """A string of 1 to 8 digits, uniformly random (house numbers, prices, codes: no language model helps)."""
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(1, 8)))
+
+
+# What a data set's labels are drawn from: the default mix, or digit strings only.
+LABEL_KINDS: dict[str, Callable[[random.Random], str]] = {"mixed": sample_label, "digits": sample_digits}
+
+
 def _text_masks(label: str, style: str, rng: random.Random, font_path: str) -> list[Image.Image]:
     """Grey-level masks of ``label`` (with the outline as a second, wider mask for ``outlined``)."""
     height = rng.randint(32, 64)
@@ -203,10 +212,15 @@ def sample_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"fedocr-synth/{seed}/{index}")
 
 
-def render_sample(seed: int, index: int, style: str, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
-    """JPEG bytes and label of sample ``index`` of the data set with ``seed`` (pure: same in, same out)."""
+def render_sample(
+    seed: int, index: int, style: str, quality: int = JPEG_QUALITY, labels: str = "mixed"
+) -> tuple[bytes, str]:
+    """JPEG bytes and label of sample ``index`` of the data set with ``seed`` (pure: same in, same out).
+
+    ``labels`` picks the label kind (``LABEL_KINDS``).
+    """
     rng = sample_rng(seed, index)
-    label = sample_label(rng)
+    label = LABEL_KINDS[labels](rng)
     font_path = rng.choice(font_files())
     if SMALL_CAPS_MARK in Path(font_path).name:
         label = label.upper()  # a small-caps face draws every letter as a capital; label what is seen
@@ -218,9 +232,9 @@ def render_sample(seed: int, index: int, style: str, quality: int = JPEG_QUALITY
     return buf.getvalue(), label
 
 
-def _render_job(job: tuple[int, int, str, int]) -> tuple[bytes, str, str]:
-    seed, index, style, quality = job
-    return (*render_sample(seed, index, style, quality), style)
+def _render_job(job: tuple[int, int, str, int, str]) -> tuple[bytes, str, str]:
+    seed, index, style, quality, labels = job
+    return (*render_sample(seed, index, style, quality, labels), style)
 
 
 def render_dataset(
@@ -231,6 +245,7 @@ def render_dataset(
     *,
     workers: int = 1,
     quality: int = JPEG_QUALITY,
+    labels: str = "mixed",
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
@@ -238,7 +253,8 @@ def render_dataset(
 
     The same ``seed`` and ``styles`` give byte-identical content whatever ``workers`` is; sample i
     of two sets with one seed has the same label whatever the style. ``workers`` > 1 renders in
-    forked processes. ``progress``, if given, is called with the number of samples written so far.
+    forked processes. ``labels`` picks the label kind (``LABEL_KINDS``: ``mixed`` or ``digits``).
+    ``progress``, if given, is called with the number of samples written so far.
 
     Returns:
         A summary: path, count, seed, per-style counts, image bytes, seconds and images per second.
@@ -251,10 +267,12 @@ def render_dataset(
     unknown = [s for s in styles if s not in STYLES]
     if not styles or unknown:
         raise SynthError(f"unknown or no styles {unknown or list(styles)}; choose from {', '.join(STYLES)}")
+    if labels not in LABEL_KINDS:
+        raise SynthError(f"unknown label kind {labels!r}; choose from {', '.join(LABEL_KINDS)}")
     if count < 1 or workers < 1:
         raise SynthError(f"count and workers must be >= 1, got count={count}, workers={workers}")
     font_files(), dictionary_words()  # load once before any fork
-    jobs = ((seed, i, styles[i % len(styles)], quality) for i in range(count))
+    jobs = ((seed, i, styles[i % len(styles)], quality, labels) for i in range(count))
     start = time.perf_counter()
     total_bytes, per_style = 0, Counter()
     with LmdbWriter(Path(out), overwrite=overwrite) as writer:

@@ -18,6 +18,7 @@ from recognizer.synth import (
     render_dataset,
     render_sample,
     render_word,
+    sample_digits,
     sample_label,
 )
 
@@ -110,3 +111,20 @@ def test_dataset_argument_errors(tmp_path):
         render_dataset(tmp_path / "x", 4, seed=0, styles=["clean", "sepia"])
     with pytest.raises(SynthError, match="count"):
         render_dataset(tmp_path / "x", 0, seed=0)
+    with pytest.raises(SynthError, match="label kind 'emoji'"):
+        render_dataset(tmp_path / "x", 4, seed=0, labels="emoji")
+    assert not (tmp_path / "x").exists()
+
+
+def test_digit_labels_are_digit_strings_of_one_to_eight(tmp_path):
+    rng = random.Random(3)
+    labels = [sample_digits(rng) for _ in range(2000)]
+    assert all(label.isdigit() and 1 <= len(label) <= 8 for label in labels)
+    assert {len(label) for label in labels} == set(range(1, 9))
+    assert set("".join(labels)) == set("0123456789")
+
+    render_dataset(tmp_path / "d", 8, seed=2, styles=["noisy"], labels="digits")
+    reader = LmdbReader(tmp_path / "d")
+    assert all(reader.get_label(i).isdigit() for i in range(8))
+    assert (reader.get_raw(5)[0], reader.get_label(5)) == render_sample(2, 5, "noisy", labels="digits")
+    assert render_sample(2, 5, "noisy", labels="digits") != render_sample(2, 5, "noisy")

@@ -1,0 +1,158 @@
+"""`python -m experiments --scale smoke|mini|paper`: every model in every manner, then the report.
+
+Resumable: a run whose result file exists is skipped, so an interrupted experiment goes on where
+it stopped (`make experiment` again). Data, PKI and key are made once under the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy.demo import make_key, make_pki
+from experiments import report
+from experiments.data import make_data
+from experiments.runs import (
+    Context,
+    RunError,
+    finish_training,
+    machine,
+    result_path,
+    run_federated,
+    start_training,
+)
+from experiments.scales import MANNERS, MODELS, SCALES, Scale, model_by_id, preset_of
+from recognizer.model import model_info
+
+log = logging.getLogger("experiments")
+DISCUSSION = Path(__file__).with_name("discussion")  # discussion/<scale>.md: prose for docs/results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="mini")
+    p.add_argument("--work", type=Path, help="data, PKI, key and run logs (default: runs/experiment-SCALE)")
+    p.add_argument("--results", type=Path, help="one JSON per run (default: results/SCALE)")
+    p.add_argument("--docs", type=Path, help="the report (default: docs/results.md for mini, "
+                   "else docs/results-SCALE.md)")  # fmt: skip
+    p.add_argument("--fig", type=Path, help="Fig. 3 PNG (default: docs/fig3-SCALE.png)")
+    p.add_argument("--models", help="comma-separated model ids (default: all)")
+    p.add_argument("--manners", help="comma-separated manners (default: single,centralized,federated)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def paper_size() -> dict[str, dict]:
+    """Sizes of the paper-size presets at every model's gamma (counted, not trained)."""
+    sizes = {}
+    for model in MODELS:
+        preset = SCALES["paper"].presets[model.family]
+        info = model_info(preset, model.gamma_value)
+        sizes[model.id] = {"preset": preset, "gamma": model.gamma, "real_params": info["real_params"],
+                           "state_bytes": info["state_bytes"]}  # fmt: skip
+    return sizes
+
+
+def write_meta(ctx: Context, started: float) -> None:
+    """The setup every run shares, for the report (updated after each run with the wall time)."""
+    s: Scale = ctx.scale
+    path = ctx.results / "meta.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    meta = {
+        "scale": s.name, "machine": machine(),
+        "data": {"train_words": s.train_words, "test_words_per_set": s.test_words, "styles": "all 8 families",
+                 "edges": s.edges, "split": "iid", "seed": s.seed},
+        "rounds": s.rounds, "local_epochs": s.local_epochs, "epochs": s.epochs, "batch_size": s.batch_size,
+        "labels": s.labels, "optimizer": s.optimizer, "lr": s.lr, "lr_decay_rounds": list(s.decay_rounds),
+        "lr_decay_factors": list(s.decay_factors), "lr_decay_epochs": list(s.decay_epochs),
+        "presets": dict(s.presets), "beam": s.beam, "threads_per_process": s.threads,
+        "wall_s": round(previous.get("wall_s", 0.0) + time.monotonic() - started, 1),
+        "paper_size": previous.get("paper_size") or paper_size(),
+    }  # fmt: skip
+    ctx.results.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def run_all(ctx: Context, models: list, manners: list[str]) -> None:
+    """Every missing run: the single and centralized runs ``scale.parallel`` at a time (one thread
+    each), then the federated runs one after another (their C edges share the machine)."""
+    local = [(model, manner) for model in models for manner in ("centralized", "single") if manner in manners]
+    pending = [(m, manner) for m, manner in local if not result_path(ctx, m, manner).exists()]
+    running: dict[subprocess.Popen, tuple] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < ctx.scale.parallel:
+                model, manner = pending.pop(0)
+                log.info("training %s: %s (%s)", model.id, manner, preset_of(ctx.scale, model))
+                running[start_training(ctx, model, manner)] = (model, manner, time.monotonic())
+            done = next((p for p in running if p.poll() is not None), None)
+            if done is None:
+                time.sleep(1.0)
+                continue
+            model, manner, started = running.pop(done)
+            finish_training(ctx, model, manner, done, started)
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for model in models:
+        if "federated" in manners and not result_path(ctx, model, "federated").exists():
+            log.info("federated %s: %d edges, %d rounds", model.id, ctx.scale.edges, ctx.scale.rounds)
+            run_federated(ctx, model)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    scale = SCALES[args.scale]
+    work = args.work or Path("runs") / f"experiment-{scale.name}"
+    results = args.results or Path("results") / scale.name
+    docs = args.docs or Path("docs") / ("results.md" if scale.name == "mini" else f"results-{scale.name}.md")
+    fig = args.fig or Path("docs") / f"fig3-{scale.name}.png"
+    try:
+        models = [model_by_id(m) for m in args.models.split(",")] if args.models else list(MODELS)
+        manners = args.manners.split(",") if args.manners else list(MANNERS)
+        if unknown := [m for m in manners if m not in MANNERS]:
+            raise ValueError(f"unknown manners {unknown}; choose from {', '.join(MANNERS)}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    if not args.report_only:
+        started = time.monotonic()
+        work.mkdir(parents=True, exist_ok=True)
+        log.info("scale %s: rendering data under %s", scale.name, work / "data")
+        data = make_data(work / "data", scale)
+        ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results)
+        try:
+            run_all(ctx, models, manners)
+        except RunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; finished runs are kept and a rerun goes on from there", file=sys.stderr)
+            return 130
+        finally:
+            write_meta(ctx, started)
+    discussion = DISCUSSION / f"{scale.name}.md"
+    preamble = discussion.read_text() if discussion.exists() else ""
+    report.write_report(results, docs, fig, preamble)
+    print(f"wrote {docs} and {fig} from {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""One run of the experiment: a model trained alone on one shard, centrally on all shards, or federated.
+
+Single and centralized runs are `recognizer train` processes; a federated run is the real thing:
+one aggregator and C edge-agent processes over mutual TLS on 127.0.0.1 (``deploy.demo.Federation``).
+Every finished run leaves one JSON file; a run whose file exists is never repeated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deploy.demo import Federation, Settings, list_rounds, scores_by_version
+from experiments.data import ExperimentData
+from experiments.scales import TEST_SETS, ModelSpec, Scale, preset_of
+from recognizer.dataset import make_loader
+from recognizer.keys import load_key
+from recognizer.model import model_info
+from recognizer.model_io import load_model
+from recognizer.train import evaluate
+
+log = logging.getLogger(__name__)
+PY = sys.executable
+
+
+class RunError(RuntimeError):
+    """A run failed; the message names its log."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every run of one experiment shares."""
+
+    scale: Scale
+    data: ExperimentData
+    key: Path  # one federation key: every manner of a model starts from the same W_0
+    pki: Path
+    work: Path  # run directories (models, logs) go under work/runs
+    results: Path  # one JSON per finished run
+
+
+def machine() -> str:
+    """The machine in words, for the result files."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}"
+
+
+def result_path(ctx: Context, model: ModelSpec, manner: str) -> Path:
+    """Where the JSON of a run goes."""
+    return ctx.results / f"{model.slug}__{manner}.json"
+
+
+def run_dir(ctx: Context, model: ModelSpec, manner: str) -> Path:
+    """Where a run keeps its model and logs."""
+    return ctx.work / "runs" / f"{model.slug}__{manner}"
+
+
+def train_command(ctx: Context, model: ModelSpec, manner: str, out: Path) -> list[str]:
+    """`recognizer train` for the single (shard 0) or centralized (all shards pooled) manner."""
+    s = ctx.scale
+    shards = ctx.data.shards[:1] if manner == "single" else ctx.data.shards
+    cmd = [PY, "-m", "recognizer.cli", "train"]
+    for shard in shards:
+        cmd += ["--data", str(shard)]
+    cmd += [
+        "--preset", preset_of(s, model), "--gamma", model.gamma or "none",
+        "--epochs", str(s.epochs), "--decay-epochs", ",".join(map(str, s.decay_epochs)),
+        "--batch-size", str(s.batch_size), "--optimizer", s.optimizer, "--lr", str(s.lr),
+        "--threads", str(s.threads), "--seed", str(s.seed), "--key", str(ctx.key), "--out", str(out),
+    ]  # fmt: skip
+    return cmd
+
+
+def start_training(ctx: Context, model: ModelSpec, manner: str) -> subprocess.Popen:
+    """Start a single or centralized run in a fresh run directory."""
+    home = run_dir(ctx, model, manner)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    log_file = (home / "train.log").open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        train_command(ctx, model, manner, home / "model.npz"), stdout=log_file, stderr=subprocess.STDOUT,
+        env=env, start_new_session=True,
+    )
+
+
+def evaluate_model(ctx: Context, model_file: Path) -> dict[str, dict]:
+    """Word accuracy, 1-NED and loss of a model file on every test set."""
+    torch.set_num_threads(max(1, ctx.scale.threads))
+    model, _ = load_model(model_file, load_key(ctx.key))
+    scores = {}
+    for name in TEST_SETS:
+        r = evaluate(model, make_loader(ctx.data.tests[name], 64, shuffle=False), beam_width=ctx.scale.beam)
+        scores[name] = {"accuracy": r.accuracy, "char_accuracy": r.char_accuracy, "loss": r.loss,
+                        "samples": r.samples}  # fmt: skip
+    return scores
+
+
+def _record(ctx: Context, model: ModelSpec, manner: str, model_file: Path, wall_s: float, **extra) -> dict:
+    """The run's JSON (see experiments/report.py), written atomically."""
+    info = model_info(preset_of(ctx.scale, model), model.gamma_value)
+    accuracy = evaluate_model(ctx, model_file)
+    record = {
+        "scale": ctx.scale.name, "model": model.id, "label": model.label, "backbone": model.backbone,
+        "preset": preset_of(ctx.scale, model), "gamma": model.gamma, "manner": manner,
+        "params": {"real": info["real_params"], "virtual": info["virtual_params"]},
+        "model_file_bytes": model_file.stat().st_size,
+        "epochs": ctx.scale.epochs, "rounds": None, "local_epochs": ctx.scale.local_epochs,
+        "accuracy": accuracy,
+        "mean_accuracy": sum(a["accuracy"] for a in accuracy.values()) / len(accuracy),
+        "mean_char_accuracy": sum(a["char_accuracy"] for a in accuracy.values()) / len(accuracy),
+        "upload": None, "curve": [],
+        "wall_s": round(wall_s, 1), "machine": machine(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    record.update(extra)
+    path = result_path(ctx, model, manner)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    log.info("%s %s: mean accuracy %.1f%%, 1-NED %.3f (%.0f s)", model.id, manner,
+             100 * record["mean_accuracy"], record["mean_char_accuracy"], wall_s)  # fmt: skip
+    return record
+
+
+def finish_training(
+    ctx: Context, model: ModelSpec, manner: str, proc: subprocess.Popen, started: float
+) -> dict:
+    """Wait for a training process, then evaluate its model and write the run's JSON."""
+    home = run_dir(ctx, model, manner)
+    code = proc.wait()
+    wall = time.monotonic() - started
+    if code != 0:
+        raise RunError(f"{model.id} {manner}: recognizer train exited with {code}; see {home / 'train.log'}")
+    return _record(ctx, model, manner, home / "model.npz", wall)
+
+
+def run_federated(ctx: Context, model: ModelSpec) -> dict:
+    """C edge agents and one aggregator, real processes over mutual TLS; edge-0 scores each global
+    model on the clean test set, which gives Fig. 3's curve."""
+    s = ctx.scale
+    home = run_dir(ctx, model, "federated")
+    shutil.rmtree(home, ignore_errors=True)
+    settings = Settings(
+        rounds=s.rounds, local_epochs=s.local_epochs, preset=preset_of(s, model), gamma=model.gamma or "none",
+        lr=s.lr, batch_size=s.batch_size, quorum=s.edges, min_edges=s.edges, deadline_s=s.deadline_s,
+        threads=s.threads, lr_decay_rounds=",".join(map(str, s.decay_rounds)), optimizer=s.optimizer,
+    )  # fmt: skip
+    fed = Federation(home, ctx.pki, ctx.key, settings)
+    started = time.monotonic()
+    try:
+        fed.start_aggregator(s.edges)
+        for k, shard in enumerate(ctx.data.shards):
+            fed.start_edge(f"edge-{k}", shard, val=ctx.data.tests["clean"] if k == 0 else None)
+        fed.wait_edges(timeout_s=s.rounds * s.deadline_s + 600)
+        rounds = list_rounds(ctx.pki, fed.port)
+    finally:
+        fed.stop()
+    wall = time.monotonic() - started
+    scores = scores_by_version(home / "edges" / "edge-0" / "rounds.jsonl")
+    return _record(ctx, model, "federated", home / "edges" / "edge-0" / "final.npz", wall,
+                   rounds=s.rounds, **_accounting(rounds, scores, s.edges))  # fmt: skip
+
+
+def _accounting(rounds: dict, scores: dict[int, dict], edges: int) -> dict:
+    """Upload bytes per edge per round and the clean-set curve against cumulative raw MB per edge."""
+    closed = [r for r in rounds.get("rounds", []) if r["state"].endswith("CLOSED")]
+    raw_up = [int(r["bytes"]["raw_up"]) for r in closed]
+    wire_up = [int(r["bytes"]["wire_up"]) for r in closed]
+    curve, sent = [], 0
+    first = scores.get(int(closed[0].get("state_version", 0))) if closed else None  # W_0
+    if first:
+        curve.append({"round": 0, "upload_mb_per_edge": 0.0, "clean_accuracy": first["accuracy"],
+                      "clean_char_accuracy": first["char_accuracy"]})  # fmt: skip
+    for r, raw in zip(closed, raw_up, strict=True):
+        sent += raw / edges
+        after = scores.get(int(r.get("state_version", 0)) + 1)
+        if after:
+            curve.append({"round": r["round_index"] + 1, "upload_mb_per_edge": sent / 1e6,
+                          "clean_accuracy": after["accuracy"], "clean_char_accuracy": after["char_accuracy"]})
+    n = max(len(closed), 1)
+    upload = {
+        "raw_bytes_per_edge_per_round": sum(raw_up) / n / edges,
+        "wire_bytes_per_edge_per_round": sum(wire_up) / n / edges,
+        "raw_bytes_total": sum(raw_up), "wire_bytes_total": sum(wire_up), "edges": edges,
+        "rounds_closed": len(closed),
+    }  # fmt: skip
+    return {"upload": upload, "curve": curve}

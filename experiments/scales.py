@@ -1,0 +1,117 @@
+"""What each scale of the experiment runs: models, data sizes, rounds and the learning-rate plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+# The lr is x0.1 from the first decay round on, x0.01 from the second (the paper: rounds 5 and 30 of 44).
+DECAY_FACTORS = (0.1, 0.01)
+
+# The six held-out test sets, one per style family (the analogues of the paper's benchmarks).
+TEST_SETS: tuple[str, ...] = ("clean", "lowres", "blur", "perspective", "curved", "noisy")
+MANNERS: tuple[str, ...] = ("single", "centralized", "federated")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the paper's Table 1: a backbone family and a hashing ratio (None: not hashed)."""
+
+    id: str
+    label: str
+    family: str  # "aster-fl" or "fedocr": the scale picks the preset of the family
+    backbone: str
+    gamma: str | None
+
+    @property
+    def gamma_value(self) -> float | None:
+        """The hashing ratio as a number (None: not hashed)."""
+        return None if self.gamma is None else float(Fraction(self.gamma))
+
+    @property
+    def slug(self) -> str:
+        """The id as a file-name part ("fedocr-hash-1/2" -> "fedocr-hash-1_2")."""
+        return self.id.replace("/", "_")
+
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("aster-fl", "ASTER-FL", "aster-fl", "ResNet", None),
+    ModelSpec("fedocr-hash-1", "FedOCR-Hash_1", "fedocr", "ShuffleNetV2", "1"),
+    ModelSpec("fedocr-hash-1/2", "FedOCR-Hash_1/2", "fedocr", "ShuffleNetV2", "1/2"),
+    ModelSpec("fedocr-hash-1/4", "FedOCR-Hash_1/4", "fedocr", "ShuffleNetV2", "1/4"),
+    ModelSpec("fedocr-hash-1/8", "FedOCR-Hash_1/8", "fedocr", "ShuffleNetV2", "1/8"),
+)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The size of one experiment: data, presets, rounds and how the machine is shared."""
+
+    name: str
+    presets: dict[str, str]  # family -> preset
+    train_words: int  # split into `edges` IID shards
+    test_words: int  # per test set
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    decay_rounds: tuple[int, ...]  # 1-based rounds from which the lr is decayed
+    labels: str = "mixed"  # recognizer.synth.LABEL_KINDS
+    optimizer: str = "adadelta"
+    lr: float = 1.0
+    edges: int = 5
+    beam: int = 1  # beam width of the final evaluation (the paper's ASTER: 5)
+    threads: int = 1  # torch threads per training process
+    parallel: int = 2  # single/centralized runs trained side by side
+    deadline_s: float = 3600.0  # a round's deadline at the aggregator
+    seed: int = 20261122
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the data in every manner: rounds x local epochs."""
+        return self.rounds * self.local_epochs
+
+    @property
+    def decay_factors(self) -> tuple[float, ...]:
+        """The lr factor from each decay round on (relative to the initial lr)."""
+        return DECAY_FACTORS[: len(self.decay_rounds)]
+
+    @property
+    def decay_epochs(self) -> tuple[int, ...]:
+        """0-based epochs of a centralized or single run from which the same decays apply."""
+        return tuple((r - 1) * self.local_epochs for r in self.decay_rounds)
+
+
+SCALES: dict[str, Scale] = {
+    # Checks the pipeline end to end in a few minutes (one test runs it): not a result.
+    "smoke": Scale(
+        "smoke", {"aster-fl": "aster-fl-half-norect", "fedocr": "fedocr-half-norect"},
+        train_words=100, test_words=12, rounds=2, local_epochs=1, batch_size=10, decay_rounds=(2,),
+        labels="digits", deadline_s=600.0,
+    ),
+    # The CPU run reported in docs/results.md (2 cores, under 2 hours); docs/results.md says why
+    # digit strings, no rectifier and an lr decay for the last round only.
+    "mini": Scale(
+        "mini", {"aster-fl": "aster-fl-half-norect", "fedocr": "fedocr-half-norect"},
+        train_words=16_000, test_words=300, rounds=5, local_epochs=1, batch_size=16, decay_rounds=(5,),
+        labels="digits",
+    ),
+    # The paper's settings: C=5, E_l=3, 44 rounds, decays at rounds 5 and 30, beam 5; an accelerator.
+    "paper": Scale(
+        "paper", {"aster-fl": "aster-fl", "fedocr": "fedocr"},
+        train_words=500_000, test_words=2_000, rounds=44, local_epochs=3, batch_size=128,
+        decay_rounds=(5, 30), beam=5, threads=4, parallel=1, deadline_s=6 * 3600.0,
+    ),
+}  # fmt: skip
+
+
+def preset_of(scale: Scale, model: ModelSpec) -> str:
+    """The preset a scale uses for a model's family."""
+    return scale.presets[model.family]
+
+
+def model_by_id(model_id: str) -> ModelSpec:
+    """The model with this id. Raises ValueError listing the valid ids."""
+    for m in MODELS:
+        if m.id == model_id:
+            return m
+    raise ValueError(f"unknown model {model_id!r}; valid models: {', '.join(m.id for m in MODELS)}")
