@@ -81,32 +81,26 @@ def write_meta(ctx: Context, started: float) -> None:
 
 
 def run_all(ctx: Context, models: list, manners: list[str]) -> None:
-    """Every missing run: the single and centralized runs ``scale.parallel`` at a time (one thread
-    each), then the federated runs one after another (their C edges share the machine)."""
-    local = [(model, manner) for model in models for manner in ("centralized", "single") if manner in manners]
-    pending = [(m, manner) for m, manner in local if not result_path(ctx, m, manner).exists()]
-    running: dict[subprocess.Popen, tuple] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < ctx.scale.parallel:
-                model, manner = pending.pop(0)
-                log.info("training %s: %s (%s)", model.id, manner, preset_of(ctx.scale, model))
-                running[start_training(ctx, model, manner)] = (model, manner, time.monotonic())
-            done = next((p for p in running if p.poll() is not None), None)
-            if done is None:
-                time.sleep(1.0)
-                continue
-            model, manner, started = running.pop(done)
-            finish_training(ctx, model, manner, done, started)
-    finally:
-        for proc in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """Every missing run, model by model: the single and centralized trainings (one thread each)
+    run beside the federation, so the machine stays busy and each model finishes as a whole."""
     for model in models:
-        if "federated" in manners and not result_path(ctx, model, "federated").exists():
-            log.info("federated %s: %d edges, %d rounds", model.id, ctx.scale.edges, ctx.scale.rounds)
-            run_federated(ctx, model)
+        missing = [m for m in manners if not result_path(ctx, model, m).exists()]
+        local = [m for m in ("centralized", "single") if m in missing]
+        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        try:
+            for manner in local:
+                log.info("training %s: %s (%s)", model.id, manner, preset_of(ctx.scale, model))
+                running[manner] = (start_training(ctx, model, manner), time.monotonic())
+            if "federated" in missing:
+                log.info("federated %s: %d edges, %d rounds", model.id, ctx.scale.edges, ctx.scale.rounds)
+                run_federated(ctx, model)
+            for manner, (proc, started) in running.items():
+                finish_training(ctx, model, manner, proc, started)
+        finally:
+            for proc, _ in running.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -61,7 +61,6 @@ class Scale:
     edges: int = 5
     beam: int = 1  # beam width of the final evaluation (the paper's ASTER: 5)
     threads: int = 1  # torch threads per training process
-    parallel: int = 2  # single/centralized runs trained side by side
     deadline_s: float = 3600.0  # a round's deadline at the aggregator
     seed: int = 20261122
 
@@ -99,7 +98,7 @@ SCALES: dict[str, Scale] = {
     "paper": Scale(
         "paper", {"aster-fl": "aster-fl", "fedocr": "fedocr"},
         train_words=500_000, test_words=2_000, rounds=44, local_epochs=3, batch_size=128,
-        decay_rounds=(5, 30), beam=5, threads=4, parallel=1, deadline_s=6 * 3600.0,
+        decay_rounds=(5, 30), beam=5, threads=4, deadline_s=6 * 3600.0,
     ),
 }  # fmt: skip
 
