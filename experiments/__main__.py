@@ -27,7 +27,7 @@ from experiments.runs import (
     run_federated,
     start_training,
 )
-from experiments.scales import MANNERS, MODELS, SCALES, Scale, model_by_id, preset_of
+from experiments.scales import MANNERS, MODELS, SCALES, ModelSpec, Scale, model_by_id, preset_of
 from recognizer.model import model_info
 
 log = logging.getLogger("experiments")
@@ -81,26 +81,36 @@ def write_meta(ctx: Context, started: float) -> None:
 
 
 def run_all(ctx: Context, models: list, manners: list[str]) -> None:
-    """Every missing run, model by model: the single and centralized trainings (one thread each)
-    run beside the federation, so the machine stays busy and each model finishes as a whole."""
-    for model in models:
-        missing = [m for m in manners if not result_path(ctx, model, m).exists()]
-        local = [m for m in ("centralized", "single") if m in missing]
-        running: dict[str, tuple[subprocess.Popen, float]] = {}
-        try:
-            for manner in local:
+    """Every missing run. A model's single and centralized trainings (one thread each) start beside
+    its federation and may go on beside the next model's, so the machine stays busy."""
+    running: list[tuple[ModelSpec, str, subprocess.Popen, float]] = []
+    try:
+        for model in models:
+            missing = [m for m in manners if not result_path(ctx, model, m).exists()]
+            for manner in [m for m in ("centralized", "single") if m in missing]:
                 log.info("training %s: %s (%s)", model.id, manner, preset_of(ctx.scale, model))
-                running[manner] = (start_training(ctx, model, manner), time.monotonic())
+                running.append((model, manner, start_training(ctx, model, manner), time.time()))
             if "federated" in missing:
                 log.info("federated %s: %d edges, %d rounds", model.id, ctx.scale.edges, ctx.scale.rounds)
                 run_federated(ctx, model)
-            for manner, (proc, started) in running.items():
-                finish_training(ctx, model, manner, proc, started)
-        finally:
-            for proc, _ in running.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            running = _reap(ctx, running, wait=False)
+        _reap(ctx, running, wait=True)
+    finally:
+        for *_, proc, _ in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _reap(ctx: Context, running: list, wait: bool) -> list:
+    """Evaluate and record the trainings that ended (all of them with ``wait``); returns the rest."""
+    left = []
+    for model, manner, proc, started in running:
+        if wait or proc.poll() is not None:
+            finish_training(ctx, model, manner, proc, started)
+        else:
+            left.append((model, manner, proc, started))
+    return left
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -421,8 +421,13 @@ def _lr_schedule(meta: dict) -> str:
     factors = meta.get("lr_decay_factors") or []
     if not isinstance(rounds, list) or not isinstance(factors, list):
         return f"{lr:g}"
-    steps = [f"×{f:g} after round {r}" for r, f in zip(rounds, factors, strict=False)]
-    return f"{lr:g}" + (", " + ", ".join(steps) if steps else " (constant)")
+    steps = [f"×{f:g} from round {r} on" for r, f in zip(rounds, factors, strict=False)]
+    text = f"{meta.get('optimizer', 'adadelta')} lr {lr:g}"
+    text += ", " + ", ".join(steps) if steps else " (constant)"
+    epochs = meta.get("lr_decay_epochs")
+    if isinstance(epochs, list) and epochs:
+        text += " (single and centralized: from epoch " + ", ".join(str(e + 1) for e in epochs) + ")"
+    return text
 
 
 def _setup(meta: dict, runs: list[dict]) -> str:
@@ -436,12 +441,13 @@ def _setup(meta: dict, runs: list[dict]) -> str:
         f"- Scale: {_text(meta.get('scale'))}",
         f"- Training words: {_text(data.get('train_words'))}; test words per set: "
         f"{_text(data.get('test_words_per_set'))} ({len(TEST_SETS)} test sets)",
-        f"- Styles: {_text(data.get('styles'))}",
+        f"- Labels: {_text(meta.get('labels'))}; styles: {_text(data.get('styles'))}",
         f"- Edges: {_text(data.get('edges'))}; data seed: {_text(data.get('seed'))}",
         f"- Rounds: {_text(meta.get('rounds'))}; local epochs per round: {_text(meta.get('local_epochs'))}; "
         f"batch size: {_text(meta.get('batch_size'))}",
         f"- Learning rate: {_lr_schedule(meta)}",
-        f"- Presets: {preset_text}",
+        f"- Presets: {preset_text}; beam width of the final evaluation: {_text(meta.get('beam'))}; "
+        f"torch threads per process: {_text(meta.get('threads_per_process'))}",
         f"- Wall time: {runs_wall} summed over {len(walls)} runs; whole experiment: "
         f"{_hms(_num(meta.get('wall_s')))}",
     ]

@@ -138,13 +138,17 @@ def _record(ctx: Context, model: ModelSpec, manner: str, model_file: Path, wall_
 def finish_training(
     ctx: Context, model: ModelSpec, manner: str, proc: subprocess.Popen, started: float
 ) -> dict:
-    """Wait for a training process, then evaluate its model and write the run's JSON."""
+    """Wait for a training process, then evaluate its model and write the run's JSON.
+
+    ``started`` is the wall-clock start (time.time()); the run's time ends when its model file was
+    written, however late the process is reaped.
+    """
     home = run_dir(ctx, model, manner)
     code = proc.wait()
-    wall = time.monotonic() - started
     if code != 0:
         raise RunError(f"{model.id} {manner}: recognizer train exited with {code}; see {home / 'train.log'}")
-    return _record(ctx, model, manner, home / "model.npz", wall)
+    model_file = home / "model.npz"
+    return _record(ctx, model, manner, model_file, model_file.stat().st_mtime - started)
 
 
 def run_federated(ctx: Context, model: ModelSpec) -> dict:

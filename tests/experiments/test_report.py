@@ -165,7 +165,7 @@ def test_sections_labels_and_preamble(written: tuple[Path, Path, str]) -> None:
     assert "FedOCR-Hash_1/4" not in markdown  # absent models get no row
     assert "curved ≈ CUTE" in markdown
     # Setup from meta.json; wall time summed over the 9 runs (9 × 125.4 s = 0:18:49) and meta's own
-    assert "×0.1 after round 1" in markdown
+    assert "×0.1 from round 1 on" in markdown
     assert "0:18:49" in markdown and "0:16:39" in markdown
     assert "`fedocr-hash-1_2__federated.json`: 2:05 on 2 CPU cores" in markdown
 
