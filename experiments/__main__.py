@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.demo import make_key, make_pki
+from deploy.demo import DemoError, make_key, make_pki
 from experiments import report
 from experiments.data import make_data
 from experiments.runs import (
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results)
         try:
             run_all(ctx, models, manners)
-        except RunError as exc:
+        except (RunError, DemoError) as exc:  # a training or a federation process failed
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
