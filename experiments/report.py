@@ -19,16 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-MODEL_ORDER = ("aster-fl", "fedocr-hash-1", "fedocr-hash-1/2", "fedocr-hash-1/4", "fedocr-hash-1/8")
-MODEL_LABELS = {
-    "aster-fl": "ASTER-FL",
-    "fedocr-hash-1": "FedOCR-Hash_1",
-    "fedocr-hash-1/2": "FedOCR-Hash_1/2",
-    "fedocr-hash-1/4": "FedOCR-Hash_1/4",
-    "fedocr-hash-1/8": "FedOCR-Hash_1/8",
-}
-MANNERS = ("single", "centralized", "federated")
-TEST_SETS = ("clean", "lowres", "blur", "perspective", "curved", "noisy")
+from experiments.scales import MANNERS, MODELS, TEST_SETS
+
+# Models, manners and test sets are the experiment's own (experiments/scales.py).
+MODEL_ORDER = tuple(m.id for m in MODELS)
+MODEL_LABELS = {m.id: m.label for m in MODELS}
 # The paper's benchmark each synthetic test set stands in for.
 PAPER_ANALOGUE = {
     "clean": "IIIT5k/IC13",
