@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.demo import DemoError, make_key, make_pki
+from deploy.localfed import DemoError, make_key, make_pki
 from experiments import report
 from experiments.data import make_data
 from experiments.runs import (

@@ -1,7 +1,7 @@
 """One run of the experiment: a model trained alone on one shard, centrally on all shards, or federated.
 
 Single and centralized runs are `recognizer train` processes; a federated run is the real thing:
-one aggregator and C edge-agent processes over mutual TLS on 127.0.0.1 (``deploy.demo.Federation``).
+one aggregator and C edge-agent processes over mutual TLS on 127.0.0.1 (``deploy.localfed.Federation``).
 Every finished run leaves one JSON file; a run whose file exists is never repeated.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from deploy.demo import Federation, Settings, list_rounds, scores_by_version
+from deploy.localfed import Federation, Settings, list_rounds, scores_by_version
 from experiments.data import ExperimentData
 from experiments.scales import TEST_SETS, ModelSpec, Scale, preset_of
 from recognizer.dataset import make_loader

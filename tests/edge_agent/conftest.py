@@ -14,9 +14,9 @@ from recognizer.shard import split_dataset
 from recognizer.synth import render_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy"))  # demo.py: the launcher `make demo` uses (importlib mode)
+sys.path.insert(0, str(ROOT / "deploy"))  # localfed.py: the launcher `make demo` uses (importlib mode)
 
-import demo  # noqa: E402
+import localfed  # noqa: E402
 
 TRAIN_WORDS = 480
 TEST_WORDS = 96
@@ -50,11 +50,11 @@ def federation_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def launch(test_pki, federation_key: Path, tmp_path: Path) -> Iterator:
-    """Factory: a demo.Federation (aggregator + edge processes) in tmp_path; stopped after the test."""
-    started: list[demo.Federation] = []
+    """Factory: a localfed.Federation (aggregator + edge processes) in tmp_path; stopped after the test."""
+    started: list[localfed.Federation] = []
 
-    def _launch(settings: demo.Settings) -> demo.Federation:
-        fed = demo.Federation(tmp_path, test_pki.dir, federation_key, settings)
+    def _launch(settings: localfed.Settings) -> localfed.Federation:
+        fed = localfed.Federation(tmp_path, test_pki.dir, federation_key, settings)
         started.append(fed)
         return fed
 

@@ -28,10 +28,10 @@ from recognizer.shard import split_dataset
 from recognizer.synth import render_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy"))  # demo.py: the launcher `make demo` uses (importlib mode)
+sys.path.insert(0, str(ROOT / "deploy"))  # localfed.py: the launcher `make demo` uses (importlib mode)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tcpproxy beside this file
 
-import demo  # noqa: E402
+import localfed  # noqa: E402
 from tcpproxy import DOWN, UP, TcpProxy  # noqa: E402
 
 PY = sys.executable
@@ -302,15 +302,15 @@ def host_pki(tmp_path: Path) -> Path:
     pki.issue(d, pki.ROLE_SERVER, "aggregator", hosts=[AGG_IP, "127.0.0.1"])
     for name in ("edge-0", "edge-1"):
         pki.issue(d, pki.ROLE_EDGE, name)
-    pki.issue(d, pki.ROLE_OBSERVER, demo.OBSERVER)
+    pki.issue(d, pki.ROLE_OBSERVER, localfed.OBSERVER)
     return d
 
 
 def list_rounds_in(ns_prefix: list[str], pki_dir: Path, port: int) -> dict:
-    """demo.list_rounds (ListRounds as the observer over 127.0.0.1), run inside the aggregator's host."""
+    """localfed.list_rounds (ListRounds as the observer over 127.0.0.1), run inside the aggregator's host."""
     code = (
-        f"import json, sys; sys.path.insert(0, {str(ROOT / 'deploy')!r}); import demo; "
-        f"from pathlib import Path; print(json.dumps(demo.list_rounds(Path({str(pki_dir)!r}), {port})))"
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'deploy')!r}); import localfed; "
+        f"from pathlib import Path; print(json.dumps(localfed.list_rounds(Path({str(pki_dir)!r}), {port})))"
     )
     out = subprocess.run([*ns_prefix, PY, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
@@ -399,7 +399,7 @@ STALL_S = 4.0
 class ProxiedEdge:
     """One aggregator on 127.0.0.1 and one edge agent that reaches it only through a TcpProxy."""
 
-    fed: demo.Federation
+    fed: localfed.Federation
     proxy: TcpProxy
     agg_port: int
     edge: subprocess.Popen
@@ -417,21 +417,21 @@ class ProxiedEdge:
     def finish(self, timeout: float = 120) -> tuple[dict, list[dict[str, Any]]]:
         """Wait for the edge to finish; (ListRounds read directly from the aggregator, the journal)."""
         wait_exit(self.edge, timeout, self.log)
-        return demo.list_rounds(self.fed.pki, self.agg_port), journal(self.work)
+        return localfed.list_rounds(self.fed.pki, self.agg_port), journal(self.work)
 
 
 @pytest.fixture
 def proxied(test_pki, fed_key: Path, shards: Shards, tmp_path: Path) -> Iterator[Callable[..., ProxiedEdge]]:
     """Factory: ``proxied(rounds)`` starts the aggregator (quorum 1), the proxy and the edge."""
-    feds: list[demo.Federation] = []
+    feds: list[localfed.Federation] = []
     proxies: list[TcpProxy] = []
 
     def _start(rounds: int) -> ProxiedEdge:
-        settings = demo.Settings(
+        settings = localfed.Settings(
             rounds=rounds, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, quorum=1,
             deadline_s=120.0,
         )  # fmt: skip
-        fed = demo.Federation(tmp_path, test_pki.dir, fed_key, settings)
+        fed = localfed.Federation(tmp_path, test_pki.dir, fed_key, settings)
         feds.append(fed)
         agg_port = fed.start_aggregator(n_edges=1)
         proxy = TcpProxy(("127.0.0.1", agg_port))
