@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--deadline", dest="deadline_s", type=float, help="seconds a round stays open")
     add("--weighting", choices=("samples", "uniform"), help="FedAvg weights")
     add("--local-epochs", dest="local_epochs", type=int)
-    add("--lr", dest="learning_rate", type=float, help="base learning rate (Adadelta, paper: 1.0)")
+    add("--lr", dest="learning_rate", type=float, help="base lr (Adam edges: 0.001; paper's Adadelta: 1)")
     add("--lr-decay-rounds", dest="lr_decay_rounds", type=_ints, help="1-based rounds, e.g. 5,30")
     add("--lr-decay-factors", dest="lr_decay_factors", type=_floats, help="e.g. 0.1,0.01")
     add("--batch-size", dest="batch_size", type=int)

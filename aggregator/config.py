@@ -55,11 +55,13 @@ class AggregatorConfig:
     deadline_s: float = 600.0
     weighting: str = "samples"  # "samples" (FedAvg) or "uniform" (the paper's Algorithm 2)
     local_epochs: int = 1
-    learning_rate: float = 1.0  # Adadelta's lr, as in the paper
+    # The edges' default recipe (Adam, benchmarks/learning.py); the paper's is Adadelta at lr 1.0,
+    # x0.1 from round 5 and x0.01 from round 30, batch 64 (deploy/aggregator.toml shows it).
+    learning_rate: float = 0.001
     # 1-based round numbers from which lr is multiplied by the matching factor (paper: 5 and 30).
-    lr_decay_rounds: tuple[int, ...] = (5, 30)
-    lr_decay_factors: tuple[float, ...] = (0.1, 0.01)
-    batch_size: int = 64
+    lr_decay_rounds: tuple[int, ...] = ()
+    lr_decay_factors: tuple[float, ...] = ()
+    batch_size: int = 16
     zstd_level: int = 3
     max_chunk_bytes: int = 2 << 20  # decoded bytes per upload chunk (fedocr.tensors.MAX_CHUNK_RAW_BYTES)
     # float32 values per downloaded chunk (256 KiB): gRPC keeps, per connection, buffers about the

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from recognizer.charset import ALPHABETS
 from recognizer.cli import parse_gamma
-from recognizer.train import OPTIMIZERS
+from recognizer.device import DEVICES, WORKERS_HELP, default_bf16, default_workers, resolve_device
+from recognizer.recipe import DEFAULT_OPTIMIZER, OPTIMIZERS
 
 log = logging.getLogger("edge_agent")
 
@@ -36,12 +38,19 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
     p.add_argument("--server-name", help="name to check in the aggregator's certificate (default: the host)")
     p.add_argument("--preset", default="fedocr-tiny", help="model preset; every edge must use the same")
+    p.add_argument(
+        "--alphabet",
+        choices=sorted(ALPHABETS),
+        help="symbols the model reads (default: the preset's); part of the fingerprint, so every "
+        "edge must use the same",
+    )
     p.add_argument("--gamma", type=parse_gamma, default=1.0, help="hashing ratio: 1, 1/2, 1/4, 1/8 or none")
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        default="adadelta",
-        help="local optimizer (paper: adadelta); the round's learning rate comes from the aggregator",
+        default=DEFAULT_OPTIMIZER,
+        help="local optimizer (default adam; the paper's: adadelta); the round's learning rate comes "
+        "from the aggregator, so it must suit this optimizer",
     )
     p.add_argument(
         "--work-dir",
@@ -53,7 +62,20 @@ def _run_parser() -> argparse.ArgumentParser:
         "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
     )
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--workers", type=int, help=WORKERS_HELP)
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where local training runs: auto (default: cuda when torch.cuda.is_available(), else cpu), "
+        "cpu or cuda (an error when there is none); uploads are the same CPU float32 vectors either way",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast in local training (default: on for cuda when the GPU supports bfloat16, "
+        "off for cpu)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
     p.add_argument("--seed", type=int, default=0, help="local batch order")
     p.add_argument("--join-wait", type=int, default=30, help="seconds one Join long-poll waits for work")
@@ -118,6 +140,7 @@ def run(argv: Sequence[str]) -> int:
     set_threads(args.threads)
     progress = Progress(quiet=args.quiet)
     try:
+        device = resolve_device(args.device)
         key = load_key(args.key)
         local = LocalModel(
             args.shard,
@@ -125,8 +148,11 @@ def run(argv: Sequence[str]) -> int:
             args.preset,
             args.gamma,
             optimizer=args.optimizer,
-            workers=args.workers,
+            alphabet=args.alphabet,
+            workers=default_workers(device) if args.workers is None else args.workers,
             seed=args.seed,
+            device=device,
+            bf16=default_bf16(device) if args.bf16 is None else args.bf16,
         )
         endpoint = Endpoint(args.server, args.ca, args.cert, args.cert_key, args.server_name)
         policy = retry.RetryPolicy(
@@ -137,11 +163,12 @@ def run(argv: Sequence[str]) -> int:
         print(f"edge_agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     progress.summary(
-        "edge on %s (%d words): %s gamma %s, %d values (%s float32) per upload; aggregator %s",
+        "edge on %s (%d words): %s gamma %s on %s, %d values (%s float32) per upload; aggregator %s",
         args.shard,
         local.samples,
         args.preset,
         args.gamma,
+        local.device,
         local.length,
         megabytes(4 * local.length),
         args.server,

@@ -16,10 +16,11 @@ import torch
 
 from recognizer import state, train
 from recognizer.charset import MAX_SEQ_LEN
-from recognizer.dataset import check_vocabulary, make_loader
+from recognizer.dataset import label_report, make_loader
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import save_model
+from recognizer.recipe import DEFAULT_LR, DEFAULT_OPTIMIZER
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class LocalModel:
 
     The edge's model is always ``W_0 + G``: W_0 comes from the federation key (the same on every
     edge) and G is the global state the aggregator averages; ``increment()`` is ``W_local - W_0 - G``.
+    The model trains on ``device`` (with bf16 autocast when ``bf16``); every vector it hands out is
+    CPU float32 whatever the device.
     """
 
     def __init__(
@@ -47,25 +50,33 @@ class LocalModel:
         preset: str,
         gamma: float | None,
         *,
-        optimizer: str = "adadelta",
+        optimizer: str = DEFAULT_OPTIMIZER,
+        alphabet: str | None = None,
         workers: int = 0,
         seed: int = 0,
+        device: torch.device | str = "cpu",
+        bf16: bool = False,
     ) -> None:
         reader = LmdbReader(shard)  # a missing or corrupt shard fails here, naming the path
+        self.model = build_model(preset, key, gamma, alphabet)
         try:
             self.samples = len(reader)
-            check_vocabulary(reader, MAX_SEQ_LEN)  # before joining, not after the first round
+            # Before joining, not after the first round: unreadable labels fail, folded ones are counted.
+            self.labels = label_report(reader, self.model.alphabet, MAX_SEQ_LEN)
         finally:
             reader.close()
         self.shard = shard
         self.preset = preset
         self._key = key
-        self.model = build_model(preset, key, gamma)
         self.fingerprint = state.fingerprint(self.model, key)
         self._w0 = state.pack_state(state.export_state(self.model), key)
         self._lengths = state.state_lengths(self.model)
         self._base = self._w0.copy()  # W_0 + G of the last global state applied
-        self._optimizer = train.make_optimizer(self.model, train.DEFAULT_LR[optimizer], optimizer)
+        # W_0, the fingerprint and every vector handed out are CPU float32; only the model moves.
+        self.device = torch.device(device)
+        self.model.to(self.device)  # before the optimizer, which keeps its state beside the parameters
+        self._bf16 = bf16
+        self._optimizer = train.make_optimizer(self.model, DEFAULT_LR[optimizer], optimizer)
         self._workers = workers
         self._seed = seed
         self._rounds_trained = 0
@@ -100,11 +111,16 @@ class LocalModel:
             workers=self._workers,
             seed=self._seed + self._rounds_trained,
             input_hw=self.model.config.input_hw,
+            pin_memory=self.device.type == "cuda",
+            alphabet=self.model.alphabet,
         )
         history = []
         for epoch in range(plan.local_epochs):
             batch_cb = (lambda step, loss, e=epoch: on_batch(e, step, loss)) if on_batch else None
-            stats = train.train_epoch(self.model, loader, self._optimizer, epoch=epoch, on_batch=batch_cb)
+            stats = train.train_epoch(
+                self.model, loader, self._optimizer, epoch=epoch, on_batch=batch_cb, bf16=self._bf16,
+                device=self.device,
+            )
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -113,8 +129,15 @@ class LocalModel:
 
     def evaluate(self, data: Path, batch_size: int = 64, beam_width: int = 1) -> train.EvalResult:
         """Word accuracy and loss of the model as it is now on a local held-out LMDB."""
-        loader = make_loader(data, batch_size, shuffle=False, input_hw=self.model.config.input_hw)
-        return train.evaluate(self.model, loader, beam_width=beam_width)
+        loader = make_loader(
+            data,
+            batch_size,
+            shuffle=False,
+            input_hw=self.model.config.input_hw,
+            alphabet=self.model.alphabet,
+            pin_memory=self.device.type == "cuda",
+        )
+        return train.evaluate(self.model, loader, beam_width=beam_width, device=self.device)
 
     def increment(self) -> np.ndarray:
         """``W_local - (W_0 + G)`` in the packed layout: what the edge uploads."""

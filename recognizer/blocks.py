@@ -131,15 +131,24 @@ class ShuffleNetEncoder(nn.Module):
     # Stem conv and max pooling halve both sides (32x100 -> 8x25); each stage then halves the height only.
     STAGE_STRIDES = ((2, 1), (2, 1), (2, 1))
 
-    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
+    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], plain_stem: bool = False) -> None:
         super().__init__()
         if len(widths) != 5 or len(depths) != 3:
             raise ValueError(f"ShuffleNet encoder needs 5 widths and 3 depths, got {widths} and {depths}")
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
-            *_bn_relu(widths[0]),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        if plain_stem:
+            # Two full 3x3 convs at 1/1 and 1/2 resolution, each followed by 2x2 max pooling (as
+            # VGG): dense early features learn faster from scratch than a strided conv can give.
+            half = max(8, widths[0] // 2)
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, half, 3, padding=1, bias=False), *_bn_relu(half), nn.MaxPool2d(2),
+                nn.Conv2d(half, widths[0], 3, padding=1, bias=False), *_bn_relu(widths[0]), nn.MaxPool2d(2),
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                *_bn_relu(widths[0]),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
         stages = []
         cin = widths[0]
         for cout, depth, stride in zip(widths[1:4], depths, self.STAGE_STRIDES, strict=True):
@@ -169,11 +178,16 @@ class ShuffleNetEncoder(nn.Module):
 
 
 class SequenceEncoder(nn.Module):
-    """Collapses the 1-high feature map into a sequence and runs ASTER's 2-layer BiLSTM over it."""
+    """Collapses the 1-high feature map into a sequence and runs ASTER's 2-layer BiLSTM over it.
 
-    def __init__(self, in_channels: int, hidden: int, layers: int) -> None:
+    With ``skip``, a linear projection of the CNN features is added to the BiLSTM's output, so the
+    encoder gets a direct gradient while the freshly initialized LSTM still scrambles its own.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, layers: int, skip: bool = False) -> None:
         super().__init__()
         self.rnn = nn.LSTM(in_channels, hidden, num_layers=layers, bidirectional=True, batch_first=True)
+        self.skip = nn.Linear(in_channels, 2 * hidden) if skip else None
         self.out_channels = 2 * hidden
 
     def forward(self, fmap: Tensor) -> Tensor:
@@ -182,4 +196,4 @@ class SequenceEncoder(nn.Module):
             raise ValueError(f"encoder output must be 1 high, got {tuple(fmap.shape)}")
         seq = fmap.squeeze(2).transpose(1, 2)  # [B, L, C]
         out, _ = self.rnn(seq)
-        return out
+        return out if self.skip is None else out + self.skip(seq)

@@ -11,6 +11,10 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from recognizer.charset import ALPHABETS
+from recognizer.device import DEVICES, WORKERS_HELP
+from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS
+
 log = logging.getLogger("recognizer")
 
 
@@ -30,6 +34,12 @@ def parse_gamma(text: str) -> float | None:
 def _key_path(args: argparse.Namespace) -> Path:
     """The --key file, or the model file's name with .key (what `recognizer train` writes)."""
     return Path(args.key) if args.key else Path(args.model).with_suffix(".key")
+
+
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model runs: auto (default: cuda when torch.cuda.is_available(), "
+                        "else cpu), cpu or cuda (an error when there is none)")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -61,33 +71,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from recognizer.dataset import make_loader
+    from recognizer.device import default_bf16, default_workers, resolve_device
     from recognizer.keys import KEY_BYTES, load_key, write_key
     from recognizer.model import build_model
     from recognizer.model_io import save_model
+    from recognizer.recipe import DEFAULT_LR
     from recognizer.state import fingerprint
-    from recognizer.train import DEFAULT_LR, evaluate, lr_at, make_optimizer, set_lr, train_epoch
+    from recognizer.train import evaluate, lr_at, make_optimizer, set_lr, train_epoch
 
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bf16 = default_bf16(device) if args.bf16 is None else args.bf16
+    workers = default_workers(device) if args.workers is None else args.workers
+    pin = device.type == "cuda"
     key_path = Path(args.key) if args.key else Path(args.out).with_suffix(".key")
     new_key = not key_path.exists()  # a new key is written beside the model, never before it
     key = os.urandom(KEY_BYTES) if new_key else load_key(key_path)
-    loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
-                         workers=args.workers, seed=args.seed, check_labels=True)
-    val = make_loader(Path(args.val), args.batch_size, shuffle=False) if args.val else None
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
-    model = build_model(args.preset, key, args.gamma)
+    model = build_model(args.preset, key, args.gamma, args.alphabet)
+    data = {"input_hw": model.config.input_hw, "alphabet": model.alphabet, "pin_memory": pin}
+    loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
+                         workers=workers, seed=args.seed, check_labels=True, **data)
+    val = make_loader(Path(args.val), args.batch_size, shuffle=False, **data) if args.val else None
     initial_fingerprint = fingerprint(model, key)  # of W_0, recorded in the model file
+    model.to(device)  # before the optimizer, which keeps its state beside the parameters
+    log.info("training on %s (bf16 autocast %s, %d data-loading workers)", device,
+             "on" if bf16 else "off", workers)
     base_lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = make_optimizer(model, base_lr, args.optimizer)
     history = []
     started = time.perf_counter()
     for epoch in range(args.epochs):
         set_lr(optimizer, lr_at(epoch, base_lr, args.decay_epochs))
-        stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=args.bf16)
+        stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=bf16, device=device)
         row = {"epoch": epoch + 1, "loss": round(stats.loss, 4),
                "images_per_s": round(stats.images_per_second, 1)}
         if val is not None:
-            result = evaluate(model, val, beam_width=args.beam)
+            result = evaluate(model, val, beam_width=args.beam, device=device)
             row.update(val_accuracy=round(result.accuracy, 4), val_loss=round(result.loss, 4))
         history.append(row)
         log.info("epoch %s", row)
@@ -106,15 +126,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from recognizer.dataset import make_loader
+    from recognizer.device import default_workers, resolve_device
     from recognizer.keys import load_key
     from recognizer.model_io import load_model
     from recognizer.train import evaluate
 
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    workers = default_workers(device) if args.workers is None else args.workers
     key = load_key(_key_path(args))
-    model, meta = load_model(Path(args.model), key)
-    result = evaluate(model, make_loader(Path(args.data), args.batch_size, shuffle=False),
-                      beam_width=args.beam)
+    model, meta = load_model(Path(args.model), key, device=device)
+    loader = make_loader(Path(args.data), args.batch_size, shuffle=False, workers=workers,
+                         pin_memory=device.type == "cuda", input_hw=model.config.input_hw,
+                         alphabet=model.alphabet)
+    result = evaluate(model, loader, beam_width=args.beam, device=device)
     report = {"model": args.model, "data": args.data, "preset": meta["preset"], "gamma": meta["gamma"],
               "accuracy": result.accuracy, "char_accuracy": result.char_accuracy, "loss": result.loss,
               "samples": result.samples}
@@ -130,16 +155,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from recognizer import charset
     from recognizer.dataset import load_image_file
+    from recognizer.device import resolve_device
     from recognizer.keys import load_key
     from recognizer.model_io import load_model
 
+    device = resolve_device(args.device)
     key = load_key(_key_path(args))
-    model, _ = load_model(Path(args.model), key)
-    images = torch.stack([load_image_file(Path(p), model.config.input_hw) for p in args.images])
+    model, _ = load_model(Path(args.model), key, device=device)
+    images = torch.stack([load_image_file(Path(p), model.config.input_hw) for p in args.images]).to(device)
     for path, ids in zip(args.images, model.predict(images, beam_width=args.beam), strict=True):
-        print(f"{path}\t{charset.decode(ids)}")
+        print(f"{path}\t{model.alphabet.decode(ids)}")
     return 0
 
 
@@ -172,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--styles", help="comma-separated style families (default: all)")
-    p.add_argument("--labels", choices=("mixed", "digits"), default="mixed",
-                   help="words, numbers and codes (mixed) or digit strings only")
+    p.add_argument("--labels", choices=("mixed", "words", "digits"), default="mixed",
+                   help="words, numbers and codes (mixed), dictionary words of up to 10 letters in "
+                        "varied case (words) or digit strings (digits)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("shard", help="split an LMDB into C shards")
@@ -187,21 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on one or more LMDBs (single or centralized manner)")
     p.add_argument("--data", action="append", required=True, help="an LMDB; repeat to pool several")
     p.add_argument("--preset", default="fedocr-tiny")
+    p.add_argument("--alphabet", choices=sorted(ALPHABETS),
+                   help="symbols the model reads (default: the preset's, alnum36: case-insensitive "
+                        "digits and letters); labels are folded to it")
     p.add_argument("--gamma", type=parse_gamma, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--key", help="federation key file (default: OUT with .key; created when missing)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=("adadelta", "adam"), default="adadelta",
-                   help="adadelta as in the paper (default) or adam")
-    p.add_argument("--lr", type=float, help="base learning rate (default: 1.0 adadelta, 0.001 adam)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                   help="adam (default: learns fastest on a CPU, benchmarks/learning.py), adamw, or "
+                        "adadelta as in the paper")
+    p.add_argument("--lr", type=float, help="base learning rate (default: 0.001 adam/adamw, 1.0 adadelta)")
     p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
     p.add_argument("--val", help="an LMDB evaluated after each epoch")
     p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, help=WORKERS_HELP)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="CPU bfloat16 autocast")
+    _add_device_argument(p)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 autocast on the device (default: on for cuda when the GPU supports "
+                        "bfloat16, off for cpu; --bf16 turns it on for cpu too)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_train)
 
@@ -212,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, help=WORKERS_HELP)
+    _add_device_argument(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -219,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--key", help="federation key file (default: MODEL with .key)")
     p.add_argument("--beam", type=int, default=5)
+    _add_device_argument(p)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_predict)
 

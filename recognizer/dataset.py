@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from recognizer import charset
-from recognizer.charset import MAX_SEQ_LEN
-from recognizer.lmdb_data import LABEL_KEY, DatasetError, LmdbReader, sample_key
+from recognizer.charset import DEFAULT_ALPHABET, MAX_SEQ_LEN, Alphabet, get_alphabet
+from recognizer.lmdb_data import DatasetError, LmdbReader
 
 logger = logging.getLogger(__name__)
 
@@ -21,44 +22,58 @@ Sample = tuple[torch.Tensor, torch.Tensor, str]
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
-def check_vocabulary(reader: LmdbReader, max_len: int | None = None) -> None:
-    """Raise if any label holds a character outside the vocabulary; log how many ``max_len`` cuts.
+@dataclass(frozen=True)
+class LabelReport:
+    """How a dataset's labels fold to an alphabet (see ``Alphabet.fold``)."""
+
+    path: str
+    alphabet: str
+    labels: int
+    folded: int  # labels that lost at least one character outside the alphabet
+    dropped_chars: int  # characters dropped in all
+    emptied: int  # labels left with no character (they train the model to read nothing)
+    too_long: int  # labels cut to max_len - 1 characters
+
+    def describe(self) -> str:
+        """One line for logs and CLIs."""
+        return (f"{self.path}: {self.labels} labels; {self.folded} lose characters outside {self.alphabet} "
+                f"({self.dropped_chars} dropped, {self.emptied} left empty); {self.too_long} cut to length")
+
+
+def label_report(reader: LmdbReader, alphabet: Alphabet, max_len: int | None = None) -> LabelReport:
+    """Read every label and count what folding to ``alphabet`` (and cutting to ``max_len``) changes.
+
+    Never raises for a label's content: symbols outside the alphabet are dropped when the label is
+    read. Logs a warning when anything is dropped or cut.
 
     Raises:
-        DatasetError: naming the path, every offending character and the first offending key.
+        DatasetError: a label key is missing or not UTF-8.
     """
-    bad: set[str] = set()
-    first, offending, too_long = None, 0, 0
+    folded = dropped = emptied = too_long = 0
     for i in range(len(reader)):
         label = reader.get_label(i)
-        too_long += max_len is not None and len(label) > max_len - 1
-        missing = charset.out_of_vocabulary(label)
-        if missing:
-            bad |= missing
-            offending += 1
-            first = first or sample_key(LABEL_KEY, i + 1).decode()
-    if too_long:
-        logger.warning("%s: %d label(s) longer than %d characters; targets are cut", reader.path,
-                       too_long, max_len - 1)
-    if bad:
-        chars = " ".join(repr(c) for c in sorted(bad))
-        raise DatasetError(
-            f"{reader.path}: {offending} label(s) hold characters outside the vocabulary: {chars}; "
-            f"first at key {first!r}"
-        )
+        lost = alphabet.dropped(label)
+        folded += lost > 0
+        dropped += lost
+        kept = len(label) - lost
+        emptied += kept == 0
+        too_long += max_len is not None and kept > max_len - 1
+    report = LabelReport(str(reader.path), alphabet.name, len(reader), folded, dropped, emptied, too_long)
+    if folded or too_long:
+        logger.warning("%s", report.describe())
+    return report
 
 
 class WordDataset(Dataset):
     """Samples of a word-image LMDB as ``(image, target, label)``.
 
     ``image`` is float32 ``[3, H, W]`` in ``[-1, 1]``, resized to ``input_hw`` without keeping the
-    aspect ratio (as ASTER does); ``target`` is int64 ``[max_len]``: ``charset.encode(label,
-    max_len)`` padded with PAD; ``label`` is the stored label, case preserved. The LMDB opens
-    lazily in whichever process reads first, so DataLoader workers each open their own.
+    aspect ratio (as ASTER does); ``target`` is int64 ``[max_len]``: ``alphabet.encode(label,
+    max_len)`` (the label folded to the alphabet) padded with PAD; ``label`` is the stored label.
+    The LMDB opens lazily in whichever process reads first, so DataLoader workers each open their own.
 
     Raises:
-        DatasetError: the LMDB cannot be read; with ``check_labels``, a label is outside the
-            vocabulary.
+        DatasetError: the LMDB cannot be read (with ``check_labels``: any of its labels).
     """
 
     def __init__(
@@ -67,6 +82,7 @@ class WordDataset(Dataset):
         input_hw: tuple[int, int] = (64, 256),
         max_len: int = MAX_SEQ_LEN,
         check_labels: bool = False,
+        alphabet: Alphabet | str = DEFAULT_ALPHABET,
     ) -> None:
         if len(input_hw) != 2 or min(input_hw) < 1:
             raise ValueError(f"input_hw must be two positive ints, got {input_hw}")
@@ -75,16 +91,18 @@ class WordDataset(Dataset):
         self.reader = LmdbReader(Path(path))
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.max_len = max_len
+        self.alphabet = get_alphabet(alphabet) if isinstance(alphabet, str) else alphabet
+        self.label_report: LabelReport | None = None
         if check_labels:
-            check_vocabulary(self.reader, max_len)
+            self.label_report = label_report(self.reader, self.alphabet, max_len)
             self.reader.close()  # opened by the check; closed again before any worker forks
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def encode_target(self, label: str) -> torch.Tensor:
-        """int64 ``[max_len]``: class ids of ``label`` and EOS, cut to ``max_len``, padded with PAD."""
-        ids = charset.encode(label, self.max_len)
+        """int64 ``[max_len]``: class ids of the folded ``label`` and EOS, cut to ``max_len``, padded."""
+        ids = self.alphabet.encode(label, self.max_len)
         return torch.tensor(ids + [charset.PAD] * (self.max_len - len(ids)), dtype=torch.int64)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
@@ -138,16 +156,22 @@ def make_loader(
     input_hw: tuple[int, int] = (64, 256),
     max_len: int = MAX_SEQ_LEN,
     check_labels: bool = False,
+    pin_memory: bool = False,
+    alphabet: Alphabet | str = DEFAULT_ALPHABET,
 ) -> DataLoader:
     """A DataLoader of ``WordDataset(path, ...)`` batches ``(images, targets, labels)``.
 
     Several paths are pooled into one dataset (the centralized manner). ``seed`` fixes the
-    shuffle order, so the same seed gives the same batches.
+    shuffle order, so the same seed gives the same batches. ``pin_memory`` (for a CUDA model)
+    returns page-locked batches, which copy to the GPU asynchronously.
     """
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     if not paths:
         raise ValueError("make_loader needs at least one LMDB path")
-    parts = [WordDataset(p, input_hw=input_hw, max_len=max_len, check_labels=check_labels) for p in paths]
+    parts = [
+        WordDataset(p, input_hw=input_hw, max_len=max_len, check_labels=check_labels, alphabet=alphabet)
+        for p in paths
+    ]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -159,4 +183,5 @@ def make_loader(
         generator=generator,
         drop_last=drop_last,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recognizer import hashing
 from recognizer.blocks import ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
-from recognizer.charset import MAX_SEQ_LEN
+from recognizer.charset import DEFAULT_ALPHABET, MAX_SEQ_LEN, PAD, Alphabet, get_alphabet
 from recognizer.decoder import AttentionDecoder
 from recognizer.keys import derive_seed
 from recognizer.state import state_lengths
@@ -31,11 +33,15 @@ class ModelConfig:
     # resnet: stem + 5 stages; shufflenet: stem + 3 stages + final 1x1 conv (see blocks.py).
     encoder_widths: tuple[int, ...]
     encoder_depths: tuple[int, ...]
+    plain_stem: bool = False  # shufflenet: two full 3x3 convs with pooling instead of the strided stem
     lstm_hidden: int = 256  # per direction; the decoder reads 2x this
     lstm_layers: int = 2
+    lstm_skip: bool = False  # a linear skip around the BiLSTM (see blocks.SequenceEncoder)
     dec_hidden: int = 512
     dec_attention: int = 512
     dec_embedding: int = 512
+    dec_location: int = 0  # width of the location-aware attention filters (0: ASTER's content-only)
+    ctc_weight: float = 0.0  # > 0: an auxiliary CTC head on the BiLSTM, its loss weighted so in training
     input_hw: tuple[int, int] = (64, 256)
     tps: bool = True
     tps_points: int = 20
@@ -44,10 +50,15 @@ class ModelConfig:
     tps_margins: tuple[float, float] = (0.05, 0.05)
     stn_widths: tuple[int, ...] = (32, 64, 128, 256, 256, 256)
     stn_fc: int = 512
+    alphabet: str = DEFAULT_ALPHABET  # recognizer.charset.ALPHABETS; part of the fingerprint
 
 
 _RESNET45 = (3, 4, 6, 6, 3)
 _SHUFFLE = (4, 8, 4)
+# The CPU presets' recipe (benchmarks/learning.py measures each choice): no TPS rectifier (one
+# learning from scratch holds the recognizer on its initial plateau), images read at the encoder's
+# 32x100 directly, and location-aware attention.
+_CPU = {"tps": False, "input_hw": (32, 100), "dec_location": 7}
 
 PRESETS: dict[str, ModelConfig] = {
     # aster.pytorch as the FedOCR paper's baseline: 20.99 M parameters in Table 1.
@@ -58,29 +69,28 @@ PRESETS: dict[str, ModelConfig] = {
     "aster-fl-small": ModelConfig(
         "aster-fl-small", "resnet", (16, 16, 32, 64, 96, 128), _RESNET45,
         lstm_hidden=96, dec_hidden=128, dec_attention=128, dec_embedding=64,
-        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128,
+        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128, **_CPU,
     ),
     "fedocr-small": ModelConfig(
         "fedocr-small", "shufflenet", (24, 116, 232, 464, 256), _SHUFFLE,
         lstm_hidden=128, dec_hidden=192, dec_attention=192, dec_embedding=128,
-        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128,
+        stn_widths=(16, 32, 64, 64, 64, 64), stn_fc=128, **_CPU,
     ),
-    # Half the widths of aster-fl and fedocr everywhere (ShuffleNetV2 1.0x stages) and no TPS
-    # rectifier: the CPU experiments (experiments/scales.py), where a rectifier learning from
-    # scratch held the recognizer on its initial plateau for the whole budget (docs/results.md).
+    # Half the widths of aster-fl and fedocr everywhere (ShuffleNetV2 1.0x stages): the CPU
+    # experiments (experiments/scales.py).
     "aster-fl-half-norect": ModelConfig(
         "aster-fl-half-norect", "resnet", (16, 16, 32, 64, 128, 256), _RESNET45,
-        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, tps=False,
+        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, **_CPU,
     ),
     "fedocr-half-norect": ModelConfig(
         "fedocr-half-norect", "shufflenet", (24, 116, 232, 464, 512), _SHUFFLE,
-        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, tps=False,
+        lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, **_CPU,
     ),
-    # Small enough to train in minutes on two CPU cores (demos, tests).
+    # The default CPU preset: small enough to learn to read in minutes on one core (demo, tests).
     "fedocr-tiny": ModelConfig(
         "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE,
         lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
-        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64,
+        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64, **_CPU,
     ),
 }  # fmt: skip
 
@@ -92,6 +102,7 @@ class Recognizer(nn.Module):
         super().__init__()
         self.config = config
         self.gamma: float | None = None  # set by build_model once hashed
+        self.alphabet: Alphabet = get_alphabet(config.alphabet)
         c = config
         self.rectifier = (
             Rectifier(c.tps_input_hw, c.tps_output_hw, c.tps_points, c.tps_margins, c.stn_widths, c.stn_fc)
@@ -103,13 +114,19 @@ class Recognizer(nn.Module):
                 c.encoder_widths, c.encoder_depths
             )
         elif c.encoder == "shufflenet":
-            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths)
+            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths, c.plain_stem)
         else:
             raise ValueError(f"unknown encoder kind {c.encoder!r}; expected 'resnet' or 'shufflenet'")
-        self.sequence = SequenceEncoder(self.encoder.out_channels, c.lstm_hidden, c.lstm_layers)
+        self.sequence = SequenceEncoder(self.encoder.out_channels, c.lstm_hidden, c.lstm_layers, c.lstm_skip)
         self.decoder = AttentionDecoder(
-            self.sequence.out_channels, c.dec_hidden, c.dec_attention, c.dec_embedding
+            self.sequence.out_channels, c.dec_hidden, c.dec_attention, c.dec_embedding,
+            self.alphabet.num_classes, c.dec_location,
         )
+        # The auxiliary CTC head reads the BiLSTM's sequence; PAD, never a target, is its blank.
+        self.ctc_head: nn.Linear | None = None
+        if c.ctc_weight:
+            self.ctc_head = nn.Linear(self.sequence.out_channels, self.alphabet.num_classes)
+        self.rectify = True  # False bypasses the rectifier (training may switch it on later)
 
     def reset_parameters(self) -> None:
         """The initialization of aster.pytorch, drawn from the global torch generator."""
@@ -117,7 +134,11 @@ class Recognizer(nn.Module):
             self.rectifier.localization.reset_parameters()
         self.encoder.reset_parameters()
         self.sequence.rnn.reset_parameters()
+        if self.sequence.skip is not None:
+            self.sequence.skip.reset_parameters()
         self.decoder.reset_parameters()
+        if self.ctc_head is not None:
+            self.ctc_head.reset_parameters()
 
     @contextlib.contextmanager
     def _weights_cached(self) -> Iterator[None]:
@@ -132,26 +153,55 @@ class Recognizer(nn.Module):
         """images [B, 3, H, W] float in [-1, 1] -> sequence [B, L, D]."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if self.rectifier is not None:
+        if self.rectifier is not None and self.rectify:
             x = self.rectifier(images)
-        else:
+        elif tuple(images.shape[2:]) != self.config.tps_output_hw:
             x = nn.functional.interpolate(images, size=self.config.tps_output_hw, mode="bilinear")
+        else:
+            x = images
         return self.sequence(self.encoder(x))
 
     def forward(self, images: Tensor, targets: Tensor) -> Tensor:
         """Teacher-forced logits.
 
-        images: [B, 3, 64, 256] float32 in [-1, 1]. targets: [B, T] long (ids, then EOS, then PAD).
-        The decoder reads START at step 0, then targets[:, :-1]. Returns [B, T, NUM_CLASSES] float.
+        images: [B, 3, H, W] float32 in [-1, 1] (the config's input_hw; resized to the encoder's
+        otherwise). targets: [B, T] long (ids, then EOS, then PAD).
+        The decoder reads the start symbol at step 0, then targets[:, :-1]. Returns [B, T, num_classes] float.
         """
         with self._weights_cached():
             return self.decoder(self._encode(images), targets)
+
+    def training_loss(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Teacher-forced cross entropy, plus ``ctc_weight`` x the CTC loss of the auxiliary head.
+
+        images: [B, 3, H, W] float in [-1, 1]; targets: [B, T] long (ids, then EOS, then PAD).
+        Returns a scalar float32 tensor.
+        """
+        with self._weights_cached():
+            feats = self._encode(images)
+            loss = F.cross_entropy(
+                self.decoder(feats, targets).float().flatten(0, 1), targets.flatten(), ignore_index=PAD
+            )
+            if self.ctc_head is None:
+                return loss
+            log_probs = F.log_softmax(self.ctc_head(feats).float(), dim=2).transpose(0, 1)  # [L, B, C]
+            symbols = targets > PAD  # drop EOS and PAD
+            ctc = F.ctc_loss(
+                log_probs,
+                targets[symbols],
+                torch.full((targets.shape[0],), log_probs.shape[0], dtype=torch.long, device=targets.device),
+                symbols.sum(1),
+                blank=PAD,
+                zero_infinity=True,
+            )
+        return loss + self.config.ctc_weight * ctc
 
     @torch.no_grad()
     def predict(self, images: Tensor, beam_width: int = 5, max_len: int = MAX_SEQ_LEN) -> list[list[int]]:
         """Class ids per image, without EOS; beam_width=1 is greedy. Runs in eval mode, then restores it.
 
-        images: [B, 3, 64, 256] float32 in [-1, 1].
+        images: [B, 3, H, W] float32 in [-1, 1] (the config's input_hw; resized to the encoder's
+        otherwise).
         """
         was_training = self.training
         self.eval()
@@ -172,14 +222,20 @@ def resolve_preset(preset: str | ModelConfig) -> ModelConfig:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
 
 
-def build_model(preset: str | ModelConfig, key: bytes, gamma: float | None = 1.0) -> Recognizer:
+def build_model(
+    preset: str | ModelConfig, key: bytes, gamma: float | None = 1.0, alphabet: str | None = None
+) -> Recognizer:
     """A recognizer initialized from the federation key, hashed with ratio ``gamma``.
+
+    ``alphabet`` (a name in ``recognizer.charset.ALPHABETS``) replaces the preset's.
 
     The plain initialization is drawn from derive_seed(key, 'init') inside a forked RNG, so the
     global torch seed is untouched and every edge holding the key gets the same W_0. gamma=None
     leaves the model unhashed (baselines, benchmarks).
     """
     config = resolve_preset(preset)
+    if alphabet is not None:
+        config = dataclasses.replace(config, alphabet=get_alphabet(alphabet).name)
     if gamma is not None and not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1] or None, got {gamma}")
     with torch.random.fork_rng(devices=[]):

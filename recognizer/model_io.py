@@ -13,11 +13,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from recognizer import state
 from recognizer.model import Recognizer, build_model
 
-FORMAT = "fedocr-model/1"
+FORMAT = "fedocr-model/2"  # 2: the alphabet is recorded, class ids start with EOS and PAD
 
 
 class ModelFileError(ValueError):
@@ -31,7 +32,13 @@ def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerpri
     before training so that saving never rebuilds the network.
     """
     path = Path(path)
-    meta = {"format": FORMAT, "preset": preset, "gamma": model.gamma, "fingerprint": fingerprint.hex()}
+    meta = {
+        "format": FORMAT,
+        "preset": preset,
+        "gamma": model.gamma,
+        "alphabet": model.alphabet.name,
+        "fingerprint": fingerprint.hex(),
+    }
     packed = state.pack_state(state.export_state(model), key)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed over it: a crash leaves the old file or none, never half.
@@ -64,22 +71,23 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray]:
     gamma = meta.get("gamma", "")
     if (
         not isinstance(meta.get("preset"), str)
+        or not isinstance(meta.get("alphabet"), str)
         or not isinstance(meta.get("fingerprint"), str)
         or not (gamma is None or (isinstance(gamma, int | float) and 0 < gamma <= 1))
         or packed.ndim != 1
     ):
-        raise ModelFileError(f"{path}: malformed model file (preset, gamma, fingerprint or state)")
+        raise ModelFileError(f"{path}: malformed model file (preset, gamma, alphabet, fingerprint or state)")
     return meta, packed
 
 
 def model_from_packed(
-    preset: str, gamma: float | None, key: bytes, packed: np.ndarray
+    preset: str, gamma: float | None, key: bytes, packed: np.ndarray, alphabet: str | None = None
 ) -> tuple[Recognizer, bytes]:
-    """Rebuild the network for ``preset``/``gamma`` under ``key`` and load a packed state into it.
+    """Rebuild the network for ``preset``/``gamma``/``alphabet`` under ``key`` and load a packed state.
 
     Returns the model and the fingerprint of its initial weights under ``key``.
     """
-    model = build_model(preset, key, gamma)
+    model = build_model(preset, key, gamma, alphabet)
     fingerprint = state.fingerprint(model, key)  # of W_0, before the state replaces it
     lengths = state.state_lengths(model)
     if packed.size != sum(lengths):
@@ -90,18 +98,23 @@ def model_from_packed(
     return model, fingerprint
 
 
-def load_model(path: Path, key: bytes, *, verify_key: bool = True) -> tuple[Recognizer, dict]:
+def load_model(
+    path: Path, key: bytes, *, verify_key: bool = True, device: torch.device | str | None = None
+) -> tuple[Recognizer, dict]:
     """Load a model file with the federation key; returns (model in eval mode, metadata).
 
     With ``verify_key`` (default) a file made under another key is refused; without it the file
-    loads anyway and the network reads garbage, which is the point of the keyed hashing.
+    loads anyway and the network reads garbage, which is the point of the keyed hashing. The model
+    is built on the CPU and then moved to ``device`` (None: stays on the CPU).
     """
     meta, packed = read_model_file(path)
     try:
-        model, fingerprint = model_from_packed(meta["preset"], meta["gamma"], key, packed)
+        model, fingerprint = model_from_packed(meta["preset"], meta["gamma"], key, packed, meta["alphabet"])
     except ValueError as exc:  # an unknown preset, a state of the wrong size: name the file
         raise ModelFileError(f"{path}: {exc}") from exc
     if verify_key and fingerprint.hex() != meta["fingerprint"]:
         raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, meta

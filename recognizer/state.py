@@ -17,7 +17,7 @@ from recognizer.keys import derive
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_VERSION = "fedocr-fingerprint-v1"
+FINGERPRINT_VERSION = "fedocr-fingerprint-v2"  # v2: the alphabet is part of it
 
 
 def _state_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -113,9 +113,12 @@ def unpack_state(vector: np.ndarray, key: bytes, lengths: Sequence[int]) -> list
 
 
 def _describe(model: nn.Module) -> str:
-    """Canonical text of the architecture: types, settings, virtual shapes, real lengths, gamma."""
+    """Canonical text of the architecture: alphabet, types, settings, virtual shapes, real lengths, gamma."""
     real = {t.name: t for t in hashed_layers(model)}
     lines = [FINGERPRINT_VERSION]
+    alphabet = getattr(model, "alphabet", None)
+    if alphabet is not None:
+        lines.append(alphabet.describe())
     for qualname, module in model.named_modules():
         lines.append(f"module {qualname}|{type(module).__name__}|{module.extra_repr()}")
         if is_hashed(module):

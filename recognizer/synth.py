@@ -119,8 +119,29 @@ def sample_digits(rng: random.Random) -> str:
     return "".join(rng.choice(string.digits) for _ in range(rng.randint(1, 8)))
 
 
-# What a data set's labels are drawn from: the default mix, or digit strings only.
-LABEL_KINDS: dict[str, Callable[[random.Random], str]] = {"mixed": sample_label, "digits": sample_digits}
+# Longest dictionary word of the ``words`` label kind: most scene-text words are far shorter.
+MAX_WORD_LEN = 10
+
+
+@functools.cache
+def short_words() -> tuple[str, ...]:
+    """Dictionary words of letters only, 1 to MAX_WORD_LEN long (sorted, as dictionary_words)."""
+    return tuple(w for w in dictionary_words() if len(w) <= MAX_WORD_LEN and w.isalpha())
+
+
+def sample_word(rng: random.Random) -> str:
+    """A dictionary word of 1 to MAX_WORD_LEN letters: 20% upper case, 30% capitalized, 50% lower."""
+    word = rng.choice(short_words())
+    case = rng.random()
+    if case < 0.2:
+        return word.upper()
+    return word.capitalize() if case < 0.5 else word.lower()
+
+
+# What a data set's labels are drawn from: the default mix, dictionary words, or digit strings.
+LABEL_KINDS: dict[str, Callable[[random.Random], str]] = {
+    "mixed": sample_label, "words": sample_word, "digits": sample_digits,
+}
 
 
 def _text_masks(label: str, style: str, rng: random.Random, font_path: str) -> list[Image.Image]:
@@ -253,7 +274,7 @@ def render_dataset(
 
     The same ``seed`` and ``styles`` give byte-identical content whatever ``workers`` is; sample i
     of two sets with one seed has the same label whatever the style. ``workers`` > 1 renders in
-    forked processes. ``labels`` picks the label kind (``LABEL_KINDS``: ``mixed`` or ``digits``).
+    forked processes. ``labels`` picks the label kind (``LABEL_KINDS``: ``mixed``, ``words`` or ``digits``).
     ``progress``, if given, is called with the number of samples written so far.
 
     Returns:
@@ -271,7 +292,7 @@ def render_dataset(
         raise SynthError(f"unknown label kind {labels!r}; choose from {', '.join(LABEL_KINDS)}")
     if count < 1 or workers < 1:
         raise SynthError(f"count and workers must be >= 1, got count={count}, workers={workers}")
-    font_files(), dictionary_words()  # load once before any fork
+    font_files(), dictionary_words(), short_words()  # load once before any fork
     jobs = ((seed, i, styles[i % len(styles)], quality, labels) for i in range(count))
     start = time.perf_counter()
     total_bytes, per_style = 0, Counter()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recognizer import charset, metrics
+from recognizer.recipe import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,23 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-OPTIMIZERS = ("adadelta", "adam")
-DEFAULT_LR = {"adadelta": 1.0, "adam": 1e-3}
+ADAMW_WEIGHT_DECAY = 0.01
 
 
 def make_optimizer(model: nn.Module, lr: float, kind: str = "adadelta") -> torch.optim.Optimizer:
-    """Adadelta as in the paper (initial lr 1.0, decayed by the caller), or Adam for short CPU runs."""
+    """Adadelta as in the paper (initial lr 1.0, decayed by the caller), Adam, or AdamW (decay 0.01)."""
     if kind == "adadelta":
         return torch.optim.Adadelta(model.parameters(), lr=lr)
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
     raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr factor of optimizer step ``step`` (0-based): a linear ramp over ``warmup_steps``, then 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -79,8 +86,43 @@ def lr_at(step: int, base_lr: float, decay_at: Sequence[int]) -> float:
     return base_lr * 0.1 ** sum(1 for d in decay_at if step >= d)
 
 
-def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def _autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device_type`` ("cpu" or "cuda") when ``bf16``, else nothing."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    bf16: bool = False,
+    grad_clip: float = 5.0,
+) -> float:
+    """One optimizer step of teacher-forced training on a batch already on the model's device.
+
+    The loss is the attention decoder's cross entropy, plus the model's weighted auxiliary CTC
+    loss when it has a CTC head (``Recognizer.training_loss``). Returns the loss.
+
+    Raises:
+        FloatingPointError: the loss is not finite (nothing is stepped), so a diverged model is
+            never uploaded.
+    """
+    with _autocast(bf16, images.device.type):
+        if hasattr(model, "training_loss"):
+            loss = model.training_loss(images, targets)
+        else:
+            loss = sequence_loss(model(images, targets).float(), targets)
+    value = loss.item()  # one device sync per step
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return value
 
 
 def train_epoch(
@@ -92,29 +134,40 @@ def train_epoch(
     bf16: bool = False,
     grad_clip: float = 5.0,
     on_batch: Callable[[int, float], None] | None = None,
+    device: torch.device | str | None = None,
+    lr_factor: Callable[[], float] | None = None,
 ) -> EpochStats:
-    """One pass of teacher-forced training over ``batches`` of (images, targets, labels).
+    """One pass of teacher-forced training (``train_step``) over ``batches`` of (images, targets, labels).
 
-    Raises FloatingPointError when the loss stops being finite, so a diverged model is never uploaded.
+    Batches are copied to ``device`` (None: where the model's parameters are); ``bf16`` autocasts
+    there. ``lr_factor``, if given, is called before each step and scales the learning rate the
+    optimizer had when the epoch began (a warm-up). Raises FloatingPointError when the loss stops
+    being finite.
     """
     model.train()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     start = time.perf_counter()
     total, seen = 0.0, 0
-    for step, (images, targets, _labels) in enumerate(batches):
-        with _autocast(bf16):
-            logits = model(images, targets)
-        loss = sequence_loss(logits.float(), targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        total += loss.item() * images.shape[0]
-        seen += images.shape[0]
-        if on_batch is not None:
-            on_batch(step, loss.item())
+    try:
+        for step, (images, targets, _labels) in enumerate(batches):
+            if lr_factor is not None:
+                factor = lr_factor()
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            try:
+                value = train_step(model, images, targets, optimizer, bf16=bf16, grad_clip=grad_clip)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} at epoch {epoch} step {step}") from None
+            total += value * images.shape[0]
+            seen += images.shape[0]
+            if on_batch is not None:
+                on_batch(step, value)
+    finally:
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base
     seconds = time.perf_counter() - start
     return EpochStats(epoch=epoch, loss=total / max(seen, 1), samples=seen, seconds=seconds)
 
@@ -126,19 +179,26 @@ def evaluate(
     *,
     beam_width: int = 5,
     bf16: bool = False,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
-    """Word accuracy of ``model.predict`` and mean teacher-forced loss over ``batches``."""
+    """Word accuracy of ``model.predict`` and mean teacher-forced loss over ``batches``.
+
+    Batches are copied to ``device`` (None: where the model's parameters are).
+    """
     model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     predictions: list[str] = []
     labels: list[str] = []
     loss_sum, seen = 0.0, 0
     for images, targets, batch_labels in batches:
-        with _autocast(bf16):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(bf16, device.type):
             logits = model(images, targets)
             ids = model.predict(images, beam_width=beam_width)
         loss_sum += sequence_loss(logits.float(), targets).item() * images.shape[0]
         seen += images.shape[0]
-        predictions.extend(charset.decode(seq) for seq in ids)
+        predictions.extend(model.alphabet.decode(seq) for seq in ids)
         labels.extend(batch_labels)
     return EvalResult(
         accuracy=metrics.word_accuracy(predictions, labels) if labels else 0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import subprocess
@@ -13,9 +14,13 @@ import pytest
 from edge_agent.cli import EXIT_UNREACHABLE, EXIT_USAGE, main
 
 
-def agent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def agent(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "edge_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -71,3 +76,22 @@ def test_unreachable_aggregator_gives_up_after_patience(edge_data, test_pki, fed
     assert proc.returncode == EXIT_UNREACHABLE, proc.stderr
     assert "aggregator unavailable" in proc.stderr and "retrying in" in proc.stderr
     assert f"giving up on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_device_cuda_without_a_gpu_fails_before_joining(
+    edge_data, test_pki, federation_key: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA device, whatever the machine has
+    work = tmp_path / "work"
+    proc = agent(*_args(edge_data, test_pki, federation_key), "--device", "cuda", "--work-dir", str(work),
+                 env=env)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "edge_agent: --device cuda: no CUDA device is available" in proc.stderr
+    assert "retrying" not in proc.stderr and not work.exists()
+
+
+def test_unknown_device_is_refused_by_argparse(edge_data, test_pki, federation_key: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*_args(edge_data, test_pki, federation_key), "--device", "tpu"])
+    assert exc.value.code == EXIT_USAGE
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err

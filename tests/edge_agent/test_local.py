@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edge_agent.local import LocalModel, Plan
-from recognizer import state
+from recognizer import state, train
 from recognizer.keys import load_key
 from recognizer.model_io import load_model
 
@@ -49,13 +50,40 @@ def test_saved_global_model_loads_with_the_key(
     np.testing.assert_array_equal(packed, local._w0)
 
 
-def test_a_shard_with_labels_outside_the_vocabulary_is_refused(tmp_path: Path, federation_key: Path) -> None:
-    from recognizer.lmdb_data import DatasetError, LmdbWriter
+def test_a_shard_with_any_labels_is_folded_to_the_alphabet_and_counted(
+    tmp_path: Path, federation_key: Path
+) -> None:
+    from recognizer.lmdb_data import LmdbWriter
     from recognizer.synth import render_sample
 
     image, _ = render_sample(1, 0, "clean")
-    shard = tmp_path / "bad-shard"
+    shard = tmp_path / "any-shard"
     with LmdbWriter(shard) as writer:
-        writer.add(image, "naïve", "clean")
-    with pytest.raises(DatasetError, match="outside the vocabulary"):
-        LocalModel(shard, load_key(federation_key), "fedocr-tiny", 0.5)
+        writer.add(image, "Naïve!", "clean")
+        writer.add(image, "fine", "clean")
+    local = LocalModel(shard, load_key(federation_key), "fedocr-tiny", 0.5)
+    assert (local.labels.labels, local.labels.folded, local.labels.dropped_chars) == (2, 1, 2)
+    kept = LocalModel(shard, load_key(federation_key), "fedocr-tiny", 0.5, alphabet="printable94")
+    assert kept.labels.dropped_chars == 1  # the ï; the "!" is in printable94
+    assert kept.fingerprint != local.fingerprint  # edges on other alphabets are refused
+
+
+def test_local_training_runs_on_its_device_with_its_autocast(
+    edge_data, federation_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = load_key(federation_key)
+    local = LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.5, device="cpu", bf16=True)
+    seen: dict = {}
+
+    def spy(model, loader, optimizer, **kwargs) -> train.EpochStats:
+        seen.update(kwargs, pin_memory=loader.pin_memory, workers=loader.num_workers)
+        return train.EpochStats(epoch=kwargs["epoch"], loss=1.0, samples=0, seconds=0.0)
+
+    monkeypatch.setattr(train, "train_epoch", spy)
+    local.train_round(Plan(local_epochs=1, learning_rate=1.0, batch_size=32))
+    assert seen["device"] == torch.device("cpu") and seen["bf16"] is True
+    assert seen["pin_memory"] is False and seen["workers"] == 0  # pinning is for a CUDA device only
+    assert local.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in local.model.parameters())
+    delta = local.increment()  # what leaves the edge: CPU float32, whatever the device
+    assert isinstance(delta, np.ndarray) and delta.dtype == np.float32 and not delta.any()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from recognizer import cli
+from recognizer.charset import get_alphabet
 from recognizer.dataset import make_loader
 from recognizer.keys import generate_key, load_key
 from recognizer.lmdb_data import LmdbWriter
@@ -150,12 +151,14 @@ def test_console_script_is_installed_and_keygen_refuses_to_overwrite(tmp_path: P
     assert second.returncode == 2 and "refusing to overwrite" in second.stderr
 
 
-def test_labels_outside_the_vocabulary_are_reported(tmp_path: Path) -> None:
+def test_labels_outside_the_alphabet_are_folded_and_counted(tmp_path: Path) -> None:
     image, _ = render_sample(seed=0, index=0, style="clean")
-    with LmdbWriter(tmp_path / "bad") as writer:
-        writer.add(image, "café")
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        make_loader(tmp_path / "bad", 1, shuffle=False, check_labels=True)
+    with LmdbWriter(tmp_path / "any") as writer:
+        writer.add(image, "Café")
+    loader = make_loader(tmp_path / "any", 1, shuffle=False, check_labels=True)
+    assert loader.dataset.label_report.dropped_chars == 1
+    _, targets, labels = next(iter(loader))
+    assert labels == ["Café"] and get_alphabet("alnum36").decode(targets[0].tolist()) == "caf"
 
 
 def test_a_failed_save_leaves_the_previous_model_file_whole(tmp_path: Path, monkeypatch) -> None:
@@ -174,3 +177,93 @@ def test_a_failed_save_leaves_the_previous_model_file_whole(tmp_path: Path, monk
         save_model(path, model, key, "fedocr-tiny", fingerprint(model, key))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+
+
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make torch report no CUDA device, whatever the machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_device_cpu_trains_and_evaluates_as_the_default_does_without_a_gpu(
+    trained: Path, words: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_cuda(monkeypatch)  # so the fixture's default (auto) and --device cpu must agree
+    model = tmp_path / "cpu.npz"
+    key = trained.with_suffix(".key")  # same key and seed as the fixture: same W_0 and batch order
+    argv = ["train", "--data", str(words), "--preset", "fedocr-tiny", "--gamma", "1/2", "--epochs", "1",
+            "--batch-size", "12", "--out", str(model), "--key", str(key), "--device", "cpu"]
+    assert run_cli(argv, capsys)[0] == 0
+    reports = []
+    for path, extra in ((trained, []), (model, ["--device", "cpu"])):
+        code, out, _ = run_cli(["eval", "--model", str(path), "--data", str(words), "--key", str(key),
+                                "--beam", "1", "--json", *extra], capsys)
+        assert code == 0
+        reports.append(json.loads(out))
+    assert reports[1]["samples"] == 24
+    assert reports[1]["loss"] == pytest.approx(reports[0]["loss"], abs=1e-4)
+    assert reports[1]["accuracy"] == pytest.approx(reports[0]["accuracy"])
+    default, _ = load_model(trained, load_key(key))
+    on_cpu, _ = load_model(model, load_key(key), device="cpu")
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+    for a, b in zip(default.parameters(), on_cpu.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_device_cuda_without_a_gpu_is_an_error_naming_cuda(
+    command: str, trained: Path, words: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_cuda(monkeypatch)
+    out = tmp_path / "never.npz"
+    argv = {
+        "train": ["train", "--data", str(words), "--out", str(out)],
+        "eval": ["eval", "--model", str(trained), "--data", str(words)],
+        "predict": ["predict", "--model", str(trained), str(tmp_path / "word.png")],
+    }[command]
+    code, _, err = run_cli([*argv, "--device", "cuda"], capsys)
+    assert code == 2
+    assert f"recognizer {command}: error: --device cuda: no CUDA device" in err
+    assert not out.exists() and not out.with_suffix(".key").exists()
+
+
+def test_unknown_device_is_refused_by_argparse(words: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--data", str(words), "--out", str(tmp_path / "m.npz"), "--device", "tpu"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_auto_device_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recognizer.device import default_bf16, default_workers, resolve_device
+
+    _no_cuda(monkeypatch)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") == resolve_device("cuda")
+    # Defaults that follow from the device: the CPU keeps today's (no workers, float32).
+    assert default_workers(torch.device("cpu")) == 0 and not default_bf16(torch.device("cpu"))
+    assert 1 <= default_workers(torch.device("cuda")) <= 8
+
+
+def test_train_flags_default_to_the_device(tmp_path: Path) -> None:
+    parse = cli.build_parser().parse_args
+    base = ["train", "--data", "d", "--out", str(tmp_path / "m.npz")]
+    args = parse(base)
+    assert (args.device, args.bf16, args.workers) == ("auto", None, None)  # resolved per device
+    assert parse([*base, "--bf16"]).bf16 is True  # CPU bf16 autocast, as before
+    assert parse([*base, "--no-bf16", "--device", "cuda", "--workers", "3"]).bf16 is False
+
+
+def test_load_model_places_the_model_and_its_index_maps_on_a_device(trained: Path) -> None:
+    # The meta device stands in for a GPU: every parameter and buffer (hashed layers' index maps,
+    # the TPS grid) must follow .to(device), none may stay pinned to the CPU.
+    model, _ = load_model(trained, load_key(trained.with_suffix(".key")), device="meta")
+    tensors = [*model.parameters(), *model.buffers()]
+    assert any(name.endswith("_idx") for name, _ in model.named_buffers())
+    assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -1,4 +1,4 @@
-"""WordDataset tensors and targets, the loader's batches, and the vocabulary check."""
+"""WordDataset tensors and targets folded to the alphabet, the loader's batches, and the label report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 from recognizer import charset
-from recognizer.dataset import WordDataset, make_loader
-from recognizer.lmdb_data import DatasetError, LmdbWriter
+from recognizer.dataset import WordDataset, label_report, make_loader
+from recognizer.lmdb_data import LmdbReader, LmdbWriter
+
+ALNUM = charset.get_alphabet("alnum36")
+PRINTABLE = charset.get_alphabet("printable94")
 
 LABELS = ["Ab1", "hello", "X", "x" * 30, "end."]
 
@@ -38,14 +41,23 @@ def test_item_shapes_ranges_and_target(words):
     assert image.shape == (3, 32, 100) and image.dtype == torch.float32
     assert image[0].eq(1.0).all() and image[1].eq(-1.0).all()  # pure red: 255 -> 1, 0 -> -1
     assert target.dtype == torch.int64
-    assert target.tolist() == [36, 11, 1, charset.EOS] + [charset.PAD] * 4  # 'A'=36, 'b'=11, '1'=1
+    # The default alphabet folds case: "Ab1" is read as "ab1" (ids from 2: digits, then letters).
+    assert target.tolist() == [12, 13, 3, charset.EOS] + [charset.PAD] * 4
+    assert ALNUM.decode(target.tolist()) == "ab1"
+
+
+def test_targets_follow_the_alphabet(words):
+    _, target, label = WordDataset(words, input_hw=(32, 100), max_len=8, alphabet="printable94")[0]
+    assert label == "Ab1" and PRINTABLE.decode(target.tolist()) == "Ab1"
+    _, target, _ = WordDataset(words, input_hw=(32, 100), max_len=8)[4]
+    assert ALNUM.decode(target.tolist()) == "end"  # the full stop is outside alnum36 and dropped
 
 
 def test_long_label_is_cut_to_max_len_and_kept_whole_in_the_label(words):
     _, target, label = WordDataset(words, max_len=charset.MAX_SEQ_LEN)[3]
     assert label == "x" * 30
     assert target.shape == (26,) and target[-1].item() == charset.EOS
-    assert charset.decode(target.tolist()) == "x" * 25
+    assert ALNUM.decode(target.tolist()) == "x" * 25
 
 
 def test_default_size_is_aster_input(words):
@@ -62,7 +74,7 @@ def test_loader_batches(words):
     images, targets, labels = batches[0]
     # Targets are cut to the batch's longest label plus EOS: "hello" + EOS.
     assert len(batches) == 3 and images.shape == (2, 3, 64, 256) and targets.shape == (2, 6)
-    assert targets[0].tolist() == charset.encode("Ab1") + [charset.PAD] * 2
+    assert targets[0].tolist() == ALNUM.encode("Ab1") + [charset.PAD] * 2
     assert targets[1, -1] == charset.EOS
     assert labels == ["Ab1", "hello"] and batches[-1][2] == ["end."]
     assert len(list(make_loader(words, batch_size=2, shuffle=False, drop_last=True))) == 2
@@ -85,16 +97,19 @@ def test_workers_open_their_own_environment(words):
     assert labels == LABELS
 
 
-def test_vocabulary_check_names_bad_characters_and_first_key(tmp_path):
-    with LmdbWriter(tmp_path / "bad") as writer:
-        for label in ["fine", "café", "ok", "naïve €"]:
+def test_label_report_counts_what_folding_drops_and_never_refuses(tmp_path, caplog):
+    with LmdbWriter(tmp_path / "any") as writer:
+        for label in ["fine", "Café", "OK", "naïve €", "!!", "x" * 30]:
             writer.add(_png((8, 8), (0, 0, 0)), label)
-    WordDataset(tmp_path / "bad")  # unchecked by default
-    with pytest.raises(DatasetError, match=r"bad: 2 label\(s\)") as err:
-        WordDataset(tmp_path / "bad", check_labels=True)
-    assert str(err.value).endswith(": ' ' 'é' 'ï' '€'; first at key 'label-000000002'")
+    reader = LmdbReader(tmp_path / "any")
 
+    report = label_report(reader, ALNUM, max_len=charset.MAX_SEQ_LEN)
 
-def test_vocabulary_check_passes_and_reports_long_labels(words, caplog):
-    WordDataset(words, check_labels=True)
-    assert "1 label(s) longer than 25 characters" in caplog.text
+    # "Café" loses é; "naïve €" loses ï, the space and €; "!!" loses both and is left empty.
+    assert (report.labels, report.folded, report.dropped_chars, report.emptied) == (6, 3, 6, 1)
+    assert report.too_long == 1 and "3 lose characters outside alnum36" in caplog.text
+    kept_case = label_report(reader, PRINTABLE)  # keeps "!!"; still drops é, ï, € and the space
+    assert (kept_case.folded, kept_case.dropped_chars, kept_case.emptied) == (2, 4, 0)
+    ds = WordDataset(tmp_path / "any", check_labels=True)
+    assert ds.label_report == report
+    assert ALNUM.decode(ds[1][1].tolist()) == "caf" and ALNUM.decode(ds[4][1].tolist()) == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,13 +11,16 @@ from torch import nn
 
 from recognizer import hashing
 from recognizer.blocks import channel_shuffle
-from recognizer.charset import EOS, MAX_SEQ_LEN, NUM_CLASSES, PAD, START
+from recognizer.charset import DEFAULT_ALPHABET, EOS, MAX_SEQ_LEN, PAD, get_alphabet
 from recognizer.decoder import AttentionDecoder
 from recognizer.model import PRESETS, build_model, count_params, model_info
 from recognizer.tps import TPSGrid, _ctrl_points
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
+
+NUM_CLASSES = get_alphabet(DEFAULT_ALPHABET).num_classes
+START = get_alphabet(DEFAULT_ALPHABET).start
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -28,7 +33,7 @@ def _targets(n: int, t: int, seed: int = 0) -> torch.Tensor:
     out = torch.full((n, t), PAD, dtype=torch.long)
     for i in range(n):
         length = int(torch.randint(1, t, (1,), generator=g))
-        out[i, :length] = torch.randint(0, 62, (length,), generator=g)
+        out[i, :length] = torch.randint(2, NUM_CLASSES, (length,), generator=g)  # symbols, not EOS/PAD
         out[i, length] = EOS
     return out
 
@@ -190,14 +195,15 @@ def test_tiny_loss_falls_on_a_fixed_batch():
 
 def test_fused_decoder_step_matches_the_reference_cell():
     torch.manual_seed(0)
-    dec = AttentionDecoder(in_dim=8, hidden=6, attention=5, embedding=4)
+    dec = AttentionDecoder(in_dim=8, hidden=6, attention=5, embedding=4, num_classes=NUM_CLASSES)
     dec.reset_parameters()
     nn.init.normal_(dec.s_embed.weight)  # the default init is too small to test the attention path
     nn.init.normal_(dec.w_embed.weight)
-    feats, state, prev = torch.randn(3, 7, 8), torch.randn(3, 6), torch.tensor([0, START, 96])
+    feats, state, prev = torch.randn(3, 7, 8), torch.randn(3, 6), torch.tensor([0, START, NUM_CLASSES - 1])
 
     w = dec._weights()
-    ours = dec._step(w, feats, dec.x_embed(feats), state, F.linear(dec.embedding(prev), w.emb, w.emb_bias))
+    emb_proj = F.linear(dec.embedding(prev), w.emb, w.emb_bias)
+    ours, _ = dec._step(w, feats, dec.x_embed(feats), state, emb_proj, dec._first_alpha(feats))
 
     # aster.pytorch's DecoderUnit, written with the modules themselves.
     scores = dec.w_embed(torch.tanh(dec.x_embed(feats) + dec.s_embed(state).unsqueeze(1))).squeeze(2)
@@ -215,7 +221,8 @@ def test_channel_shuffle_interleaves_the_two_halves():
 
 
 def test_bf16_autocast_forward_keeps_the_tps_grid_in_float32():
-    model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
+    with_tps = dataclasses.replace(PRESETS["fedocr-tiny"], tps=True, input_hw=(64, 256))
+    model = build_model(with_tps, KEY_A, gamma=0.25)
     images, targets = _images(2), _targets(2, 5)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):

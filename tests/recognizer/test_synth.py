@@ -12,6 +12,7 @@ from PIL import Image
 from recognizer.charset import MAX_LABEL_LEN, out_of_vocabulary
 from recognizer.lmdb_data import LmdbReader
 from recognizer.synth import (
+    MAX_WORD_LEN,
     STYLES,
     SynthError,
     font_files,
@@ -20,6 +21,8 @@ from recognizer.synth import (
     render_word,
     sample_digits,
     sample_label,
+    sample_word,
+    short_words,
 )
 
 
@@ -128,3 +131,12 @@ def test_digit_labels_are_digit_strings_of_one_to_eight(tmp_path):
     assert all(reader.get_label(i).isdigit() for i in range(8))
     assert (reader.get_raw(5)[0], reader.get_label(5)) == render_sample(2, 5, "noisy", labels="digits")
     assert render_sample(2, 5, "noisy", labels="digits") != render_sample(2, 5, "noisy")
+
+
+def test_word_labels_are_short_dictionary_words_in_varied_case():
+    rng = random.Random(5)
+    labels = [sample_word(rng) for _ in range(2000)]
+    assert all(label.isalpha() and 1 <= len(label) <= MAX_WORD_LEN for label in labels)
+    assert {label.lower() for label in labels} <= {w.lower() for w in short_words()}
+    kinds = {"upper" if w.isupper() else "title" if w.istitle() else "lower" for w in labels if len(w) > 1}
+    assert kinds == {"upper", "title", "lower"}

@@ -1,0 +1,218 @@
+"""How fast a training recipe learns to read: steps and CPU seconds to 50% and 90% word accuracy.
+
+Run: .venv/bin/python -m benchmarks.learning [--rows default,adadelta,...] [--budget 900] [--parallel 2]
+
+Data (rendered once into --data-dir): TRAIN_WORDS clean synthetic training images and a held-out set
+of HELD_OUT clean images of another seed, for each label kind a row uses (``recognizer synth
+--labels``: ``words``, dictionary words of up to 10 letters in mixed case; ``mixed``, the default mix
+of words, numbers, codes and punctuation). Accuracy is the paper's: case-insensitive word accuracy on
+alphanumerics, greedy decoding.
+
+Each row is one recipe: the default CPU recipe (``DEFAULT``: the ``fedocr-tiny`` preset hashed at
+gamma 1/2 with the training settings of ``recognizer train``) with one choice changed, an ablation. A row
+trains in a process of its own, on one torch thread unless the row says otherwise, until it reaches
+90% or spends its budget of training CPU seconds (the process's CPU time inside training steps and
+data loading; the held-out scoring every EVAL_EVERY steps is not counted). Rows run --parallel at a
+time; CPU seconds, not wall time, are what the table compares. One JSON per finished row lands in
+--results (a rerun skips finished rows, so a long run can be resumed); the table is printed from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TRAIN_WORDS = 20_000
+HELD_OUT = 500
+TRAIN_SEED, HELD_OUT_SEED = 11, 12
+EVAL_EVERY = 250
+KEY = bytes(range(32))  # a fixed federation key: every row starts from the same W_0 of its architecture
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recipe: the default with these changes (model config fields and training settings)."""
+
+    name: str
+    what: str
+    model: dict[str, Any] = field(default_factory=dict)  # recognizer.model.ModelConfig overrides
+    train: dict[str, Any] = field(default_factory=dict)  # TrainSettings overrides
+    labels: str = "words"
+    budget_factor: float = 1.0  # x --budget (the mixed labels' target allows 30 CPU-minutes)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the training loop does (the defaults are `recognizer train`'s)."""
+
+    preset: str = "fedocr-tiny"
+    gamma: float | None = 0.5
+    optimizer: str = "adam"
+    lr: float | None = None  # None: recognizer.recipe.DEFAULT_LR of the optimizer
+    warmup_steps: int = 0
+    batch_size: int = 32
+    bf16: bool = False
+    threads: int = 1
+    rectify_from_step: int = 0  # with a rectifier: bypass it until this step
+
+
+ROWS: tuple[Row, ...] = (
+    Row("default", "the default CPU recipe"),
+    Row("adadelta", "Adadelta lr 1.0 (the paper's optimizer)", train={"optimizer": "adadelta"}),
+    Row("adamw-warmup", "AdamW, 300 warm-up steps", train={"optimizer": "adamw", "warmup_steps": 300}),
+    Row("adam-2e-3", "Adam lr 2e-3", train={"lr": 2e-3}),
+    Row("content-attention", "ASTER's content-only attention (no location filters)",
+        model={"dec_location": 0}),
+    Row("rectifier", "TPS rectifier from the start (64x256 input)",
+        model={"tps": True, "input_hw": (64, 256)}),
+    Row("rectifier-later", "TPS rectifier switched on at step 2,000 (64x256 input)",
+        model={"tps": True, "input_hw": (64, 256)}, train={"rectify_from_step": 2000}),
+    Row("wide-stem", "ShuffleNet stem and first stage twice as wide (32, 64)",
+        model={"encoder_widths": (32, 64, 64, 128, 128)}),
+    Row("batch-16", "batch 16", train={"batch_size": 16}),
+    Row("batch-64", "batch 64", train={"batch_size": 64}),
+    Row("aux-ctc", "auxiliary CTC loss on the BiLSTM (weight 0.5)", model={"ctc_weight": 0.5}),
+    Row("bf16", "CPU bf16 autocast", train={"bf16": True}),
+    Row("2-threads", "two torch threads", train={"threads": 2}),
+    Row("unhashed", "not hashed (gamma none)", train={"gamma": None}),
+    Row("mixed-labels", "default recipe on the default mixed labels (30 CPU-min budget)",
+        labels="mixed", budget_factor=2.0),
+)  # fmt: skip
+
+
+def make_data(data_dir: Path, labels: str) -> tuple[Path, Path]:
+    """Render (once) the training and held-out LMDBs of a label kind; returns their paths."""
+    from recognizer.synth import render_dataset
+
+    train, held_out = data_dir / f"{labels}-train", data_dir / f"{labels}-held-out"
+    for path, count, seed in ((train, TRAIN_WORDS, TRAIN_SEED), (held_out, HELD_OUT, HELD_OUT_SEED)):
+        if not (path / "data.mdb").exists():
+            render_dataset(path, count, seed, ["clean"], labels=labels, overwrite=True)
+    return train, held_out
+
+
+def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> dict:
+    """Train ``row``'s recipe until 90% held-out word accuracy or ``budget_s`` CPU seconds."""
+    import torch
+
+    from recognizer import train as tr
+    from recognizer.dataset import make_loader
+    from recognizer.model import build_model, resolve_preset
+    from recognizer.recipe import DEFAULT_LR
+
+    s = dataclasses.replace(TrainSettings(), **row.train)
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(0)
+    config = dataclasses.replace(resolve_preset(s.preset), **row.model)
+    model = build_model(config, KEY, s.gamma)
+    data = {"input_hw": config.input_hw, "alphabet": model.alphabet}
+    loader = make_loader(train_path, s.batch_size, shuffle=True, drop_last=True, **data)
+    val = make_loader(held_out, 100, shuffle=False, **data)
+    base_lr = s.lr if s.lr is not None else DEFAULT_LR[s.optimizer]
+    optimizer = tr.make_optimizer(model, base_lr, s.optimizer)
+    if model.rectifier is not None:
+        model.rectify = s.rectify_from_step == 0
+    step, cpu, curve = 0, 0.0, []
+    reached: dict[str, dict] = {}
+    started = time.process_time()
+    while True:
+        for images, targets, _ in loader:
+            tr.set_lr(optimizer, base_lr * tr.warmup_factor(step, s.warmup_steps))
+            if model.rectifier is not None and step == s.rectify_from_step:
+                model.rectify = True
+            model.train()
+            loss = tr.train_step(model, images, targets, optimizer, bf16=s.bf16)
+            step += 1
+            if step % EVAL_EVERY:
+                continue
+            cpu += time.process_time() - started
+            result = tr.evaluate(model, val, beam_width=1, bf16=s.bf16)
+            point = {"step": step, "cpu_s": round(cpu, 1), "accuracy": round(result.accuracy, 4),
+                     "char_accuracy": round(result.char_accuracy, 4), "loss": round(loss, 4)}
+            curve.append(point)
+            print(json.dumps({"row": row.name, **point}), flush=True)
+            for level in ("50", "90"):
+                if level not in reached and result.accuracy >= int(level) / 100:
+                    reached[level] = point
+            if "90" in reached or cpu >= budget_s:
+                return {"row": row.name, "what": row.what, "labels": row.labels, "settings":
+                        dataclasses.asdict(s), "model": {k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in row.model.items()},
+                        "budget_s": budget_s, "reached": reached, "curve": curve,
+                        "steps_per_cpu_s": round(step / cpu, 2)}
+            started = time.process_time()
+
+
+def _fmt(point: dict | None, key: str) -> str:
+    return "-" if point is None else f"{point[key]:,.0f}"
+
+
+def table(results: list[dict]) -> str:
+    """The ablation table: one line per row, steps and CPU seconds to 50% and 90%."""
+    lines = [
+        f"{'row':<18} {'what':<58} {'steps/s':>7} {'50%: steps':>10} {'CPU s':>6} "
+        f"{'90%: steps':>10} {'CPU s':>6} {'final':>7}",
+    ]
+    for r in results:
+        last = r["curve"][-1]
+        r50, r90 = r["reached"].get("50"), r["reached"].get("90")
+        lines.append(
+            f"{r['row']:<18} {r['what'][:58]:<58} {r['steps_per_cpu_s']:>7.2f} {_fmt(r50, 'step'):>10} "
+            f"{_fmt(r50, 'cpu_s'):>6} {_fmt(r90, 'step'):>10} {_fmt(r90, 'cpu_s'):>6} "
+            f"{100 * last['accuracy']:>6.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the missing rows (several at a time), then print the table of all requested rows."""
+    p = argparse.ArgumentParser(prog="benchmarks.learning", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", help="comma-separated row names (default: all)")
+    p.add_argument("--budget", type=float, default=900.0, help="training CPU seconds per row")
+    p.add_argument("--parallel", type=int, default=2, help="rows trained at once (one thread each)")
+    p.add_argument("--data-dir", type=Path, default=Path("runs/learning"))
+    p.add_argument("--results", type=Path, default=Path("results/learning"))
+    p.add_argument("--run-row", help=argparse.SUPPRESS)  # internal: train one row in this process
+    args = p.parse_args(argv)
+    by_name = {r.name: r for r in ROWS}
+    names = args.rows.split(",") if args.rows else list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {', '.join(by_name)}")
+    if args.run_row:
+        row = by_name[args.run_row]
+        train_path, held_out = make_data(args.data_dir, row.labels)
+        result = train_until(row, train_path, held_out, args.budget * row.budget_factor)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{row.name}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    for labels in sorted({by_name[n].labels for n in names}):
+        make_data(args.data_dir, labels)  # before the rows start, so none renders it twice
+    todo = [n for n in names if not (args.results / f"{n}.json").exists()]
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        running = [proc for proc in running if proc.poll() is None]
+        # A two-thread row runs alone, so its CPU seconds are not inflated by a neighbour.
+        alone = any("threads" in by_name[n].train for n in [todo[0]] if todo)
+        if todo and len(running) < (1 if alone else args.parallel) and not (alone and running):
+            name = todo.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.learning", "--run-row", name, "--budget",
+                   str(args.budget), "--data-dir", str(args.data_dir), "--results", str(args.results)]
+            running.append(subprocess.Popen(cmd))
+            continue
+        time.sleep(2)
+    results = [json.loads((args.results / f"{n}.json").read_text()) for n in names
+               if (args.results / f"{n}.json").exists()]
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
