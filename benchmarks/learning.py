@@ -70,6 +70,7 @@ ROWS: tuple[Row, ...] = (
     Row("adam-2e-3", "Adam lr 2e-3", train={"lr": 2e-3}),
     Row("content-attention", "ASTER's content-only attention (no location filters)",
         model={"dec_location": 0}),
+    Row("stretched", "images stretched to 32x100 (ASTER), not aspect-kept", model={"keep_aspect": False}),
     Row("rectifier", "TPS rectifier from the start (64x256 input)",
         model={"tps": True, "input_hw": (64, 256)}),
     Row("rectifier-later", "TPS rectifier switched on at step 2,000 (64x256 input)",
@@ -78,7 +79,8 @@ ROWS: tuple[Row, ...] = (
         model={"encoder_widths": (32, 64, 64, 128, 128)}),
     Row("batch-16", "batch 16", train={"batch_size": 16}),
     Row("batch-64", "batch 64", train={"batch_size": 64}),
-    Row("aux-ctc", "auxiliary CTC loss on the BiLSTM (weight 0.5)", model={"ctc_weight": 0.5}),
+    Row("no-aux-ctc", "no auxiliary CTC loss", model={"ctc_weight": 0.0}),
+    Row("no-skip", "no linear skip around the BiLSTM", model={"lstm_skip": False}),
     Row("bf16", "CPU bf16 autocast", train={"bf16": True}),
     Row("2-threads", "two torch threads", train={"threads": 2}),
     Row("unhashed", "not hashed (gamma none)", train={"gamma": None}),
@@ -112,7 +114,7 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
     torch.manual_seed(0)
     config = dataclasses.replace(resolve_preset(s.preset), **row.model)
     model = build_model(config, KEY, s.gamma)
-    data = {"input_hw": config.input_hw, "alphabet": model.alphabet}
+    data = model.image_options
     loader = make_loader(train_path, s.batch_size, shuffle=True, drop_last=True, **data)
     val = make_loader(held_out, 100, shuffle=False, **data)
     base_lr = s.lr if s.lr is not None else DEFAULT_LR[s.optimizer]
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     while todo or running:
         running = [proc for proc in running if proc.poll() is None]
         # A two-thread row runs alone, so its CPU seconds are not inflated by a neighbour.
-        alone = any("threads" in by_name[n].train for n in [todo[0]] if todo)
+        alone = bool(todo) and "threads" in by_name[todo[0]].train
         if todo and len(running) < (1 if alone else args.parallel) and not (alone and running):
             name = todo.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.learning", "--run-row", name, "--budget",

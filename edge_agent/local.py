@@ -77,6 +77,8 @@ class LocalModel:
         self.model.to(self.device)  # before the optimizer, which keeps its state beside the parameters
         self._bf16 = bf16
         self._optimizer = train.make_optimizer(self.model, DEFAULT_LR[optimizer], optimizer)
+        self._optimizer_kind = optimizer
+        self._warned_lr = False
         self._workers = workers
         self._seed = seed
         self._rounds_trained = 0
@@ -103,6 +105,14 @@ class LocalModel:
 
         ``on_batch(epoch, step, loss)`` and ``on_epoch(stats)`` report progress.
         """
+        usual = DEFAULT_LR[self._optimizer_kind]
+        if not self._warned_lr and not usual / 30 <= plan.learning_rate <= usual * 30:
+            # The plan's lr comes from the aggregator, the optimizer from this edge's --optimizer.
+            log.warning(
+                "the round's learning rate %g is far from %s's usual %g: does the aggregator's plan "
+                "match this edge's --optimizer?", plan.learning_rate, self._optimizer_kind, usual,
+            )
+            self._warned_lr = True
         train.set_lr(self._optimizer, plan.learning_rate)
         loader = make_loader(
             self.shard,
@@ -110,9 +120,8 @@ class LocalModel:
             shuffle=True,
             workers=self._workers,
             seed=self._seed + self._rounds_trained,
-            input_hw=self.model.config.input_hw,
             pin_memory=self.device.type == "cuda",
-            alphabet=self.model.alphabet,
+            **self.model.image_options,
         )
         history = []
         for epoch in range(plan.local_epochs):
@@ -133,9 +142,8 @@ class LocalModel:
             data,
             batch_size,
             shuffle=False,
-            input_hw=self.model.config.input_hw,
-            alphabet=self.model.alphabet,
             pin_memory=self.device.type == "cuda",
+            **self.model.image_options,
         )
         return train.evaluate(self.model, loader, beam_width=beam_width, device=self.device)
 

@@ -101,7 +101,8 @@ def evaluate_model(ctx: Context, model_file: Path) -> dict[str, dict]:
     model, _ = load_model(model_file, load_key(ctx.key))
     scores = {}
     for name in TEST_SETS:
-        r = evaluate(model, make_loader(ctx.data.tests[name], 64, shuffle=False), beam_width=ctx.scale.beam)
+        loader = make_loader(ctx.data.tests[name], 64, shuffle=False, **model.image_options)
+        r = evaluate(model, loader, beam_width=ctx.scale.beam)
         scores[name] = {"accuracy": r.accuracy, "char_accuracy": r.char_accuracy, "loss": r.loss,
                         "samples": r.samples}  # fmt: skip
     return scores

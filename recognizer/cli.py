@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     key = os.urandom(KEY_BYTES) if new_key else load_key(key_path)
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
     model = build_model(args.preset, key, args.gamma, args.alphabet)
-    data = {"input_hw": model.config.input_hw, "alphabet": model.alphabet, "pin_memory": pin}
+    data = {**model.image_options, "pin_memory": pin}
     loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
                          workers=workers, seed=args.seed, check_labels=True, **data)
     val = make_loader(Path(args.val), args.batch_size, shuffle=False, **data) if args.val else None
@@ -137,8 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     key = load_key(_key_path(args))
     model, meta = load_model(Path(args.model), key, device=device)
     loader = make_loader(Path(args.data), args.batch_size, shuffle=False, workers=workers,
-                         pin_memory=device.type == "cuda", input_hw=model.config.input_hw,
-                         alphabet=model.alphabet)
+                         pin_memory=device.type == "cuda", **model.image_options)
     result = evaluate(model, loader, beam_width=args.beam, device=device)
     report = {"model": args.model, "data": args.data, "preset": meta["preset"], "gamma": meta["gamma"],
               "accuracy": result.accuracy, "char_accuracy": result.char_accuracy, "loss": result.loss,
@@ -163,7 +162,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     key = load_key(_key_path(args))
     model, _ = load_model(Path(args.model), key, device=device)
-    images = torch.stack([load_image_file(Path(p), model.config.input_hw) for p in args.images]).to(device)
+    c = model.config
+    images = torch.stack([load_image_file(Path(p), c.input_hw, c.keep_aspect) for p in args.images])
+    images = images.to(device)
     for path, ids in zip(args.images, model.predict(images, beam_width=args.beam), strict=True):
         print(f"{path}\t{model.alphabet.decode(ids)}")
     return 0

@@ -67,8 +67,8 @@ def label_report(reader: LmdbReader, alphabet: Alphabet, max_len: int | None = N
 class WordDataset(Dataset):
     """Samples of a word-image LMDB as ``(image, target, label)``.
 
-    ``image`` is float32 ``[3, H, W]`` in ``[-1, 1]``, resized to ``input_hw`` without keeping the
-    aspect ratio (as ASTER does); ``target`` is int64 ``[max_len]``: ``alphabet.encode(label,
+    ``image`` is float32 ``[3, H, W]`` in ``[-1, 1]``, resized to ``input_hw`` (see
+    ``image_to_tensor`` for ``keep_aspect``); ``target`` is int64 ``[max_len]``: ``alphabet.encode(label,
     max_len)`` (the label folded to the alphabet) padded with PAD; ``label`` is the stored label.
     The LMDB opens lazily in whichever process reads first, so DataLoader workers each open their own.
 
@@ -83,6 +83,7 @@ class WordDataset(Dataset):
         max_len: int = MAX_SEQ_LEN,
         check_labels: bool = False,
         alphabet: Alphabet | str = DEFAULT_ALPHABET,
+        keep_aspect: bool = False,
     ) -> None:
         if len(input_hw) != 2 or min(input_hw) < 1:
             raise ValueError(f"input_hw must be two positive ints, got {input_hw}")
@@ -91,6 +92,7 @@ class WordDataset(Dataset):
         self.reader = LmdbReader(Path(path))
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.max_len = max_len
+        self.keep_aspect = keep_aspect
         self.alphabet = get_alphabet(alphabet) if isinstance(alphabet, str) else alphabet
         self.label_report: LabelReport | None = None
         if check_labels:
@@ -107,26 +109,37 @@ class WordDataset(Dataset):
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """float32 ``[3, H, W]`` in ``[-1, 1]`` of an RGB image resized to ``input_hw``."""
-        return image_to_tensor(image, self.input_hw)
+        return image_to_tensor(image, self.input_hw, self.keep_aspect)
 
     def __getitem__(self, index: int) -> Sample:
         image, label, _ = self.reader.get(index)
         return self.to_tensor(image), self.encode_target(label), label
 
 
-def image_to_tensor(image: Image.Image, input_hw: tuple[int, int]) -> torch.Tensor:
-    """float32 ``[3, H, W]`` in ``[-1, 1]`` of ``image`` resized to ``input_hw`` (aspect not kept)."""
+def image_to_tensor(image: Image.Image, input_hw: tuple[int, int], keep_aspect: bool = False) -> torch.Tensor:
+    """float32 ``[3, H, W]`` in ``[-1, 1]`` of ``image`` resized to ``input_hw``.
+
+    Without ``keep_aspect`` the image is stretched to the size (as ASTER does). With it, the image
+    is scaled to height H keeping its aspect ratio (squeezed only when wider than W) and its last
+    column is repeated to width W, so characters keep about one width whatever the word's length.
+    """
     h, w = input_hw
-    pixels = np.array(image.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    image = image.convert("RGB")
+    scaled_w = min(w, max(1, round(image.width * h / image.height))) if keep_aspect else w
+    pixels = np.array(image.resize((scaled_w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    if scaled_w < w:
+        pixels = np.concatenate([pixels, np.repeat(pixels[:, -1:], w - scaled_w, axis=1)], axis=1)
     tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
     return tensor.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def load_image_file(path: Path, input_hw: tuple[int, int] = (64, 256)) -> torch.Tensor:
+def load_image_file(
+    path: Path, input_hw: tuple[int, int] = (64, 256), keep_aspect: bool = False
+) -> torch.Tensor:
     """An image file as the model's input tensor. Raises DatasetError naming the file."""
     try:
         with Image.open(path) as image:
-            return image_to_tensor(image, input_hw)
+            return image_to_tensor(image, input_hw, keep_aspect)
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: no such image file") from exc
     except (OSError, ValueError) as exc:
@@ -158,6 +171,7 @@ def make_loader(
     check_labels: bool = False,
     pin_memory: bool = False,
     alphabet: Alphabet | str = DEFAULT_ALPHABET,
+    keep_aspect: bool = False,
 ) -> DataLoader:
     """A DataLoader of ``WordDataset(path, ...)`` batches ``(images, targets, labels)``.
 
@@ -169,7 +183,7 @@ def make_loader(
     if not paths:
         raise ValueError("make_loader needs at least one LMDB path")
     parts = [
-        WordDataset(p, input_hw=input_hw, max_len=max_len, check_labels=check_labels, alphabet=alphabet)
+        WordDataset(p, input_hw, max_len, check_labels, alphabet, keep_aspect)
         for p in paths
     ]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)

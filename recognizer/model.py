@@ -43,6 +43,7 @@ class ModelConfig:
     dec_location: int = 0  # width of the location-aware attention filters (0: ASTER's content-only)
     ctc_weight: float = 0.0  # > 0: an auxiliary CTC head on the BiLSTM, its loss weighted so in training
     input_hw: tuple[int, int] = (64, 256)
+    keep_aspect: bool = False  # read images at input_hw's height, aspect kept, padded (dataset.py)
     tps: bool = True
     tps_points: int = 20
     tps_input_hw: tuple[int, int] = (32, 64)  # the localization net sees a downsampled copy
@@ -57,8 +58,11 @@ _RESNET45 = (3, 4, 6, 6, 3)
 _SHUFFLE = (4, 8, 4)
 # The CPU presets' recipe (benchmarks/learning.py measures each choice): no TPS rectifier (one
 # learning from scratch holds the recognizer on its initial plateau), images read at the encoder's
-# 32x100 directly, and location-aware attention.
-_CPU = {"tps": False, "input_hw": (32, 100), "dec_location": 7}
+# 32x100 directly with their aspect ratio kept, location-aware attention, and, what takes the
+# recognizer off its plateau, an auxiliary CTC loss whose gradient reaches the CNN through a
+# linear skip around the BiLSTM (without the skip, the fresh BiLSTM holds it back as well).
+_CPU = {"tps": False, "input_hw": (32, 100), "keep_aspect": True, "dec_location": 7,
+        "lstm_skip": True, "ctc_weight": 0.5}
 
 PRESETS: dict[str, ModelConfig] = {
     # aster.pytorch as the FedOCR paper's baseline: 20.99 M parameters in Table 1.
@@ -195,6 +199,12 @@ class Recognizer(nn.Module):
                 zero_infinity=True,
             )
         return loss + self.config.ctc_weight * ctc
+
+    @property
+    def image_options(self) -> dict:
+        """How data for this model is read: ``make_loader``'s input_hw, keep_aspect and alphabet."""
+        return {"input_hw": self.config.input_hw, "keep_aspect": self.config.keep_aspect,
+                "alphabet": self.alphabet}
 
     @torch.no_grad()
     def predict(self, images: Tensor, beam_width: int = 5, max_len: int = MAX_SEQ_LEN) -> list[list[int]]:

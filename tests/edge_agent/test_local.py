@@ -24,7 +24,7 @@ def test_increment_is_zero_until_trained_and_reproduces_the_local_weights(local:
     g = rng.normal(0, 0.01, local.length).astype(np.float32)
     local.apply_global(g)
     assert not local.increment().any()
-    local.train_round(Plan(local_epochs=1, learning_rate=1.0, batch_size=32))
+    local.train_round(Plan(local_epochs=1, learning_rate=1e-3, batch_size=32))
     delta = local.increment()
     assert delta.dtype == np.float32 and delta.shape == (local.length,)
     assert np.isfinite(delta).all() and np.abs(delta).max() > 0
@@ -80,10 +80,21 @@ def test_local_training_runs_on_its_device_with_its_autocast(
         return train.EpochStats(epoch=kwargs["epoch"], loss=1.0, samples=0, seconds=0.0)
 
     monkeypatch.setattr(train, "train_epoch", spy)
-    local.train_round(Plan(local_epochs=1, learning_rate=1.0, batch_size=32))
+    local.train_round(Plan(local_epochs=1, learning_rate=1e-3, batch_size=32))
     assert seen["device"] == torch.device("cpu") and seen["bf16"] is True
     assert seen["pin_memory"] is False and seen["workers"] == 0  # pinning is for a CUDA device only
     assert local.device == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in local.model.parameters())
     delta = local.increment()  # what leaves the edge: CPU float32, whatever the device
     assert isinstance(delta, np.ndarray) and delta.dtype == np.float32 and not delta.any()
+
+
+def test_a_plan_learning_rate_unfit_for_the_edges_optimizer_is_warned_about_once(
+    edge_data, federation_key: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    adam = LocalModel(edge_data.shards[0], load_key(federation_key), "fedocr-tiny", 0.5, optimizer="adam")
+    adam.train_round(Plan(local_epochs=0, learning_rate=1e-3, batch_size=32))
+    assert "far from" not in caplog.text
+    for _ in range(2):  # the paper's Adadelta lr sent to an Adam edge
+        adam.train_round(Plan(local_epochs=0, learning_rate=1.0, batch_size=32))
+    assert caplog.text.count("learning rate 1 is far from adam's usual 0.001") == 1

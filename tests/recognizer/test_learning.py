@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     model = build_model(PRESET, KEY, GAMMA)
     w0 = state.pack_state(state.export_state(model), KEY)
-    data = {"input_hw": model.config.input_hw, "alphabet": model.alphabet}
+    data = model.image_options
     loader = make_loader(work / "train", BATCH, shuffle=True, drop_last=True, **data)
     held_out = make_loader(work / "held-out", 100, shuffle=False, **data)
     optimizer = make_optimizer(model, DEFAULT_LR["adam"], "adam")
