@@ -21,8 +21,9 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# The whole federation on this machine: data, PKI, key, one aggregator and 3 edge agents as
-# processes over mutual TLS (deploy/demo.py). Its files stay in $(DEMO_DIR).
+# The whole federation on this machine: data, PKI, key, one aggregator and 2 edge agents as
+# processes over mutual TLS, and a single-edge model beside them (deploy/demo.py). Its files stay
+# in $(DEMO_DIR).
 DEMO_DIR ?= runs/demo
 demo: install
 	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)

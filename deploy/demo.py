@@ -160,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--edges", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=24)
+    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=14)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--preset", default="fedocr-tiny")
     p.add_argument("--gamma", default="1/2")
@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="default: the optimizer's (recognizer.recipe.DEFAULT_LR)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     # Small shards, as in real federations: one owner alone has too little to generalize from.
-    p.add_argument("--train-words", type=int, default=4500, help="split evenly among the edges")
+    p.add_argument("--train-words", type=int, default=8000, help="split evenly among the edges")
     p.add_argument("--test-words", type=int, default=300)
     p.add_argument("--styles", default="clean")
     # Digit strings: with no language model to lean on, the model must read to score, and they

@@ -131,7 +131,8 @@ def test_config_lr_decay_and_validation(tmp_path: Path) -> None:
 def test_sample_config_loads() -> None:
     sample = Path(__file__).resolve().parents[2] / "deploy" / "aggregator.toml"
     config = AggregatorConfig.load(sample)
-    assert config.weighting == "samples" and config.lr_decay_rounds == (5, 30)
+    assert config.weighting == "samples" and config.lr_decay_rounds == ()
+    assert (config.learning_rate, config.batch_size) == (0.001, 16)  # the edges' default Adam recipe
     assert config.cert is not None and config.cert.name == "aggregator.pem"
 
 

@@ -17,7 +17,8 @@ def test_optimizers_by_name() -> None:
     assert isinstance(make_optimizer(model, 1.0), torch.optim.Adadelta)
     adam = make_optimizer(model, 1e-3, "adam")
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
-    with pytest.raises(ValueError, match="adadelta, adam"):
+    assert isinstance(make_optimizer(model, 1e-3, "adamw"), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="adam, adamw, adadelta"):
         make_optimizer(model, 1.0, "sgd")
 
 
