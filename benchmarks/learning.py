@@ -1,6 +1,7 @@
 """How fast a training recipe learns to read: steps and CPU seconds to 50% and 90% word accuracy.
 
 Run: .venv/bin/python -m benchmarks.learning [--rows default,adadelta,...] [--budget 900] [--parallel 2]
+     [--labels digits --results results/learning-digits]   (every row on digit strings)
 
 Data (rendered once into --data-dir): TRAIN_WORDS clean synthetic training images and a held-out set
 of HELD_OUT clean images of another seed, for each label kind a row uses (``recognizer synth
@@ -181,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="rows trained at once (one thread each)")
     p.add_argument("--data-dir", type=Path, default=Path("runs/learning"))
     p.add_argument("--results", type=Path, default=Path("results/learning"))
+    p.add_argument("--labels", choices=("words", "mixed", "digits"),
+                   help="train and score every row on this label kind instead of the row's own")
     p.add_argument("--run-row", help=argparse.SUPPRESS)  # internal: train one row in this process
     args = p.parse_args(argv)
-    by_name = {r.name: r for r in ROWS}
+    rows = ROWS if args.labels is None else tuple(dataclasses.replace(r, labels=args.labels) for r in ROWS)
+    by_name = {r.name: r for r in rows}
     names = args.rows.split(",") if args.rows else list(by_name)
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             name = todo.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.learning", "--run-row", name, "--budget",
                    str(args.budget), "--data-dir", str(args.data_dir), "--results", str(args.results)]
+            cmd += ["--labels", args.labels] if args.labels else []
             running.append(subprocess.Popen(cmd))
             continue
         time.sleep(2)
