@@ -26,7 +26,7 @@ PRESET, GAMMA = "fedocr-tiny", 0.5
 LABELS = "digits"  # no language model to fall back on: the model must read to score
 TRAIN, HELD_OUT = 4000, 200
 BATCH = 16
-MAX_STEPS = 3000
+MAX_STEPS = 4000  # it reaches 50% at about 2,500: room for another machine's arithmetic
 EVAL_EVERY = 250
 
 
@@ -65,7 +65,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"model": model, "w0": w0, "curve": curve, "held_out": held_out}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_small_model_from_scratch_reads_held_out_words(trained: dict) -> None:
     curve = trained["curve"]
     assert curve and curve[-1][1] >= 0.5, f"held-out word accuracy by step: {curve}"
