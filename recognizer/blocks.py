@@ -131,24 +131,15 @@ class ShuffleNetEncoder(nn.Module):
     # Stem conv and max pooling halve both sides (32x100 -> 8x25); each stage then halves the height only.
     STAGE_STRIDES = ((2, 1), (2, 1), (2, 1))
 
-    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], plain_stem: bool = False) -> None:
+    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
         super().__init__()
         if len(widths) != 5 or len(depths) != 3:
             raise ValueError(f"ShuffleNet encoder needs 5 widths and 3 depths, got {widths} and {depths}")
-        if plain_stem:
-            # Two full 3x3 convs at 1/1 and 1/2 resolution, each followed by 2x2 max pooling (as
-            # VGG): dense early features learn faster from scratch than a strided conv can give.
-            half = max(8, widths[0] // 2)
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, half, 3, padding=1, bias=False), *_bn_relu(half), nn.MaxPool2d(2),
-                nn.Conv2d(half, widths[0], 3, padding=1, bias=False), *_bn_relu(widths[0]), nn.MaxPool2d(2),
-            )
-        else:
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
-                *_bn_relu(widths[0]),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            )
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+            *_bn_relu(widths[0]),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
         stages = []
         cin = widths[0]
         for cout, depth, stride in zip(widths[1:4], depths, self.STAGE_STRIDES, strict=True):

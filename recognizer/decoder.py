@@ -11,6 +11,14 @@ from torch import Tensor, nn
 from recognizer.charset import EOS, PAD
 
 
+def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross entropy over non-PAD positions; EOS is a target like any character (ASTER).
+
+    logits: [B, T, C] float; targets: [B, T] long (ids, EOS, then PAD).
+    """
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
+
+
 class _StepWeights(NamedTuple):
     """The decoder step's weights for one forward (see AttentionDecoder._weights)."""
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from recognizer import hashing
 from recognizer.blocks import ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
 from recognizer.charset import DEFAULT_ALPHABET, MAX_SEQ_LEN, PAD, Alphabet, get_alphabet
-from recognizer.decoder import AttentionDecoder
+from recognizer.decoder import AttentionDecoder, sequence_loss
 from recognizer.keys import derive_seed
 from recognizer.state import state_lengths
 from recognizer.tps import Rectifier
@@ -33,7 +33,6 @@ class ModelConfig:
     # resnet: stem + 5 stages; shufflenet: stem + 3 stages + final 1x1 conv (see blocks.py).
     encoder_widths: tuple[int, ...]
     encoder_depths: tuple[int, ...]
-    plain_stem: bool = False  # shufflenet: two full 3x3 convs with pooling instead of the strided stem
     lstm_hidden: int = 256  # per direction; the decoder reads 2x this
     lstm_layers: int = 2
     lstm_skip: bool = False  # a linear skip around the BiLSTM (see blocks.SequenceEncoder)
@@ -118,7 +117,7 @@ class Recognizer(nn.Module):
                 c.encoder_widths, c.encoder_depths
             )
         elif c.encoder == "shufflenet":
-            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths, c.plain_stem)
+            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths)
         else:
             raise ValueError(f"unknown encoder kind {c.encoder!r}; expected 'resnet' or 'shufflenet'")
         self.sequence = SequenceEncoder(self.encoder.out_channels, c.lstm_hidden, c.lstm_layers, c.lstm_skip)
@@ -183,9 +182,7 @@ class Recognizer(nn.Module):
         """
         with self._weights_cached():
             feats = self._encode(images)
-            loss = F.cross_entropy(
-                self.decoder(feats, targets).float().flatten(0, 1), targets.flatten(), ignore_index=PAD
-            )
+            loss = sequence_loss(self.decoder(feats, targets).float(), targets)
             if self.ctc_head is None:
                 return loss
             log_probs = F.log_softmax(self.ctc_head(feats).float(), dim=2).transpose(0, 1)  # [L, B, C]

@@ -10,17 +10,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from recognizer import charset, metrics
+from recognizer import metrics
+from recognizer.decoder import sequence_loss
 from recognizer.recipe import OPTIMIZERS
 
 log = logging.getLogger(__name__)
-
-# Teacher-forced cross entropy ignores padding; EOS is a target like any character (ASTER).
-IGNORE_INDEX = charset.PAD
-
 
 @dataclass(frozen=True)
 class EpochStats:
@@ -46,14 +42,6 @@ class EvalResult:
     predictions: list[str]
     labels: list[str]
     char_accuracy: float = 0.0  # 1 - normalized edit distance: partial credit
-
-
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over non-PAD positions.
-
-    logits: [B, T, C] float; targets: [B, T] long (ids, EOS, then PAD).
-    """
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 ADAMW_WEIGHT_DECAY = 0.01
@@ -135,39 +123,27 @@ def train_epoch(
     grad_clip: float = 5.0,
     on_batch: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
-    lr_factor: Callable[[], float] | None = None,
 ) -> EpochStats:
     """One pass of teacher-forced training (``train_step``) over ``batches`` of (images, targets, labels).
 
     Batches are copied to ``device`` (None: where the model's parameters are); ``bf16`` autocasts
-    there. ``lr_factor``, if given, is called before each step and scales the learning rate the
-    optimizer had when the epoch began (a warm-up). Raises FloatingPointError when the loss stops
-    being finite.
+    there. Raises FloatingPointError when the loss stops being finite.
     """
     model.train()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     start = time.perf_counter()
     total, seen = 0.0, 0
-    try:
-        for step, (images, targets, _labels) in enumerate(batches):
-            if lr_factor is not None:
-                factor = lr_factor()
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            try:
-                value = train_step(model, images, targets, optimizer, bf16=bf16, grad_clip=grad_clip)
-            except FloatingPointError as exc:
-                raise FloatingPointError(f"{exc} at epoch {epoch} step {step}") from None
-            total += value * images.shape[0]
-            seen += images.shape[0]
-            if on_batch is not None:
-                on_batch(step, value)
-    finally:
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base
+    for step, (images, targets, _labels) in enumerate(batches):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        try:
+            value = train_step(model, images, targets, optimizer, bf16=bf16, grad_clip=grad_clip)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} at epoch {epoch} step {step}") from None
+        total += value * images.shape[0]
+        seen += images.shape[0]
+        if on_batch is not None:
+            on_batch(step, value)
     seconds = time.perf_counter() - start
     return EpochStats(epoch=epoch, loss=total / max(seen, 1), samples=seen, seconds=seconds)
 
