@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig, ConfigError
+from fedocr import encodings
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -17,6 +18,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     add("--lr-decay-rounds", dest="lr_decay_rounds", type=_ints, help="1-based rounds, e.g. 5,30")
     add("--lr-decay-factors", dest="lr_decay_factors", type=_floats, help="e.g. 0.1,0.01")
     add("--batch-size", dest="batch_size", type=int)
+    add("--optimizer", help="the edges' local optimizer in the plan (adam, adamw, adadelta; '' = theirs)")
+    add("--encoding", choices=tuple(encodings.NAMES), help="how edges encode uploads (plan)")
+    add(
+        "--error-feedback",
+        dest="error_feedback",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="edges carry their quantization error into the next round (default on)",
+    )
+    add("--accept-encodings", dest="accept_encodings", type=_names, help="e.g. float32,int8")
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)
     add("--max-workers", dest="max_workers", type=int, help="RPC threads (long-polls hold one each)")

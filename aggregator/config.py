@@ -11,14 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.fedavg import WEIGHTINGS
+from fedocr import encodings
 
 # TOML section of every field; the key inside the section is the field name.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "server": ("listen", "state_dir", "max_workers", "log_level"),
     "tls": ("cert", "key", "ca"),
     "rounds": ("total_rounds", "quorum", "min_edges", "deadline_s", "weighting"),
-    "plan": ("local_epochs", "learning_rate", "lr_decay_rounds", "lr_decay_factors", "batch_size"),
+    "plan": (
+        "local_epochs",
+        "learning_rate",
+        "lr_decay_rounds",
+        "lr_decay_factors",
+        "batch_size",
+        "optimizer",
+        "encoding",
+        "error_feedback",
+    ),
     "transfer": (
+        "accept_encodings",
         "zstd_level",
         "max_chunk_bytes",
         "chunk_elements",
@@ -62,6 +73,13 @@ class AggregatorConfig:
     lr_decay_rounds: tuple[int, ...] = ()
     lr_decay_factors: tuple[float, ...] = ()
     batch_size: int = 16
+    # The edges' local optimizer ("" leaves it to each edge's --optimizer flag).
+    optimizer: str = "adam"
+    # How edges encode their uploads (fedocr.encodings: float32, float16, int8, int4), and whether
+    # they carry each round's quantization error into the next upload (error feedback).
+    encoding: str = "float32"
+    error_feedback: bool = True
+    accept_encodings: tuple[str, ...] = tuple(encodings.NAMES)  # uploads in others are refused
     zstd_level: int = 3
     max_chunk_bytes: int = 2 << 20  # decoded bytes per upload chunk (fedocr.tensors.MAX_CHUNK_RAW_BYTES)
     # float32 values per downloaded chunk (256 KiB): gRPC keeps, per connection, buffers about the
@@ -78,6 +96,16 @@ class AggregatorConfig:
         """Validate cross-field constraints."""
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        unknown = [e for e in (*self.accept_encodings, self.encoding) if e not in encodings.NAMES]
+        if unknown:
+            raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(encodings.NAMES)}")
+        if self.encoding not in self.accept_encodings:
+            raise ConfigError(
+                f"the plan's encoding {self.encoding!r} is not in accept_encodings "
+                f"{list(self.accept_encodings)}"
+            )
+        if self.optimizer and not self.optimizer.isidentifier():
+            raise ConfigError(f"optimizer must be a name such as 'adam' (or empty), got {self.optimizer!r}")
         if self.quorum < 1 or self.min_edges < 1 or self.min_edges > self.quorum:
             raise ConfigError(f"need 1 <= min_edges ({self.min_edges}) <= quorum ({self.quorum})")
         if self.total_rounds < 1:
@@ -161,6 +189,8 @@ _EXPECTED = (
     ("Path", "a path (string)"),
     ("tuple[int", "a list of integers"),
     ("tuple[float", "a list of numbers"),
+    ("tuple[str", "a list of strings"),
+    ("bool", "true or false"),
     ("int", "an integer"),
     ("float", "a number"),
     ("str", "a string"),
@@ -176,8 +206,12 @@ def _convert(kind: str, value: Any) -> Any:
     if kind.startswith("tuple["):
         if not isinstance(value, list | tuple):
             raise TypeError(kind)
-        item = "int" if kind.startswith("tuple[int") else "float"
+        item = kind[len("tuple[") :].split(",")[0]
         return tuple(_convert(item, v) for v in value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(kind)
+        return value
     if kind == "str" and not isinstance(value, str):
         raise TypeError(kind)
     if kind in ("int", "float"):  # a bool is an int to Python, never to an operator

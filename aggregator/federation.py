@@ -22,10 +22,12 @@ from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, new_ro
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream
 from aggregator.upload import read_header, stage
+from fedocr import encodings
 from fedocr.errors import (
     Busy,
     Draining,
     DuplicateUpload,
+    MalformedRequest,
     ModelMismatch,
     NotReady,
     RoundClosed,
@@ -336,6 +338,12 @@ class Federation:
     def _check_upload(self, edge_id: str, header: pb.UploadHeader) -> None:
         if header.fingerprint != self.manifest.fingerprint:
             raise ModelMismatch("upload fingerprint differs from the federation's model")
+        accepted = [encodings.NAMES[name] for name in self.config.accept_encodings]
+        if header.encoding not in accepted:
+            raise MalformedRequest(
+                f"encoding {encodings.name_of(header.encoding)} is not accepted by this federation "
+                f"(accepted: {', '.join(self.config.accept_encodings)})"
+            )
         r = self._round
         if r is None:
             last = self._history[-1].round_id

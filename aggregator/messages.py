@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aggregator.federation import JoinResult, Receipt
 from aggregator.rounds import Bytes, RoundRecord, TrainingPlan, total_bytes
 from aggregator.store import Manifest
+from fedocr import encodings
 from fedocr.errors import MalformedRequest
 from fedocr.v1 import federation_pb2 as pb
 
@@ -39,7 +40,12 @@ def byte_count(b: Bytes) -> pb.ByteCount:
 def plan_message(plan: TrainingPlan) -> pb.TrainingPlan:
     """TrainingPlan message of a plan record."""
     return pb.TrainingPlan(
-        local_epochs=plan.local_epochs, learning_rate=plan.learning_rate, batch_size=plan.batch_size
+        local_epochs=plan.local_epochs,
+        learning_rate=plan.learning_rate,
+        batch_size=plan.batch_size,
+        encoding=encodings.NAMES[plan.encoding],
+        error_feedback=plan.error_feedback,
+        optimizer=plan.optimizer,
     )
 
 

@@ -49,11 +49,14 @@ class EdgeRecord:
 
 @dataclass
 class TrainingPlan:
-    """What edges do locally in a round (Algorithm 1): epochs, Adadelta lr, batch size."""
+    """What edges do locally in a round (Algorithm 1) and how they encode their upload."""
 
     local_epochs: int
     learning_rate: float
     batch_size: int
+    optimizer: str = ""  # "" leaves it to the edge (records written before the field existed)
+    encoding: str = "float32"  # fedocr.encodings.NAMES
+    error_feedback: bool = False
 
 
 @dataclass
@@ -175,7 +178,14 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
         opened_at=now,
         deadline=now + config.deadline_s,
         state_version=version,
-        plan=TrainingPlan(config.local_epochs, config.learning_rate_for(index), config.batch_size),
+        plan=TrainingPlan(
+            config.local_epochs,
+            config.learning_rate_for(index),
+            config.batch_size,
+            config.optimizer,
+            config.encoding,
+            config.error_feedback,
+        ),
     )
 
 

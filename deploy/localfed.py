@@ -84,7 +84,8 @@ class Settings:
     deadline_s: float = 900.0
     threads: int = 1
     lr_decay_rounds: str = ""  # 1-based rounds, "5,30"; the lr is x0.1, x0.01 ... from each on
-    optimizer: str = "adadelta"
+    optimizer: str = "adadelta"  # in the aggregator's plan, which the edges follow
+    encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
     extra_edge_args: tuple[str, ...] = ()
 
 
@@ -130,6 +131,8 @@ class Federation:
             "--local-epochs", str(s.local_epochs),
             "--lr", str(s.lr),
             "--batch-size", str(s.batch_size),
+            "--optimizer", s.optimizer,
+            "--encoding", s.encoding,
             "--lr-decay-rounds", s.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
         ]  # fmt: skip

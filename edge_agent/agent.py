@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -12,9 +13,10 @@ import grpc
 import numpy as np
 
 from edge_agent.client import FederationClient, UploadUnconfirmed
+from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
-from fedocr import retry
+from fedocr import encodings, retry
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class EdgeAgent:
         self.settings = settings
         self.progress = progress
         self.journal = Journal(settings.work_dir / JOURNAL_FILE)
+        self.residual = Residual(settings.work_dir / RESIDUAL_FILE, local.length, local.fingerprint)
         self.held_version = 0
         self._global = np.zeros(local.length, dtype=np.float32)
         self._waiting_after: int | None = None
@@ -148,7 +151,18 @@ class EdgeAgent:
         started = time.perf_counter()
         down = self._sync(reply.state_version)
         val = self._score(self.held_version)
-        plan = Plan(reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size)
+        plan = Plan(
+            reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer
+        )
+        encoding = reply.plan.encoding or pb.ENCODING_FLOAT32
+        if encoding not in encodings.NAMES.values():
+            name = encodings.name_of(encoding)
+            raise AgentError(f"{where}: the round's plan asks for encoding {name}, unknown here")
+        feedback = reply.plan.error_feedback and encodings.is_lossy(encoding)
+        try:
+            self.local.use_optimizer(plan.optimizer)
+        except ValueError as exc:
+            raise AgentError(f"{where}: the round's plan cannot be followed: {exc}") from exc
         steps = -(-self.local.samples // max(1, plan.batch_size))
         record: dict[str, Any] = {
             "event": "round",
@@ -161,6 +175,9 @@ class EdgeAgent:
                 "local_epochs": plan.local_epochs,
                 "learning_rate": plan.learning_rate,
                 "batch_size": plan.batch_size,
+                "optimizer": plan.optimizer,
+                "encoding": encodings.name_of(encoding),
+                "error_feedback": feedback,
             },
             "down": down,
             "val": val,
@@ -205,16 +222,20 @@ class EdgeAgent:
             for s in history
         ]
         increment = self.local.increment()
+        sent = self.residual.add_to(increment) if feedback else increment
+        seed = int.from_bytes(hashlib.sha256(f"{reply.edge_id}/{reply.round_id}".encode()).digest()[:8])
         try:
             upload = self._call(
                 self.client.upload,
                 reply.round_id,
                 reply.edge_id,
-                increment,
+                sent,
                 self.local.samples,
                 self.local.fingerprint,
                 self.held_version,
                 self.settings.zstd_level,
+                encoding,
+                seed,
             )
         except grpc.RpcError as exc:
             if retry.status_code(exc) not in ROUND_GONE:
@@ -234,6 +255,10 @@ class EdgeAgent:
             log.warning("%s: %s; waiting for the next round", where, exc)
             self.journal.write({**record, "status": "unconfirmed", "error": str(exc)})
             return
+        if feedback:
+            self.residual.keep(sent, upload.decoded)
+        elif self.residual.values.any():
+            self.residual.clear()
         self.progress.moved(up_raw=upload.moved.raw, up_wire=upload.moved.wire)
         record["up"] = {"raw": upload.moved.raw, "wire": upload.moved.wire}
         record["seconds"] = round(time.perf_counter() - started, 2)

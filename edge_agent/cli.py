@@ -49,8 +49,8 @@ def _run_parser() -> argparse.ArgumentParser:
         "--optimizer",
         choices=OPTIMIZERS,
         default=DEFAULT_OPTIMIZER,
-        help="local optimizer (default adam; the paper's: adadelta); the round's learning rate comes "
-        "from the aggregator, so it must suit this optimizer",
+        help="local optimizer when the aggregator's plan names none (default adam; the paper's: "
+        "adadelta); a plan that names one overrides this",
     )
     p.add_argument(
         "--work-dir",

@@ -27,6 +27,8 @@ TENSOR_ID = 0
 # Upload chunks of 256 KiB decoded: well under the aggregator's per-chunk limit.
 UPLOAD_CHUNK_ELEMS = 65536
 RPC_TIMEOUT_S = 120.0
+# How quantized uploads round (benchmarks/quantization.py measures both with error feedback).
+UPLOAD_ROUNDING = "stochastic"
 # How often an ALREADY_EXISTS answer is checked against the round's record before giving up.
 DUPLICATE_CHECKS = 6
 
@@ -54,10 +56,14 @@ class Download:
 
 @dataclass(frozen=True)
 class Upload:
-    """An upload the aggregator acknowledged; ``receipt`` is None when it had already counted it."""
+    """An upload the aggregator acknowledged; ``receipt`` is None when it had already counted it.
+
+    ``decoded`` is the increment as the aggregator decodes it (the sent one, for float32).
+    """
 
     receipt: pb.UploadReceipt | None
     moved: Transfer
+    decoded: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -139,8 +145,12 @@ class FederationClient:
         fingerprint: bytes,
         base_version: int,
         zstd_level: int = 3,
+        encoding: int = pb.ENCODING_FLOAT32,
+        seed: int = 0,
     ) -> Upload:
-        """Stream ``increment`` (float32, zstd) for ``round_id``.
+        """Stream ``increment`` for ``round_id`` in ``encoding`` (fedocr.encodings), zstd-compressed.
+
+        Quantized encodings round stochastically, drawing from ``seed``.
 
         ALREADY_EXISTS counts as acknowledged, with no receipt, once the round's record lists this
         edge (a retry after the first attempt was counted but its receipt lost). Other refusals are
@@ -150,21 +160,24 @@ class FederationClient:
             round_id=round_id,
             sample_count=samples,
             fingerprint=fingerprint,
-            encoding=pb.ENCODING_FLOAT32,
+            encoding=encoding,
             compression=pb.COMPRESSION_ZSTD,
             base_state_version=base_version,
         )
         encoder = tensors.ChunkEncoder(
             [increment],
-            pb.ENCODING_FLOAT32,
+            encoding,
             pb.COMPRESSION_ZSTD,
             level=zstd_level,
             chunk_elems=UPLOAD_CHUNK_ELEMS,
             ids=[TENSOR_ID],
+            rounding=UPLOAD_ROUNDING,
+            seed=seed,
         )
         chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
         trailer = encoder.trailer()
         moved = Transfer(raw=encoder.raw_bytes, wire=encoder.wire_bytes)
+        decoded = encoder.decoded()[0]
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=header)
@@ -177,7 +190,7 @@ class FederationClient:
                 receipt = self._upload_invoker.call(
                     lambda: self._stub.UploadIncrement(messages(), timeout=RPC_TIMEOUT_S)
                 )
-                return Upload(receipt, moved)
+                return Upload(receipt, moved, decoded)
             except grpc.RpcError as exc:
                 if retry.status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
                     raise
@@ -185,7 +198,7 @@ class FederationClient:
                 # first attempt still in progress on the server: only the round's record can tell.
                 if self.uploaded(round_id, edge_id):
                     log.info("round %s: the aggregator had already counted this upload", round_id)
-                    return Upload(None, moved)
+                    return Upload(None, moved, decoded)
                 time.sleep(min(30.0, 2.0**attempt))
         raise UploadUnconfirmed(
             f"round {round_id}: the aggregator reports an upload in progress that never completes"

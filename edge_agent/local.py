@@ -20,7 +20,7 @@ from recognizer.dataset import label_report, make_loader
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import save_model
-from recognizer.recipe import DEFAULT_LR, DEFAULT_OPTIMIZER
+from recognizer.recipe import DEFAULT_LR, DEFAULT_OPTIMIZER, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class Plan:
     local_epochs: int
     learning_rate: float
     batch_size: int
+    optimizer: str = ""  # "" keeps the edge's own (--optimizer)
 
 
 class LocalModel:
@@ -95,6 +96,21 @@ class LocalModel:
         self._base = self._w0 + global_state
         state.load_state(self.model, state.unpack_state(self._base, self._key, self._lengths))
 
+    def use_optimizer(self, kind: str) -> None:
+        """Switch the local optimizer to ``kind`` (fresh state); "" or the current one changes nothing.
+
+        Raises:
+            ValueError: ``kind`` is not one of recognizer.recipe.OPTIMIZERS.
+        """
+        if not kind or kind == self._optimizer_kind:
+            return
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer {kind!r} is unknown here; this edge knows {', '.join(OPTIMIZERS)}")
+        log.info("switching the local optimizer from %s to %s", self._optimizer_kind, kind)
+        self._optimizer = train.make_optimizer(self.model, DEFAULT_LR[kind], kind)
+        self._optimizer_kind = kind
+        self._warned_lr = False
+
     def train_round(
         self,
         plan: Plan,
@@ -110,7 +126,10 @@ class LocalModel:
             # The plan's lr comes from the aggregator, the optimizer from this edge's --optimizer.
             log.warning(
                 "the round's learning rate %g is far from %s's usual %g: does the aggregator's plan "
-                "match this edge's --optimizer?", plan.learning_rate, self._optimizer_kind, usual,
+                "match this edge's --optimizer?",
+                plan.learning_rate,
+                self._optimizer_kind,
+                usual,
             )
             self._warned_lr = True
         train.set_lr(self._optimizer, plan.learning_rate)
@@ -127,7 +146,12 @@ class LocalModel:
         for epoch in range(plan.local_epochs):
             batch_cb = (lambda step, loss, e=epoch: on_batch(e, step, loss)) if on_batch else None
             stats = train.train_epoch(
-                self.model, loader, self._optimizer, epoch=epoch, on_batch=batch_cb, bf16=self._bf16,
+                self.model,
+                loader,
+                self._optimizer,
+                epoch=epoch,
+                on_batch=batch_cb,
+                bf16=self._bf16,
                 device=self.device,
             )
             history.append(stats)

@@ -1,11 +1,12 @@
 """The tensor codec of the wire: float vectors to and from a checksummed stream of TensorChunks.
 
 A stream is: chunks with ``seq`` 0, 1, 2 ..., each holding ``count`` consecutive elements of one
-tensor starting at ``offset``, encoded (ENCODING_FLOAT32: little-endian binary32) and then
-compressed on its own (COMPRESSION_ZSTD: one zstd frame that records its content size, or
-COMPRESSION_NONE); then a Trailer whose ``sha256`` covers the encoded, uncompressed payloads in
-stream order and whose ``chunk_count`` is the number of chunks. Within one tensor the chunks are
-contiguous and in order; tensors may interleave. Empty tensors send no chunk.
+tensor starting at ``offset``, encoded (fedocr.encodings: float32, float16, int8 or int4 with
+block scales) and then compressed on its own (COMPRESSION_ZSTD: one zstd frame that records its
+content size, or COMPRESSION_NONE); then a Trailer whose ``sha256`` covers the encoded,
+uncompressed payloads in stream order and whose ``chunk_count`` is the number of chunks. Within
+one tensor the chunks are contiguous and in order; tensors may interleave. Empty tensors send no
+chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import zstandard
 
+from fedocr import encodings
 from fedocr.v1 import federation_pb2 as pb
 
 FLOAT32 = np.dtype("<f4")  # ENCODING_FLOAT32 on the wire, whatever the host's byte order
@@ -26,7 +28,7 @@ DEFAULT_ZSTD_LEVEL = 3
 # n + n/256 + at most 64, plus an 18-byte header); allow that, no more.
 _ZSTD_SLACK_BYTES = 256
 
-_ITEMSIZE = {pb.ENCODING_FLOAT32: FLOAT32.itemsize}
+_ENCODINGS = tuple(encodings.NAMES.values())
 _COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
 
 
@@ -62,25 +64,35 @@ class NonFiniteValues(WireFormatError):
     """A tensor holds NaN or infinity."""
 
 
-def _check_codec(encoding: int, compression: int) -> int:
-    """Return the item size of ``encoding``; raise UnsupportedEncoding for anything unimplemented."""
-    if encoding not in _ITEMSIZE:
-        name = pb.Encoding.Name(encoding) if encoding in pb.Encoding.values() else str(encoding)
-        raise UnsupportedEncoding(f"encoding {name} is not supported (only ENCODING_FLOAT32)")
+class BadScale(WireFormatError):
+    """A quantized chunk with a NaN, infinite, negative or too large block scale."""
+
+
+class BadCode(WireFormatError):
+    """A quantized chunk with a code outside its range or a set 4-bit padding nibble."""
+
+
+def _check_codec(encoding: int, compression: int) -> None:
+    """Raise UnsupportedEncoding for an encoding or compression this build does not implement."""
+    if encoding not in _ENCODINGS:
+        raise UnsupportedEncoding(
+            f"encoding {encodings.name_of(encoding)} is not supported (known: {', '.join(encodings.NAMES)})"
+        )
     if compression not in _COMPRESSIONS:
         name = pb.Compression.Name(compression) if compression in pb.Compression.values() else compression
         raise UnsupportedEncoding(
             f"compression {name} is not supported (COMPRESSION_NONE or COMPRESSION_ZSTD)"
         )
-    return _ITEMSIZE[encoding]
 
 
 class ChunkEncoder:
     """Writer side: turns flat tensors into TensorChunks, then a Trailer.
 
-    Parameters: ``tensors`` are flattened (C order) and encoded as float32; ``ids`` default to
-    0..n-1; ``level`` is the zstd level (ignored for COMPRESSION_NONE); ``chunk_elems`` is the
-    number of values per chunk, at most MAX_CHUNK_RAW_BYTES // 4.
+    Parameters: ``tensors`` are flattened (C order) and encoded with ``encoding`` (fedocr.encodings;
+    the quantized ones round to ``rounding``, stochastic rounding drawing from ``seed``); ``ids``
+    default to 0..n-1; ``level`` is the zstd level (ignored for COMPRESSION_NONE); ``chunk_elems``
+    is the number of values per chunk, at most MAX_CHUNK_RAW_BYTES // 4. After the chunks were
+    taken, ``decoded()`` gives the values the receiver will decode (for error feedback).
     """
 
     def __init__(
@@ -91,19 +103,27 @@ class ChunkEncoder:
         level: int = DEFAULT_ZSTD_LEVEL,
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         ids: Sequence[int] | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
-        itemsize = _check_codec(encoding, compression)
-        if not 1 <= chunk_elems <= MAX_CHUNK_RAW_BYTES // itemsize:
+        _check_codec(encoding, compression)
+        if not 1 <= chunk_elems <= MAX_CHUNK_RAW_BYTES // FLOAT32.itemsize:
             raise ValueError(
-                f"chunk_elems must be in 1..{MAX_CHUNK_RAW_BYTES // itemsize}, got {chunk_elems}"
+                f"chunk_elems must be in 1..{MAX_CHUNK_RAW_BYTES // FLOAT32.itemsize}, got {chunk_elems}"
             )
         if compression == pb.COMPRESSION_ZSTD and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise ValueError(f"zstd level must be in 1..{zstandard.MAX_COMPRESSION_LEVEL}, got {level}")
+        if rounding not in encodings.ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(encodings.ROUNDINGS)}, got {rounding!r}")
         ids = list(range(len(tensors))) if ids is None else list(ids)
         if len(ids) != len(tensors) or len(set(ids)) != len(ids):
             raise ValueError("ids must be unique, one per tensor")
         self._tensors = [np.ascontiguousarray(t, dtype=FLOAT32).reshape(-1) for t in tensors]
         self._ids = ids
+        self._encoding = encoding
+        self._rounding = rounding
+        self._rng = np.random.default_rng(seed)
+        self._decoded = [np.empty(t.size, dtype=np.float32) for t in self._tensors]
         self._compressor = (
             zstandard.ZstdCompressor(level=level, write_content_size=True)
             if compression == pb.COMPRESSION_ZSTD
@@ -126,15 +146,18 @@ class ChunkEncoder:
         if self._started:
             raise RuntimeError("ChunkEncoder.chunks() may be iterated only once")
         self._started = True
-        for tensor_id, values in zip(self._ids, self._tensors, strict=True):
+        for tensor_id, values, decoded in zip(self._ids, self._tensors, self._decoded, strict=True):
             for offset in range(0, values.size, self._chunk_elems):
-                raw = values[offset : offset + self._chunk_elems].tobytes()
+                part = values[offset : offset + self._chunk_elems]
+                raw, decoded[offset : offset + part.size] = encodings.encode(
+                    part, self._encoding, self._rounding, self._rng
+                )
                 payload = self._compressor.compress(raw) if self._compressor else raw
                 self._digest.update(raw)
                 chunk = pb.TensorChunk(
                     tensor_id=tensor_id,
                     offset=offset,
-                    count=len(raw) // FLOAT32.itemsize,
+                    count=part.size,
                     payload=payload,
                     seq=self.chunk_count,
                 )
@@ -143,6 +166,12 @@ class ChunkEncoder:
                 self.wire_bytes += len(payload)
                 yield chunk
         self._done = True
+
+    def decoded(self) -> list[np.ndarray]:
+        """The values as the receiver decodes them (the inputs, for float32); after every chunk."""
+        if not self._done:
+            raise RuntimeError("decoded() before all chunks were taken")
+        return self._decoded
 
     def trailer(self) -> pb.Trailer:
         """The Trailer for the stream; only after every chunk was taken."""
@@ -177,7 +206,8 @@ class ChunkAssembler:
         compression: int = pb.COMPRESSION_ZSTD,
         max_chunk_bytes: int = MAX_CHUNK_RAW_BYTES,
     ) -> None:
-        self._itemsize = _check_codec(encoding, compression)
+        _check_codec(encoding, compression)
+        self._encoding = encoding
         pairs = [(s.id, s.length) if isinstance(s, pb.TensorSpec) else (int(s[0]), int(s[1])) for s in specs]
         if len({i for i, _ in pairs}) != len(pairs):
             raise WireFormatError("the manifest names a tensor id twice")
@@ -185,8 +215,10 @@ class ChunkAssembler:
         self._ids = [tensor_id for tensor_id, _ in pairs]
         self._arrays = [np.empty(length, dtype=np.float32) for _, length in pairs]
         self._filled = [0] * len(pairs)  # next expected offset per tensor
-        self._max_elems = max_chunk_bytes // self._itemsize
-        self._max_wire = max_chunk_bytes + (max_chunk_bytes >> 8) + _ZSTD_SLACK_BYTES
+        # The limit is on decoded float32 values, whatever the encoding carries them in.
+        self._max_elems = max_chunk_bytes // FLOAT32.itemsize
+        max_payload = encodings.payload_size(encoding, self._max_elems)
+        self._max_wire = max_payload + (max_payload >> 8) + _ZSTD_SLACK_BYTES
         self._decompressor = None
         if compression == pb.COMPRESSION_ZSTD:
             window = max(1 << 20, 1 << (max_chunk_bytes - 1).bit_length())
@@ -235,7 +267,16 @@ class ChunkAssembler:
                 f"(next expected offset {expected})"
             )
         raw = self._decode(chunk)
-        self._arrays[k][chunk.offset : chunk.offset + chunk.count] = np.frombuffer(raw, dtype=FLOAT32)
+        where = f"chunk {chunk.seq}"
+        try:
+            values = encodings.decode(raw, self._encoding, chunk.count, where)
+        except encodings.BadScale as exc:
+            raise BadScale(str(exc)) from None
+        except encodings.BadCode as exc:
+            raise BadCode(str(exc)) from None
+        except encodings.EncodingError as exc:
+            raise LengthMismatch(str(exc)) from None
+        self._arrays[k][chunk.offset : chunk.offset + chunk.count] = values
         self._digest.update(raw)
         self._filled[k] += chunk.count
         self.chunk_count += 1
@@ -244,13 +285,9 @@ class ChunkAssembler:
 
     def _decode(self, chunk: pb.TensorChunk) -> bytes:
         """Return the encoded bytes of ``chunk``, decompressed with an exact output bound."""
-        size = chunk.count * self._itemsize
+        size = encodings.payload_size(self._encoding, chunk.count)
         if self._decompressor is None:
-            if len(chunk.payload) != size:
-                raise LengthMismatch(
-                    f"chunk {chunk.seq} has {len(chunk.payload)} payload bytes for {chunk.count} values"
-                )
-            return chunk.payload
+            return chunk.payload  # its size is checked against the count when it is decoded
         try:
             declared = zstandard.frame_content_size(chunk.payload)
         except zstandard.ZstdError as exc:

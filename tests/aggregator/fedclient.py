@@ -34,7 +34,7 @@ def upload_messages(
     base_state_version: int = 0,
 ) -> list[pb.UploadMessage]:
     """A well-formed upload stream (header, chunks, trailer) as a list tests may tamper with."""
-    encoder = tensors.ChunkEncoder(arrays, pb.ENCODING_FLOAT32, compression, chunk_elems=chunk_elems, level=1)
+    encoder = tensors.ChunkEncoder(arrays, encoding, compression, chunk_elems=chunk_elems, level=1)
     header = pb.UploadHeader(
         round_id=round_id,
         sample_count=samples,

@@ -45,13 +45,17 @@ def check_unchanged_then_close(running, connect, round_id: int) -> None:
     np.testing.assert_array_equal(state[0], np.full(6, 3.0, dtype=np.float32))  # (1 + 4 + 4) / 3
 
 
-def tampered(round_id: int, edit) -> list[pb.UploadMessage]:
-    messages = upload_messages(round_id, ones(9.0), samples=5)
+def tampered(round_id: int, edit, encoding: int = pb.ENCODING_FLOAT32, **kw) -> list[pb.UploadMessage]:
+    messages = upload_messages(round_id, ones(9.0), samples=5, encoding=encoding, **kw)
     edit(messages)
     return messages
 
 
-def test_stream_refusals(fed, connect) -> None:
+ENCODINGS = [pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED]
+
+
+@pytest.mark.parametrize("enc", ENCODINGS, ids=lambda e: pb.Encoding.Name(e))
+def test_stream_refusals(fed, connect, enc: int) -> None:
     running, r = fed
     b = connect(running, "edge-1")
     b.join(LENGTHS)
@@ -63,7 +67,7 @@ def test_stream_refusals(fed, connect) -> None:
         m[-1].trailer.sha256 = b"\0" * 32
 
     def encoding(m):
-        m[0].header.encoding = pb.ENCODING_FLOAT16
+        m[0].header.encoding = pb.ENCODING_MASKED_INT
 
     def unknown_encoding(m):
         m[0].header.encoding = 99
@@ -96,16 +100,66 @@ def test_stream_refusals(fed, connect) -> None:
         "no header": (no_header, C.INVALID_ARGUMENT),
     }
     for name, (edit, code) in cases.items():
-        assert code_of(b.send, tampered(r, edit)) == code, name
+        assert code_of(b.send, tampered(r, edit, enc)) == code, name
     nan, inf = ones(), ones()
     nan[0][2], inf[1][0] = np.nan, np.inf
-    assert code_of(b.upload, r, nan) == C.INVALID_ARGUMENT
-    assert code_of(b.upload, r, inf) == C.INVALID_ARGUMENT
-    assert code_of(b.upload, r, [np.ones(6, dtype=np.float32)]) == C.INVALID_ARGUMENT  # tensor count
-    assert code_of(b.upload, r, [np.ones(7, np.float32), np.ones(4, np.float32)]) == C.INVALID_ARGUMENT
-    assert code_of(b.upload, r, ones(), samples=0) == C.INVALID_ARGUMENT  # samples weighting
-    assert code_of(b.upload, r, ones(), base_state_version=7) == C.FAILED_PRECONDITION
+    assert code_of(b.upload, r, nan, encoding=enc) == C.INVALID_ARGUMENT
+    assert code_of(b.upload, r, inf, encoding=enc) == C.INVALID_ARGUMENT
+    one_tensor = [np.ones(6, dtype=np.float32)]
+    assert code_of(b.upload, r, one_tensor, encoding=enc) == C.INVALID_ARGUMENT  # tensor count
+    too_long = [np.ones(7, np.float32), np.ones(4, np.float32)]
+    assert code_of(b.upload, r, too_long, encoding=enc) == C.INVALID_ARGUMENT
+    assert code_of(b.upload, r, ones(), samples=0, encoding=enc) == C.INVALID_ARGUMENT  # weighting
+    assert code_of(b.upload, r, ones(), base_state_version=7, encoding=enc) == C.FAILED_PRECONDITION
     check_unchanged_then_close(running, connect, r)
+
+
+@pytest.mark.parametrize("enc", ENCODINGS[2:], ids=lambda e: pb.Encoding.Name(e))
+def test_quantized_payload_refusals_name_the_fault(fed, connect, enc: int) -> None:
+    running, r = fed
+    b = connect(running, "edge-1")
+    b.join(LENGTHS)
+
+    def scale(value: float):
+        def edit(m):
+            m[1].chunk.payload = np.float32(value).tobytes() + m[1].chunk.payload[4:]
+
+        return edit
+
+    def extra_block(m):
+        m[1].chunk.payload += bytes(4)
+
+    def nibble_past_the_end(m):  # tensor 0 has 6 values in chunks of 3: an odd count
+        payload = bytearray(m[1].chunk.payload)
+        payload[-1] |= 0x10
+        m[1].chunk.payload = bytes(payload)
+
+    cases = {
+        "NaN scale": (scale(np.nan), "scale of block 0 is nan"),
+        "negative scale": (scale(-1.0), "scale of block 0 is -1.0"),
+        "a block too many": (extra_block, "1 scale blocks of 256"),
+    }
+    if enc == pb.ENCODING_INT4_QUANTIZED:
+        cases["nibble past the end"] = (nibble_past_the_end, "padding nibble after value 2")
+    for name, (edit, message) in cases.items():
+        messages = tampered(r, edit, enc, compression=pb.COMPRESSION_NONE, chunk_elems=3)
+        with pytest.raises(grpc.RpcError) as err:
+            b.send(messages)
+        assert err.value.code() == C.INVALID_ARGUMENT, name
+        assert message in err.value.details(), (name, err.value.details())
+    check_unchanged_then_close(running, connect, r)
+
+
+def test_encodings_outside_the_accepted_ones_are_refused(serve, connect) -> None:
+    running = serve(quorum=2, min_edges=2, accept_encodings=("float32", "int8"))
+    a = connect(running, "edge-0")
+    r = a.join(LENGTHS).round_id
+    with pytest.raises(grpc.RpcError) as err:
+        a.upload(r, ones(), encoding=pb.ENCODING_INT4_QUANTIZED)
+    assert err.value.code() == C.INVALID_ARGUMENT
+    assert "int4 is not accepted by this federation (accepted: float32, int8)" in err.value.details()
+    a.upload(r, ones(2.0), encoding=pb.ENCODING_INT8_QUANTIZED)
+    assert connect(running, "ops").get_round().edges[0].uploaded
 
 
 def test_second_upload_and_late_upload(fed, connect) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig, ConfigError
-from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan
+from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan, new_round
 from aggregator.store import Manifest, StateLocked, Store
 from fedocr import errors, tensors
 
@@ -126,6 +127,33 @@ def test_config_lr_decay_and_validation(tmp_path: Path) -> None:
     path.write_text("[rounds]\nquorom = 3\n")
     with pytest.raises(ConfigError, match="quorom"):
         AggregatorConfig.load(path)
+
+
+def test_config_encodings(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(
+        '[plan]\nencoding = "int4"\nerror_feedback = false\noptimizer = "adadelta"\n'
+        '[transfer]\naccept_encodings = ["float32", "int4"]\n'
+    )
+    loaded = AggregatorConfig.load(path)
+    assert (loaded.encoding, loaded.error_feedback) == ("int4", False)
+    assert loaded.accept_encodings == ("float32", "int4")
+    plan = new_round(loaded, 1, 0, 0.0, 1).plan
+    assert (plan.encoding, plan.error_feedback, plan.optimizer) == ("int4", False, "adadelta")
+    with pytest.raises(ConfigError, match="not in accept_encodings"):
+        AggregatorConfig(encoding="int8", accept_encodings=("float32",))
+    with pytest.raises(ConfigError, match="unknown encoding 'int2'"):
+        AggregatorConfig(accept_encodings=("float32", "int2"))
+    path.write_text("[plan]\nerror_feedback = 1\n")
+    with pytest.raises(ConfigError, match="error_feedback = 1 is not true or false"):
+        AggregatorConfig.load(path)
+    # A round record written before the plan carried an encoding still loads, as float32.
+    record = new_round(AggregatorConfig(), 1, 0, 0.0, 1)
+    doc = json.loads(record.to_json())
+    for name in ("encoding", "error_feedback", "optimizer"):
+        del doc["plan"][name]
+    old = RoundRecord.from_json(json.dumps(doc).encode())
+    assert (old.plan.encoding, old.plan.error_feedback, old.plan.optimizer) == ("float32", False, "")
 
 
 def test_sample_config_loads() -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedocr import encodings
+from fedocr.v1 import federation_pb2 as pb
 from recognizer import state
 from recognizer.dataset import make_loader
 from recognizer.keys import load_key
@@ -74,7 +76,10 @@ def held_out(model, data: Path) -> tuple[float, float]:
 
 
 def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
-    settings = localfed.Settings(rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24)
+    # Uploads in int8 with error feedback (the plan's); the other tests here upload float32.
+    settings = localfed.Settings(
+        rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8"
+    )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
     for k, shard in enumerate(edge_data.shards):
@@ -104,6 +109,19 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     assert edge_totals == {k: int(v) for k, v in history["total_bytes"].items()}
     assert edge_totals["raw_up"] > 0 and edge_totals["wire_down"] > 0
 
+    # The edges followed the plan's encoding: int8 uploads, float32 downloads, and each keeps
+    # the quantization error it still owes in its work directory.
+    key = load_key(federation_key)
+    length = sum(state.state_lengths(build_model(PRESET, key, 0.5)))
+    for name, recs in records.items():
+        counted = [r for r in recs if r["event"] == "round"]
+        assert all(r["plan"]["encoding"] == "int8" and r["plan"]["error_feedback"] for r in counted)
+        int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length)  # about length / 4
+        assert all(r["up"]["raw"] == int8_bytes for r in counted)
+        assert all(r["down"]["raw"] in (0, 4 * length) for r in recs)
+        residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]
+        assert residual.shape == (length,) and 0 < np.abs(residual).max() < 1e-2
+
     # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
     first = records["edge-0"][0]["val"]
     final = records["edge-0"][-1]
@@ -111,7 +129,6 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     assert final["val"]["loss"] < first["loss"] - 0.1, (first, final["val"])
 
     # The aggregator's state directory and log hold neither the key nor any layer name.
-    key = load_key(federation_key)
     names = {name for name, _ in state._state_entries(build_model(PRESET, key, 0.5))}
     words = {p for n in names for p in n.split(".") if len(p) > 3 and not p.isdigit()} - {"weight", "bias"}
     assert {"encoder", "decoder", "weight_real", "running_var"} <= words

@@ -111,7 +111,7 @@ def test_specs_accept_proto_messages():
     assert out[0][4] == 7.0
 
 
-@pytest.mark.parametrize("encoding", [pb.ENCODING_FLOAT16, pb.ENCODING_UNSPECIFIED, 99])
+@pytest.mark.parametrize("encoding", [pb.ENCODING_MASKED_INT, pb.ENCODING_UNSPECIFIED, 99])
 def test_unsupported_encoding(encoding):
     with pytest.raises(T.UnsupportedEncoding, match="not supported"):
         T.ChunkAssembler([(0, 1)], encoding=encoding)

@@ -26,6 +26,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_FLOAT16: _ClassVar[Encoding]
     ENCODING_INT8_QUANTIZED: _ClassVar[Encoding]
     ENCODING_MASKED_INT: _ClassVar[Encoding]
+    ENCODING_INT4_QUANTIZED: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ ENCODING_FLOAT32: Encoding
 ENCODING_FLOAT16: Encoding
 ENCODING_INT8_QUANTIZED: Encoding
 ENCODING_MASKED_INT: Encoding
+ENCODING_INT4_QUANTIZED: Encoding
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -76,14 +78,20 @@ class ByteCount(_message.Message):
     def __init__(self, raw_up: _Optional[int] = ..., wire_up: _Optional[int] = ..., raw_down: _Optional[int] = ..., wire_down: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("local_epochs", "learning_rate", "batch_size")
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     learning_rate: float
     batch_size: int
-    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    encoding: Encoding
+    error_feedback: bool
+    optimizer: str
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class EdgeProgress(_message.Message):
     __slots__ = ("edge_id", "uploaded", "samples", "bytes", "joined_at", "uploaded_at")

@@ -1,0 +1,180 @@
+"""Value encodings of one chunk payload: float32, float16, and 8- and 4-bit block quantization.
+
+A chunk holds ``count`` consecutive values of one tensor. Its payload (before compression) is:
+
+- ENCODING_FLOAT32: ``count`` little-endian binary32 values;
+- ENCODING_FLOAT16: ``count`` little-endian binary16 values;
+- ENCODING_INT8_QUANTIZED: the values in blocks of BLOCK (the last one may be shorter); first one
+  little-endian binary32 scale per block, then ``count`` signed bytes q in [-127, 127]; value =
+  q * scale of its block;
+- ENCODING_INT4_QUANTIZED: the same scales, then ``ceil(count / 2)`` bytes of 4-bit codes, the
+  first value in the low nibble; a code u in [1, 15] means q = u - 8 in [-7, 7]; code 0 is
+  invalid, and with an odd count the last high nibble is padding and must be 0.
+
+A scale must be finite and in [0, MAX_SCALE] (so that every decoded value is a finite float32).
+The encoder picks scale = max |value| / qmax per block, so a block's largest value is exact.
+Rounding is to the nearest level, or stochastic (unbiased: E[decoded] = value) with an rng.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedocr.v1 import federation_pb2 as pb
+
+BLOCK = 256  # values per quantization scale
+FLOAT32 = np.dtype("<f4")
+FLOAT16 = np.dtype("<f2")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+QMAX = {pb.ENCODING_INT8_QUANTIZED: 127, pb.ENCODING_INT4_QUANTIZED: 7}
+MAX_SCALE = float(np.finfo(np.float32).max) / 128  # q * scale stays finite for |q| <= 127
+ROUNDINGS = ("nearest", "stochastic")
+
+# Names used in configuration files and on the command line.
+NAMES: dict[str, int] = {
+    "float32": pb.ENCODING_FLOAT32,
+    "float16": pb.ENCODING_FLOAT16,
+    "int8": pb.ENCODING_INT8_QUANTIZED,
+    "int4": pb.ENCODING_INT4_QUANTIZED,
+}
+
+
+class EncodingError(ValueError):
+    """A payload that is not a valid encoding of its values (subclassed in fedocr.tensors)."""
+
+
+class BadScale(EncodingError):
+    """A quantization scale that is NaN, infinite, negative or too large."""
+
+
+class BadCode(EncodingError):
+    """A quantized code outside its range (-128 in int8, code 0 or a set padding nibble in int4)."""
+
+
+class PayloadSizeError(EncodingError):
+    """A payload whose size does not match its value count (a block or a byte too many or few)."""
+
+
+def name_of(encoding: int) -> str:
+    """The short name of an Encoding value ("int8"), or its number when unknown."""
+    for name, value in NAMES.items():
+        if value == encoding:
+            return name
+    return pb.Encoding.Name(encoding) if encoding in pb.Encoding.values() else str(encoding)
+
+
+def is_lossy(encoding: int) -> bool:
+    """Whether decoding loses precision against float32 (so error feedback has work to do)."""
+    return encoding != pb.ENCODING_FLOAT32
+
+
+def blocks(count: int) -> int:
+    """The number of scale blocks of a chunk of ``count`` values."""
+    return -(-count // BLOCK)
+
+
+def payload_size(encoding: int, count: int) -> int:
+    """Bytes of the uncompressed payload of ``count`` values."""
+    if encoding == pb.ENCODING_FLOAT32:
+        return 4 * count
+    if encoding == pb.ENCODING_FLOAT16:
+        return 2 * count
+    if encoding == pb.ENCODING_INT8_QUANTIZED:
+        return 4 * blocks(count) + count
+    if encoding == pb.ENCODING_INT4_QUANTIZED:
+        return 4 * blocks(count) + (count + 1) // 2
+    raise EncodingError(f"encoding {name_of(encoding)} has no payload layout")
+
+
+def encode(
+    values: np.ndarray, encoding: int, rounding: str = "nearest", rng: np.random.Generator | None = None
+) -> tuple[bytes, np.ndarray]:
+    """Encode float32 ``values`` (1-D); returns the payload and the values it decodes to.
+
+    Float16 saturates finite values at its largest. ``rounding="stochastic"`` needs ``rng``.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if encoding == pb.ENCODING_FLOAT32:
+        return values.astype(FLOAT32).tobytes(), values
+    if encoding == pb.ENCODING_FLOAT16:
+        # Large finite values saturate; NaN and infinity pass through for the receiver to refuse.
+        half = np.where(np.isinf(values), values, np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)).astype(FLOAT16)
+        return half.tobytes(), half.astype(np.float32)
+    if encoding not in QMAX:
+        raise EncodingError(f"encoding {name_of(encoding)} cannot be encoded here")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding == "stochastic" and rng is None:
+        raise ValueError("stochastic rounding needs an rng")
+    qmax = QMAX[encoding]
+    n = values.size
+    padded = np.zeros(blocks(n) * BLOCK, dtype=np.float32)
+    padded[:n] = values
+    grid = padded.reshape(-1, BLOCK)
+    peaks = np.abs(grid).max(axis=1) / qmax
+    # Non-finite values give a non-finite scale, which the receiver refuses: nothing is hidden.
+    scales = np.where(np.isfinite(peaks), np.minimum(peaks, MAX_SCALE), peaks).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: refused by the receiver
+        scaled = grid / safe
+        if rounding == "nearest":
+            q = np.rint(scaled)
+        else:
+            q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
+        q = np.clip(np.nan_to_num(q), -qmax, qmax).astype(np.int8)
+        decoded = (q.astype(np.float32) * scales[:, None]).reshape(-1)[:n]
+    codes = q.reshape(-1)[:n]
+    head = scales.astype(FLOAT32).tobytes()
+    if encoding == pb.ENCODING_INT8_QUANTIZED:
+        return head + codes.tobytes(), decoded
+    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
+    if n % 2:
+        nibbles = np.append(nibbles, np.uint8(0))  # a code-0 padding nibble
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return head + packed.tobytes(), decoded
+
+
+def decode(payload: bytes, encoding: int, count: int, where: str = "payload") -> np.ndarray:
+    """The float32 values of a payload of ``count`` values; raises an EncodingError naming ``where``."""
+    size = payload_size(encoding, count)
+    if len(payload) != size:
+        detail = ""
+        if encoding in QMAX:
+            detail = f" ({blocks(count)} scale blocks of {BLOCK} values and the codes)"
+        raise PayloadSizeError(
+            f"{where} has {len(payload)} payload bytes for {count} values; expected {size}{detail}"
+        )
+    if encoding == pb.ENCODING_FLOAT32:
+        return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32)
+    if encoding == pb.ENCODING_FLOAT16:
+        return np.frombuffer(payload, dtype=FLOAT16).astype(np.float32)
+    nblocks = blocks(count)
+    scales = np.frombuffer(payload, dtype=FLOAT32, count=nblocks).astype(np.float32)
+    bad = ~(np.isfinite(scales) & (scales >= 0) & (scales <= MAX_SCALE))
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise BadScale(
+            f"{where}: scale of block {k} is {float(scales[k])!r}; "
+            f"scales must be finite and in [0, {MAX_SCALE:.3g}]"
+        )
+    body = np.frombuffer(payload, dtype=np.uint8, offset=4 * nblocks)
+    if encoding == pb.ENCODING_INT8_QUANTIZED:
+        q = body.view(np.int8)
+        if (q == -128).any():
+            at = int(np.flatnonzero(q == -128)[0])
+            raise BadCode(f"{where}: int8 code -128 at value {at}; codes are -127..127")
+        q = q.astype(np.float32)
+    else:
+        low, high = body & 0x0F, body >> 4
+        if count % 2 and high[-1]:
+            raise BadCode(f"{where}: the padding nibble after value {count - 1} is {int(high[-1])}, not 0")
+        codes = np.empty(2 * body.size, dtype=np.uint8)
+        codes[0::2], codes[1::2] = low, high
+        codes = codes[:count]
+        if not codes.all():
+            at = int(np.flatnonzero(codes == 0)[0])
+            raise BadCode(f"{where}: int4 code 0 at value {at}; codes are 1..15")
+        q = codes.astype(np.float32) - 8.0
+    padded = np.zeros(nblocks * BLOCK, dtype=np.float32)
+    padded[:count] = q
+    return (padded.reshape(-1, BLOCK) * scales[:, None]).reshape(-1)[:count]

@@ -1,0 +1,202 @@
+"""The quantized and half-precision encodings: round trips, error bounds, sizes and every bad payload."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from fedocr import encodings as E
+from fedocr import tensors as T
+from fedocr.v1 import federation_pb2 as pb
+
+F16, I8, I4 = pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED
+NONE, ZSTD = pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD
+LOSSY = [F16, I8, I4]
+
+
+def values(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * rng.uniform(1e-4, 1e-1)).astype(np.float32)
+
+
+def stream(arrays, encoding, compression=ZSTD, chunk_elems=1000, rounding="nearest"):
+    enc = T.ChunkEncoder(arrays, encoding, compression, chunk_elems=chunk_elems, rounding=rounding, seed=3)
+    chunks = list(enc.chunks())
+    return enc, chunks, enc.trailer()
+
+
+def assemble(specs, chunks, trailer, encoding, compression=ZSTD):
+    asm = T.ChunkAssembler(specs, encoding, compression)
+    for chunk in chunks:
+        asm.add(chunk)
+    return asm.finish(trailer)
+
+
+@pytest.mark.parametrize("encoding", LOSSY)
+@pytest.mark.parametrize("compression", [NONE, ZSTD])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_receiver_decodes_what_the_sender_says_it_will(encoding, compression, rounding):
+    # Odd counts and counts off the block grid: partial last blocks and a padding nibble.
+    arrays = [values(2561), values(1, 1), values(257, 2)]
+    enc, chunks, trailer = stream(arrays, encoding, compression, rounding=rounding)
+
+    out = assemble([(0, 2561), (1, 1), (2, 257)], chunks, trailer, encoding, compression)
+
+    for got, sent in zip(out, enc.decoded(), strict=True):
+        np.testing.assert_array_equal(got, sent)
+    assert not np.array_equal(out[0], arrays[0])  # lossy: something was dropped
+    np.testing.assert_allclose(out[0], arrays[0], atol=float(np.abs(arrays[0]).max()) / 7)
+
+
+@pytest.mark.parametrize(("encoding", "qmax"), [(I8, 127), (I4, 7)])
+def test_nearest_rounding_error_is_at_most_half_a_step_per_block(encoding, qmax):
+    x = values(4096)
+    _, decoded = E.encode(x, encoding)
+
+    step = np.abs(x.reshape(-1, E.BLOCK)).max(axis=1) / qmax
+    err = np.abs(decoded - x).reshape(-1, E.BLOCK).max(axis=1)
+    assert (err <= step / 2 * (1 + 1e-5)).all()
+    # The largest value of each block is exact.
+    peaks = np.abs(x.reshape(-1, E.BLOCK)).argmax(axis=1)
+    rows = np.arange(peaks.size)
+    np.testing.assert_allclose(
+        decoded.reshape(-1, E.BLOCK)[rows, peaks], x.reshape(-1, E.BLOCK)[rows, peaks], rtol=1e-6
+    )
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = np.full(E.BLOCK, 0.3, dtype=np.float32)
+    x[0] = 7.0  # scale 1 in int4: 0.3 lies between the levels 0 and 1
+    rng = np.random.default_rng(0)
+    mean = np.mean([E.encode(x, I4, "stochastic", rng)[1][1:] for _ in range(400)], axis=0)
+
+    assert abs(float(mean.mean()) - 0.3) < 0.01  # nearest rounding would give 0.0
+    assert E.encode(x, I4, "nearest")[1][1] == 0.0
+
+
+def test_zeros_encode_to_zero_scales():
+    payload, decoded = E.encode(np.zeros(300, dtype=np.float32), I8)
+
+    assert payload[:8] == bytes(8)
+    assert not decoded.any()
+
+
+def test_float16_saturates_instead_of_overflowing():
+    _, decoded = E.encode(np.array([1e6, -1e6, 1.0], dtype=np.float32), F16)
+
+    assert decoded.tolist() == [65504.0, -65504.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "ratio"), [(pb.ENCODING_FLOAT32, 1.0), (F16, 0.5), (I8, 0.2539), (I4, 0.1289)]
+)
+def test_payload_sizes(encoding, ratio):
+    n = 1 << 16
+    payload, _ = E.encode(values(n), encoding)
+
+    assert len(payload) == E.payload_size(encoding, n)
+    assert len(payload) / (4 * n) == pytest.approx(ratio, abs=1e-3)
+
+
+def test_int4_size_with_an_odd_count():
+    assert E.payload_size(I4, 3) == 4 + 2
+    assert E.payload_size(I8, 257) == 8 + 257
+
+
+# -- bad payloads, as the aggregator would receive them ----------------------------------------
+
+
+def one_chunk(encoding, n=300, **kw):
+    enc, chunks, trailer = stream([values(n)], encoding, NONE, chunk_elems=n)
+    return chunks[0], trailer
+
+
+def refuse(encoding, payload, n=300):
+    asm = T.ChunkAssembler([(0, n)], encoding, NONE)
+    chunk = pb.TensorChunk(tensor_id=0, offset=0, count=n, payload=payload, seq=0)
+    asm.add(chunk)
+
+
+@pytest.mark.parametrize("encoding", [I8, I4])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 3e38])
+def test_bad_scales_are_refused(encoding, scale):
+    chunk, _ = one_chunk(encoding)
+    payload = struct.pack("<f", scale) + chunk.payload[4:]
+
+    with pytest.raises(T.BadScale, match="chunk 0: scale of block 0"):
+        refuse(encoding, payload)
+
+
+@pytest.mark.parametrize("encoding", [I8, I4])
+@pytest.mark.parametrize("blocks", [-1, 1])
+def test_a_block_too_many_or_too_few_is_refused(encoding, blocks):
+    chunk, _ = one_chunk(encoding)
+    payload = chunk.payload + bytes(4) if blocks > 0 else chunk.payload[4:]
+
+    with pytest.raises(T.LengthMismatch, match="2 scale blocks of 256"):
+        refuse(encoding, payload)
+
+
+def test_int8_code_minus_128_is_refused():
+    chunk, _ = one_chunk(I8)
+    payload = bytearray(chunk.payload)
+    payload[8 + 5] = 0x80
+
+    with pytest.raises(T.BadCode, match="code -128 at value 5"):
+        refuse(I8, bytes(payload))
+
+
+def test_int4_code_zero_is_refused():
+    chunk, _ = one_chunk(I4)
+    payload = bytearray(chunk.payload)
+    payload[8 + 2] &= 0xF0  # value 4 (low nibble of the third code byte)
+
+    with pytest.raises(T.BadCode, match="code 0 at value 4"):
+        refuse(I4, bytes(payload))
+
+
+def test_int4_nibble_past_the_end_is_refused():
+    chunk, _ = one_chunk(I4, n=301)
+    payload = bytearray(chunk.payload)
+    payload[-1] |= 0x30
+
+    with pytest.raises(T.BadCode, match="padding nibble after value 300 is 3"):
+        refuse(I4, bytes(payload), n=301)
+
+
+def test_int4_missing_last_byte_is_refused():
+    chunk, _ = one_chunk(I4, n=301)
+
+    with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
+        refuse(I4, chunk.payload[:-1], n=301)
+
+
+def test_float16_infinity_is_caught_as_non_finite():
+    payload = np.array([1.0, np.inf], dtype="<f2").tobytes()
+    asm = T.ChunkAssembler([(0, 2)], F16, NONE)
+    asm.add(pb.TensorChunk(tensor_id=0, offset=0, count=2, payload=payload, seq=0))
+    import hashlib
+
+    arrays = asm.finish(pb.Trailer(sha256=hashlib.sha256(payload).digest(), chunk_count=1))
+
+    with pytest.raises(T.NonFiniteValues, match="tensor 0"):
+        T.check_finite(arrays)
+
+
+def test_a_broken_quantized_chunk_stops_the_stream():
+    chunk, _ = one_chunk(I8)
+    asm = T.ChunkAssembler([(0, 300)], I8, NONE)
+    with pytest.raises(T.BadScale):
+        asm.add(pb.TensorChunk(tensor_id=0, offset=0, count=300, payload=b"\xff" * 4 + chunk.payload[4:]))
+
+    with pytest.raises(T.ChunkOrderError, match="ended or failed"):
+        asm.add(chunk)
+
+
+def test_stochastic_rounding_needs_an_rng_and_a_known_rounding():
+    with pytest.raises(ValueError, match="rng"):
+        E.encode(values(10), I8, "stochastic")
+    with pytest.raises(ValueError, match="rounding"):
+        T.ChunkEncoder([values(10)], I8, rounding="up")
