@@ -1,0 +1,230 @@
+"""What the upload encodings cost and save: bytes per edge per round, and the accuracy they leave.
+
+    .venv/bin/python -m benchmarks.quantization            # bytes (about a minute)
+    .venv/bin/python -m benchmarks.quantization --accuracy [--rounds 16] [--parallel 2]
+
+Bytes: a real increment (``fedocr-tiny`` at gamma 1/2, and the paper-width ``fedocr`` at gamma
+1/4, each after a few Adam steps from W_0 on clean digit strings) is encoded the way an edge
+uploads it (fedocr.tensors.ChunkEncoder, chunks of 65,536 values, zstd level 3) in every encoding.
+Printed: raw and wire bytes, the ratio to float32's wire bytes, and the relative error of one
+round's decoded increment, for nearest and stochastic rounding.
+
+Accuracy (``--accuracy``): an in-process federation of the services' own parts (edge_agent.local's
+LocalModel per edge, aggregator.fedavg's weighted sum, fedocr.encodings for the wire): EDGES edges
+with IID shards of clean digit strings, one local epoch per round, the aggregator's default plan
+(Adam, lr 1e-3, batch 16); after every round the global model is scored on a held-out set of
+another seed. One variant per encoding and error-feedback setting, each in a process of its own
+on one thread; one JSON per finished variant lands in --results, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedocr import encodings, tensors
+from fedocr.v1 import federation_pb2 as pb
+
+KEY = bytes(range(32))
+CHUNK_ELEMS = 1 << 16  # what edge_agent.client uploads per chunk
+EDGES = 2
+SHARD_SIZE = 2000
+HELD_OUT = 300
+TRAIN_SEED, HELD_OUT_SEED = 31, 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One federation: its upload encoding, error feedback and rounding."""
+
+    name: str
+    encoding: str
+    feedback: bool
+    rounding: str = "stochastic"
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("float32", "float32", False),
+    Variant("float16", "float16", False),
+    Variant("int8", "int8", False),
+    Variant("int8-ef", "int8", True),
+    Variant("int4", "int4", False),
+    Variant("int4-ef", "int4", True),
+    Variant("int4-ef-nearest", "int4", True, "nearest"),
+    Variant("float16-ef", "float16", True),
+)
+
+
+def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> np.ndarray:
+    """The packed increment W - W_0 of ``preset`` after ``steps`` Adam steps (batch 8) on ``data``."""
+    import torch
+
+    from recognizer import state, train
+    from recognizer.dataset import make_loader
+    from recognizer.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset, KEY, gamma)
+    w0 = state.pack_state(state.export_state(model), KEY)
+    optimizer = train.make_optimizer(model, 1e-3, "adam")
+    loader = make_loader(data, 8, shuffle=True, drop_last=True, **model.image_options)
+    for step, (images, targets, _) in enumerate(loader):
+        if step == steps:
+            break
+        model.train()
+        train.train_step(model, images, targets, optimizer)
+    return state.pack_state(state.export_state(model), KEY) - w0
+
+
+def byte_rows(increment: np.ndarray) -> list[dict]:
+    """Raw and wire bytes and the relative error of each encoding (and rounding) of ``increment``."""
+    rows = []
+    norm = float(np.linalg.norm(increment))
+    for name, encoding in encodings.NAMES.items():
+        for rounding in ("nearest", "stochastic") if encoding in encodings.QMAX else ("nearest",):
+            enc = tensors.ChunkEncoder([increment], encoding, pb.COMPRESSION_ZSTD, level=3,
+                                       chunk_elems=CHUNK_ELEMS, rounding=rounding)
+            for _ in enc.chunks():
+                pass
+            error = float(np.linalg.norm(enc.decoded()[0] - increment)) / norm
+            rows.append({"encoding": name, "rounding": rounding if encoding in encodings.QMAX else "-",
+                         "raw": enc.raw_bytes, "wire": enc.wire_bytes, "error": error})
+    return rows
+
+
+def print_bytes(title: str, values: int, rows: list[dict]) -> None:
+    base = next(r["wire"] for r in rows if r["encoding"] == "float32")
+    print(f"\n{title}: {values:,} values per upload")
+    print(f"{'encoding':<9} {'rounding':<10} {'raw MB':>8} {'wire MB':>8} {'wire/float32':>12} "
+          f"{'rel. error':>10}")
+    for r in rows:
+        print(f"{r['encoding']:<9} {r['rounding']:<10} {r['raw'] / 1e6:>8.3f} {r['wire'] / 1e6:>8.3f} "
+              f"{r['wire'] / base:>12.3f} {r['error']:>10.4f}")
+
+
+def make_data(data_dir: Path) -> tuple[list[Path], Path]:
+    """Render (once) EDGES IID shards of clean digit strings and a held-out set of another seed."""
+    from recognizer.shard import split_dataset
+    from recognizer.synth import render_dataset
+
+    pool, held_out = data_dir / "pool", data_dir / "held-out"
+    if not (held_out / "data.mdb").exists():
+        render_dataset(pool, EDGES * SHARD_SIZE, TRAIN_SEED, ["clean"], labels="digits", workers=2,
+                       overwrite=True)
+        split_dataset(pool, EDGES, data_dir / "shards", "iid", seed=0, overwrite=True)
+        render_dataset(held_out, HELD_OUT, HELD_OUT_SEED, ["clean"], labels="digits", overwrite=True)
+    return [data_dir / "shards" / f"shard{k}" for k in range(EDGES)], held_out
+
+
+def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) -> dict:
+    """Run ``rounds`` FedAvg rounds with ``variant``'s uploads; the global accuracy after each."""
+    import torch
+
+    from aggregator import fedavg
+    from edge_agent.local import LocalModel, Plan
+
+    torch.set_num_threads(1)
+    encoding = encodings.NAMES[variant.encoding]
+    edges = [LocalModel(s, KEY, "fedocr-tiny", 0.5, seed=k) for k, s in enumerate(shards)]
+    residuals = [np.zeros(edges[0].length, dtype=np.float32) for _ in edges]
+    rngs = [np.random.default_rng(k) for k in range(len(edges))]
+    global_state = np.zeros(edges[0].length, dtype=np.float32)
+    plan = Plan(local_epochs=1, learning_rate=1e-3, batch_size=16)
+    curve, started = [], time.process_time()
+    for t in range(rounds):
+        total = np.zeros(global_state.size, dtype=np.float64)
+        for k, edge in enumerate(edges):
+            edge.apply_global(global_state)
+            edge.train_round(plan)
+            sent = edge.increment() + (residuals[k] if variant.feedback else 0)
+            _, decoded = encodings.encode(sent, encoding, variant.rounding, rngs[k])
+            if variant.feedback:
+                residuals[k] = sent - decoded
+            fedavg.accumulate(total, decoded, float(edge.samples))
+        fedavg.apply_mean(global_state, total, float(sum(e.samples for e in edges)))
+        edges[0].apply_global(global_state)
+        result = edges[0].evaluate(held_out, beam_width=1)
+        point = {"round": t + 1, "accuracy": round(result.accuracy, 4),
+                 "char_accuracy": round(result.char_accuracy, 4),
+                 "cpu_s": round(time.process_time() - started)}
+        curve.append(point)
+        print(json.dumps({"variant": variant.name, **point}), flush=True)
+    return {"variant": dataclasses.asdict(variant), "rounds": rounds, "edges": len(edges),
+            "shard_size": SHARD_SIZE, "curve": curve}
+
+
+def print_accuracy(results: list[dict]) -> None:
+    base = next((r for r in results if r["variant"]["name"] == "float32"), None)
+    print(f"\n{'variant':<17} {'feedback':>8} {'rounding':>10} {'final acc.':>10} {'vs float32':>10} "
+          f"{'best acc.':>9} {'1-NED':>6}")
+    for r in results:
+        v, last = r["variant"], r["curve"][-1]
+        delta = "-" if base is None else f"{100 * (last['accuracy'] - base['curve'][-1]['accuracy']):+.1f} pt"
+        best = max(p["accuracy"] for p in r["curve"])
+        rounding = v["rounding"] if v["encoding"] in ("int8", "int4") else "-"
+        print(f"{v['name']:<17} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
+              f"{100 * last['accuracy']:>9.1f}% {delta:>10} {100 * best:>8.1f}% "
+              f"{last['char_accuracy']:>6.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the byte table; with --accuracy, run the missing federations and print their table."""
+    p = argparse.ArgumentParser(prog="benchmarks.quantization", description=__doc__.split("\n\n")[0])
+    p.add_argument("--accuracy", action="store_true", help="also run the federations (slow)")
+    p.add_argument("--variants", help="comma-separated variant names (default: all)")
+    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--parallel", type=int, default=2, help="federations run at once (one thread each)")
+    p.add_argument("--data-dir", type=Path, default=Path("runs/quantization"))
+    p.add_argument("--results", type=Path, default=Path("results/quantization"))
+    p.add_argument("--paper-steps", type=int, default=3, help="Adam steps of the paper-width model")
+    p.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one federation in this process
+    args = p.parse_args(argv)
+    by_name = {v.name: v for v in VARIANTS}
+    names = args.variants.split(",") if args.variants else list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(by_name)}")
+    shards, held_out = make_data(args.data_dir)
+    if args.run_variant:
+        result = federate(by_name[args.run_variant], shards, held_out, args.rounds)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{args.run_variant}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    if not args.accuracy:
+        import torch
+
+        torch.set_num_threads(2)
+        tiny = sample_increment("fedocr-tiny", 0.5, 125, shards[0])  # one local epoch of a demo edge
+        print_bytes("fedocr-tiny, gamma 1/2, after 125 Adam steps", tiny.size, byte_rows(tiny))
+        paper = sample_increment("fedocr", 0.25, args.paper_steps, shards[0])
+        print_bytes(f"fedocr (paper width), gamma 1/4, after {args.paper_steps} Adam steps", paper.size,
+                    byte_rows(paper))
+        return 0
+    todo = [n for n in names if not (args.results / f"{n}.json").exists()]
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        running = [proc for proc in running if proc.poll() is None]
+        if todo and len(running) < args.parallel:
+            cmd = [sys.executable, "-m", "benchmarks.quantization", "--run-variant", todo.pop(0),
+                   "--rounds", str(args.rounds), "--data-dir", str(args.data_dir),
+                   "--results", str(args.results)]
+            running.append(subprocess.Popen(cmd))
+            continue
+        time.sleep(2)
+    results = [json.loads((args.results / f"{n}.json").read_text()) for n in names
+               if (args.results / f"{n}.json").exists()]
+    print(f"{EDGES} edges x {SHARD_SIZE} clean digit strings, {args.rounds} rounds of one local epoch")
+    print_accuracy(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
