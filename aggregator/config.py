@@ -68,7 +68,7 @@ class AggregatorConfig:
     local_epochs: int = 1
     # The edges' default recipe (Adam, benchmarks/learning.py); the paper's is Adadelta at lr 1.0,
     # x0.1 from round 5 and x0.01 from round 30, batch 64 (deploy/aggregator.toml shows it).
-    learning_rate: float = 0.001
+    learning_rate: float = 0.002
     # 1-based round numbers from which lr is multiplied by the matching factor (paper: 5 and 30).
     lr_decay_rounds: tuple[int, ...] = ()
     lr_decay_factors: tuple[float, ...] = ()

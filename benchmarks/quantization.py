@@ -10,11 +10,12 @@ Printed: raw and wire bytes, the ratio to float32's wire bytes, and the relative
 round's decoded increment, for nearest and stochastic rounding.
 
 Accuracy (``--accuracy``): an in-process federation of the services' own parts (edge_agent.local's
-LocalModel per edge, aggregator.fedavg's weighted sum, fedocr.encodings for the wire): EDGES edges
-with IID shards of clean digit strings, one local epoch per round, the aggregator's default plan
-(Adam, lr 1e-3, batch 16); after every round the global model is scored on a held-out set of
-another seed. One variant per encoding and error-feedback setting, each in a process of its own
-on one thread; one JSON per finished variant lands in --results, so a rerun resumes.
+LocalModel per edge, aggregator.fedavg's weighted sum, fedocr.encodings for the wire): EDGES
+edges with IID shards of clean digit strings, one local epoch per round, the default plan (Adam,
+recognizer.recipe's lr and batch size); after every round the global model is scored on a
+held-out set of another seed. One variant per encoding and error-feedback setting, each in a
+process of its own on one thread; one JSON per finished variant lands in --results, so a rerun
+resumes.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
 
     from aggregator import fedavg
     from edge_agent.local import LocalModel, Plan
+    from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR
 
     torch.set_num_threads(1)
     encoding = encodings.NAMES[variant.encoding]
@@ -137,7 +139,7 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     residuals = [np.zeros(edges[0].length, dtype=np.float32) for _ in edges]
     rngs = [np.random.default_rng(k) for k in range(len(edges))]
     global_state = np.zeros(edges[0].length, dtype=np.float32)
-    plan = Plan(local_epochs=1, learning_rate=1e-3, batch_size=16)
+    plan = Plan(local_epochs=1, learning_rate=DEFAULT_LR["adam"], batch_size=DEFAULT_BATCH_SIZE)
     curve, started = [], time.process_time()
     for t in range(rounds):
         total = np.zeros(global_state.size, dtype=np.float64)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quantization", description=__doc__.split("\n\n")[0])
     p.add_argument("--accuracy", action="store_true", help="also run the federations (slow)")
     p.add_argument("--variants", help="comma-separated variant names (default: all)")
-    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--parallel", type=int, default=2, help="federations run at once (one thread each)")
     p.add_argument("--data-dir", type=Path, default=Path("runs/quantization"))
     p.add_argument("--results", type=Path, default=Path("results/quantization"))

@@ -168,6 +168,30 @@ class ShuffleNetEncoder(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
+class PolarityNorm(nn.Module):
+    """Grey, standardized per image, text bright on dark whatever its colours: the CPU presets' input.
+
+    Scene text comes in any colour on any background, dark on light as often as light on dark. A
+    small encoder learning from scratch spends thousands of steps on that before it reads; this
+    parameter-free layer takes it away (benchmarks/learning.py measures it). The border (two rows at
+    the top and bottom, two columns at the left) stands for the background: where it is brighter
+    than the image on average, the image is negated.
+    """
+
+    EPS = 0.05  # in [-1, 1] units: a blank image stays near zero instead of amplifying its noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] float in [-1, 1]. Returns [B, 3, H, W], the grey channel three times."""
+        grey = x.mean(1, keepdim=True)  # [B, 1, H, W]
+        border = torch.cat(
+            [grey[:, :, :2].flatten(1), grey[:, :, -2:].flatten(1), grey[:, :, :, :2].flatten(1)], 1
+        ).mean(1)
+        mean = grey.mean((2, 3), keepdim=True)
+        sign = torch.where(border > mean.flatten(), -1.0, 1.0).to(x.dtype).view(-1, 1, 1, 1)
+        out = (grey - mean) / (grey.std((2, 3), keepdim=True) + self.EPS) * sign
+        return out.expand(-1, 3, -1, -1)
+
+
 class SequenceEncoder(nn.Module):
     """Collapses the 1-high feature map into a sequence and runs ASTER's 2-layer BiLSTM over it.
 

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
                    help="adam (default: learns fastest on a CPU, benchmarks/learning.py), adamw, or "
                         "adadelta as in the paper")
-    p.add_argument("--lr", type=float, help="base learning rate (default: 0.001 adam/adamw, 1.0 adadelta)")
+    p.add_argument("--lr", type=float, help="base learning rate (default: 0.002 adam/adamw, 1.0 adadelta)")
     p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
     p.add_argument("--val", help="an LMDB evaluated after each epoch")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recognizer import hashing
-from recognizer.blocks import ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
+from recognizer.blocks import PolarityNorm, ResNetEncoder, SequenceEncoder, ShuffleNetEncoder
 from recognizer.charset import DEFAULT_ALPHABET, MAX_SEQ_LEN, PAD, Alphabet, get_alphabet
 from recognizer.decoder import AttentionDecoder, sequence_loss
 from recognizer.keys import derive_seed
@@ -43,6 +43,7 @@ class ModelConfig:
     ctc_weight: float = 0.0  # > 0: an auxiliary CTC head on the BiLSTM, its loss weighted so in training
     input_hw: tuple[int, int] = (64, 256)
     keep_aspect: bool = False  # read images at input_hw's height, aspect kept, padded (dataset.py)
+    polarity_norm: bool = False  # grey, standardized, text bright on dark (blocks.PolarityNorm)
     tps: bool = True
     tps_points: int = 20
     tps_input_hw: tuple[int, int] = (32, 64)  # the localization net sees a downsampled copy
@@ -57,11 +58,11 @@ _RESNET45 = (3, 4, 6, 6, 3)
 _SHUFFLE = (4, 8, 4)
 # The CPU presets' recipe (benchmarks/learning.py measures each choice): no TPS rectifier (one
 # learning from scratch holds the recognizer on its initial plateau), images read at the encoder's
-# 32x100 directly with their aspect ratio kept, location-aware attention, and, what takes the
-# recognizer off its plateau, an auxiliary CTC loss whose gradient reaches the CNN through a
+# 32x100 directly with their aspect ratio kept and normalized to grey text bright on dark,
+# location-aware attention, and an auxiliary CTC loss whose gradient reaches the CNN through a
 # linear skip around the BiLSTM (without the skip, the fresh BiLSTM holds it back as well).
-_CPU = {"tps": False, "input_hw": (32, 100), "keep_aspect": True, "dec_location": 7,
-        "lstm_skip": True, "ctc_weight": 0.5}
+_CPU = {"tps": False, "input_hw": (32, 100), "keep_aspect": True, "polarity_norm": True,
+        "dec_location": 7, "lstm_skip": True, "ctc_weight": 0.5}
 
 PRESETS: dict[str, ModelConfig] = {
     # aster.pytorch as the FedOCR paper's baseline: 20.99 M parameters in Table 1.
@@ -107,6 +108,7 @@ class Recognizer(nn.Module):
         self.gamma: float | None = None  # set by build_model once hashed
         self.alphabet: Alphabet = get_alphabet(config.alphabet)
         c = config
+        self.input_norm = PolarityNorm() if c.polarity_norm else None
         self.rectifier = (
             Rectifier(c.tps_input_hw, c.tps_output_hw, c.tps_points, c.tps_margins, c.stn_widths, c.stn_fc)
             if c.tps
@@ -156,6 +158,8 @@ class Recognizer(nn.Module):
         """images [B, 3, H, W] float in [-1, 1] -> sequence [B, L, D]."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if self.input_norm is not None:
+            images = self.input_norm(images)
         if self.rectifier is not None and self.rectify:
             x = self.rectifier(images)
         elif tuple(images.shape[2:]) != self.config.tps_output_hw:

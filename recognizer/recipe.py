@@ -8,5 +8,5 @@ from __future__ import annotations
 
 OPTIMIZERS = ("adam", "adamw", "adadelta")
 DEFAULT_OPTIMIZER = "adam"
-DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "adadelta": 1.0}
+DEFAULT_LR = {"adam": 2e-3, "adamw": 2e-3, "adadelta": 1.0}
 DEFAULT_BATCH_SIZE = 16

@@ -160,7 +160,7 @@ def test_sample_config_loads() -> None:
     sample = Path(__file__).resolve().parents[2] / "deploy" / "aggregator.toml"
     config = AggregatorConfig.load(sample)
     assert config.weighting == "samples" and config.lr_decay_rounds == ()
-    assert (config.learning_rate, config.batch_size) == (0.001, 16)  # the edges' default Adam recipe
+    assert (config.learning_rate, config.batch_size) == (0.002, 16)  # the edges' default Adam recipe
     assert config.cert is not None and config.cert.name == "aggregator.pem"
 
 
