@@ -236,3 +236,27 @@ def test_bf16_autocast_forward_keeps_the_tps_grid_in_float32():
 
     assert grid.dtype == torch.float32
     assert logits.shape == (2, 5, NUM_CLASSES) and torch.isfinite(logits.float()).all()
+
+
+def test_polarity_norm_reads_dark_on_light_and_light_on_dark_alike():
+    from recognizer.blocks import PolarityNorm
+
+    norm = PolarityNorm()
+    text = torch.zeros(1, 1, 32, 100)
+    text[:, :, 10:22, 20:30] = 1.0  # a glyph-sized block away from the border
+    dark_on_light = (0.6 - 1.2 * text).expand(-1, 3, -1, -1)  # a light grey page, dark ink
+    # Coloured light ink on a dark page, of the same grey contrast (1.2).
+    light_on_dark = torch.cat([-0.8 + 1.3 * text, -0.5 + 1.0 * text, -0.9 + 1.3 * text], 1)
+
+    a, b = norm(dark_on_light), norm(light_on_dark)
+    assert a.shape == (1, 3, 32, 100)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert a[0, 0, 15, 25] > 0 > a[0, 0, 2, 2]  # the text bright, the background dark
+    torch.testing.assert_close(a[0, 0].mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    assert torch.isfinite(norm(torch.zeros(2, 3, 32, 100))).all()  # a blank image stays finite
+
+
+def test_cpu_presets_normalize_their_input_and_the_paper_presets_do_not():
+    assert PRESETS["fedocr-tiny"].polarity_norm and not PRESETS["fedocr"].polarity_norm
+    assert build_model("fedocr-tiny", bytes(32), 0.5).input_norm is not None
+    assert build_model("aster-fl", bytes(32), None).input_norm is None
