@@ -137,7 +137,7 @@ def evaluate(model: Path, key: Path, data: Path, threads: int = 2) -> dict:
 def print_results(args: argparse.Namespace, federated: dict, single: dict, seconds: dict[str, float]) -> None:
     """Both models' held-out scores, one line each."""
     print(f"\nheld-out test set: {federated['samples']} words ({args.styles}, {args.labels})")
-    federation = f"federated, {args.edges} edges x {args.rounds} rounds x {args.local_epochs} epoch"
+    federation = f"federated, {args.edges} edges x {args.rounds} rounds x {args.local_epochs} epochs"
     rows = (
         (federation, federated, "federation"),
         (f"single edge, shard 0 x {args.rounds * args.local_epochs} epochs", single, "single"),
@@ -160,17 +160,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--edges", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=14)
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--edges", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--preset", default="fedocr-tiny")
     p.add_argument("--gamma", default="1/2")
     p.add_argument("--alphabet", choices=sorted(ALPHABETS), help="default: the preset's")
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, help="default: the optimizer's (recognizer.recipe.DEFAULT_LR)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--encoding", default="float32", choices=("float32", "float16", "int8", "int4"),
+                   help="how edges encode their uploads (with error feedback)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
-    p.add_argument("--train-words", type=int, default=8000, help="split evenly among the edges")
+    p.add_argument("--train-words", type=int, default=2400, help="split evenly among the edges")
     p.add_argument("--test-words", type=int, default=300)
     p.add_argument("--styles", default="clean")
     # Digit strings: with no language model to lean on, the model must read to score, and they
@@ -202,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         settings = Settings(
             rounds=args.rounds, local_epochs=args.local_epochs, preset=args.preset, gamma=args.gamma,
-            lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+            lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, encoding=args.encoding,
             extra_edge_args=("--alphabet", args.alphabet) if args.alphabet else (),
         )  # fmt: skip
         fed = Federation(work, pki, key, settings)

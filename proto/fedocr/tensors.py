@@ -123,7 +123,11 @@ class ChunkEncoder:
         self._encoding = encoding
         self._rounding = rounding
         self._rng = np.random.default_rng(seed)
-        self._decoded = [np.empty(t.size, dtype=np.float32) for t in self._tensors]
+        # What the receiver will decode; float32 decodes to the inputs themselves (no copy).
+        self._lossless = encoding == pb.ENCODING_FLOAT32
+        self._decoded = (
+            self._tensors if self._lossless else [np.empty(t.size, np.float32) for t in self._tensors]
+        )
         self._compressor = (
             zstandard.ZstdCompressor(level=level, write_content_size=True)
             if compression == pb.COMPRESSION_ZSTD
@@ -149,9 +153,9 @@ class ChunkEncoder:
         for tensor_id, values, decoded in zip(self._ids, self._tensors, self._decoded, strict=True):
             for offset in range(0, values.size, self._chunk_elems):
                 part = values[offset : offset + self._chunk_elems]
-                raw, decoded[offset : offset + part.size] = encodings.encode(
-                    part, self._encoding, self._rounding, self._rng
-                )
+                raw, values_out = encodings.encode(part, self._encoding, self._rounding, self._rng)
+                if not self._lossless:
+                    decoded[offset : offset + part.size] = values_out
                 payload = self._compressor.compress(raw) if self._compressor else raw
                 self._digest.update(raw)
                 chunk = pb.TensorChunk(

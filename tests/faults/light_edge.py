@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedocr import pki, retry, tensors, tls
+from fedocr import encodings, pki, retry, tensors, tls
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -55,6 +55,15 @@ def increment(name: str, round_id: int, length: int) -> np.ndarray:
     """The edge's increment for a round: deterministic in (edge, round id)."""
     rng = np.random.default_rng([edge_index(name), round_id])
     return rng.standard_normal(length).astype(np.float32)
+
+
+def received(name: str, round_id: int, length: int, encoding: str = "float32") -> np.ndarray:
+    """The increment as the aggregator decodes it from this edge's upload in ``encoding``.
+
+    Nearest rounding is deterministic, and chunks hold whole blocks of 256 values (--chunk-elems
+    is a multiple of 256), so encoding the whole vector at once gives the same values.
+    """
+    return encodings.encode(increment(name, round_id, length), encodings.NAMES[encoding], "nearest")[1]
 
 
 def samples(name: str, round_id: int) -> int:
@@ -144,19 +153,21 @@ class LightEdge:
     def upload(self, round_id: int, version: int) -> None:
         """Upload this round's increment; record it once acknowledged (receipt or GetRound)."""
         count = samples(self.name, round_id)
+        encoding = encodings.NAMES[self.args.encoding]
         encoder = tensors.ChunkEncoder(
             [increment(self.name, round_id, self.length)],
-            pb.ENCODING_FLOAT32,
+            encoding,
             pb.COMPRESSION_ZSTD,
             level=1,
             chunk_elems=self.args.chunk_elems,
+            rounding="nearest",
         )
         chunks, trailer = list(encoder.chunks()), encoder.trailer()
         header = pb.UploadHeader(
             round_id=round_id,
             sample_count=count,
             fingerprint=FINGERPRINT,
-            encoding=pb.ENCODING_FLOAT32,
+            encoding=encoding,
             compression=pb.COMPRESSION_ZSTD,
             base_state_version=version,
         )
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=50_000, help="values in the model")
     parser.add_argument("--out", type=Path, required=True, help="directory of the JSON-lines files")
     parser.add_argument("--chunk-elems", dest="chunk_elems", type=int, default=4096)
+    parser.add_argument("--encoding", choices=tuple(encodings.NAMES), default="float32", help="of uploads")
     parser.add_argument("--chunk-pause", dest="chunk_pause", type=float, default=0.0, help="seconds")
     parser.add_argument(
         "--stall-after-chunks",

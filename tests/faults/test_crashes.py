@@ -241,8 +241,9 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def fedavg(rounds: list[pb.RoundStatus]) -> np.ndarray:
-    """The global state the aggregator must hold: W += sum(s_i * dW_i) / sum(s_i) per closed round."""
+def fedavg(rounds: list[pb.RoundStatus], encoding_of: dict[str, str] | None = None) -> np.ndarray:
+    """The global state the aggregator must hold: W += sum(s_i * dW_i) / sum(s_i) per closed round,
+    dW_i as decoded from each edge's encoding (``encoding_of``, default float32)."""
     state = np.zeros(LENGTH, dtype=np.float32)
     for r in sorted(rounds, key=lambda r: r.round_id):
         if r.state != pb.ROUND_STATE_CLOSED:
@@ -250,7 +251,9 @@ def fedavg(rounds: list[pb.RoundStatus]) -> np.ndarray:
         total, weight = np.zeros(LENGTH, dtype=np.float64), 0.0
         for e in r.edges:
             if e.uploaded:
-                total += e.samples * light_edge.increment(e.edge_id, r.round_id, LENGTH).astype(np.float64)
+                encoding = (encoding_of or {}).get(e.edge_id, "float32")
+                dw = light_edge.received(e.edge_id, r.round_id, LENGTH, encoding)
+                total += e.samples * dw.astype(np.float64)
                 weight += e.samples
         state = (state.astype(np.float64) + total / weight).astype(np.float32)
     return state
@@ -344,7 +347,12 @@ def test_aggregator_killed_at_random_points_loses_and_repeats_nothing(
     procs.aggregators.append(agg)
     agg.start()
     names = [f"edge-{k}" for k in range(EDGES)]
-    edges = [procs.edge(fault_pki, agg.port, n, out, "--chunk-pause", "0.005") for n in names]
+    # One encoding per edge, so every encoding's uploads are cut by the kills.
+    encoding_of = dict(zip(names, ("float32", "float16", "int8", "int4"), strict=True))
+    edges = [
+        procs.edge(fault_pki, agg.port, n, out, "--chunk-pause", "0.005", "--encoding", encoding_of[n])
+        for n in names
+    ]
 
     rng = random.Random(SEED)
     plan = [PHASES[i % len(PHASES)] for i in range(KILLS)]
@@ -389,7 +397,7 @@ def test_aggregator_killed_at_random_points_loses_and_repeats_nothing(
     assert [r.round_index for r in closed] == list(range(rounds))
     assert version == listed.state_version == rounds + 1
     check_accounting(listed, receipts)
-    np.testing.assert_allclose(state, fedavg(list(listed.rounds)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(state, fedavg(list(listed.rounds), encoding_of), rtol=0, atol=1e-5)
     # every edge that downloaded a version got the same bytes, the final one included
     digests: dict[int, set[str]] = defaultdict(set)
     for name in names:

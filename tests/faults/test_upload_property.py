@@ -242,6 +242,9 @@ stream_params = st.fixed_dictionaries(
         "seed": st.integers(0, 2**32 - 1),
         "chunk_elems": st.sampled_from([16, 100, 300, 1024, 1100]),  # 1100 floats: over 4096 bytes
         "compression": st.sampled_from([pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD]),
+        "encoding": st.sampled_from(
+            [pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED]
+        ),
         "samples": st.integers(1, 5),
         "special": st.lists(
             st.tuples(st.integers(0, 1), st.integers(0, 1199), st.sampled_from(SPECIAL)), max_size=2
@@ -273,6 +276,7 @@ def test_mutated_upload_commits_exactly_or_is_refused(
         values,
         params["samples"],
         compression=params["compression"],
+        encoding=params["encoding"],
         chunk_elems=params["chunk_elems"],
     )
     for change in changes:
