@@ -97,4 +97,15 @@ def test_a_plan_learning_rate_unfit_for_the_edges_optimizer_is_warned_about_once
     assert "far from" not in caplog.text
     for _ in range(2):  # the paper's Adadelta lr sent to an Adam edge
         adam.train_round(Plan(local_epochs=0, learning_rate=1.0, batch_size=32))
-    assert caplog.text.count("learning rate 1 is far from adam's usual 0.001") == 1
+    assert caplog.text.count("learning rate 1 is far from adam's usual 0.002") == 1
+
+
+def test_the_plans_optimizer_replaces_the_edges_own(edge_data, federation_key: Path) -> None:
+    model = LocalModel(edge_data.shards[0], load_key(federation_key), "fedocr-tiny", 0.5, optimizer="adam")
+    model.use_optimizer("")  # a plan that names none keeps the edge's
+    assert isinstance(model._optimizer, torch.optim.Adam)
+    model.use_optimizer("adadelta")
+    assert isinstance(model._optimizer, torch.optim.Adadelta)
+    with pytest.raises(ValueError, match="'sgd' is unknown here; this edge knows adam, adamw, adadelta"):
+        model.use_optimizer("sgd")
+    assert isinstance(model._optimizer, torch.optim.Adadelta)
