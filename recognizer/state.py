@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 FINGERPRINT_VERSION = "fedocr-fingerprint-v2"  # v2: the alphabet is part of it
 
 
+# BN running statistics are exported scaled by this power of two (exactly invertible, and the
+# scaling commutes with FedAvg): their increments over a local epoch are about 20x a weight's
+# (median 0.36 against 0.02 for fedocr-tiny after 125 Adam steps), and a quantized upload gives
+# each block of 256 shuffled values one scale, set by its largest value, so unscaled statistics
+# would round the weights of nearly every block to zero.
+STAT_SCALE = 2.0**-5
+
+
 def _state_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of everything exported, in the canonical order.
 
@@ -41,11 +49,22 @@ def _state_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def export_state(model: nn.Module) -> list[torch.Tensor]:
-    """Copies of the model's exported tensors as 1-D float32 CPU tensors, in canonical order."""
-    return [
-        t.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(-1)
-        for _, t in _state_entries(model)
-    ]
+    """Copies of the model's exported tensors as 1-D float32 CPU tensors, in canonical order.
+
+    Buffers (BN running statistics) are multiplied by STAT_SCALE; load_state divides them back.
+    """
+    out = []
+    for name, t in _state_entries(model):
+        flat = t.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(-1)
+        out.append(flat.mul_(STAT_SCALE) if _is_buffer(model, name) else flat)
+    return out
+
+
+def _is_buffer(model: nn.Module, name: str) -> bool:
+    """Whether an exported entry is a buffer (a running statistic) rather than a parameter."""
+    qualname, _, leaf = name.rpartition(".")
+    module = model.get_submodule(qualname) if qualname else model
+    return leaf in module._buffers
 
 
 def state_lengths(model: nn.Module) -> list[int]:
@@ -71,8 +90,10 @@ def load_state(model: nn.Module, tensors: Sequence[torch.Tensor | np.ndarray]) -
                 f"got {src.numel()}"
             )
     with torch.no_grad():
-        for (_, target), src in zip(entries, sources, strict=True):
+        for (name, target), src in zip(entries, sources, strict=True):
             target.copy_(src.reshape(target.shape))
+            if _is_buffer(model, name):
+                target.div_(STAT_SCALE)
 
 
 @functools.lru_cache(maxsize=2)

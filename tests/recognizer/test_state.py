@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 from recognizer.hashing import hash_model
 from recognizer.state import (
+    STAT_SCALE,
     export_state,
     fingerprint,
     load_state,
@@ -51,7 +54,7 @@ def test_export_is_flat_float32_in_canonical_order():
     assert state_lengths(net) == [9, 1, 2, 2, 12, 18, 6, 6, 6, 2, 2, 2]
     assert [t.numel() for t in state] == state_lengths(net)
     assert all(t.dtype == torch.float32 and t.dim() == 1 for t in state)
-    assert torch.equal(state[-1], torch.ones(2))  # bn.running_var starts at one
+    assert torch.equal(state[-1], torch.full((2,), STAT_SCALE))  # bn.running_var starts at one, scaled
 
 
 def test_export_returns_copies():
@@ -156,3 +159,16 @@ def test_fingerprint_differs_with_key_gamma_weights_or_architecture():
 
     assert all(f != base for f in others)
     assert len(set(others)) == len(others)
+
+
+def test_running_statistics_travel_scaled_and_come_back_exactly():
+    net = copy.deepcopy(_net())  # _net is cached: leave its statistics alone
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.tensor([0.3, -7.1]))
+    state = export_state(net)
+    assert torch.equal(state[-2], torch.tensor([0.3, -7.1]) * STAT_SCALE)
+
+    other = _net(seed=1)
+    load_state(other, state)
+    assert torch.equal(other.bn.running_mean, net.bn.running_mean)  # a power of two: exact
+    assert torch.equal(other.bn.running_var, net.bn.running_var)
