@@ -94,6 +94,10 @@ def load_state(model: nn.Module, tensors: Sequence[torch.Tensor | np.ndarray]) -
             target.copy_(src.reshape(target.shape))
             if _is_buffer(model, name):
                 target.div_(STAT_SCALE)
+            if name.endswith("running_var"):
+                # A variance below zero (a quantized upload's rounding can push a small one there)
+                # would make batch norm divide by the root of a negative number.
+                target.clamp_(min=0.0)
 
 
 @functools.lru_cache(maxsize=2)

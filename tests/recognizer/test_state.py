@@ -172,3 +172,11 @@ def test_running_statistics_travel_scaled_and_come_back_exactly():
     load_state(other, state)
     assert torch.equal(other.bn.running_mean, net.bn.running_mean)  # a power of two: exact
     assert torch.equal(other.bn.running_var, net.bn.running_var)
+
+
+def test_a_negative_running_variance_loads_as_zero():
+    net = copy.deepcopy(_net())
+    state = export_state(net)
+    state[-1] = torch.tensor([-0.5, 2.0]) * STAT_SCALE  # what a rounded quantized increment can leave
+    load_state(net, state)
+    assert torch.equal(net.bn.running_var, torch.tensor([0.0, 2.0]))
