@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recognizer.recipe import DEFAULT_BATCH_SIZE
+
 TRAIN_WORDS = 20_000
 HELD_OUT = 500
 TRAIN_SEED, HELD_OUT_SEED = 11, 12
@@ -58,7 +60,7 @@ class TrainSettings:
     optimizer: str = "adam"
     lr: float | None = None  # None: recognizer.recipe.DEFAULT_LR of the optimizer
     warmup_steps: int = 0
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     bf16: bool = False
     threads: int = 1
     rectify_from_step: int = 0  # with a rectifier: bypass it until this step
@@ -79,7 +81,7 @@ ROWS: tuple[Row, ...] = (
         model={"tps": True, "input_hw": (64, 256)}, train={"rectify_from_step": 2000}),
     Row("wide-stem", "ShuffleNet stem and first stage twice as wide (32, 64)",
         model={"encoder_widths": (32, 64, 64, 128, 128)}),
-    Row("batch-16", "batch 16", train={"batch_size": 16}),
+    Row("batch-32", "batch 32", train={"batch_size": 32}),
     Row("batch-64", "batch 64", train={"batch_size": 64}),
     Row("no-aux-ctc", "no auxiliary CTC loss", model={"ctc_weight": 0.0}),
     Row("no-skip", "no linear skip around the BiLSTM", model={"lstm_skip": False}),
