@@ -54,17 +54,10 @@ def export_state(model: nn.Module) -> list[torch.Tensor]:
     Buffers (BN running statistics) are multiplied by STAT_SCALE; load_state divides them back.
     """
     out = []
-    for name, t in _state_entries(model):
+    for _, t in _state_entries(model):
         flat = t.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(-1)
-        out.append(flat.mul_(STAT_SCALE) if _is_buffer(model, name) else flat)
+        out.append(flat if isinstance(t, nn.Parameter) else flat.mul_(STAT_SCALE))
     return out
-
-
-def _is_buffer(model: nn.Module, name: str) -> bool:
-    """Whether an exported entry is a buffer (a running statistic) rather than a parameter."""
-    qualname, _, leaf = name.rpartition(".")
-    module = model.get_submodule(qualname) if qualname else model
-    return leaf in module._buffers
 
 
 def state_lengths(model: nn.Module) -> list[int]:
@@ -92,7 +85,7 @@ def load_state(model: nn.Module, tensors: Sequence[torch.Tensor | np.ndarray]) -
     with torch.no_grad():
         for (name, target), src in zip(entries, sources, strict=True):
             target.copy_(src.reshape(target.shape))
-            if _is_buffer(model, name):
+            if not isinstance(target, nn.Parameter):  # a buffer: a running statistic
                 target.div_(STAT_SCALE)
             if name.endswith("running_var"):
                 # A variance below zero (a quantized upload's rounding can push a small one there)

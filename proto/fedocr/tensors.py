@@ -289,9 +289,9 @@ class ChunkAssembler:
 
     def _decode(self, chunk: pb.TensorChunk) -> bytes:
         """Return the encoded bytes of ``chunk``, decompressed with an exact output bound."""
-        size = encodings.payload_size(self._encoding, chunk.count)
         if self._decompressor is None:
             return chunk.payload  # its size is checked against the count when it is decoded
+        size = encodings.payload_size(self._encoding, chunk.count)
         try:
             declared = zstandard.frame_content_size(chunk.payload)
         except zstandard.ZstdError as exc:
