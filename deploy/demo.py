@@ -154,6 +154,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fedocr import encodings
     from recognizer.charset import ALPHABETS
     from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS
     from recognizer.synth import LABEL_KINDS
@@ -169,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, help="default: the optimizer's (recognizer.recipe.DEFAULT_LR)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--encoding", default="float32", choices=("float32", "float16", "int8", "int4"),
+    p.add_argument("--encoding", default="float32", choices=tuple(encodings.NAMES),
                    help="how edges encode their uploads (with error feedback)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
     p.add_argument("--train-words", type=int, default=2400, help="split evenly among the edges")
