@@ -53,7 +53,7 @@ def manifest_from(message: pb.Manifest) -> Manifest:
     """The domain Manifest of a Join request's manifest."""
     if not message.tensors:
         raise MalformedRequest("Join needs a manifest: at least one TensorSpec and a fingerprint")
-    return Manifest(tuple((t.id, t.length) for t in message.tensors), bytes(message.fingerprint))
+    return Manifest(tuple((t.id, t.length, t.exact) for t in message.tensors), bytes(message.fingerprint))
 
 
 def round_status(r: RoundRecord) -> pb.RoundStatus:

@@ -21,13 +21,14 @@ import numpy as np
 
 from aggregator.rounds import RoundRecord
 from fedocr.errors import MalformedRequest, ModelMismatch, StorageUnavailable, TooLarge
+from fedocr.tensors import spec_tuple
 
 logger = logging.getLogger(__name__)
 
 # The on-disk format: key names, defined once here (writer and reader).
 KEY_FORMAT = b"format"
 FORMAT_VERSION = b"fedocr-aggregator/1"
-KEY_MANIFEST = b"manifest"  # JSON {"tensors": [[id, length], ...], "fingerprint": hex}
+KEY_MANIFEST = b"manifest"  # JSON {"tensors": [[id, length, exact], ...], "fingerprint": hex}
 KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
 KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
 KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
@@ -59,15 +60,22 @@ def history_key(round_id: int) -> bytes:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What the aggregator knows of the model: (tensor id, length) pairs and a keyed fingerprint."""
+    """What the aggregator knows of the model: (tensor id, length, exact) and a keyed fingerprint.
 
-    tensors: tuple[tuple[int, int], ...]
+    ``exact`` tensors (the running statistics) travel in float32 whatever the plan's encoding.
+    """
+
+    tensors: tuple[tuple[int, int, bool], ...]
     fingerprint: bytes
+
+    def __post_init__(self) -> None:
+        # (id, length) pairs are read as not exact, so that equal manifests compare equal.
+        object.__setattr__(self, "tensors", tuple(spec_tuple(t) for t in self.tensors))
 
     @property
     def lengths(self) -> list[int]:
         """Tensor lengths in manifest order."""
-        return [n for _, n in self.tensors]
+        return [n for _, n, _ in self.tensors]
 
     @property
     def size(self) -> int:
@@ -76,7 +84,7 @@ class Manifest:
 
     def check_first(self, max_values: int) -> None:
         """Raise unless this manifest can define the federation's model."""
-        ids = [i for i, _ in self.tensors]
+        ids = [i for i, _, _ in self.tensors]
         if not self.tensors or not self.fingerprint or len(set(ids)) != len(ids) or min(self.lengths) < 1:
             raise MalformedRequest(
                 "the first manifest must list unique tensor ids of at least one value and carry a fingerprint"
@@ -103,9 +111,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        """Inverse of to_json."""
+        """Inverse of to_json; entries stored before the exact flag existed read as not exact."""
         doc = json.loads(data)
-        return cls(tuple((int(i), int(n)) for i, n in doc["tensors"]), bytes.fromhex(doc["fingerprint"]))
+        tensors = tuple((int(t[0]), int(t[1]), bool(t[2]) if len(t) > 2 else False) for t in doc["tensors"])
+        return cls(tensors, bytes.fromhex(doc["fingerprint"]))
 
 
 @dataclass

@@ -64,29 +64,30 @@ class StateCache:
         self._lock = threading.Lock()
         self._latest: Encoded | None = None
 
-    def encoded(self, state: np.ndarray, version: int, specs: tuple[tuple[int, int], ...]) -> Encoded:
+    def encoded(self, state: np.ndarray, version: int, specs: tuple[tuple[int, int, bool], ...]) -> Encoded:
         """The encoding of `state` (float32, flat) at `version`, built on first use."""
         with self._lock:
             if self._latest is not None and self._latest.version == version:
                 return self._latest
-            parts = fedavg.split(state, [n for _, n in specs])
+            parts = fedavg.split(state, [n for _, n, _ in specs])
             encoder = tensors.ChunkEncoder(
                 parts,
                 pb.ENCODING_FLOAT32,
                 pb.COMPRESSION_ZSTD,
                 level=self._level,
                 chunk_elems=self._chunk_elements,
-                ids=[i for i, _ in specs],
+                ids=[i for i, _, _ in specs],
+                exact=[e for _, _, e in specs],
             )
             chunks = list(encoder.chunks())
             self._latest = Encoded(version, chunks, encoder.trailer(), encoder.raw_bytes, encoder.wire_bytes)
             return self._latest
 
     def stream(
-        self, state: np.ndarray, version: int, specs: tuple[tuple[int, int], ...], unchanged: bool
+        self, state: np.ndarray, version: int, specs: tuple[tuple[int, int, bool], ...], unchanged: bool
     ) -> StateStream:
         """A StateStream for one download."""
-        tensor_specs = [pb.TensorSpec(id=i, length=n) for i, n in specs]
+        tensor_specs = [pb.TensorSpec(id=i, length=n, exact=e) for i, n, e in specs]
         header = pb.StateHeader(
             state_version=version,
             tensors=tensor_specs,

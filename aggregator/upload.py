@@ -40,7 +40,7 @@ def read_header(messages: Iterator[pb.UploadMessage]) -> pb.UploadHeader:
 def stage(
     header: pb.UploadHeader,
     messages: Iterator[pb.UploadMessage],
-    specs: list[tuple[int, int]],
+    specs: list[tuple[int, int, bool]],
     max_chunk_bytes: int,
 ) -> Staged:
     """Consume chunks up to the trailer and return the verified arrays.
@@ -57,7 +57,7 @@ def stage(
             arrays = assembler.finish(message.trailer)
             if next(messages, None) is not None:
                 raise MalformedRequest("upload stream continues after the trailer")
-            tensors.check_finite(arrays, [i for i, _ in specs])
+            tensors.check_finite(arrays, [i for i, _, _ in specs])
             peak = fedavg.peak(arrays)
             return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, peak)
         else:

@@ -5,12 +5,13 @@
 
 Bytes: a real increment (``fedocr-tiny`` at gamma 1/2, and the paper-width ``fedocr`` at gamma
 1/4, each after a few Adam steps from W_0 on clean digit strings) is encoded the way an edge
-uploads it (fedocr.tensors.ChunkEncoder, chunks of 65,536 values, zstd level 3) in every encoding.
-Printed: raw and wire bytes, the ratio to float32's wire bytes, and the relative error of one
-round's decoded increment, for nearest and stochastic rounding.
+uploads it (edge_agent.client.encode_upload: chunks of 65,536 values, zstd level 3, the running
+statistics in float32 whatever the encoding) in every encoding. Printed: raw and wire bytes, their
+ratios to float32's, and the relative error of one round's decoded increment, for nearest and
+stochastic rounding.
 
 Accuracy (``--accuracy``): an in-process federation of the services' own parts (edge_agent.local's
-LocalModel per edge, aggregator.fedavg's weighted sum, fedocr.encodings for the wire): EDGES
+LocalModel per edge, aggregator.fedavg's weighted sum, the edge's upload encoder for the wire): EDGES
 edges with IID shards of clean digit strings, one local epoch per round, the default plan (Adam,
 recognizer.recipe's lr and batch size); after every round the global model is scored on a
 held-out set of another seed. One variant per encoding and error-feedback setting, each in a
@@ -31,11 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedocr import encodings, tensors
-from fedocr.v1 import federation_pb2 as pb
+from fedocr import encodings
 
 KEY = bytes(range(32))
-CHUNK_ELEMS = 1 << 16  # what edge_agent.client uploads per chunk
 EDGES = 2
 SHARD_SIZE = 2000
 HELD_OUT = 300
@@ -64,8 +63,9 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> np.ndarray:
-    """The packed increment W - W_0 of ``preset`` after ``steps`` Adam steps (batch 8) on ``data``."""
+def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> tuple[np.ndarray, int]:
+    """The packed increment W - W_0 of ``preset`` after ``steps`` Adam steps (batch 8) on ``data``,
+    and how many of its values (the last) are running statistics."""
     import torch
 
     from recognizer import state, train
@@ -74,7 +74,7 @@ def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> np.nd
 
     torch.manual_seed(0)
     model = build_model(preset, KEY, gamma)
-    w0 = state.pack_state(state.export_state(model), KEY)
+    w0 = state.pack_model(model, KEY)
     optimizer = train.make_optimizer(model, 1e-3, "adam")
     loader = make_loader(data, 8, shuffle=True, drop_last=True, **model.image_options)
     for step, (images, targets, _) in enumerate(loader):
@@ -82,33 +82,50 @@ def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> np.nd
             break
         model.train()
         train.train_step(model, images, targets, optimizer)
-    return state.pack_state(state.export_state(model), KEY) - w0
+    return state.pack_model(model, KEY) - w0, state.statistics_length(model)
 
 
-def byte_rows(increment: np.ndarray) -> list[dict]:
-    """Raw and wire bytes and the relative error of each encoding (and rounding) of ``increment``."""
+def byte_rows(increment: np.ndarray, statistics: int) -> list[dict]:
+    """Raw and wire bytes and the relative error of each encoding (and rounding) of ``increment``,
+    encoded as an edge uploads it (its last ``statistics`` values in float32)."""
     rows = []
     norm = float(np.linalg.norm(increment))
     for name, encoding in encodings.NAMES.items():
         for rounding in ("nearest", "stochastic") if encoding in encodings.QMAX else ("nearest",):
-            enc = tensors.ChunkEncoder([increment], encoding, pb.COMPRESSION_ZSTD, level=3,
-                                       chunk_elems=CHUNK_ELEMS, rounding=rounding)
-            for _ in enc.chunks():
-                pass
-            error = float(np.linalg.norm(enc.decoded()[0] - increment)) / norm
+            decoded = upload(increment, statistics, encoding, rounding, 0)
+            error = float(np.linalg.norm(decoded.values - increment)) / norm
             rows.append({"encoding": name, "rounding": rounding if encoding in encodings.QMAX else "-",
-                         "raw": enc.raw_bytes, "wire": enc.wire_bytes, "error": error})
+                         "raw": decoded.raw, "wire": decoded.wire, "error": error})
     return rows
 
 
-def print_bytes(title: str, values: int, rows: list[dict]) -> None:
-    base = next(r["wire"] for r in rows if r["encoding"] == "float32")
-    print(f"\n{title}: {values:,} values per upload")
-    print(f"{'encoding':<9} {'rounding':<10} {'raw MB':>8} {'wire MB':>8} {'wire/float32':>12} "
-          f"{'rel. error':>10}")
+@dataclass(frozen=True)
+class Decoded:
+    """An upload as the aggregator decodes it, and its raw and wire bytes."""
+
+    values: np.ndarray
+    raw: int
+    wire: int
+
+
+def upload(increment: np.ndarray, statistics: int, encoding: int, rounding: str, seed: int) -> Decoded:
+    """Encode ``increment`` as edge_agent.client uploads it; what the aggregator decodes."""
+    from edge_agent.client import encode_upload
+
+    enc = encode_upload(increment, statistics, encoding, rounding=rounding, seed=seed)
+    for _ in enc.chunks():
+        pass
+    return Decoded(np.concatenate(enc.decoded()), enc.raw_bytes, enc.wire_bytes)
+
+
+def print_bytes(title: str, values: int, statistics: int, rows: list[dict]) -> None:
+    base = next(r for r in rows if r["encoding"] == "float32")
+    print(f"\n{title}: {values:,} values per upload, the last {statistics:,} (running statistics) in float32")
+    print(f"{'encoding':<9} {'rounding':<10} {'raw MB':>8} {'wire MB':>8} {'raw/f32 raw':>11} "
+          f"{'wire/f32 wire':>13} {'rel. error':>10}")
     for r in rows:
         print(f"{r['encoding']:<9} {r['rounding']:<10} {r['raw'] / 1e6:>8.3f} {r['wire'] / 1e6:>8.3f} "
-              f"{r['wire'] / base:>12.3f} {r['error']:>10.4f}")
+              f"{r['raw'] / base['raw']:>11.3f} {r['wire'] / base['wire']:>13.3f} {r['error']:>10.4f}")
 
 
 def make_data(data_dir: Path) -> tuple[list[Path], Path]:
@@ -137,7 +154,6 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     encoding = encodings.NAMES[variant.encoding]
     edges = [LocalModel(s, KEY, "fedocr-tiny", 0.5, seed=k) for k, s in enumerate(shards)]
     residuals = [np.zeros(edges[0].length, dtype=np.float32) for _ in edges]
-    rngs = [np.random.default_rng(k) for k in range(len(edges))]
     global_state = np.zeros(edges[0].length, dtype=np.float32)
     plan = Plan(local_epochs=1, learning_rate=DEFAULT_LR["adam"], batch_size=DEFAULT_BATCH_SIZE)
     curve, started = [], time.process_time()
@@ -147,7 +163,7 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
             edge.apply_global(global_state)
             edge.train_round(plan)
             sent = edge.increment() + (residuals[k] if variant.feedback else 0)
-            _, decoded = encodings.encode(sent, encoding, variant.rounding, rngs[k])
+            decoded = upload(sent, edge.statistics, encoding, variant.rounding, seed=1000 * t + k).values
             if variant.feedback:
                 residuals[k] = sent - decoded
             fedavg.accumulate(total, decoded, float(edge.samples))
@@ -204,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(2)
-        tiny = sample_increment("fedocr-tiny", 0.5, 125, shards[0])  # one local epoch of a demo edge
-        print_bytes("fedocr-tiny, gamma 1/2, after 125 Adam steps", tiny.size, byte_rows(tiny))
-        paper = sample_increment("fedocr", 0.25, args.paper_steps, shards[0])
+        tiny, stats = sample_increment("fedocr-tiny", 0.5, 125, shards[0])  # a demo edge's local epoch
+        print_bytes("fedocr-tiny, gamma 1/2, after 125 Adam steps", tiny.size, stats, byte_rows(tiny, stats))
+        paper, stats = sample_increment("fedocr", 0.25, args.paper_steps, shards[0])
         print_bytes(f"fedocr (paper width), gamma 1/4, after {args.paper_steps} Adam steps", paper.size,
-                    byte_rows(paper))
+                    stats, byte_rows(paper, stats))
         return 0
     todo = [n for n in names if not (args.results / f"{n}.json").exists()]
     running: list[subprocess.Popen] = []

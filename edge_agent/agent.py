@@ -78,6 +78,7 @@ class EdgeAgent:
                 self.local.fingerprint,
                 self.held_version,
                 self.settings.join_wait_s,
+                self.local.statistics,
             )
             if reply.action == pb.JoinResponse.ACTION_FINISHED:
                 return self._finish(reply)
@@ -236,6 +237,7 @@ class EdgeAgent:
                 self.settings.zstd_level,
                 encoding,
                 seed,
+                self.local.statistics,
             )
         except grpc.RpcError as exc:
             if retry.status_code(exc) not in ROUND_GONE:

@@ -22,8 +22,11 @@ from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# The single packed vector DESIGN.md asks for travels as tensor id 0.
+# The packed vector travels as two tensors: its parameters as id 0 and its running statistics
+# (the vector's last values, recognizer.state.pack_state) as id 1, marked exact: they go in float32
+# whatever the round's encoding, because a quantized small variance breaks the model.
 TENSOR_ID = 0
+STATISTICS_ID = 1
 # Upload chunks of 256 KiB decoded: well under the aggregator's per-chunk limit.
 UPLOAD_CHUNK_ELEMS = 65536
 RPC_TIMEOUT_S = 120.0
@@ -77,6 +80,37 @@ class Endpoint:
     server_name: str | None = None
 
 
+def manifest_specs(length: int, statistics: int) -> list[pb.TensorSpec]:
+    """The TensorSpecs of a packed vector of ``length`` values whose last ``statistics`` are exact."""
+    specs = [pb.TensorSpec(id=TENSOR_ID, length=length - statistics)]
+    if statistics:
+        specs.append(pb.TensorSpec(id=STATISTICS_ID, length=statistics, exact=True))
+    return specs
+
+
+def encode_upload(
+    increment: np.ndarray,
+    statistics: int,
+    encoding: int,
+    zstd_level: int = 3,
+    rounding: str = UPLOAD_ROUNDING,
+    seed: int = 0,
+) -> tensors.ChunkEncoder:
+    """The ChunkEncoder of an upload: the parameters in ``encoding``, the last ``statistics`` exact."""
+    specs = manifest_specs(increment.size, statistics)
+    return tensors.ChunkEncoder(
+        np.split(increment, [specs[0].length]) if statistics else [increment],
+        encoding,
+        pb.COMPRESSION_ZSTD,
+        level=zstd_level,
+        chunk_elems=UPLOAD_CHUNK_ELEMS,
+        ids=[s.id for s in specs],
+        rounding=rounding,
+        seed=seed,
+        exact=[s.exact for s in specs],
+    )
+
+
 class FederationClient:
     """One edge's channel to the aggregator, with retries on transient failures."""
 
@@ -100,12 +134,12 @@ class FederationClient:
         """Close the channel."""
         self._channel.close()
 
-    def join(self, length: int, fingerprint: bytes, held_version: int, wait_s: int) -> pb.JoinResponse:
-        """Ask for work with the manifest of one packed vector of ``length`` values."""
+    def join(
+        self, length: int, fingerprint: bytes, held_version: int, wait_s: int, statistics: int = 0
+    ) -> pb.JoinResponse:
+        """Ask for work with the manifest of a packed vector of ``length`` values (manifest_specs)."""
         request = pb.JoinRequest(
-            manifest=pb.Manifest(
-                tensors=[pb.TensorSpec(id=TENSOR_ID, length=length)], fingerprint=fingerprint
-            ),
+            manifest=pb.Manifest(tensors=manifest_specs(length, statistics), fingerprint=fingerprint),
             held_state_version=held_version,
             wait_seconds=wait_s,
         )
@@ -122,18 +156,18 @@ class FederationClient:
         if header.unchanged:
             return None
         specs = list(header.tensors)
-        if [s.id for s in specs] != [TENSOR_ID]:
+        if [s.id for s in specs] not in ([TENSOR_ID], [TENSOR_ID, STATISTICS_ID]):
             raise tensors.WireFormatError(
-                f"expected one packed tensor, the state has ids {[s.id for s in specs]}"
+                f"expected the packed parameters and statistics, the state has ids {[s.id for s in specs]}"
             )
         assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression)
         for message in stream:
             if message.WhichOneof("kind") == "chunk":
                 assembler.add(message.chunk)
             elif message.WhichOneof("kind") == "trailer":
-                (vector,) = assembler.finish(message.trailer)
+                vector = np.concatenate(assembler.finish(message.trailer)).astype(np.float32, copy=False)
                 moved = Transfer(raw=assembler.raw_bytes, wire=assembler.wire_bytes)
-                return Download(int(header.state_version), np.asarray(vector, np.float32), moved)
+                return Download(int(header.state_version), vector, moved)
         raise tensors.WireFormatError("the state stream ended without a trailer")
 
     def upload(
@@ -147,10 +181,12 @@ class FederationClient:
         zstd_level: int = 3,
         encoding: int = pb.ENCODING_FLOAT32,
         seed: int = 0,
+        statistics: int = 0,
     ) -> Upload:
         """Stream ``increment`` for ``round_id`` in ``encoding`` (fedocr.encodings), zstd-compressed.
 
-        Quantized encodings round stochastically, drawing from ``seed``.
+        Quantized encodings round stochastically, drawing from ``seed``; the last ``statistics``
+        values go as the exact tensor (float32, manifest_specs).
 
         ALREADY_EXISTS counts as acknowledged, with no receipt, once the round's record lists this
         edge (a retry after the first attempt was counted but its receipt lost). Other refusals are
@@ -164,20 +200,11 @@ class FederationClient:
             compression=pb.COMPRESSION_ZSTD,
             base_state_version=base_version,
         )
-        encoder = tensors.ChunkEncoder(
-            [increment],
-            encoding,
-            pb.COMPRESSION_ZSTD,
-            level=zstd_level,
-            chunk_elems=UPLOAD_CHUNK_ELEMS,
-            ids=[TENSOR_ID],
-            rounding=UPLOAD_ROUNDING,
-            seed=seed,
-        )
+        encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed)
         chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
         trailer = encoder.trailer()
         moved = Transfer(raw=encoder.raw_bytes, wire=encoder.wire_bytes)
-        decoded = encoder.decoded()[0]
+        decoded = np.concatenate(encoder.decoded())
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=header)

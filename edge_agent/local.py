@@ -70,8 +70,8 @@ class LocalModel:
         self.preset = preset
         self._key = key
         self.fingerprint = state.fingerprint(self.model, key)
-        self._w0 = state.pack_state(state.export_state(self.model), key)
-        self._lengths = state.state_lengths(self.model)
+        self._w0 = state.pack_model(self.model, key)
+        self.statistics = state.statistics_length(self.model)  # the packed vector's last values
         self._base = self._w0.copy()  # W_0 + G of the last global state applied
         # W_0, the fingerprint and every vector handed out are CPU float32; only the model moves.
         self.device = torch.device(device)
@@ -86,7 +86,7 @@ class LocalModel:
 
     @property
     def length(self) -> int:
-        """Number of values in the packed state (the manifest's single length)."""
+        """Number of values in the packed state (parameters, then ``statistics`` running statistics)."""
         return int(self._w0.size)
 
     def apply_global(self, global_state: np.ndarray) -> None:
@@ -94,7 +94,7 @@ class LocalModel:
         if global_state.shape != self._w0.shape:
             raise ValueError(f"global state has {global_state.size} values, this model has {self._w0.size}")
         self._base = self._w0 + global_state
-        state.load_state(self.model, state.unpack_state(self._base, self._key, self._lengths))
+        state.load_packed(self.model, self._base, self._key)
 
     def use_optimizer(self, kind: str) -> None:
         """Switch the local optimizer to ``kind`` (fresh state); "" or the current one changes nothing.
@@ -173,7 +173,7 @@ class LocalModel:
 
     def increment(self) -> np.ndarray:
         """``W_local - (W_0 + G)`` in the packed layout: what the edge uploads."""
-        local = state.pack_state(state.export_state(self.model), self._key)
+        local = state.pack_model(self.model, self._key)
         return (local - self._base).astype(np.float32, copy=False)
 
     def save(self, path: Path) -> None:

@@ -39,7 +39,7 @@ def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerpri
         "alphabet": model.alphabet.name,
         "fingerprint": fingerprint.hex(),
     }
-    packed = state.pack_state(state.export_state(model), key)
+    packed = state.pack_model(model, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed over it: a crash leaves the old file or none, never half.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -94,7 +94,7 @@ def model_from_packed(
         raise ModelFileError(
             f"state has {packed.size} values but preset {preset} at gamma {gamma} needs {sum(lengths)}"
         )
-    state.load_state(model, [np.asarray(t) for t in state.unpack_state(packed, key, lengths)])
+    state.load_packed(model, packed, key)
     return model, fingerprint
 
 

@@ -17,7 +17,7 @@ from recognizer.keys import derive
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_VERSION = "fedocr-fingerprint-v2"  # v2: the alphabet is part of it
+FINGERPRINT_VERSION = "fedocr-fingerprint-v3"  # v2: the alphabet; v3: running statistics packed last
 
 
 # BN running statistics are exported scaled by this power of two (exactly invertible, and the
@@ -93,28 +93,43 @@ def load_state(model: nn.Module, tensors: Sequence[torch.Tensor | np.ndarray]) -
                 target.clamp_(min=0.0)
 
 
-@functools.lru_cache(maxsize=2)
-def _pack_permutation(key: bytes, n: int) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _pack_permutation(key: bytes, n: int, statistics: int = 0) -> np.ndarray:
     # Cached: an edge packs and unpacks the same length every round; argsort of ~10^7 costs seconds.
-    perm = keyed_permutation(key, "pack", n)
+    head = n - statistics
+    perm = keyed_permutation(key, "pack", head)
+    if statistics:
+        perm = np.concatenate([perm, head + keyed_permutation(key, "pack-statistics", statistics)])
     perm.flags.writeable = False
     return perm
 
 
-def pack_state(tensors: Sequence[torch.Tensor | np.ndarray], key: bytes) -> np.ndarray:
+def statistics_length(model: nn.Module) -> int:
+    """How many of export_state's values are running statistics (the last ones, after the parameters)."""
+    return sum(t.numel() for _, t in _state_entries(model) if not isinstance(t, nn.Parameter))
+
+
+def pack_state(tensors: Sequence[torch.Tensor | np.ndarray], key: bytes, statistics: int = 0) -> np.ndarray:
     """Concatenate ``tensors`` and shuffle with the keyed permutation: one float32 vector.
 
-    The shuffle is linear, so packed vectors can be subtracted and averaged like the tensors.
+    The last ``statistics`` values (statistics_length: the running statistics) are shuffled among
+    themselves and stay at the end, so the wire can carry them apart from the parameters (losslessly,
+    whatever the upload's encoding). The shuffle is linear, so packed vectors can be subtracted and
+    averaged like the tensors.
     """
     parts = [
         t.detach().cpu().numpy().reshape(-1) if isinstance(t, torch.Tensor) else np.asarray(t).reshape(-1)
         for t in tensors
     ]
     flat = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
-    return flat[_pack_permutation(key, flat.size)]
+    if not 0 <= statistics <= flat.size:
+        raise ValueError(f"{statistics} statistics in a state of {flat.size} values")
+    return flat[_pack_permutation(key, flat.size, statistics)]
 
 
-def unpack_state(vector: np.ndarray, key: bytes, lengths: Sequence[int]) -> list[np.ndarray]:
+def unpack_state(
+    vector: np.ndarray, key: bytes, lengths: Sequence[int], statistics: int = 0
+) -> list[np.ndarray]:
     """Invert pack_state: the 1-D float32 tensors of ``lengths``. A wrong key gives scrambled values.
 
     Raises:
@@ -124,10 +139,22 @@ def unpack_state(vector: np.ndarray, key: bytes, lengths: Sequence[int]) -> list
     total = int(sum(lengths))
     if vector.ndim != 1 or vector.size != total:
         raise ValueError(f"packed state has shape {vector.shape}, expected ({total},)")
+    if not 0 <= statistics <= total:
+        raise ValueError(f"{statistics} statistics in a state of {total} values")
     flat = np.empty_like(vector)
-    flat[_pack_permutation(key, total)] = vector
+    flat[_pack_permutation(key, total, statistics)] = vector
     bounds = np.cumsum([0, *lengths])
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def pack_model(model: nn.Module, key: bytes) -> np.ndarray:
+    """The model's exported state packed under ``key``, running statistics last (pack_state)."""
+    return pack_state(export_state(model), key, statistics_length(model))
+
+
+def load_packed(model: nn.Module, vector: np.ndarray, key: bytes) -> None:
+    """Load a vector made by pack_model (under the same key) into ``model`` in place."""
+    load_state(model, unpack_state(vector, key, state_lengths(model), statistics_length(model)))
 
 
 def _describe(model: nn.Module) -> str:
@@ -159,6 +186,6 @@ def fingerprint(model: nn.Module, key: bytes) -> bytes:
     Edges with the same key and preset agree; another key, gamma or architecture disagrees,
     and the aggregator learns nothing from the 32 bytes without the key.
     """
-    digest = hashlib.sha256(pack_state(export_state(model), key).tobytes()).digest()
+    digest = hashlib.sha256(pack_model(model, key).tobytes()).digest()
     message = _describe(model).encode() + b"\n" + digest
     return hmac.new(derive(key, "fingerprint"), message, hashlib.sha256).digest()

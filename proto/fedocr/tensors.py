@@ -90,9 +90,10 @@ class ChunkEncoder:
 
     Parameters: ``tensors`` are flattened (C order) and encoded with ``encoding`` (fedocr.encodings;
     the quantized ones round to ``rounding``, stochastic rounding drawing from ``seed``); ``ids``
-    default to 0..n-1; ``level`` is the zstd level (ignored for COMPRESSION_NONE); ``chunk_elems``
-    is the number of values per chunk, at most MAX_CHUNK_RAW_BYTES // 4. After the chunks were
-    taken, ``decoded()`` gives the values the receiver will decode (for error feedback).
+    default to 0..n-1; ``exact`` marks tensors sent in float32 whatever ``encoding`` is (the
+    TensorSpec's exact flag); ``level`` is the zstd level (ignored for COMPRESSION_NONE);
+    ``chunk_elems`` is the number of values per chunk, at most MAX_CHUNK_RAW_BYTES // 4. After the
+    chunks were taken, ``decoded()`` gives the values the receiver will decode (for error feedback).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class ChunkEncoder:
         ids: Sequence[int] | None = None,
         rounding: str = "nearest",
         seed: int = 0,
+        exact: Sequence[bool] | None = None,
     ) -> None:
         _check_codec(encoding, compression)
         if not 1 <= chunk_elems <= MAX_CHUNK_RAW_BYTES // FLOAT32.itemsize:
@@ -118,16 +120,19 @@ class ChunkEncoder:
         ids = list(range(len(tensors))) if ids is None else list(ids)
         if len(ids) != len(tensors) or len(set(ids)) != len(ids):
             raise ValueError("ids must be unique, one per tensor")
+        self._exact = [False] * len(tensors) if exact is None else [bool(e) for e in exact]
+        if len(self._exact) != len(tensors):
+            raise ValueError("exact must have one flag per tensor")
         self._tensors = [np.ascontiguousarray(t, dtype=FLOAT32).reshape(-1) for t in tensors]
         self._ids = ids
-        self._encoding = encoding
+        self._encodings = [pb.ENCODING_FLOAT32 if e else encoding for e in self._exact]
         self._rounding = rounding
         self._rng = np.random.default_rng(seed)
         # What the receiver will decode; float32 decodes to the inputs themselves (no copy).
-        self._lossless = encoding == pb.ENCODING_FLOAT32
-        self._decoded = (
-            self._tensors if self._lossless else [np.empty(t.size, np.float32) for t in self._tensors]
-        )
+        self._decoded = [
+            t if enc == pb.ENCODING_FLOAT32 else np.empty(t.size, np.float32)
+            for t, enc in zip(self._tensors, self._encodings, strict=True)
+        ]
         self._compressor = (
             zstandard.ZstdCompressor(level=level, write_content_size=True)
             if compression == pb.COMPRESSION_ZSTD
@@ -142,19 +147,23 @@ class ChunkEncoder:
         self.wire_bytes = 0  # payload bytes as sent
 
     def specs(self) -> list[pb.TensorSpec]:
-        """The manifest entries (id, length) of the tensors being sent."""
-        return [pb.TensorSpec(id=i, length=t.size) for i, t in zip(self._ids, self._tensors, strict=True)]
+        """The manifest entries (id, length, exact) of the tensors being sent."""
+        return [
+            pb.TensorSpec(id=i, length=t.size, exact=e)
+            for i, t, e in zip(self._ids, self._tensors, self._exact, strict=True)
+        ]
 
     def chunks(self) -> Iterator[pb.TensorChunk]:
         """Yield the chunks in stream order; may be iterated once."""
         if self._started:
             raise RuntimeError("ChunkEncoder.chunks() may be iterated only once")
         self._started = True
-        for tensor_id, values, decoded in zip(self._ids, self._tensors, self._decoded, strict=True):
+        tensors = zip(self._ids, self._tensors, self._decoded, self._encodings, strict=True)
+        for tensor_id, values, decoded, encoding in tensors:
             for offset in range(0, values.size, self._chunk_elems):
                 part = values[offset : offset + self._chunk_elems]
-                raw, values_out = encodings.encode(part, self._encoding, self._rounding, self._rng)
-                if not self._lossless:
+                raw, values_out = encodings.encode(part, encoding, self._rounding, self._rng)
+                if encoding != pb.ENCODING_FLOAT32:
                     decoded[offset : offset + part.size] = values_out
                 payload = self._compressor.compress(raw) if self._compressor else raw
                 self._digest.update(raw)
@@ -195,33 +204,41 @@ def iter_chunks(
     yield from ChunkEncoder(tensors, encoding, compression, level, chunk_elems).chunks()
 
 
+def spec_tuple(spec: pb.TensorSpec | tuple[int, int] | tuple[int, int, bool]) -> tuple[int, int, bool]:
+    """(id, length, exact) of a TensorSpec or of an (id, length[, exact]) tuple."""
+    if isinstance(spec, pb.TensorSpec):
+        return int(spec.id), int(spec.length), bool(spec.exact)
+    return int(spec[0]), int(spec[1]), bool(spec[2]) if len(spec) > 2 else False
+
+
 class ChunkAssembler:
     """Reader side: checks chunks one at a time and writes them into preallocated float32 arrays.
 
-    Parameters: ``specs`` are the manifest's TensorSpec messages or (id, length) pairs;
+    Parameters: ``specs`` are the manifest's TensorSpec messages or (id, length[, exact])
+    tuples; tensors marked exact are read as float32 whatever ``encoding`` is;
     ``max_chunk_bytes`` caps one chunk's decoded size. After any error the assembler refuses
     further input. ``raw_bytes`` / ``wire_bytes`` count decoded and received payload bytes.
     """
 
     def __init__(
         self,
-        specs: Sequence[pb.TensorSpec | tuple[int, int]],
+        specs: Sequence[pb.TensorSpec | tuple[int, int] | tuple[int, int, bool]],
         encoding: int = pb.ENCODING_FLOAT32,
         compression: int = pb.COMPRESSION_ZSTD,
         max_chunk_bytes: int = MAX_CHUNK_RAW_BYTES,
     ) -> None:
         _check_codec(encoding, compression)
-        self._encoding = encoding
-        pairs = [(s.id, s.length) if isinstance(s, pb.TensorSpec) else (int(s[0]), int(s[1])) for s in specs]
-        if len({i for i, _ in pairs}) != len(pairs):
+        triples = [spec_tuple(s) for s in specs]
+        if len({i for i, _, _ in triples}) != len(triples):
             raise WireFormatError("the manifest names a tensor id twice")
-        self._index = {tensor_id: k for k, (tensor_id, _) in enumerate(pairs)}
-        self._ids = [tensor_id for tensor_id, _ in pairs]
-        self._arrays = [np.empty(length, dtype=np.float32) for _, length in pairs]
-        self._filled = [0] * len(pairs)  # next expected offset per tensor
+        self._index = {tensor_id: k for k, (tensor_id, _, _) in enumerate(triples)}
+        self._ids = [tensor_id for tensor_id, _, _ in triples]
+        self._encodings = [pb.ENCODING_FLOAT32 if exact else encoding for _, _, exact in triples]
+        self._arrays = [np.empty(length, dtype=np.float32) for _, length, _ in triples]
+        self._filled = [0] * len(triples)  # next expected offset per tensor
         # The limit is on decoded float32 values, whatever the encoding carries them in.
         self._max_elems = max_chunk_bytes // FLOAT32.itemsize
-        max_payload = encodings.payload_size(encoding, self._max_elems)
+        max_payload = max(encodings.payload_size(e, self._max_elems) for e in {encoding, *self._encodings})
         self._max_wire = max_payload + (max_payload >> 8) + _ZSTD_SLACK_BYTES
         self._decompressor = None
         if compression == pb.COMPRESSION_ZSTD:
@@ -270,10 +287,11 @@ class ChunkAssembler:
                 f"chunk {chunk.seq} starts at {chunk.offset} of tensor {chunk.tensor_id} and {what} "
                 f"(next expected offset {expected})"
             )
-        raw = self._decode(chunk)
+        encoding = self._encodings[k]
+        raw = self._decode(chunk, encoding)
         where = f"chunk {chunk.seq}"
         try:
-            values = encodings.decode(raw, self._encoding, chunk.count, where)
+            values = encodings.decode(raw, encoding, chunk.count, where)
         except encodings.BadScale as exc:
             raise BadScale(str(exc)) from None
         except encodings.BadCode as exc:
@@ -287,11 +305,11 @@ class ChunkAssembler:
         self.raw_bytes += len(raw)
         self.wire_bytes += len(chunk.payload)
 
-    def _decode(self, chunk: pb.TensorChunk) -> bytes:
+    def _decode(self, chunk: pb.TensorChunk, encoding: int) -> bytes:
         """Return the encoded bytes of ``chunk``, decompressed with an exact output bound."""
         if self._decompressor is None:
             return chunk.payload  # its size is checked against the count when it is decoded
-        size = encodings.payload_size(self._encoding, chunk.count)
+        size = encodings.payload_size(encoding, chunk.count)
         try:
             declared = zstandard.frame_content_size(chunk.payload)
         except zstandard.ZstdError as exc:

@@ -81,6 +81,15 @@ def test_store_round_trip(tmp_path: Path) -> None:
     assert snap.total.tolist() == [1.0, 2.0, 3.0] and snap.state.tolist() == [0.0, 0.0, 0.0]
 
 
+def test_manifest_keeps_the_exact_flag_and_reads_old_pairs() -> None:
+    m = Manifest(((0, 2, False), (1, 1, True)), b"fp")
+    assert Manifest.from_json(m.to_json()) == m and m.tensors[1] == (1, 1, True)
+    old = json.dumps({"tensors": [[0, 2], [1, 1]], "fingerprint": b"fp".hex()}).encode()
+    assert Manifest.from_json(old).tensors == ((0, 2, False), (1, 1, False))
+    with pytest.raises(errors.ModelMismatch, match="differ"):
+        m.check_same(Manifest.from_json(old))
+
+
 def test_store_finish_round_moves_to_history(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     store.init_model(Manifest(((0, 1),), b"fp"), np.zeros(1, dtype=np.float32), 1, record(1))

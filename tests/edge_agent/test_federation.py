@@ -112,11 +112,13 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     # The edges followed the plan's encoding: int8 uploads, float32 downloads, and each keeps
     # the quantization error it still owes in its work directory.
     key = load_key(federation_key)
-    length = sum(state.state_lengths(build_model(PRESET, key, 0.5)))
+    model = build_model(PRESET, key, 0.5)
+    length, statistics = sum(state.state_lengths(model)), state.statistics_length(model)
     for name, recs in records.items():
         counted = [r for r in recs if r["event"] == "round"]
         assert all(r["plan"]["encoding"] == "int8" and r["plan"]["error_feedback"] for r in counted)
-        int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length)  # about length / 4
+        # The parameters in int8 (about a quarter of float32), the running statistics in float32.
+        int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length - statistics) + 4 * statistics
         assert all(r["up"]["raw"] == int8_bytes for r in counted)
         assert all(r["down"]["raw"] in (0, 4 * length) for r in recs)
         residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]

@@ -30,7 +30,7 @@ def test_increment_is_zero_until_trained_and_reproduces_the_local_weights(local:
     assert delta.dtype == np.float32 and delta.shape == (local.length,)
     assert np.isfinite(delta).all() and np.abs(delta).max() > 0
     # What the aggregator would add back: W_0 + g + delta is exactly the trained model.
-    trained = state.pack_state(state.export_state(local.model), local._key)
+    trained = state.pack_model(local.model, local._key)
     np.testing.assert_allclose(local._w0 + g + delta, trained, rtol=0, atol=1e-6)
 
 
@@ -47,7 +47,7 @@ def test_saved_global_model_loads_with_the_key(
     local.save(path)
     model, meta = load_model(path, load_key(federation_key))
     assert meta["preset"] == "fedocr-tiny" and meta["gamma"] == 0.5
-    packed = state.pack_state(state.export_state(model), local._key)
+    packed = state.pack_model(model, local._key)
     np.testing.assert_array_equal(packed, local._w0)
 
 

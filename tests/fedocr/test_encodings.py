@@ -200,3 +200,29 @@ def test_stochastic_rounding_needs_an_rng_and_a_known_rounding():
         E.encode(values(10), I8, "stochastic")
     with pytest.raises(ValueError, match="rounding"):
         T.ChunkEncoder([values(10)], I8, rounding="up")
+
+
+@pytest.mark.parametrize("encoding", LOSSY)
+def test_an_exact_tensor_travels_in_float32_beside_quantized_ones(encoding):
+    arrays = [values(3000), values(700, 1)]
+    enc = T.ChunkEncoder(arrays, encoding, ZSTD, chunk_elems=1000, exact=[False, True])
+    chunks = list(enc.chunks())
+    assert [s.exact for s in enc.specs()] == [False, True]
+
+    out = assemble(enc.specs(), chunks, enc.trailer(), encoding)
+
+    np.testing.assert_array_equal(out[1], arrays[1])  # the exact tensor: bit for bit
+    np.testing.assert_array_equal(enc.decoded()[1], arrays[1])
+    np.testing.assert_array_equal(out[0], enc.decoded()[0])
+    assert not np.array_equal(out[0], arrays[0])
+    exact_raw = sum(len(c.payload) for c in chunks if c.tensor_id == 1)
+    assert enc.raw_bytes == E.payload_size(encoding, 3000) + 4 * 700 and exact_raw < 4 * 700 + 100
+
+
+def test_a_quantized_chunk_for_an_exact_tensor_is_refused():
+    # An edge that ignores the exact flag sends int8 codes where the receiver expects float32.
+    arrays = [values(600)]
+    enc, chunks, trailer = stream(arrays, I8, NONE)
+    asm = T.ChunkAssembler([(0, 600, True)], I8, NONE)
+    with pytest.raises(T.LengthMismatch, match="chunk 0"):
+        asm.add(chunks[0])

@@ -40,7 +40,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(PRESET, KEY, GAMMA)
-    w0 = state.pack_state(state.export_state(model), KEY)
+    w0 = state.pack_model(model, KEY)
     data = model.image_options
     loader = make_loader(work / "train", BATCH, shuffle=True, drop_last=True, **data)
     held_out = make_loader(work / "held-out", 100, shuffle=False, **data)
@@ -77,9 +77,9 @@ def test_the_global_state_reads_only_under_its_key(trained: dict) -> None:
     right = evaluate(model, held_out, beam_width=1).accuracy
     # What an aggregator holds after training: the packed sum of increments G = W - W_0, which
     # an edge turns back into a model as W_0 + G under the federation key.
-    g = state.pack_state(state.export_state(model), KEY) - trained["w0"]
+    g = state.pack_model(model, KEY) - trained["w0"]
     again, _ = model_from_packed(PRESET, GAMMA, KEY, trained["w0"] + g)
-    wrong_w0 = state.pack_state(state.export_state(build_model(PRESET, WRONG_KEY, GAMMA)), WRONG_KEY)
+    wrong_w0 = state.pack_model(build_model(PRESET, WRONG_KEY, GAMMA), WRONG_KEY)
     stolen, _ = model_from_packed(PRESET, GAMMA, WRONG_KEY, wrong_w0 + g)
     assert right >= 0.5
     assert evaluate(again, held_out, beam_width=1).accuracy == pytest.approx(right)

@@ -14,9 +14,12 @@ from recognizer.state import (
     STAT_SCALE,
     export_state,
     fingerprint,
+    load_packed,
     load_state,
+    pack_model,
     pack_state,
     state_lengths,
+    statistics_length,
     unpack_state,
 )
 
@@ -180,3 +183,21 @@ def test_a_negative_running_variance_loads_as_zero():
     state[-1] = torch.tensor([-0.5, 2.0]) * STAT_SCALE  # what a rounded quantized increment can leave
     load_state(net, state)
     assert torch.equal(net.bn.running_var, torch.tensor([0.0, 2.0]))
+
+
+def test_running_statistics_are_packed_last_and_shuffled_among_themselves():
+    net = _net()
+    stats = statistics_length(net)
+    assert stats == 4  # running_mean and running_var of a 2-channel BN
+    exported = torch.cat(export_state(net)).numpy()
+    packed = pack_model(net, KEY)
+    assert sorted(packed[-stats:].tolist()) == sorted(exported[-stats:].tolist())
+    assert sorted(packed[:-stats].tolist()) == sorted(exported[:-stats].tolist())
+
+    other = copy.deepcopy(_net(seed=1))
+    load_packed(other, packed, KEY)
+    assert np.array_equal(pack_model(other, KEY), packed)
+    # The same values packed without the split are another permutation: the layouts differ.
+    assert not np.array_equal(pack_state(export_state(net), KEY), packed)
+    with pytest.raises(ValueError, match="statistics"):
+        pack_state(export_state(net), KEY, statistics=exported.size + 1)

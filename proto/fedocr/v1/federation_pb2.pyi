@@ -50,12 +50,14 @@ COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 
 class TensorSpec(_message.Message):
-    __slots__ = ("id", "length")
+    __slots__ = ("id", "length", "exact")
     ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     id: int
     length: int
-    def __init__(self, id: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    exact: bool
+    def __init__(self, id: _Optional[int] = ..., length: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("tensors", "fingerprint")
