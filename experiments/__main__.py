@@ -60,19 +60,43 @@ def paper_size() -> dict[str, dict]:
     return sizes
 
 
+def settings(s: Scale) -> dict:
+    """What decides a run's result: the data, the recipe and the presets (meta.json holds them)."""
+    return {
+        "data": {"train_words": s.train_words, "test_words_per_set": s.test_words, "styles": "all 8 families",
+                 "edges": s.edges, "split": "iid", "seed": s.seed},
+        "rounds": s.rounds, "local_epochs": s.local_epochs, "epochs": s.epochs, "batch_size": s.batch_size,
+        "labels": s.labels, "optimizer": s.optimizer, "lr": s.lr, "lr_decay_rounds": list(s.decay_rounds),
+        "lr_decay_factors": list(s.decay_factors), "lr_decay_epochs": list(s.decay_epochs),
+        "presets": dict(s.presets), "beam": s.beam,
+    }  # fmt: skip
+
+
+def check_results_match(results: Path, scale: Scale) -> None:
+    """Raise ValueError when ``results`` holds runs made with other settings than ``scale``'s.
+
+    A rerun goes on from the finished runs, so mixing settings would report runs that are not
+    comparable; the caller moves the old results away instead.
+    """
+    path = results / "meta.json"
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    differ = sorted(k for k, v in settings(scale).items() if recorded.get(k) != v)
+    if differ:
+        raise ValueError(
+            f"{results} holds runs made with other settings ({', '.join(differ)} differ from scale "
+            f"{scale.name}'s): move them away, or pass another --results and --work"
+        )
+
+
 def write_meta(ctx: Context, started: float) -> None:
     """The setup every run shares, for the report (updated after each run with the wall time)."""
     s: Scale = ctx.scale
     path = ctx.results / "meta.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     meta = {
-        "scale": s.name, "machine": machine(),
-        "data": {"train_words": s.train_words, "test_words_per_set": s.test_words, "styles": "all 8 families",
-                 "edges": s.edges, "split": "iid", "seed": s.seed},
-        "rounds": s.rounds, "local_epochs": s.local_epochs, "epochs": s.epochs, "batch_size": s.batch_size,
-        "labels": s.labels, "optimizer": s.optimizer, "lr": s.lr, "lr_decay_rounds": list(s.decay_rounds),
-        "lr_decay_factors": list(s.decay_factors), "lr_decay_epochs": list(s.decay_epochs),
-        "presets": dict(s.presets), "beam": s.beam, "threads_per_process": s.threads,
+        "scale": s.name, "machine": machine(), **settings(s), "threads_per_process": s.threads,
         "wall_s": round(previous.get("wall_s", 0.0) + time.monotonic() - started, 1),
         "paper_size": previous.get("paper_size") or paper_size(),
     }  # fmt: skip
@@ -131,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         manners = args.manners.split(",") if args.manners else list(MANNERS)
         if unknown := [m for m in manners if m not in MANNERS]:
             raise ValueError(f"unknown manners {unknown}; choose from {', '.join(MANNERS)}")
+        if not args.report_only:
+            check_results_match(results, scale)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -139,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         work.mkdir(parents=True, exist_ok=True)
         log.info("scale %s: rendering data under %s", scale.name, work / "data")
-        data = make_data(work / "data", scale)
+        try:
+            data = make_data(work / "data", scale)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results)
         try:
             run_all(ctx, models, manners)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -43,13 +44,28 @@ def _render(path: Path, count: int, seed: int, styles: tuple[str, ...], labels: 
     log.info("rendered %s (%d words)", path, count)
 
 
+def _data_settings(scale: Scale) -> dict:
+    return {"train_words": scale.train_words, "test_words": scale.test_words, "labels": scale.labels,
+            "edges": scale.edges, "seed": scale.seed}  # fmt: skip
+
+
 def make_data(root: Path, scale: Scale) -> ExperimentData:
     """Render (or find) the training set, its IID shards and the six test sets under ``root``.
 
     Every style family appears in training (sample i is drawn in STYLES[i % 8]); the test sets are
     rendered from other seeds and never used in training. Finished parts are kept on a rerun.
+
+    Raises:
+        ValueError: ``root`` holds data rendered for other settings (settings.json says which).
     """
     root.mkdir(parents=True, exist_ok=True)
+    stamp, wanted = root / "settings.json", _data_settings(scale)
+    if stamp.exists() and json.loads(stamp.read_text()) != wanted:
+        raise ValueError(
+            f"{root} holds data rendered with other settings than scale {scale.name}'s {wanted}: "
+            "delete it, or pass another --work"
+        )
+    stamp.write_text(json.dumps(wanted) + "\n")
     train = root / "train"
     _render(train, scale.train_words, scale.seed, STYLES, scale.labels)
     shards_dir = root / "shards"

@@ -90,6 +90,13 @@ PRESETS: dict[str, ModelConfig] = {
         "fedocr-half-norect", "shufflenet", (24, 116, 232, 464, 512), _SHUFFLE,
         lstm_hidden=128, dec_hidden=256, dec_attention=256, dec_embedding=256, **_CPU,
     ),
+    # ASTER-FL's ResNet at fedocr-tiny's widths, one or two residual blocks per stage: the `mini`
+    # experiment's ASTER-FL (experiments/scales.py), 0.2 CPU-s per batch of 16 on one thread.
+    "aster-fl-tiny": ModelConfig(
+        "aster-fl-tiny", "resnet", (16, 16, 32, 64, 128, 128), (1, 2, 2, 2, 1),
+        lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
+        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64, **_CPU,
+    ),
     # The default CPU preset: small enough to learn to read in minutes on one core (demo, tests).
     "fedocr-tiny": ModelConfig(
         "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE,

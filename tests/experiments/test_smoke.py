@@ -105,3 +105,25 @@ def test_bad_arguments_name_the_problem(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown model 'fedocr-hash-1/3'" in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_results_or_data_of_other_settings_are_refused_not_mixed(smoke: Path, tmp_path: Path) -> None:
+    # Results whose meta.json records another recipe: refused before anything runs.
+    results = tmp_path / "results"
+    results.mkdir()
+    meta = json.loads((smoke / "results" / "meta.json").read_text())
+    (results / "meta.json").write_text(json.dumps({**meta, "lr": 1.0, "rounds": 99}))
+    proc = _experiment(tmp_path)
+    assert proc.returncode == 2
+    assert f"{results} holds runs made with other settings (lr, rounds differ" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+    # Data rendered for another training-set size: refused, and kept as it was.
+    stamp = tmp_path / "work" / "data" / "settings.json"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps({"train_words": 7}))
+    (results / "meta.json").unlink()
+    proc = _experiment(tmp_path)
+    assert proc.returncode == 2 and "holds data rendered with other settings" in proc.stderr
+    assert json.loads(stamp.read_text()) == {"train_words": 7}
+    assert not list(results.glob("*__*.json"))
