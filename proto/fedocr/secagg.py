@@ -1,0 +1,436 @@
+"""Cryptographic building blocks of secure aggregation: masks, shares, commitments, the neighbour graph.
+
+This follows Bonawitz et al. (CCS 2017), with the sparse neighbour graph of SecAgg+ (Bell et al.,
+CCS 2020). One round, as the protocol wiring will run it for edges u, v, ...:
+
+1. Advertise: u makes two X25519 key pairs, ``c_u`` (to seal shares) and ``s_u`` (to agree on
+   masks), and publishes both public keys; ``neighbours`` says which edges are paired.
+2. Share: u draws a 32-byte self-mask seed ``b_u``, splits ``b_u`` and the private half of ``s_u``
+   among its neighbours (``split``), commits to every share (``commit_share``) and seals each one
+   for its holder (``seal`` under ``agree(c_u, c_v)``).
+3. Upload: u sends ``encode_fixed(x_u) + expand_mask(b_u) + sum_v ±expand_mask(s_uv)`` mod 2^32
+   (``mask_upload``), where ``s_uv = agree(s_u, s_v)``; the two masks of a pair have opposite signs.
+4. Unmask: for each survivor its neighbours reveal shares of ``b_u``; for each edge that dropped
+   before uploading they reveal shares of its ``s_u`` private key. ``combine`` rebuilds them,
+   ``check_share`` names any bad share, and ``remove_masks`` leaves the sum of encoded updates.
+
+What the server learns: the sum over survivors (hence their weighted mean, ``decode_fixed``), who
+survived, the graph, the public keys and the sizes of sealed shares. It learns no single update
+while the honest survivors stay connected in the graph, fewer than ``threshold`` holders of any
+edge's secrets collude with it, and no honest edge reveals both ``b_u`` and ``s_u`` shares of one u.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+DOMAIN = b"fedocr/secagg/v1"  # prefixes every hash, KDF info and aad, so no two uses collide
+KEY_BYTES = 32  # X25519 keys, agreed keys, mask seeds and Shamir secrets
+NONCE_BYTES = 12  # ChaCha20-Poly1305
+TAG_BYTES = 16
+FIELD_PRIME = 2**521 - 1  # a Mersenne prime: well above 2^256, so a 32-byte secret is one element
+SHARE_BYTES = (FIELD_PRIME.bit_length() + 7) // 8  # 66, big-endian
+WRAP = 2**31  # an int32 sum must stay below this in magnitude
+
+
+class SecAggError(ValueError):
+    """Base of every secure-aggregation error: bad input, bad key, bad share, bad ciphertext."""
+
+
+class BadKey(SecAggError):
+    """A public key, seed or symmetric key of the wrong length, or a low-order X25519 point."""
+
+
+class BadCiphertext(SecAggError):
+    """A sealed share that fails authentication: tampered, wrong key, or another round/sender/recipient."""
+
+
+class NotEnoughShares(SecAggError):
+    """Fewer shares than the threshold: the secret cannot be rebuilt."""
+
+
+class BadShare(SecAggError):
+    """A malformed share, shares that rebuild no 32-byte secret, or a share that fails its commitment.
+
+    ``dealer``, ``holder`` and ``round_id`` are set when the culprit is known (``check_share``).
+    """
+
+    def __init__(
+        self, message: str, dealer: str | None = None, holder: str | None = None, round_id: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.dealer, self.holder, self.round_id = dealer, holder, round_id
+
+
+class RandomSource(Protocol):
+    def randrange(self, stop: int) -> int: ...
+
+
+def _frame(*parts: bytes) -> bytes:
+    """Length-prefix each part, so that ("ab", "c") and ("a", "bc") never encode alike."""
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _round(round_id: int) -> bytes:
+    if not isinstance(round_id, int) or not 0 <= round_id < 2**64:
+        raise SecAggError(f"round id must be an integer in [0, 2**64), got {round_id!r}")
+    return round_id.to_bytes(8, "big")
+
+
+def _key_bytes(value: bytes, what: str) -> bytes:
+    value = bytes(value)
+    if len(value) != KEY_BYTES:
+        raise BadKey(f"{what} must be {KEY_BYTES} bytes, got {len(value)}")
+    return value
+
+
+# --- key agreement -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair; ``public`` is the 32 raw bytes that are advertised."""
+
+    private: X25519PrivateKey
+    public: bytes
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> KeyPair:
+        """Rebuild a pair from its 32 raw private bytes (e.g. as reconstructed by ``combine``)."""
+        private = X25519PrivateKey.from_private_bytes(_key_bytes(raw, "X25519 private key"))
+        return cls(private, private.public_key().public_bytes_raw())
+
+    def private_bytes(self) -> bytes:
+        """The 32 raw private bytes, the secret that ``split`` shares."""
+        return self.private.private_bytes_raw()
+
+
+def generate_keypair() -> KeyPair:
+    """A fresh X25519 key pair from the operating system's randomness."""
+    private = X25519PrivateKey.generate()
+    return KeyPair(private, private.public_key().public_bytes_raw())
+
+
+def pair_info(purpose: str, round_id: int, a: str, b: str) -> bytes:
+    """HKDF info binding a purpose ("mask", "seal"), the round and the two edge ids, ordered."""
+    if a == b:
+        raise SecAggError(f"an edge is not paired with itself: {a!r}")
+    lo, hi = sorted((a, b))
+    return _frame(DOMAIN, purpose.encode(), _round(round_id), lo.encode(), hi.encode())
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """A 32-byte key shared with the holder of ``peer_public``: X25519, then HKDF-SHA256 over ``info``.
+
+    Raises BadKey for a peer key that is not 32 bytes or is a low-order point (the shared secret
+    would be all zero and known to anyone).
+    """
+    peer = X25519PublicKey.from_public_bytes(_key_bytes(peer_public, "peer public key"))
+    try:
+        shared = private.exchange(peer)
+    except ValueError as exc:  # OpenSSL refuses an all-zero result
+        raise BadKey("peer public key is a low-order point: the shared secret would be all zero") from exc
+    if hmac.compare_digest(shared, bytes(KEY_BYTES)):
+        raise BadKey("peer public key is a low-order point: the shared secret is all zero")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=bytes(info)).derive(shared)
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+
+def expand_mask(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uint32 values, little-endian, of the ChaCha20 keystream of a 32-byte seed.
+
+    The nonce is fixed (all zero): every seed is derived for one round and used once.
+    """
+    seed = _key_bytes(seed, "mask seed")
+    if not isinstance(length, int) or length < 0:
+        raise SecAggError(f"mask length must be a non-negative integer, got {length!r}")
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
+
+
+def pairwise_mask(seed: bytes, me: str, peer: str, length: int) -> np.ndarray:
+    """+expand(s_uv) if ``me < peer`` (string order) else −expand(s_uv), mod 2^32: a pair's sum is 0."""
+    if me == peer:
+        raise SecAggError(f"an edge is not paired with itself: {me!r}")
+    mask = expand_mask(seed, length)
+    return mask if me < peer else np.negative(mask)  # two's complement negation of uint32
+
+
+def _flat_u32(values: np.ndarray, what: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != np.uint32 or values.ndim != 1:
+        raise SecAggError(f"{what} must be a 1-D uint32 array, got {values.dtype} of shape {values.shape}")
+    return values
+
+
+def mask_upload(
+    encoded: np.ndarray, me: str, self_seed: bytes, pair_seeds: Mapping[str, bytes]
+) -> np.ndarray:
+    """What edge ``me`` uploads: encoded + expand(b_u) + Σ pairwise masks with each neighbour, mod 2^32.
+
+    ``encoded``: uint32, shape (n,). ``pair_seeds`` maps each neighbour's id to s_uv.
+    """
+    masked = _flat_u32(encoded, "encoded update").copy()
+    masked += expand_mask(self_seed, masked.size)  # uint32 arithmetic wraps: mod 2^32
+    for peer, seed in pair_seeds.items():
+        masked += pairwise_mask(seed, me, peer, masked.size)
+    return masked
+
+
+def remove_masks(
+    total: np.ndarray, self_seeds: Iterable[bytes], dangling: Iterable[tuple[str, str, bytes]]
+) -> np.ndarray:
+    """The sum of survivors' encoded updates, from the sum of their uploads (all uint32, shape (n,)).
+
+    ``self_seeds``: the rebuilt b_u of every survivor. ``dangling``: (survivor, dropped, s_uv) for
+    every graph edge between a survivor and an edge that did not upload; its mask did not cancel.
+    """
+    result = _flat_u32(total, "sum of uploads").copy()
+    for seed in self_seeds:
+        result -= expand_mask(seed, result.size)
+    for survivor, dropped, seed in dangling:
+        result -= pairwise_mask(seed, survivor, dropped, result.size)
+    return result
+
+
+# --- fixed-point encoding ------------------------------------------------------------------------
+
+
+def check_headroom(max_weight_sum: float, clip: float, frac_bits: int) -> None:
+    """Raise SecAggError if a sum of encoded uploads could wrap around the int32 range.
+
+    Each upload encodes |w·x·2^f| ≤ w·clip·2^f, plus at most ½ of rounding; weights are sample
+    counts (≥ 1), so at most W uploads are summed and |sum| ≤ W·(clip·2^f + ½), which must stay
+    below 2^31.
+    """
+    if not math.isfinite(max_weight_sum) or max_weight_sum <= 0:
+        raise SecAggError(f"max weight sum must be positive and finite, got {max_weight_sum!r}")
+    if not math.isfinite(clip) or clip <= 0:
+        raise SecAggError(f"clip must be positive and finite, got {clip!r}")
+    if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 31:
+        raise SecAggError(f"frac_bits must be an integer in [0, 31], got {frac_bits!r}")
+    per_weight = clip * 2.0**frac_bits + 0.5
+    if max_weight_sum * per_weight >= WRAP:
+        raise SecAggError(
+            f"sums could reach {max_weight_sum * per_weight:.6g} >= 2**31 and wrap: with clip={clip} and "
+            f"frac_bits={frac_bits} the weight sum must stay below {WRAP / per_weight:.6g}"
+        )
+
+
+def encode_fixed(values: np.ndarray, weight: float, clip: float, frac_bits: int) -> np.ndarray:
+    """round(clip(x, ±clip)·weight·2^f) in two's complement mod 2^32.
+
+    ``values``: float32, shape (n,); ``weight``: the edge's sample count (≥ 1). Returns uint32 (n,).
+    """
+    if not math.isfinite(weight) or weight < 1:
+        raise SecAggError(f"weight is a sample count and must be at least 1, got {weight!r}")
+    check_headroom(weight, clip, frac_bits)
+    x = np.asarray(values)
+    if x.ndim != 1 or x.dtype.kind != "f":
+        raise SecAggError(f"values must be a 1-D float array, got {x.dtype} of shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise SecAggError("values must be finite")
+    # float64 throughout: clip stays exactly as given, and x·w·2^f is exact for a float32 x and an
+    # integer weight below 2^29 (24 + 29 significant bits fit in 53).
+    scaled = np.clip(x.astype(np.float64), -clip, clip) * float(weight) * 2.0**frac_bits
+    return np.rint(scaled).astype(np.int64).astype(np.uint32)  # int64 -> uint32 keeps the low 32 bits
+
+
+def decode_fixed(total: np.ndarray, total_weight: float, frac_bits: int) -> np.ndarray:
+    """The weighted mean Σ w·x / W from the sum of encoded updates: signed int32 / (2^f·W).
+
+    ``total``: uint32 (n,); returns float32 (n,). Precision: each upload is w·x·2^f + e with
+    |e| ≤ ½ (round to nearest; the product is exact, see ``encode_fixed``), and without wrap
+    (``check_headroom``) the int32 sum is exact, so the result differs from the weighted mean of the
+    clipped values by Σe/(2^f·W): at most n·½/(2^f·W) for n uploads (≤ 2^-(f+1), as W ≥ n), plus
+    at most 2^-23·|mean| for the division and the float32 rounding.
+    """
+    total = _flat_u32(total, "sum of encoded updates")
+    if not math.isfinite(total_weight) or total_weight <= 0:
+        raise SecAggError(f"total weight must be positive and finite, got {total_weight!r}")
+    signed = total.view(np.int32).astype(np.float64)
+    return (signed / (2.0**frac_bits * float(total_weight))).astype(np.float32)
+
+
+# --- Shamir secret sharing over GF(2^521 - 1) ----------------------------------------------------
+
+
+def _check_x(x: object) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or not 0 < x < FIELD_PRIME:
+        raise BadShare(f"share x coordinate must be an integer in [1, 2**521 - 1), got {x!r}")
+    return x
+
+
+def split(
+    secret: bytes, threshold: int, holders: Sequence[int], rng: RandomSource | None = None
+) -> dict[int, bytes]:
+    """Shamir shares of a 32-byte secret: any ``threshold`` of them rebuild it, fewer reveal nothing.
+
+    ``holders`` are the holders' distinct positive indices (the x coordinates). Each share is the
+    polynomial's value at x, ``SHARE_BYTES`` big-endian. ``rng`` defaults to ``secrets``; pass a
+    seeded ``random.Random`` only in tests.
+    """
+    value = int.from_bytes(_key_bytes(secret, "secret"), "big")
+    xs = [_check_x(x) for x in holders]
+    if len(set(xs)) != len(xs):
+        raise SecAggError(f"holder indices must be distinct, got {list(holders)}")
+    if not isinstance(threshold, int) or not 1 <= threshold <= len(xs):
+        raise SecAggError(f"threshold must be in [1, {len(xs)}] for {len(xs)} holders, got {threshold!r}")
+    rng = rng if rng is not None else secrets.SystemRandom()
+    coefficients = [value] + [rng.randrange(FIELD_PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % FIELD_PRIME
+        shares[x] = y.to_bytes(SHARE_BYTES, "big")
+    return shares
+
+
+def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
+    """The 32-byte secret from at least ``threshold`` shares (Lagrange interpolation at 0).
+
+    Uses the ``threshold`` shares of smallest x; check shares against their commitments first, since
+    a wrong share gives a wrong secret (usually refused here as not 32 bytes, but not always).
+    """
+    if not isinstance(threshold, int) or threshold < 1:
+        raise SecAggError(f"threshold must be a positive integer, got {threshold!r}")
+    if len(shares) < threshold:
+        raise NotEnoughShares(f"{len(shares)} shares given, {threshold} needed")
+    points = []
+    for x, share in shares.items():
+        x = _check_x(x)
+        if len(share) != SHARE_BYTES:
+            raise BadShare(f"share at x={x} is {len(share)} bytes, expected {SHARE_BYTES}")
+        y = int.from_bytes(share, "big")
+        if y >= FIELD_PRIME:
+            raise BadShare(f"share at x={x} is not a field element (>= 2**521 - 1)")
+        points.append((x, y))
+    points = sorted(points)[:threshold]
+    value = 0
+    for j, (xj, yj) in enumerate(points):
+        num, den = 1, 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                num = num * xm % FIELD_PRIME
+                den = den * (xm - xj) % FIELD_PRIME
+        value = (value + yj * num * pow(den, -1, FIELD_PRIME)) % FIELD_PRIME
+    if value >= 2 ** (8 * KEY_BYTES):
+        raise BadShare(
+            f"shares rebuild a {value.bit_length()}-bit value, not a 32-byte secret: "
+            "a share is wrong or belongs to another secret"
+        )
+    return value.to_bytes(KEY_BYTES, "big")
+
+
+# --- share commitments and sealing ---------------------------------------------------------------
+
+
+def commit_share(dealer: str, holder: str, round_id: int, share: bytes) -> bytes:
+    """SHA-256 commitment to the share ``dealer`` gave ``holder`` in ``round_id``.
+
+    A share (threshold ≥ 2) is a uniform 521-bit value, so its hash hides it without a salt.
+    """
+    framed = _frame(DOMAIN, b"share-commitment", dealer.encode(), holder.encode(), _round(round_id), share)
+    return hashlib.sha256(framed).digest()
+
+
+def check_share(dealer: str, holder: str, round_id: int, share: bytes, commitment: bytes) -> None:
+    """Raise BadShare, naming dealer, holder and round, if a revealed share fails its commitment."""
+    if not hmac.compare_digest(commit_share(dealer, holder, round_id, share), bytes(commitment)):
+        raise BadShare(
+            f"share from {dealer} held by {holder} does not match its commitment for round {round_id}",
+            dealer=dealer,
+            holder=holder,
+            round_id=round_id,
+        )
+
+
+def share_aad(round_id: int, sender: str, recipient: str) -> bytes:
+    """Associated data of a sealed share: the round, the sender and the recipient, in that order."""
+    return _frame(DOMAIN, b"share-aad", _round(round_id), sender.encode(), recipient.encode())
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """ChaCha20-Poly1305 under a 32-byte key; a random 12-byte nonce is prepended."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(_key_bytes(key, "sealing key")).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """The plaintext of ``seal``; BadCiphertext if it was altered or the key or aad differ."""
+    aead = ChaCha20Poly1305(_key_bytes(key, "sealing key"))
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise BadCiphertext(f"sealed share is {len(ciphertext)} bytes, shorter than nonce and tag")
+    try:
+        return aead.decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
+    except InvalidTag as exc:
+        raise BadCiphertext(
+            "sealed share failed authentication: tampered, or another key, round, sender or recipient"
+        ) from exc
+
+
+# --- the SecAgg+ neighbour graph -----------------------------------------------------------------
+
+
+def neighbours(edge_ids: Sequence[str], k: int, round_seed: bytes) -> dict[str, frozenset[str]]:
+    """A Harary graph: edges shuffled by HMAC-SHA256(round_seed, id), on a ring, k/2 each side.
+
+    Every edge gets exactly k neighbours for an even 2 ≤ k < n − 1; k ≥ n − 1 gives the complete
+    graph. Symmetric by construction. ``round_seed``: at least 16 bytes, fresh each round.
+    """
+    ids = list(edge_ids)
+    if len(set(ids)) != len(ids) or not all(isinstance(u, str) and u for u in ids):
+        raise SecAggError("edge ids must be distinct non-empty strings")
+    if len(round_seed) < 16:
+        raise SecAggError(f"round seed must be at least 16 bytes, got {len(round_seed)}")
+    n = len(ids)
+    if k >= n - 1:
+        everyone = frozenset(ids)
+        return {u: everyone - {u} for u in ids}
+    if k < 2 or k % 2:
+        raise SecAggError(f"k must be even and at least 2 (or >= n - 1 = {n - 1}), got {k}")
+    ring = sorted(ids, key=lambda u: hmac.new(round_seed, u.encode(), hashlib.sha256).digest())
+    half = k // 2
+    return {u: frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d) for i, u in enumerate(ring)}
+
+
+def neighbour_count(n: int, dropout: float = 0.1, security_bits: int = 40) -> int:
+    """The k this module recommends for n edges: the least even k with C(n,2)·dropout^k ≤ 2^-σ.
+
+    Why: on the shuffled ring, surviving edges split into two components only if two separate
+    runs of k/2 consecutive edges all drop. With independent dropouts that has probability at most
+    C(n,2)·dropout^k (a union bound over the two runs' starts), so k = ⌈(σ + log2 C(n,2)) /
+    log2(1/dropout)⌉ keeps the survivors connected except with probability 2^-σ; it is O(log n),
+    as Bell et al. (2020) show suffices. Edges that may collude with the server count as dropped:
+    add their fraction to ``dropout``. At least 2 and even; capped at n − 1, the complete graph.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise SecAggError(f"n must be a positive integer, got {n!r}")
+    if not 0 <= dropout < 1:
+        raise SecAggError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(security_bits, int) or security_bits < 1:
+        raise SecAggError(f"security_bits must be a positive integer, got {security_bits!r}")
+    if n <= 3:
+        return n - 1
+    k = 2
+    if dropout > 0:
+        k = max(k, math.ceil((security_bits + math.log2(n * (n - 1) / 2)) / -math.log2(dropout)))
+    return min(k + k % 2, n - 1)
