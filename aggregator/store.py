@@ -33,10 +33,14 @@ KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
 KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
 KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
 KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
+# Secure aggregation: uint32 little-endian sum mod 2^32 of the round's masked uploads; absent = zeros.
+# Never a single edge's unmasked vector: masks cancel only in the sum, and only after unmasking.
+KEY_MASKED_SUM = b"round/masked_sum"
 HISTORY_PREFIX = b"history/"
 LOCK_FILE = "aggregator.lock"
 STATE_DTYPE = np.dtype("<f4")
 SUM_DTYPE = np.dtype("<f8")
+MASKED_DTYPE = np.dtype("<u4")
 DEFAULT_MAP_SIZE = 1 << 38  # address space only; the file grows with what is written
 # LMDB's reader table (lock.mdb) is written through a shared mapping of a file it only truncates
 # to size: on a full disk the first store to an unallocated page is a SIGBUS, not an error.
@@ -127,6 +131,7 @@ class Snapshot:
     round: RoundRecord | None
     total: np.ndarray | None
     history: list[RoundRecord]
+    masked: np.ndarray | None = None
 
 
 class Store:
@@ -207,6 +212,7 @@ class Store:
                 round=RoundRecord.from_json(bytes(rnd)) if rnd is not None else None,
                 total=total,
                 history=history,
+                masked=_array(txn.get(KEY_MASKED_SUM), MASKED_DTYPE),
             )
 
     def init_model(self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord) -> None:
@@ -217,6 +223,7 @@ class Store:
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.put(KEY_ROUND, first.to_json())
             txn.delete(KEY_ROUND_SUM)
+            txn.delete(KEY_MASKED_SUM)
 
     def save_round(self, record: RoundRecord) -> None:
         """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
@@ -228,21 +235,27 @@ class Store:
         with self._write() as txn:
             txn.put(history_key(record.round_id), record.to_json())
 
-    def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
+    def commit_upload(self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None) -> None:
         """Persist the running sum, its weight (in the record) and the committed edges together."""
-        self.prepare_upload(record, total)()
+        self.prepare_upload(record, total, masked)()
 
-    def prepare_upload(self, record: RoundRecord, total: np.ndarray) -> Callable[[], None]:
+    def prepare_upload(
+        self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None
+    ) -> Callable[[], None]:
         """Copy the sum and record into an open write transaction; return its commit (the fsync).
 
         Group commit: the copy happens under the caller's lock, the returned commit without it.
+        ``masked``: the secure round's uint32 sum of masked uploads, written with the record.
         """
         try:
             txn = self._env.begin(write=True)
         except lmdb.Error as exc:
             raise self._unwritable("cannot write", exc) from exc
         try:
-            txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+            if masked is not None:
+                txn.put(KEY_MASKED_SUM, _bytes(masked, MASKED_DTYPE))
+            else:
+                txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
             txn.put(KEY_ROUND, record.to_json())
         except BaseException as exc:
             txn.abort()
@@ -271,6 +284,7 @@ class Store:
                 txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.delete(KEY_ROUND_SUM)
+            txn.delete(KEY_MASKED_SUM)
             if following is not None:
                 txn.put(KEY_ROUND, following.to_json())
             else:
