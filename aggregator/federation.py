@@ -329,6 +329,10 @@ class Federation(SecureRounds):
         stream.on_done = lambda moved: self._account_download(edge_id, moved)
         return stream
 
+    def account(self, edge_id: str, moved: Bytes) -> None:
+        """Count bytes sent to an edge outside a download (secure-aggregation replies)."""
+        self._account_download(edge_id, moved)
+
     def _account_download(self, edge_id: str, moved: Bytes) -> None:
         with self._cond:
             record = self._round or (self._history[-1] if self._history else None)
