@@ -103,6 +103,7 @@ class Federation(SecureRounds):
         self._history = snap.history
         self._total = snap.total
         self._masked = snap.masked
+        self._masked_changed = False  # since the last durable write
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
@@ -151,8 +152,9 @@ class Federation(SecureRounds):
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
-        secure = self._round is not None and self._round.secure is not None
-        return self._store.prepare_upload(self._round, self._total, self._masked if secure else None)
+        # A secure round's sum is written only when an upload changed it (not on key or share writes).
+        masked, self._masked_changed = (self._masked if self._masked_changed else None), False
+        return self._store.prepare_upload(self._round, self._total, masked)
 
     def _maybe_close(self) -> None:
         """After a durable write: close the round at once if the quorum is in (secure: next phase)."""
@@ -195,6 +197,8 @@ class Federation(SecureRounds):
         """Persist a round's end; on failure go back to what the disk holds."""
         try:
             self._store.finish_round(r, state, version, following)
+            if r.secure is not None:
+                r.secure.drop_blobs()  # kept on disk only until now; the history holds the core
         except Exception as exc:
             self._load()
             # uploads applied to the sum in memory but not yet written are gone with it

@@ -164,8 +164,13 @@ class RoundRecord:
     # -- serialisation ---------------------------------------------------------------------
 
     def to_json(self) -> bytes:
-        """Serialise to UTF-8 JSON."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """Serialise to UTF-8 JSON (a secure record without its blobs: SecureRecord.core)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc["plan"] = dataclasses.asdict(self.plan)
+        # vars, not asdict: this runs on every durable write, and asdict deep-copies each edge
+        doc["edges"] = {k: {**vars(e), "bytes": vars(e.bytes)} for k, e in self.edges.items()}
+        doc["secure"] = self.secure.core() if self.secure is not None else None
+        return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> RoundRecord:

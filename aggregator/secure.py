@@ -8,8 +8,9 @@ as durable as the round. Phases: ADVERTISE (keys) -> SHARE (roster fixed; edges 
 
 from __future__ import annotations
 
+import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,10 @@ class SecureRecord:
     Binary values are hex strings (JSON). ``sealed[holder][dealer]`` is the ciphertext a dealer
     left for a holder; ``commitments[dealer][holder]`` the two commitments (b_u, s_u) to its shares;
     ``revealed[kind][dealer][holder]`` a revealed share that matched its commitment.
+
+    Those three are O(n·k) and written once per edge, so they stay out of the round record's JSON
+    (``core``): each dealing and each reveal is one blob (``take_blobs``) that the store writes in
+    the same transaction as the record, and ``add_blob`` reads back.
     """
 
     round_id: int
@@ -63,11 +68,11 @@ class SecureRecord:
     neighbours: int = 0
     keys: dict[str, list[str]] = field(default_factory=dict)  # edge -> [cipher public, mask public]
     roster: list[str] = field(default_factory=list)  # sorted; Shamir x of an edge = position + 1
-    commitments: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    sealed: dict[str, dict[str, str]] = field(default_factory=dict)
+    commitments: dict[str, dict[str, list[str]]] = field(default_factory=dict, metadata={"blob": True})
+    sealed: dict[str, dict[str, str]] = field(default_factory=dict, metadata={"blob": True})
     survivors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    revealed: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    revealed: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict, metadata={"blob": True})
     revealers: list[str] = field(default_factory=list)
 
     @classmethod
@@ -79,8 +84,39 @@ class SecureRecord:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SecureRecord:
-        """Inverse of dataclasses.asdict."""
+        """Inverse of ``core`` (the blobs are added with ``add_blob``)."""
         return cls(**doc)
+
+    def core(self) -> dict[str, Any]:
+        """The JSON-ready fields, without the per-edge blobs (no copies: serialise it at once)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("blob")}
+
+    def take_blobs(self) -> list[tuple[str, bytes]]:
+        """(name, JSON) of the dealings and reveals recorded since the last call."""
+        pending = self.__dict__.pop("_blobs", [])
+        return [(name, json.dumps(doc).encode()) for name, doc in pending]
+
+    def _blob(self, name: str, doc: Any) -> None:
+        self.__dict__.setdefault("_blobs", []).append((name, doc))
+
+    def drop_blobs(self) -> None:
+        """Forget the per-edge blobs (a finished round's record keeps its core only)."""
+        self.commitments, self.sealed, self.revealed = {}, {}, {}
+        self.__dict__.pop("_blobs", None)
+
+    def add_blob(self, name: str, data: bytes) -> None:
+        """Read back one blob of ``take_blobs`` ("dealt/<dealer>" or "revealed/<holder>")."""
+        kind, _, edge_id = name.partition("/")
+        doc = json.loads(data)
+        if kind == "dealt":
+            for holder, ct in doc["sealed"].items():
+                self.sealed.setdefault(holder, {})[edge_id] = ct
+            self.commitments[edge_id] = doc["commitments"]
+        elif kind == "revealed":
+            for secret, dealer, share in doc:
+                self.revealed.setdefault(secret, {}).setdefault(dealer, {})[edge_id] = share
+        else:
+            raise ValueError(f"unknown secure-aggregation blob {name!r}")
 
     # -- the graph -------------------------------------------------------------------------
 
@@ -197,6 +233,7 @@ class SecureRecord:
         for holder, ct in doc.items():
             self.sealed.setdefault(holder, {})[dealer] = ct
         self.commitments[dealer] = commits
+        self._blob(f"dealt/{dealer}", {"sealed": doc, "commitments": commits})
 
     def all_dealt(self) -> bool:
         """True when every roster edge dealt its shares."""
@@ -276,6 +313,7 @@ class SecureRecord:
         for kind, dealer, share in checked:
             self.revealed.setdefault(kind, {}).setdefault(dealer, {})[holder] = share
         self.revealers.append(holder)
+        self._blob(f"revealed/{holder}", checked)
 
     def missing(self) -> list[str]:
         """The secrets that still lack ``threshold`` shares, described for a person."""

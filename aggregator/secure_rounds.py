@@ -37,28 +37,30 @@ class SecureView:
     message: str = ""
 
 
-def view_of(r: RoundRecord, edge_id: str) -> SecureView:
-    """The caller's view of a round's secure record (phase DONE once the round ended)."""
+def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureView:
+    """The caller's view of a round's secure record (phase DONE once the round ended).
+
+    Each wait gets what the next step needs, once (the roster alone is O(n) bytes): waiting
+    ``after`` ADVERTISE, the roster; after SHARE, the dealers and the shares sealed for the
+    caller; after UPLOAD, survivors and dropped. Without ``after`` (a reply to a request that
+    changed the round), the phase only.
+    """
     sec = r.secure
     if r.state != OPEN:
         return SecureView(r.round_id, DONE, message=f"round {r.round_id} is {r.state.lower()}: {r.message}")
-    roster = []
-    if sec.phase != ADVERTISE:
-        roster = [
+    view = SecureView(r.round_id, sec.phase, sec.threshold, sec.neighbours)
+    if after == ADVERTISE and sec.phase != ADVERTISE:
+        view.roster.extend(
             (e, sec.index(e), bytes.fromhex(sec.keys[e][0]), bytes.fromhex(sec.keys[e][1]))
             for e in sec.roster
-        ]
-    return SecureView(
-        r.round_id,
-        sec.phase,
-        sec.threshold,
-        sec.neighbours,
-        roster,
-        sec.dealers if sec.phase not in (ADVERTISE, SHARE) else [],
-        sec.sealed_for(edge_id),
-        list(sec.survivors),
-        list(sec.dropped),
-    )
+        )
+    if after == SHARE and sec.phase not in (ADVERTISE, SHARE):
+        view.dealers.extend(sec.dealers)
+        view.sealed.extend(sec.sealed_for(edge_id))
+    if after == UPLOAD:
+        view.survivors.extend(sec.survivors)
+        view.dropped.extend(sec.dropped)
+    return view
 
 
 class SecureRounds:
@@ -113,7 +115,7 @@ class SecureRounds:
             ):
                 self._cond.wait(min(until - self._clock(), 1.0))
                 r = self._secure_round(round_id, ended_ok=True)
-            return view_of(r, edge_id)
+            return view_of(r, edge_id, after)
 
     def _secure_round(self, round_id: int, ended_ok: bool = False) -> RoundRecord:
         """The current secure round if it is ``round_id``; raise a named error otherwise."""
@@ -155,6 +157,7 @@ class SecureRounds:
         for values in arrays:
             self._masked[offset : offset + values.size] += values  # uint32: wraps mod 2^32
             offset += values.size
+        self._masked_changed = True
 
     def _unmasked_mean(self, r: RoundRecord) -> np.ndarray:
         """The survivors' weighted mean increment, float32 (n,), from the masked sum."""

@@ -73,7 +73,7 @@ def run(
     client.share(round_id, sealed, commitments)
     step("shared")
 
-    status = _wait(client, round_id, pb.SECURE_PHASE_SHARE, patience_s)
+    status = _wait(client, round_id, pb.SECURE_PHASE_SHARE, patience_s)  # no roster: kept from above
     if me not in status.dealers:
         raise RoundLeft(f"round {round_id}: the dealers were fixed without this edge")
     cipher_keys = {e: c for e, _, c, _ in roster}

@@ -76,16 +76,21 @@ def secure_record() -> RoundRecord:
     for e, (c, s) in keys.items():
         sec.advertise(e, c.public, s.public, set())
     assert sec.fix_roster(11.0, 5.0) == "" and sec.phase == SHARE
-    sec.commitments["a"] = {"a": ["00" * 32, "11" * 32]}
     sec.sealed["b"] = {"a": "ab" * 160}
+    sec.commitments["a"] = {"a": ["00" * 32, "11" * 32]}
+    sec._blob("dealt/a", {"sealed": {"b": "ab" * 160}, "commitments": sec.commitments["a"]})
+    sec._blob("revealed/b", [["self_seed", "a", "cd" * 66]])
+    sec.revealed["self_seed"] = {"a": {"b": "cd" * 66}}
     return r
 
 
-def test_the_secure_record_survives_json() -> None:
+def test_the_secure_record_survives_json_without_its_blobs() -> None:
     r = secure_record()
     back = RoundRecord.from_json(r.to_json())
-    assert isinstance(back.secure, SecureRecord) and back == r
+    assert isinstance(back.secure, SecureRecord)
+    assert back.secure.core() == r.secure.core() and not back.secure.commitments
     assert back.secure.graph() == r.secure.graph() and back.secure.index("c") == 3
+    assert b"abab" not in r.to_json()  # sealed shares are blobs, never in the record
 
 
 def test_the_secure_record_and_masked_sum_survive_the_store(tmp_path: Path) -> None:
@@ -99,7 +104,11 @@ def test_the_secure_record_and_masked_sum_survive_the_store(tmp_path: Path) -> N
     store = Store(tmp_path / "state")
     snap = store.load()
     assert snap.round == r and snap.masked.dtype == np.uint32 and snap.masked.tolist() == masked.tolist()
+    assert snap.round.secure.revealed == r.secure.revealed and snap.round.secure.sealed == r.secure.sealed
     assert snap.total is None  # a secure round keeps no float sum
     store.finish_round(r, np.ones(4, np.float32), 3, None)
-    assert store.load().masked is None
+    after = store.load()
+    assert after.masked is None and after.history[0].secure.core() == r.secure.core()
+    with store._env.begin() as txn:
+        assert not [k for k, _ in txn.cursor() if k.startswith(b"secure/")]
     store.close()

@@ -77,6 +77,7 @@ class Sim:
             s = self.sessions[e]
             view = self.fed.secure_round(e, s.round_id, "ADVERTISE", 0)
             sealed, commits = s.deal(view.roster, view.neighbours, view.threshold)
+            self.cipher_keys = {x: c for x, _, c, _ in view.roster}
             self.fed.share(e, s.round_id, sealed, commits, Bytes())
         self.tick()
 
@@ -85,7 +86,7 @@ class Sim:
             s = self.sessions[e]
             view = self.fed.secure_round(e, s.round_id, "SHARE", 0)
             assert view.phase == UPLOAD
-            s.receive(view.dealers, view.sealed, {x: c for x, _, c, _ in view.roster})
+            s.receive(view.dealers, view.sealed, self.cipher_keys)
             masked = s.masked(self.increments[e], self.samples[e])
             self.fed.upload(e, iter(masked_stream(s.round_id, masked, self.samples[e])))
             self.check_no_unmasked_vector()

@@ -158,6 +158,11 @@ class LightEdge:
         except secure_round.RoundLeft as exc:
             self.events.write(kind="left", round_id=round_id, details=str(exc))
             return
+        except grpc.RpcError as exc:  # the round moved on (a phase or the round ended meanwhile)
+            if retry.status_code(exc) not in ROUND_GONE:
+                raise
+            self.events.write(kind="refused", round_id=round_id, code=retry.status_code(exc).name)
+            return
         finally:
             client.close()
         moved = result.upload.moved

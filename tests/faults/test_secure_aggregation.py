@@ -145,6 +145,44 @@ def test_an_edge_killed_before_its_upload_has_its_masks_removed(
     assert closed.message.startswith("aggregated 3")
 
 
+def test_more_than_n_minus_t_killed_fails_the_round_and_leaves_the_state(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    victims = [procs.edge(fault_pki, agg.port, n, out, "--stall-after-step", "uploaded") for n in names[2:]]
+    for n in names[:2]:
+        procs.edge(fault_pki, agg.port, n, out)
+    events, stalled = Events(out, names[2:]), set()
+
+    def both_stalled() -> bool:
+        stalled.update(e["edge"] for e in events.poll() if e["kind"] == "stalled")
+        return len(stalled) == 2
+
+    wait_until(both_stalled, 90, "edge-2 and edge-3 to upload and stall")
+    for victim in victims:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+    ops = observer(fault_pki, agg.port)
+    failed = wait_until(
+        lambda: (r := ops.get_round(1)).state != pb.ROUND_STATE_OPEN and r, 60, "round 1 to end"
+    )
+    assert failed.state == pb.ROUND_STATE_FAILED
+    assert "too many edges dropped" in failed.message and "threshold is 3" in failed.message
+    assert "global state is unchanged" in failed.message
+    assert {e.edge_id for e in failed.edges if e.uploaded} == set(names)  # 2 > n - t = 1 silent after
+    current = ops.get_round()
+    ops.close()
+    assert current.round_id == 2 and current.round_index == 0 and current.state_version == 1
+    version, state = final_state(fault_pki, agg.port)
+    assert version == 1 and not state.any()
+    assert "Traceback" not in agg.logs()
+
+
 def light_edge_lines(out: Path, name: str) -> dict:
     """The one receipt line of an edge."""
     (line,) = [json.loads(t) for t in (out / f"{name}.receipts.jsonl").read_text().splitlines()]
