@@ -133,7 +133,7 @@ def round_status(r: RoundRecord) -> pb.RoundStatus:
         bytes=byte_count(r.bytes()),
         state_version=r.state_version,
         plan=plan_message(r.plan, r.secure),
-        message=r.message,
+        message=r.message or secure_note(r),
         duration_seconds=(end - r.opened_at) if end is not None else 0.0,
     )
     for e in sorted(r.edges.values(), key=lambda e: e.edge_id):
@@ -146,6 +146,20 @@ def round_status(r: RoundRecord) -> pb.RoundStatus:
             uploaded_at=timestamp(e.uploaded_at),
         )
     return status
+
+
+def secure_note(r: RoundRecord) -> str:
+    """What an open secure round is waiting for, for operators ("" for a plain round)."""
+    sec = r.secure
+    if sec is None or r.state != "OPEN":
+        return ""
+    waiting = {
+        "ADVERTISE": f"{len(sec.keys)} edge(s) advertised keys",
+        "SHARE": f"{len(sec.commitments)} of {len(sec.roster)} roster edge(s) dealt shares",
+        "UPLOAD": f"{sum(r.has_uploaded(e) for e in sec.dealers)} of {len(sec.dealers)} dealer(s) uploaded",
+        "UNMASK": f"{len(sec.revealers)} of {len(sec.survivors)} survivor(s) revealed shares",
+    }
+    return f"secure aggregation, phase {sec.phase}: {waiting.get(sec.phase, '')}"
 
 
 def list_rounds(rounds: list[RoundRecord], version: int) -> pb.ListRoundsResponse:

@@ -113,7 +113,12 @@ class SecureRounds:
                 and not self._draining
                 and self._clock() < until
             ):
-                self._cond.wait(min(until - self._clock(), 1.0))
+                self._polling += 1  # like Join's long-polls, each holds an RPC thread
+                try:
+                    self._warn_if_polls_hold_pool(r.round_id)
+                    self._cond.wait(min(until - self._clock(), 1.0))
+                finally:
+                    self._polling -= 1
                 r = self._secure_round(round_id, ended_ok=True)
             return view_of(r, edge_id, after)
 
