@@ -38,15 +38,15 @@ from fedocr.v1 import federation_pb2 as pb  # noqa: E402
 SECURE = """[secure_aggregation]
 enabled = true
 max_weight_sum = 1000
-phase_s = 5
+phase_s = {phase_s}
 """
 FRAC_BITS = 18  # what max_weight_sum = 1000 and clip = 8 leave (AggregatorConfig.secagg_bits)
 
 
-def secure_aggregator(fault_pki, work: Path, edges: int, min_edges: int) -> Aggregator:
+def secure_aggregator(fault_pki, work: Path, edges: int, min_edges: int, phase_s: float = 5) -> Aggregator:
     agg = Aggregator(fault_pki, work, "--rounds", "1", "--quorum", str(edges), "--min-edges", str(min_edges))
     agg.flags += ("--deadline", "60", "--weighting", "samples")
-    agg.config.write_text(CONFIG + SECURE)
+    agg.config.write_text(CONFIG + SECURE.format(phase_s=phase_s))
     return agg
 
 
@@ -76,6 +76,7 @@ def check_closed_as_fedavg(fault_pki, agg: Aggregator, names: list[str]) -> pb.R
     ops = observer(fault_pki, agg.port)
     listed = ops.list_rounds()
     ops.close()
+    assert len(listed.rounds) == 1, [(r.state, r.message) for r in listed.rounds]
     (closed,) = listed.rounds
     assert closed.state == pb.ROUND_STATE_CLOSED, closed.message
     assert closed.plan.secure.enabled and closed.plan.encoding == pb.ENCODING_MASKED_INT
@@ -181,6 +182,27 @@ def test_more_than_n_minus_t_killed_fails_the_round_and_leaves_the_state(
     version, state = final_state(fault_pki, agg.port)
     assert version == 1 and not state.any()
     assert "Traceback" not in agg.logs()
+
+
+def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, procs: Processes) -> None:
+    """SIGKILL the aggregator once the first edge dealt its shares and again once one uploaded;
+    restarted on the same state, it finishes the round with every edge, equal to plain FedAvg.
+    (Phase deadlines run on through an outage: phase_s must outlast the restarts, else the round
+    fails cleanly and is retried.)"""
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=40)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in names]
+    events = Events(out, names)
+    for step in ("shared", "uploaded"):
+        wait_until(lambda s=step: any(e["kind"] == s for e in events.poll()), 90, f"an edge to have {step}")
+        agg.kill9()
+        agg.start()
+    wait_exit(edges, out, timeout=150)
+    check_closed_as_fedavg(fault_pki, agg, names)
 
 
 def light_edge_lines(out: Path, name: str) -> dict:
