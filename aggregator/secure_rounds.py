@@ -16,7 +16,7 @@ import numpy as np
 from aggregator.rounds import OPEN, Bytes, RoundRecord
 from aggregator.secure import ADVERTISE, DONE, PHASES, SHARE, UNMASK, UPLOAD, SecureRecord
 from fedocr import secagg
-from fedocr.errors import RoundClosed, TooLarge, UnknownRound, WrongMode
+from fedocr.errors import OverWeight, RoundClosed, UnknownRound, WrongMode
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class SecureRounds:
         """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32."""
         limit = self.config.secagg_max_weight_sum
         if r.weight + weight > limit:
-            raise TooLarge(
+            raise OverWeight(
                 f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
                 f"secure_aggregation.max_weight_sum {limit:g}: the masked sum could wrap"
             )

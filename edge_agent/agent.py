@@ -17,7 +17,7 @@ from edge_agent.client import FederationClient, Upload, UploadUnconfirmed
 from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
-from fedocr import encodings, retry
+from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -257,10 +257,12 @@ class EdgeAgent:
                 }
             )
             return
-        except (UploadUnconfirmed, secure_round.RoundLeft) as exc:
-            # An upload the server keeps reporting in progress: the round goes on without this edge.
+        except (UploadUnconfirmed, secure_round.RoundLeft, secagg.SecAggError) as exc:
+            # An upload the server keeps reporting in progress, a secure round that went on without
+            # this edge, or a roster, share or ciphertext it cannot accept: the round goes on without it.
             log.warning("%s: %s; waiting for the next round", where, exc)
-            self.journal.write({**record, "status": "unconfirmed", "error": str(exc)})
+            status = "unconfirmed" if isinstance(exc, UploadUnconfirmed) else "dropped"
+            self.journal.write({**record, "status": status, "error": str(exc)})
             return
         if feedback:
             self.residual.keep(sent, upload.decoded)

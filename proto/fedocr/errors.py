@@ -72,6 +72,10 @@ class WrongMode(FedOCRError):
     """A secure-aggregation request to a plain federation, or a plain upload to a secure one."""
 
 
+class OverWeight(FedOCRError):
+    """Secure aggregation: an upload that would take the round's weight past max_weight_sum."""
+
+
 class WrongPhase(FedOCRError):
     """A secure-aggregation request the round's current phase does not take."""
 
@@ -87,6 +91,7 @@ STATUS_TABLE: dict[str, str] = {
     "SecureRefused": "INVALID_ARGUMENT",
     "WrongMode": "FAILED_PRECONDITION",
     "WrongPhase": "FAILED_PRECONDITION",
+    "OverWeight": "FAILED_PRECONDITION",  # not RESOURCE_EXHAUSTED: a retry would fail the same
     "UnknownRound": "NOT_FOUND",
     "DuplicateUpload": "ALREADY_EXISTS",
     "TooLarge": "RESOURCE_EXHAUSTED",

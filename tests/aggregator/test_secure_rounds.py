@@ -352,3 +352,14 @@ def test_an_upload_before_its_phase_is_refused(sim) -> None:
     s.join_and_advertise(s.ids)
     with pytest.raises(errors.WrongPhase, match="not UPLOAD"):
         s.fed.upload("edge-0", iter(masked_stream(s.round.round_id, np.zeros(N, np.uint32), 10)))
+
+
+def test_an_upload_past_max_weight_sum_is_refused_so_the_sum_cannot_wrap(sim) -> None:
+    s = sim(3, secagg_max_weight_sum=6000.0)
+    s.samples = {"edge-0": 4000, "edge-1": 1500, "edge-2": 1000}
+    s.join_and_advertise(s.ids)
+    s.deal(s.ids)
+    s.upload(s.ids[:2])
+    with pytest.raises(errors.OverWeight, match="edge-2.*6500.*max_weight_sum 6000"):
+        s.upload(s.ids[2:])
+    assert s.round.weight == 5500.0
