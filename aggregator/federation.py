@@ -152,6 +152,8 @@ class Federation(SecureRounds):
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
+        if self._round is None or self._round.secure is None:
+            return self._store.prepare_upload(self._round, self._total)
         # A secure round's sum is written only when an upload changed it (not on key or share writes).
         masked, self._masked_changed = (self._masked if self._masked_changed else None), False
         return self._store.prepare_upload(self._round, self._total, masked)
