@@ -23,6 +23,7 @@ from experiments.runs import (
     RunError,
     finish_training,
     machine,
+    record_finished_training,
     result_path,
     run_federated,
     start_training,
@@ -112,6 +113,8 @@ def run_all(ctx: Context, models: list, manners: list[str]) -> None:
         for model in models:
             missing = [m for m in manners if not result_path(ctx, model, m).exists()]
             for manner in [m for m in ("centralized", "single") if m in missing]:
+                if record_finished_training(ctx, model, manner) is not None:
+                    continue
                 log.info("training %s: %s (%s)", model.id, manner, preset_of(ctx.scale, model))
                 running.append((model, manner, start_training(ctx, model, manner), time.time()))
             if "federated" in missing:

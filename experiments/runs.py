@@ -32,6 +32,7 @@ from recognizer.train import evaluate
 
 log = logging.getLogger(__name__)
 PY = sys.executable
+STARTED_FILE = "started"  # a training run's start (time.time()), for its wall time
 
 
 class RunError(RuntimeError):
@@ -87,12 +88,34 @@ def start_training(ctx: Context, model: ModelSpec, manner: str) -> subprocess.Po
     home = run_dir(ctx, model, manner)
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
+    (home / STARTED_FILE).write_text(f"{time.time()}\n")
     log_file = (home / "train.log").open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         train_command(ctx, model, manner, home / "model.npz"), stdout=log_file, stderr=subprocess.STDOUT,
         env=env, start_new_session=True,
     )
+
+
+def _started_at(home: Path) -> float:
+    """When the training in ``home`` started: its stamp, else its log's first timestamp."""
+    stamp = home / STARTED_FILE
+    if stamp.exists():
+        return float(stamp.read_text())
+    first = (home / "train.log").read_text(errors="replace").split("\n", 1)[0]
+    return time.mktime(time.strptime(first[:19], "%Y-%m-%d %H:%M:%S"))
+
+
+def record_finished_training(ctx: Context, model: ModelSpec, manner: str) -> dict | None:
+    """The run's JSON from a training that finished but was never evaluated (its driver was
+    stopped first); None when it has no model file. `recognizer train` writes the model file
+    once, atomically, when training ends, so its presence means the training finished."""
+    home = run_dir(ctx, model, manner)
+    model_file = home / "model.npz"
+    if not model_file.exists():
+        return None
+    log.info("%s %s: its training finished earlier; evaluating it", model.id, manner)
+    return _record(ctx, model, manner, model_file, model_file.stat().st_mtime - _started_at(home))
 
 
 def evaluate_model(ctx: Context, model_file: Path) -> dict[str, dict]:

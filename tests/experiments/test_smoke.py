@@ -89,15 +89,22 @@ def test_report_and_figure_are_written(smoke: Path) -> None:
 def test_a_rerun_repeats_only_missing_runs(smoke: Path) -> None:
     results = smoke / "results"
     before = {p.name: p.stat().st_mtime_ns for p in results.glob("*__*.json")}
-    missing = results / "fedocr-hash-1_4__single.json"
-    missing.unlink()
+    # One run lost its result and its model: trained again. Another lost only its result (its
+    # driver was stopped between the training's end and its evaluation): evaluated, not retrained.
+    retrain, evaluate = results / "fedocr-hash-1_4__single.json", results / "aster-fl__centralized.json"
+    retrain.unlink()
+    (smoke / "work" / "runs" / "fedocr-hash-1_4__single" / "model.npz").unlink()
+    evaluate.unlink()
     proc = _experiment(smoke)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in results.glob("*__*.json")}
     assert set(after) == set(before)
     changed = {name for name in after if after[name] != before[name]}
-    assert changed == {missing.name}
+    assert changed == {retrain.name, evaluate.name}
     assert "training fedocr-hash-1/4: single" in proc.stderr
+    assert "aster-fl centralized: its training finished earlier; evaluating it" in proc.stderr
+    assert "training aster-fl: centralized" not in proc.stderr
+    assert json.loads(evaluate.read_text())["wall_s"] > 0
 
 
 def test_bad_arguments_name_the_problem(tmp_path: Path) -> None:
