@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python -m benchmarks.synth
 	$(BIN)/python -m benchmarks.aggregator
 	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -m benchmarks.secure_aggregation
 
 # How fast the training recipes learn to read (README "How fast it learns"): one row per recipe choice,
 # steps and CPU seconds to 50% and 90% held-out word accuracy; resumable (results/learning/*.json).

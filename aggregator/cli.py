@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)
     add("--max-workers", dest="max_workers", type=int, help="RPC threads (long-polls hold one each)")
     add("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
+    add(
+        "--secure-aggregation",
+        dest="secure_aggregation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="masked uploads: the server learns only the round's sum ([secure_aggregation] in the config)",
+    )
     return parser
 
 

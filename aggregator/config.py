@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.fedavg import WEIGHTINGS
-from fedocr import encodings
+from fedocr import encodings, secagg
 
 # TOML section of every field; the key inside the section is the field name.
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -38,6 +38,20 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "join_wait_max_s",
         "stream_window_bytes",
     ),
+    "secure_aggregation": (
+        "enabled",
+        "threshold",
+        "neighbours",
+        "clip",
+        "frac_bits",
+        "max_weight_sum",
+        "phase_s",
+    ),
+}
+# TOML keys whose field has another name: [secure_aggregation] keys carry the "secagg_" prefix.
+RENAMED: dict[tuple[str, str], str] = {
+    ("secure_aggregation", "enabled"): "secure_aggregation",
+    **{("secure_aggregation", k): "secagg_" + k for k in SECTIONS["secure_aggregation"][1:]},
 }
 
 
@@ -91,6 +105,15 @@ class AggregatorConfig:
     join_wait_max_s: float = 30.0  # cap on a Join long-poll
     # Fixed HTTP/2 stream window: bounds what a waiting upload holds in the transport (0 = BDP).
     stream_window_bytes: int = 1 << 20
+    # Secure aggregation (README "Secure aggregation"): the server learns only the round's sum.
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0  # shares that rebuild a secret; 0 = a majority of its holders
+    secagg_neighbours: int = 0  # k of the SecAgg+ graph; 0 = secagg.neighbour_count(roster size)
+    secagg_clip: float = 8.0  # increments are clipped to [-clip, clip] (BN running stats included)
+    secagg_frac_bits: int = 0  # fixed-point fraction bits; 0 = the most max_weight_sum allows
+    # The largest weight sum of a round (200 edges x 10,000 samples): sums below it cannot wrap.
+    secagg_max_weight_sum: float = 2_000_000.0
+    secagg_phase_s: float = 60.0  # each phase after the roster is fixed ends by this many seconds
 
     def __post_init__(self) -> None:
         """Validate cross-field constraints."""
@@ -131,6 +154,52 @@ class AggregatorConfig:
             raise ConfigError(f"lr_decay_factors must be finite, got {self.lr_decay_factors}")
         if not isinstance(logging.getLevelNamesMapping().get(str(self.log_level).upper()), int):
             raise ConfigError(f"log_level {self.log_level!r} is not a level (DEBUG, INFO, WARNING ...)")
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """Validate the [secure_aggregation] table (checked even when it is off, so typos surface)."""
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            raise ConfigError(
+                f"secure_aggregation.threshold must be 0 (a majority of holders) or at least 2, "
+                f"got {self.secagg_threshold}"
+            )
+        if self.secure_aggregation and self.secagg_threshold > self.min_edges:
+            raise ConfigError(
+                f"secure_aggregation.threshold {self.secagg_threshold} exceeds min_edges {self.min_edges}: "
+                "a round of min_edges edges could never rebuild a secret"
+            )
+        k = self.secagg_neighbours
+        if k < 0 or k % 2 or (k and self.secagg_threshold > k + 1):
+            raise ConfigError(
+                f"secure_aggregation.neighbours must be 0 (automatic) or even and at least 2, and hold at "
+                f"least threshold - 1 ({max(self.secagg_threshold - 1, 0)}) edges; got {k}"
+            )
+        if not 0 < self.secagg_clip < math.inf:
+            raise ConfigError(f"secure_aggregation.clip must be positive and finite, got {self.secagg_clip}")
+        if not 1 <= self.secagg_max_weight_sum < 2**31:
+            raise ConfigError(
+                f"secure_aggregation.max_weight_sum must be within 1..2**31, got {self.secagg_max_weight_sum}"
+            )
+        if not 0 <= self.secagg_frac_bits <= 30:
+            raise ConfigError(
+                f"secure_aggregation.frac_bits must be within 0..30, got {self.secagg_frac_bits}"
+            )
+        if self.secure_aggregation and not 0 < self.secagg_phase_s < math.inf:
+            raise ConfigError(f"secure_aggregation.phase_s must be positive, got {self.secagg_phase_s}")
+        try:
+            secagg.check_headroom(self.secagg_max_weight_sum, self.secagg_clip, self.secagg_bits)
+        except secagg.SecAggError as exc:
+            raise ConfigError(f"secure_aggregation: {exc}") from None
+
+    @property
+    def secagg_bits(self) -> int:
+        """The fixed-point fraction bits: as set, or the most that max_weight_sum and clip allow."""
+        if self.secagg_frac_bits:
+            return self.secagg_frac_bits
+        bits = 0
+        while bits < 30 and self.secagg_max_weight_sum * (self.secagg_clip * 2.0 ** (bits + 1) + 0.5) < 2**31:
+            bits += 1
+        return bits
 
     def learning_rate_for(self, round_index: int) -> float:
         """The lr of a 0-based round index: base lr times the factor of the last decay reached."""
@@ -156,7 +225,7 @@ class AggregatorConfig:
                 for key, value in table.items():
                     if key not in SECTIONS[section]:
                         raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
-                    values[key] = value
+                    values[RENAMED.get((section, key), key)] = value
             values = _coerce(values, f"{path}: ")
             base = Path(path).resolve().parent
             for key in ("state_dir", "cert", "key", "ca"):  # relative paths are relative to the file

@@ -19,6 +19,8 @@ from aggregator import fedavg
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
 from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, new_round
+from aggregator.secure import ADVERTISE
+from aggregator.secure_rounds import SecureRounds
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream
 from aggregator.upload import read_header, stage
@@ -33,6 +35,7 @@ from fedocr.errors import (
     RoundClosed,
     StorageUnavailable,
     UnknownRound,
+    WrongMode,
 )
 from fedocr.v1 import federation_pb2 as pb
 
@@ -65,8 +68,11 @@ class Receipt:
     sha256: bytes
 
 
-class Federation:
-    """Rounds, FedAvg and durability behind one lock; the servicer calls one method per RPC."""
+class Federation(SecureRounds):
+    """Rounds, FedAvg and durability behind one lock; the servicer calls one method per RPC.
+
+    Secure aggregation's phases and RPCs live in SecureRounds (aggregator/secure_rounds.py).
+    """
 
     def __init__(
         self, config: AggregatorConfig, store: Store, clock: Callable[[], float] = time.time
@@ -96,9 +102,13 @@ class Federation:
         self._round = snap.round
         self._history = snap.history
         self._total = snap.total
+        self._masked = snap.masked
+        self._masked_changed = False  # since the last durable write
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
+        if self.manifest is not None and self._masked is None:
+            self._masked = np.zeros(self.manifest.size, dtype=np.uint32)
         if self._round is not None:
             logger.info(
                 "resumed round %s (index %s): %s upload(s) committed, weight %s, state version %s",
@@ -142,12 +152,19 @@ class Federation:
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
-        return self._store.prepare_upload(self._round, self._total)
+        if self._round is None or self._round.secure is None:
+            return self._store.prepare_upload(self._round, self._total)
+        # A secure round's sum is written only when an upload changed it (not on key or share writes).
+        masked, self._masked_changed = (self._masked if self._masked_changed else None), False
+        return self._store.prepare_upload(self._round, self._total, masked)
 
     def _maybe_close(self) -> None:
-        """After a durable write: close the round at once if the quorum is in."""
+        """After a durable write: close the round at once if the quorum is in (secure: next phase)."""
         r = self._round
-        if r is not None and r.state == OPEN and r.quorum_reached():
+        if r is not None and r.state == OPEN and r.secure is not None:
+            if self._commits.idle:
+                self._advance(self._clock())
+        elif r is not None and r.state == OPEN and r.quorum_reached():
             self._aggregate(self._clock())
 
     def _tick(self) -> None:
@@ -155,19 +172,26 @@ class Federation:
         r, now = self._round, self._clock()
         if r is None or r.state != OPEN or self._commits.flushing:
             return
+        if r.secure is not None:
+            if self._commits.idle:
+                self._advance(now)
+            return
         if r.quorum_reached() or (r.past_deadline(now) and r.committed >= r.min_edges):
             self._aggregate(now)
         elif r.past_deadline(now):
             r.fail(now)
-            following = self._new_round(r.round_index, now, self.state_version)
-            self._finish(r, None, self.state_version, following)
-            self._history.append(r)
-            self._round = following
-            self._commits.mark_all_durable()  # the history record carries every applied upload
-            logger.warning(
-                "round %s failed: %s; reopened as round %s", r.round_id, r.message, following.round_id
-            )
-            self._cond.notify_all()
+            self._retry(r, now)
+
+    def _retry(self, r: RoundRecord, now: float) -> None:
+        """Persist a failed round (state unchanged) and open its retry under a new id."""
+        following = self._new_round(r.round_index, now, self.state_version)
+        self._finish(r, None, self.state_version, following)
+        self._history.append(r)
+        self._round = following
+        self._masked = np.zeros_like(self._masked) if self._masked is not None else None
+        self._commits.mark_all_durable()  # the history record carries every applied upload
+        logger.warning("round %s failed: %s; reopened as round %s", r.round_id, r.message, following.round_id)
+        self._cond.notify_all()
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -175,6 +199,8 @@ class Federation:
         """Persist a round's end; on failure go back to what the disk holds."""
         try:
             self._store.finish_round(r, state, version, following)
+            if r.secure is not None:
+                r.secure.drop_blobs()  # kept on disk only until now; the history holds the core
         except Exception as exc:
             self._load()
             # uploads applied to the sum in memory but not yet written are gone with it
@@ -194,7 +220,10 @@ class Federation:
         """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically."""
         r = self._round
         state = self._state.copy()
-        fedavg.apply_mean(state, self._total, r.weight)
+        if r.secure is not None:  # the mean of the survivors' increments, unmasked (float32)
+            fedavg.apply_mean(state, self._unmasked_mean(r).astype(np.float64), 1.0)
+        else:
+            fedavg.apply_mean(state, self._total, r.weight)
         r.close(now)
         version = self.state_version + 1
         following = None
@@ -204,6 +233,8 @@ class Federation:
         self._state, self.state_version, self._round = state, version, following
         self._history.append(r)
         self._total.fill(0.0)
+        if self._masked is not None:
+            self._masked.fill(0)
         self._commits.mark_all_durable()  # the new state and history carry every applied upload
         logger.info(
             "round %s closed: %s upload(s), weight %s, state version %s%s",
@@ -234,7 +265,12 @@ class Federation:
                 r = self._round
                 if r is None:
                     return JoinResult("FINISHED", edge_id, self._history[-1], self.state_version)
-                if r.state == OPEN and not r.has_uploaded(edge_id) and edge_id not in self._in_flight:
+                if (
+                    r.state == OPEN
+                    and not r.has_uploaded(edge_id)
+                    and edge_id not in self._in_flight
+                    and (r.secure is None or (r.secure.phase == ADVERTISE and edge_id not in r.secure.keys))
+                ):
                     if edge_id not in r.edges:
                         r.join(edge_id, self._clock())
                         self._save_record()
@@ -278,6 +314,7 @@ class Federation:
         self.manifest, self.state_version = manifest, 1
         self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0
         self._total = np.zeros(manifest.size, dtype=np.float64)
+        self._masked = np.zeros(manifest.size, dtype=np.uint32)
         self._round = self._new_round(0, now, 1)
         self._store.init_model(manifest, self._state, 1, self._round)
         logger.info(
@@ -297,6 +334,10 @@ class Federation:
         stream = self._cache.stream(state, version, specs, unchanged=held_version == version)
         stream.on_done = lambda moved: self._account_download(edge_id, moved)
         return stream
+
+    def account(self, edge_id: str, moved: Bytes) -> None:
+        """Count bytes sent to an edge outside a download (secure-aggregation replies)."""
+        self._account_download(edge_id, moved)
 
     def _account_download(self, edge_id: str, moved: Bytes) -> None:
         with self._cond:
@@ -338,7 +379,19 @@ class Federation:
     def _check_upload(self, edge_id: str, header: pb.UploadHeader) -> None:
         if header.fingerprint != self.manifest.fingerprint:
             raise ModelMismatch("upload fingerprint differs from the federation's model")
+        if self.config.secure_aggregation:
+            if header.encoding != pb.ENCODING_MASKED_INT:
+                raise WrongMode(
+                    f"this federation runs secure aggregation: uploads must be ENCODING_MASKED_INT, "
+                    f"not {encodings.name_of(header.encoding)}"
+                )
+        elif header.encoding == pb.ENCODING_MASKED_INT:
+            raise MalformedRequest(
+                "ENCODING_MASKED_INT is for secure aggregation, which this federation does not run"
+            )
         accepted = [encodings.NAMES[name] for name in self.config.accept_encodings]
+        if self.config.secure_aggregation:
+            accepted = [pb.ENCODING_MASKED_INT]
         if header.encoding not in accepted:
             raise MalformedRequest(
                 f"encoding {encodings.name_of(header.encoding)} is not accepted by this federation "
@@ -351,6 +404,8 @@ class Federation:
                 raise UnknownRound(f"round {header.round_id} does not exist; the federation finished")
             raise RoundClosed(f"round {header.round_id} is closed; the federation finished")
         r.check_upload(edge_id, header.round_id)
+        if r.secure is not None:
+            r.secure.check_upload(edge_id)
         if edge_id in self._in_flight:
             raise DuplicateUpload(f"an upload from edge {edge_id!r} is already in progress")
         if header.base_state_version not in (0, r.state_version):
@@ -367,9 +422,12 @@ class Federation:
             if r is None:
                 raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
             r.check_upload(edge_id, header.round_id)
-            fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
-            for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
-                fedavg.accumulate(self._total[off : off + n], values, weight)
+            if r.secure is not None:
+                self._add_masked(r, edge_id, staged.arrays, weight)
+            else:
+                fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
+                for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
+                    fedavg.accumulate(self._total[off : off + n], values, weight)
             moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
             r.commit(edge_id, header.sample_count, weight, moved, self._clock())
             committed = r.committed

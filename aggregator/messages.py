@@ -6,6 +6,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator.federation import JoinResult, Receipt
 from aggregator.rounds import Bytes, RoundRecord, TrainingPlan, total_bytes
+from aggregator.secure import KINDS, PHASES, SecureRecord
+from aggregator.secure_rounds import SecureView
 from aggregator.store import Manifest
 from fedocr import encodings
 from fedocr.errors import MalformedRequest
@@ -37,9 +39,9 @@ def byte_count(b: Bytes) -> pb.ByteCount:
     return pb.ByteCount(raw_up=b.raw_up, wire_up=b.wire_up, raw_down=b.raw_down, wire_down=b.wire_down)
 
 
-def plan_message(plan: TrainingPlan) -> pb.TrainingPlan:
-    """TrainingPlan message of a plan record."""
-    return pb.TrainingPlan(
+def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.TrainingPlan:
+    """TrainingPlan message of a plan record (and of the round's secure settings, if any)."""
+    message = pb.TrainingPlan(
         local_epochs=plan.local_epochs,
         learning_rate=plan.learning_rate,
         batch_size=plan.batch_size,
@@ -47,6 +49,65 @@ def plan_message(plan: TrainingPlan) -> pb.TrainingPlan:
         error_feedback=plan.error_feedback,
         optimizer=plan.optimizer,
     )
+    if secure is not None:
+        message.encoding = pb.ENCODING_MASKED_INT
+        message.error_feedback = False
+        message.secure.CopyFrom(
+            pb.SecurePlan(
+                enabled=True,
+                clip=secure.clip,
+                frac_bits=secure.frac_bits,
+                round_seed=bytes.fromhex(secure.round_seed),
+                weight_by_samples=secure.weight_by_samples,
+            )
+        )
+    return message
+
+
+def phase_name(value: int) -> str:
+    """The domain name ("SHARE") of a SecurePhase value; MalformedRequest if unknown."""
+    if not 0 < value <= len(PHASES):
+        raise MalformedRequest(f"unknown secure phase {value}")
+    return PHASES[value - 1]
+
+
+def kind_name(value: int) -> str:
+    """The domain name of a ShareKind value; MalformedRequest if unknown."""
+    if not 0 < value <= len(KINDS):
+        raise MalformedRequest(f"unknown share kind {value}: SELF_SEED or MASK_KEY")
+    return KINDS[value - 1]
+
+
+def secure_status(view: SecureView) -> pb.SecureRoundStatus:
+    """SecureRoundStatus of a secure round as one edge sees it."""
+    return pb.SecureRoundStatus(
+        round_id=view.round_id,
+        phase=PHASES.index(view.phase) + 1,
+        threshold=view.threshold,
+        neighbours=view.neighbours,
+        roster=[
+            pb.EdgeKeys(edge_id=e, index=x, cipher_public=c, mask_public=s) for e, x, c, s in view.roster
+        ],
+        dealers=view.dealers,
+        sealed=[pb.SealedShare(dealer=d, holder="", ciphertext=ct) for d, ct in view.sealed],
+        survivors=view.survivors,
+        dropped=view.dropped,
+        message=view.message,
+    )
+
+
+def sealed_from(request: pb.ShareKeysRequest, dealer: str) -> tuple[dict, dict]:
+    """(sealed by holder, commitment pair by holder) of a ShareKeys request; duplicates refused."""
+    sealed, commits = {}, {}
+    for s in request.sealed:
+        if s.dealer not in ("", dealer) or s.holder in sealed:
+            raise MalformedRequest(f"sealed share for {s.holder!r} repeated or not dealt by {dealer!r}")
+        sealed[s.holder] = bytes(s.ciphertext)
+    for c in request.commitments:
+        if c.holder in commits:
+            raise MalformedRequest(f"two commitments for holder {c.holder!r}")
+        commits[c.holder] = (bytes(c.self_seed), bytes(c.mask_key))
+    return sealed, commits
 
 
 def manifest_from(message: pb.Manifest) -> Manifest:
@@ -71,8 +132,8 @@ def round_status(r: RoundRecord) -> pb.RoundStatus:
         closed_at=timestamp(end),
         bytes=byte_count(r.bytes()),
         state_version=r.state_version,
-        plan=plan_message(r.plan),
-        message=r.message,
+        plan=plan_message(r.plan, r.secure),
+        message=r.message or secure_note(r),
         duration_seconds=(end - r.opened_at) if end is not None else 0.0,
     )
     for e in sorted(r.edges.values(), key=lambda e: e.edge_id):
@@ -85,6 +146,20 @@ def round_status(r: RoundRecord) -> pb.RoundStatus:
             uploaded_at=timestamp(e.uploaded_at),
         )
     return status
+
+
+def secure_note(r: RoundRecord) -> str:
+    """What an open secure round is waiting for, for operators ("" for a plain round)."""
+    sec = r.secure
+    if sec is None or r.state != "OPEN":
+        return ""
+    waiting = {
+        "ADVERTISE": f"{len(sec.keys)} edge(s) advertised keys",
+        "SHARE": f"{len(sec.commitments)} of {len(sec.roster)} roster edge(s) dealt shares",
+        "UPLOAD": f"{sum(r.has_uploaded(e) for e in sec.dealers)} of {len(sec.dealers)} dealer(s) uploaded",
+        "UNMASK": f"{len(sec.revealers)} of {len(sec.survivors)} survivor(s) revealed shares",
+    }
+    return f"secure aggregation, phase {sec.phase}: {waiting.get(sec.phase, '')}"
 
 
 def list_rounds(rounds: list[RoundRecord], version: int) -> pb.ListRoundsResponse:
@@ -106,7 +181,7 @@ def join_response(result: JoinResult) -> pb.JoinResponse:
         reply.round_index, reply.total_rounds = r.round_index, r.total_rounds
         if result.action == "TRAIN":
             reply.round_id = r.round_id
-            reply.plan.CopyFrom(plan_message(r.plan))
+            reply.plan.CopyFrom(plan_message(r.plan, r.secure))
             reply.deadline.CopyFrom(timestamp(r.deadline))
     return reply
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aggregator.secure import SecureRecord
 from fedocr.errors import DuplicateUpload, RoundClosed, UnknownRound
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class RoundRecord:
     message: str = ""
     weight: float = 0.0  # sum of the weights committed into the running sum
     edges: dict[str, EdgeRecord] = field(default_factory=dict)
+    secure: SecureRecord | None = None  # set when the round runs secure aggregation
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -152,11 +154,23 @@ class RoundRecord:
             f"round {self.round_index} is retried under a new id"
         )
 
+    def fail_with(self, now: float, why: str) -> None:
+        """Mark the round failed for a stated reason (secure aggregation: a phase fell short)."""
+        self.state, self.closed_at = FAILED, now
+        self.message = (
+            f"{why}; the global state is unchanged and round {self.round_index} is retried under a new id"
+        )
+
     # -- serialisation ---------------------------------------------------------------------
 
     def to_json(self) -> bytes:
-        """Serialise to UTF-8 JSON."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """Serialise to UTF-8 JSON (a secure record without its blobs: SecureRecord.core)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc["plan"] = dataclasses.asdict(self.plan)
+        # vars, not asdict: this runs on every durable write, and asdict deep-copies each edge
+        doc["edges"] = {k: {**vars(e), "bytes": vars(e.bytes)} for k, e in self.edges.items()}
+        doc["secure"] = self.secure.core() if self.secure is not None else None
+        return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> RoundRecord:
@@ -164,6 +178,8 @@ class RoundRecord:
         doc: dict[str, Any] = json.loads(data)
         doc["plan"] = TrainingPlan(**doc["plan"])
         doc["edges"] = {k: EdgeRecord(**{**e, "bytes": Bytes(**e["bytes"])}) for k, e in doc["edges"].items()}
+        if doc.get("secure") is not None:
+            doc["secure"] = SecureRecord.from_dict(doc["secure"])
         return cls(**doc)
 
 
@@ -186,6 +202,16 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
             config.encoding,
             config.error_feedback,
         ),
+        secure=SecureRecord.new(
+            round_id,
+            config.secagg_clip,
+            config.secagg_bits,
+            config.weighting == "samples",
+            config.secagg_threshold,
+            config.secagg_neighbours,
+        )
+        if config.secure_aggregation
+        else None,
     )
 
 

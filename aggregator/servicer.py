@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from aggregator import messages
 from aggregator.federation import Federation
+from aggregator.rounds import Bytes
 from fedocr import pki, tls
 from fedocr.errors import MalformedRequest, WrongRole, status_for
 from fedocr.v1 import federation_pb2 as pb
@@ -100,6 +101,49 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Stage, verify and commit one increment; the receipt comes after the fsync."""
         return messages.receipt(self._fed.upload(caller, request_iterator))
 
+    @_unary(EDGE_ONLY)
+    def AdvertiseKeys(
+        self, caller: str, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> pb.SecureRoundStatus:
+        """Secure aggregation: the edge's two public keys for the round."""
+        keys = bytes(request.cipher_public), bytes(request.mask_public)
+        view = self._fed.advertise(caller, request.round_id, *keys, _sent(request))
+        return self._answer(caller, view)
+
+    @_unary(EDGE_ONLY)
+    def ShareKeys(
+        self, caller: str, request: pb.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> pb.SecureRoundStatus:
+        """Secure aggregation: the shares the edge dealt, sealed for its neighbours."""
+        sealed, commitments = messages.sealed_from(request, caller)
+        view = self._fed.share(caller, request.round_id, sealed, commitments, _sent(request))
+        return self._answer(caller, view)
+
+    @_unary(EDGE_ONLY)
+    def GetSecureRound(
+        self, caller: str, request: pb.GetSecureRoundRequest, context: grpc.ServicerContext
+    ) -> pb.SecureRoundStatus:
+        """Secure aggregation: long-poll the round's phase, roster and the caller's sealed shares."""
+        after = messages.phase_name(request.after or pb.SECURE_PHASE_ADVERTISE)
+        view = self._fed.secure_round(caller, request.round_id, after, float(request.wait_seconds))
+        return self._answer(caller, view)
+
+    @_unary(EDGE_ONLY)
+    def RevealShares(
+        self, caller: str, request: pb.RevealSharesRequest, context: grpc.ServicerContext
+    ) -> pb.SecureRoundStatus:
+        """Secure aggregation: the shares a survivor reveals for unmasking."""
+        shares = [(s.dealer, messages.kind_name(s.kind), bytes(s.share)) for s in request.shares]
+        view = self._fed.reveal(caller, request.round_id, shares, _sent(request))
+        return self._answer(caller, view)
+
+    def _answer(self, caller: str, view) -> pb.SecureRoundStatus:
+        """The reply, its bytes counted as sent down to the caller."""
+        reply = messages.secure_status(view)
+        size = reply.ByteSize()
+        self._fed.account(caller, Bytes(raw_down=size, wire_down=size))
+        return reply
+
     def DownloadState(
         self, request: pb.DownloadStateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StateChunk]:
@@ -109,6 +153,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield from self._fed.download(caller, request.held_state_version).messages()
         except Exception as exc:  # noqa: BLE001 - every error goes through the table
             _abort(context, "DownloadState", exc)
+
+
+def _sent(request: Any) -> Bytes:
+    """A secure-aggregation request's bytes, counted up (protobuf size: no compression)."""
+    size = request.ByteSize()
+    return Bytes(raw_up=size, wire_up=size)
 
 
 def _parsed(raw_messages: Iterator[bytes], parse: Callable[[bytes], Any]) -> Iterator[Any]:

@@ -33,10 +33,17 @@ KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
 KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
 KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
 KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
+# Secure aggregation: uint32 little-endian sum mod 2^32 of the round's masked uploads; absent = zeros.
+# Never a single edge's unmasked vector: masks cancel only in the sum, and only after unmasking.
+KEY_MASKED_SUM = b"round/masked_sum"
 HISTORY_PREFIX = b"history/"
+# Secure aggregation's per-edge blobs of one round (SecureRecord.take_blobs), e.g.
+# b"secure/000000000004/dealt/edge-1": written once each, with the round record; gone at its end.
+SECURE_PREFIX = b"secure/"
 LOCK_FILE = "aggregator.lock"
 STATE_DTYPE = np.dtype("<f4")
 SUM_DTYPE = np.dtype("<f8")
+MASKED_DTYPE = np.dtype("<u4")
 DEFAULT_MAP_SIZE = 1 << 38  # address space only; the file grows with what is written
 # LMDB's reader table (lock.mdb) is written through a shared mapping of a file it only truncates
 # to size: on a full disk the first store to an unallocated page is a SIGBUS, not an error.
@@ -51,6 +58,19 @@ class StateLocked(RuntimeError):
 
 class StateFormatMismatch(RuntimeError):
     """The state directory was written by another, incompatible format version."""
+
+
+def secure_prefix(round_id: int) -> bytes:
+    """The key prefix of a round's secure-aggregation blobs."""
+    return SECURE_PREFIX + b"%012d/" % round_id
+
+
+def _put_record(txn: lmdb.Transaction, record: RoundRecord) -> None:
+    """Write the current round's record and its new secure-aggregation blobs."""
+    txn.put(KEY_ROUND, record.to_json())
+    if record.secure is not None:
+        for name, data in record.secure.take_blobs():
+            txn.put(secure_prefix(record.round_id) + name.encode(), data)
 
 
 def history_key(round_id: int) -> bytes:
@@ -127,6 +147,7 @@ class Snapshot:
     round: RoundRecord | None
     total: np.ndarray | None
     history: list[RoundRecord]
+    masked: np.ndarray | None = None
 
 
 class Store:
@@ -200,13 +221,19 @@ class Store:
             version = txn.get(KEY_STATE_VERSION)
             rnd = txn.get(KEY_ROUND)
             history = [RoundRecord.from_json(bytes(v)) for _, v in _prefix(txn, HISTORY_PREFIX)]
+            current = RoundRecord.from_json(bytes(rnd)) if rnd is not None else None
+            if current is not None and current.secure is not None:
+                prefix = secure_prefix(current.round_id)
+                for key, value in _prefix(txn, prefix):
+                    current.secure.add_blob(bytes(key)[len(prefix) :].decode(), bytes(value))
             return Snapshot(
                 manifest=manifest,
                 state=state,
                 state_version=int(bytes(version)) if version is not None else 0,
-                round=RoundRecord.from_json(bytes(rnd)) if rnd is not None else None,
+                round=current,
                 total=total,
                 history=history,
+                masked=_array(txn.get(KEY_MASKED_SUM), MASKED_DTYPE),
             )
 
     def init_model(self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord) -> None:
@@ -215,35 +242,43 @@ class Store:
             txn.put(KEY_MANIFEST, manifest.to_json())
             txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
-            txn.put(KEY_ROUND, first.to_json())
+            _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
+            txn.delete(KEY_MASKED_SUM)
 
     def save_round(self, record: RoundRecord) -> None:
         """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
         with self._write() as txn:
-            txn.put(KEY_ROUND, record.to_json())
+            _put_record(txn, record)
 
     def save_history(self, record: RoundRecord) -> None:
         """Rewrite a finished round's record (downloads of the final state are counted there)."""
         with self._write() as txn:
             txn.put(history_key(record.round_id), record.to_json())
 
-    def commit_upload(self, record: RoundRecord, total: np.ndarray) -> None:
+    def commit_upload(self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None) -> None:
         """Persist the running sum, its weight (in the record) and the committed edges together."""
-        self.prepare_upload(record, total)()
+        self.prepare_upload(record, total, masked)()
 
-    def prepare_upload(self, record: RoundRecord, total: np.ndarray) -> Callable[[], None]:
+    def prepare_upload(
+        self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None
+    ) -> Callable[[], None]:
         """Copy the sum and record into an open write transaction; return its commit (the fsync).
 
         Group commit: the copy happens under the caller's lock, the returned commit without it.
+        A secure round's record comes with ``masked``, its uint32 sum of masked uploads, when that
+        changed (None: the record alone); a plain round's with its float64 sum ``total``.
         """
         try:
             txn = self._env.begin(write=True)
         except lmdb.Error as exc:
             raise self._unwritable("cannot write", exc) from exc
         try:
-            txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
-            txn.put(KEY_ROUND, record.to_json())
+            if record.secure is None:
+                txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+            elif masked is not None:
+                txn.put(KEY_MASKED_SUM, _bytes(masked, MASKED_DTYPE))
+            _put_record(txn, record)
         except BaseException as exc:
             txn.abort()
             if isinstance(exc, lmdb.Error):
@@ -267,12 +302,15 @@ class Store:
         """Move a closed/failed round to the history, store the new state, open the next round."""
         with self._write() as txn:
             txn.put(history_key(done.round_id), done.to_json())
+            for key in [bytes(k) for k, _ in _prefix(txn, secure_prefix(done.round_id))]:
+                txn.delete(key)  # the shares of a finished round are of no further use
             if state is not None:
                 txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.delete(KEY_ROUND_SUM)
+            txn.delete(KEY_MASKED_SUM)
             if following is not None:
-                txn.put(KEY_ROUND, following.to_json())
+                _put_record(txn, following)
             else:
                 txn.delete(KEY_ROUND)
 

@@ -18,7 +18,7 @@ from fedocr.v1 import federation_pb2 as pb
 
 @dataclass
 class Staged:
-    """A verified increment: per-tensor float32 arrays in manifest order, and what it cost."""
+    """A verified increment: per-tensor arrays in manifest order (float32; uint32 when masked)."""
 
     arrays: list[np.ndarray]
     raw_bytes: int
@@ -57,6 +57,8 @@ def stage(
             arrays = assembler.finish(message.trailer)
             if next(messages, None) is not None:
                 raise MalformedRequest("upload stream continues after the trailer")
+            if header.encoding == pb.ENCODING_MASKED_INT:  # uint32 masked values: no float checks
+                return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, 0.0)
             tensors.check_finite(arrays, [i for i, _, _ in specs])
             peak = fedavg.peak(arrays)
             return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, peak)

@@ -87,6 +87,7 @@ class Settings:
     optimizer: str = "adadelta"  # in the aggregator's plan, which the edges follow
     encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
     extra_edge_args: tuple[str, ...] = ()
+    secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Federation:
             "--encoding", s.encoding,
             "--lr-decay-rounds", s.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
+            *(["--secure-aggregation"] if s.secure_aggregation else []),
         ]  # fmt: skip
         log = self.work / "aggregator" / "aggregator.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.client import FederationClient, UploadUnconfirmed
+from edge_agent import secure_round
+from edge_agent.client import FederationClient, Upload, UploadUnconfirmed
 from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
-from fedocr import encodings, retry
+from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,11 @@ class EdgeAgent:
             reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer
         )
         encoding = reply.plan.encoding or pb.ENCODING_FLOAT32
-        if encoding not in encodings.NAMES.values():
+        secure = reply.plan.secure.enabled  # masked upload (edge_agent/secure_round.py)
+        if not secure and encoding not in encodings.NAMES.values():
             name = encodings.name_of(encoding)
             raise AgentError(f"{where}: the round's plan asks for encoding {name}, unknown here")
-        feedback = reply.plan.error_feedback and encodings.is_lossy(encoding)
+        feedback = not secure and reply.plan.error_feedback and encodings.is_lossy(encoding)
         try:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:
@@ -226,19 +228,22 @@ class EdgeAgent:
         sent = self.residual.add_to(increment) if feedback else increment
         seed = int.from_bytes(hashlib.sha256(f"{reply.edge_id}/{reply.round_id}".encode()).digest()[:8])
         try:
-            upload = self._call(
-                self.client.upload,
-                reply.round_id,
-                reply.edge_id,
-                sent,
-                self.local.samples,
-                self.local.fingerprint,
-                self.held_version,
-                self.settings.zstd_level,
-                encoding,
-                seed,
-                self.local.statistics,
-            )
+            if secure:
+                upload = self._call(self._secure_upload, reply, sent)
+            else:
+                upload = self._call(
+                    self.client.upload,
+                    reply.round_id,
+                    reply.edge_id,
+                    sent,
+                    self.local.samples,
+                    self.local.fingerprint,
+                    self.held_version,
+                    self.settings.zstd_level,
+                    encoding,
+                    seed,
+                    self.local.statistics,
+                )
         except grpc.RpcError as exc:
             if retry.status_code(exc) not in ROUND_GONE:
                 raise
@@ -252,10 +257,12 @@ class EdgeAgent:
                 }
             )
             return
-        except UploadUnconfirmed as exc:
-            # An upload the server keeps reporting in progress: the round goes on without this edge.
+        except (UploadUnconfirmed, secure_round.RoundLeft, secagg.SecAggError) as exc:
+            # An upload the server keeps reporting in progress, a secure round that went on without
+            # this edge, or a roster, share or ciphertext it cannot accept: the round goes on without it.
             log.warning("%s: %s; waiting for the next round", where, exc)
-            self.journal.write({**record, "status": "unconfirmed", "error": str(exc)})
+            status = "unconfirmed" if isinstance(exc, UploadUnconfirmed) else "dropped"
+            self.journal.write({**record, "status": status, "error": str(exc)})
             return
         if feedback:
             self.residual.keep(sent, upload.decoded)
@@ -291,6 +298,21 @@ class EdgeAgent:
             counted,
             record["seconds"],
         )
+
+    def _secure_upload(self, reply: pb.JoinResponse, increment: np.ndarray) -> Upload:
+        """The round's masked upload and the phases around it; the counted upload."""
+        result = secure_round.run(
+            self.client,
+            reply,
+            increment,
+            self.local.samples,
+            self.local.fingerprint,
+            self.held_version,
+            self.local.statistics,
+            self.settings.zstd_level,
+            on_step=lambda step: self.progress.info("round %s: secure aggregation: %s", reply.round_id, step),
+        )
+        return result.upload
 
     def _finish(self, reply: pb.JoinResponse) -> Path:
         down = self._sync(reply.state_version)

@@ -231,6 +231,43 @@ class FederationClient:
             f"round {round_id}: the aggregator reports an upload in progress that never completes"
         )
 
+    # -- secure aggregation (edge_agent/secure_round.py runs them in order) -----------------
+
+    def advertise(self, round_id: int, cipher_public: bytes, mask_public: bytes) -> pb.SecureRoundStatus:
+        """Advertise this round's two public keys (a retry resends the same ones)."""
+        request = pb.AdvertiseKeysRequest(
+            round_id=round_id, cipher_public=cipher_public, mask_public=mask_public
+        )
+        return self._invoker.call(self._stub.AdvertiseKeys, request, timeout=RPC_TIMEOUT_S)
+
+    def share(
+        self, round_id: int, sealed: dict[str, bytes], commitments: dict[str, tuple[bytes, bytes]]
+    ) -> pb.SecureRoundStatus:
+        """Hand over the shares this edge dealt, sealed per holder, with their commitments."""
+        request = pb.ShareKeysRequest(
+            round_id=round_id,
+            sealed=[pb.SealedShare(holder=h, ciphertext=ct) for h, ct in sorted(sealed.items())],
+            commitments=[
+                pb.ShareCommitment(holder=h, self_seed=b, mask_key=s)
+                for h, (b, s) in sorted(commitments.items())
+            ],
+        )
+        return self._invoker.call(self._stub.ShareKeys, request, timeout=RPC_TIMEOUT_S)
+
+    def secure_round(self, round_id: int, after: int, wait_s: int) -> pb.SecureRoundStatus:
+        """Long-poll until the round's secure phase is past ``after`` (a SecurePhase)."""
+        request = pb.GetSecureRoundRequest(round_id=round_id, after=after, wait_seconds=wait_s)
+        return self._invoker.call(self._stub.GetSecureRound, request, timeout=RPC_TIMEOUT_S + wait_s)
+
+    def reveal(self, round_id: int, shares: list[tuple[str, str, bytes]]) -> pb.SecureRoundStatus:
+        """Reveal (dealer, kind, share) triples; kind is "self_seed" or "mask_key"."""
+        kinds = {"self_seed": pb.SHARE_KIND_SELF_SEED, "mask_key": pb.SHARE_KIND_MASK_KEY}
+        request = pb.RevealSharesRequest(
+            round_id=round_id,
+            shares=[pb.RevealedShare(dealer=d, kind=kinds[k], share=s) for d, k, s in shares],
+        )
+        return self._invoker.call(self._stub.RevealShares, request, timeout=RPC_TIMEOUT_S)
+
     def uploaded(self, round_id: int, edge_id: str) -> bool:
         """Whether round ``round_id``'s record lists ``edge_id`` as uploaded."""
         status = self._invoker.call(

@@ -7,6 +7,9 @@ A chunk holds ``count`` consecutive values of one tensor. Its payload (before co
 - ENCODING_INT8_QUANTIZED: the values in blocks of BLOCK (the last one may be shorter); first one
   little-endian binary32 scale per block, then ``count`` signed bytes q in [-127, 127]; value =
   q * scale of its block;
+- ENCODING_MASKED_INT (secure aggregation): ``count`` little-endian uint32 values, fixed-point
+  increments plus masks mod 2^32 (fedocr.secagg); every tensor, exact ones included, and they
+  decode to uint32, not float32;
 - ENCODING_INT4_QUANTIZED: the same scales, then ``ceil(count / 2)`` bytes of 4-bit codes, the
   first value in the low nibble; a code u in [1, 15] means q = u - 8 in [-7, 7]; code 0 is
   invalid, and with an odd count the last high nibble is padding and must be 0.
@@ -25,6 +28,7 @@ from fedocr.v1 import federation_pb2 as pb
 BLOCK = 256  # values per quantization scale
 FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
+MASKED = np.dtype("<u4")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 QMAX = {pb.ENCODING_INT8_QUANTIZED: 127, pb.ENCODING_INT4_QUANTIZED: 7}
 MAX_SCALE = float(np.finfo(np.float32).max) / 128  # q * scale stays finite for |q| <= 127
@@ -75,7 +79,7 @@ def blocks(count: int) -> int:
 
 def payload_size(encoding: int, count: int) -> int:
     """Bytes of the uncompressed payload of ``count`` values."""
-    if encoding == pb.ENCODING_FLOAT32:
+    if encoding in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT):
         return 4 * count
     if encoding == pb.ENCODING_FLOAT16:
         return 2 * count
@@ -93,6 +97,11 @@ def encode(
 
     Float16 saturates finite values at its largest. ``rounding="stochastic"`` needs ``rng``.
     """
+    if encoding == pb.ENCODING_MASKED_INT:
+        masked = np.ascontiguousarray(values).reshape(-1)
+        if masked.dtype != np.uint32:
+            raise EncodingError(f"masked values must be uint32, got {masked.dtype}")
+        return masked.astype(MASKED).tobytes(), masked
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if encoding == pb.ENCODING_FLOAT32:
         return values.astype(FLOAT32).tobytes(), values
@@ -146,6 +155,8 @@ def decode(payload: bytes, encoding: int, count: int, where: str = "payload") ->
         )
     if encoding == pb.ENCODING_FLOAT32:
         return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32)
+    if encoding == pb.ENCODING_MASKED_INT:
+        return np.frombuffer(payload, dtype=MASKED).astype(np.uint32)
     if encoding == pb.ENCODING_FLOAT16:
         return np.frombuffer(payload, dtype=FLOAT16).astype(np.float32)
     nblocks = blocks(count)

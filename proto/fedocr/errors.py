@@ -61,6 +61,25 @@ class NotReady(FedOCRError):
     """The federation has no model yet (no edge has joined with a manifest)."""
 
 
+class SecureRefused(FedOCRError):
+    """Secure aggregation: a bad share, a replayed or changed key, a share for another round or holder.
+
+    The message names the edges involved (dealer and holder of a share, owner of a key).
+    """
+
+
+class WrongMode(FedOCRError):
+    """A secure-aggregation request to a plain federation, or a plain upload to a secure one."""
+
+
+class OverWeight(FedOCRError):
+    """Secure aggregation: an upload that would take the round's weight past max_weight_sum."""
+
+
+class WrongPhase(FedOCRError):
+    """A secure-aggregation request the round's current phase does not take."""
+
+
 # The one table: exception class -> grpc.StatusCode name. Looked up along the MRO, most specific
 # class first, so a subclass may refine its parent's code (ChunkTooLarge is a WireFormatError).
 STATUS_TABLE: dict[str, str] = {
@@ -69,6 +88,10 @@ STATUS_TABLE: dict[str, str] = {
     "ChunkTooLarge": "RESOURCE_EXHAUSTED",  # fedocr.tensors: one chunk over max_chunk_bytes
     "RoundClosed": "FAILED_PRECONDITION",
     "NotReady": "FAILED_PRECONDITION",
+    "SecureRefused": "INVALID_ARGUMENT",
+    "WrongMode": "FAILED_PRECONDITION",
+    "WrongPhase": "FAILED_PRECONDITION",
+    "OverWeight": "FAILED_PRECONDITION",  # not RESOURCE_EXHAUSTED: a retry would fail the same
     "UnknownRound": "NOT_FOUND",
     "DuplicateUpload": "ALREADY_EXISTS",
     "TooLarge": "RESOURCE_EXHAUSTED",

@@ -28,7 +28,7 @@ DEFAULT_ZSTD_LEVEL = 3
 # n + n/256 + at most 64, plus an 18-byte header); allow that, no more.
 _ZSTD_SLACK_BYTES = 256
 
-_ENCODINGS = tuple(encodings.NAMES.values())
+_ENCODINGS = (*encodings.NAMES.values(), pb.ENCODING_MASKED_INT)
 _COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
 
 
@@ -123,14 +123,16 @@ class ChunkEncoder:
         self._exact = [False] * len(tensors) if exact is None else [bool(e) for e in exact]
         if len(self._exact) != len(tensors):
             raise ValueError("exact must have one flag per tensor")
-        self._tensors = [np.ascontiguousarray(t, dtype=FLOAT32).reshape(-1) for t in tensors]
+        masked = encoding == pb.ENCODING_MASKED_INT  # uint32, every tensor: masks cover them all
+        dtype = encodings.MASKED if masked else FLOAT32
+        self._tensors = [np.ascontiguousarray(t, dtype=dtype).reshape(-1) for t in tensors]
         self._ids = ids
-        self._encodings = [pb.ENCODING_FLOAT32 if e else encoding for e in self._exact]
+        self._encodings = [pb.ENCODING_FLOAT32 if e and not masked else encoding for e in self._exact]
         self._rounding = rounding
         self._rng = np.random.default_rng(seed)
         # What the receiver will decode; float32 decodes to the inputs themselves (no copy).
         self._decoded = [
-            t if enc == pb.ENCODING_FLOAT32 else np.empty(t.size, np.float32)
+            t if enc in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT) else np.empty(t.size, np.float32)
             for t, enc in zip(self._tensors, self._encodings, strict=True)
         ]
         self._compressor = (
@@ -163,7 +165,7 @@ class ChunkEncoder:
             for offset in range(0, values.size, self._chunk_elems):
                 part = values[offset : offset + self._chunk_elems]
                 raw, values_out = encodings.encode(part, encoding, self._rounding, self._rng)
-                if encoding != pb.ENCODING_FLOAT32:
+                if encoding not in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT):
                     decoded[offset : offset + part.size] = values_out
                 payload = self._compressor.compress(raw) if self._compressor else raw
                 self._digest.update(raw)
@@ -233,8 +235,12 @@ class ChunkAssembler:
             raise WireFormatError("the manifest names a tensor id twice")
         self._index = {tensor_id: k for k, (tensor_id, _, _) in enumerate(triples)}
         self._ids = [tensor_id for tensor_id, _, _ in triples]
-        self._encodings = [pb.ENCODING_FLOAT32 if exact else encoding for _, _, exact in triples]
-        self._arrays = [np.empty(length, dtype=np.float32) for _, length, _ in triples]
+        masked = encoding == pb.ENCODING_MASKED_INT  # uint32 arrays; exact tensors are masked too
+        self._encodings = [
+            pb.ENCODING_FLOAT32 if exact and not masked else encoding for _, _, exact in triples
+        ]
+        dtype = np.uint32 if masked else np.float32
+        self._arrays = [np.empty(length, dtype=dtype) for _, length, _ in triples]
         self._filled = [0] * len(triples)  # next expected offset per tensor
         # The limit is on decoded float32 values, whatever the encoding carries them in.
         self._max_elems = max_chunk_bytes // FLOAT32.itemsize

@@ -158,6 +158,33 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     np.testing.assert_array_equal(packed, other)
 
 
+def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path, test_pki) -> None:
+    settings = localfed.Settings(
+        rounds=1, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, secure_aggregation=True
+    )
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    for k, shard in enumerate(edge_data.shards):
+        fed.start_edge(f"edge-{k}", shard)
+    fed.wait_edges(timeout_s=300)
+    history = localfed.list_rounds(test_pki.dir, fed.port)
+    fed.stop()
+
+    (closed,) = history["rounds"]
+    assert closed["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED"), closed
+    assert closed["plan"]["secure"]["enabled"] and closed["plan"]["encoding"] == "ENCODING_MASKED_INT"
+    assert uploaded(closed) == {"edge-0", "edge-1"}
+    model = build_model(PRESET, load_key(federation_key), 0.5)
+    length = sum(state.state_lengths(model))
+    for name in ("edge-0", "edge-1"):
+        (record,) = [r for r in journal(fed, name) if r["event"] == "round"]
+        assert record["status"] == "counted" and record["up"]["raw"] == 4 * length  # uint32, all masked
+        assert record["plan"]["encoding"] == "ENCODING_MASKED_INT" and not record["plan"]["error_feedback"]
+    first = read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1]
+    np.testing.assert_array_equal(first, read_model_file(fed.work / "edges" / "edge-1" / "final.npz")[1])
+    assert np.abs(first).max() > 0
+
+
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
     settings = localfed.Settings(
         rounds=2,

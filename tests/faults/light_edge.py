@@ -5,6 +5,10 @@ increment per (edge, round id) until the federation finishes, retrying transient
 upload counts as acknowledged when a receipt arrives, or when a refusal (ALREADY_EXISTS, or a
 round that closed meanwhile) comes back and GetRound lists this edge as uploaded in that round.
 
+In a secure-aggregation round (the plan says so) it runs the protocol's phases with
+edge_agent.secure_round and uploads its increment masked; --stall-after-step stops it after one
+of those steps (advertised, shared, uploaded) to wait to be killed.
+
 Two JSON-lines files go to --out: ``<name>.receipts.jsonl`` (one line per acknowledged upload)
 and ``<name>.events.jsonl`` (what the edge is doing, for tests that time faults on it).
 
@@ -25,6 +29,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge_agent import secure_round
+from edge_agent.client import Endpoint, FederationClient
 from fedocr import encodings, pki, retry, tensors, tls
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
@@ -123,7 +129,48 @@ class LightEdge:
                 self.download()
             if self.held_version != reply.state_version:
                 continue  # the round closed while we downloaded: join again
-            self.upload(reply.round_id, reply.state_version)
+            if reply.plan.secure.enabled:
+                self.secure_upload(reply)
+            else:
+                self.upload(reply.round_id, reply.state_version)
+
+    def secure_upload(self, reply: pb.JoinResponse) -> None:
+        """Run the round's secure-aggregation phases around a masked upload of the increment."""
+        args = self.args
+        ca = args.pki / pki.CA_CERT_FILE
+        cert, key = pki.cert_path(args.pki, self.name), pki.key_path(args.pki, self.name)
+        endpoint = Endpoint(f"127.0.0.1:{args.port}", ca, cert, key)
+        client = FederationClient(endpoint, POLICY, on_retry=self._retried)
+        round_id, count = reply.round_id, samples(self.name, reply.round_id)
+
+        def step(name: str) -> None:
+            self.events.write(kind=name, round_id=round_id)
+            if name == args.stall_after_step:
+                self.events.write(kind="stalled", round_id=round_id, step=name)
+                time.sleep(3600)  # until the test kills this process
+
+        self.doing = "secure"
+        try:
+            result = secure_round.run(
+                client, reply, increment(self.name, round_id, self.length), count, FINGERPRINT,
+                reply.state_version, patience_s=120.0, on_step=step,
+            )
+        except secure_round.RoundLeft as exc:
+            self.events.write(kind="left", round_id=round_id, details=str(exc))
+            return
+        except grpc.RpcError as exc:  # the round moved on (a phase or the round ended meanwhile)
+            if retry.status_code(exc) not in ROUND_GONE:
+                raise
+            self.events.write(kind="refused", round_id=round_id, code=retry.status_code(exc).name)
+            return
+        finally:
+            client.close()
+        moved = result.upload.moved
+        self.receipts.write(
+            edge=self.name, round_id=round_id, samples=count, raw_bytes=moved.raw, wire_bytes=moved.wire,
+            how="secure", revealed=result.revealed,
+        )
+        self.events.write(kind="receipt", round_id=round_id)
 
     def download(self) -> None:
         """Fetch the global state unless we hold its version; note its digest in the events."""
@@ -241,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=-1,
         help="in the first upload, stop sending after this many chunks (and wait to be killed)",
+    )
+    parser.add_argument(
+        "--stall-after-step",
+        dest="stall_after_step",
+        default="",
+        help="in a secure round, stop after this step (advertised, shared, uploaded) and wait to be killed",
     )
     edge = LightEdge(parser.parse_args(argv))
     try:

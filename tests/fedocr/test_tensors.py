@@ -111,12 +111,27 @@ def test_specs_accept_proto_messages():
     assert out[0][4] == 7.0
 
 
-@pytest.mark.parametrize("encoding", [pb.ENCODING_MASKED_INT, pb.ENCODING_UNSPECIFIED, 99])
+@pytest.mark.parametrize("encoding", [pb.ENCODING_UNSPECIFIED, 99])
 def test_unsupported_encoding(encoding):
     with pytest.raises(T.UnsupportedEncoding, match="not supported"):
         T.ChunkAssembler([(0, 1)], encoding=encoding)
     with pytest.raises(T.UnsupportedEncoding):
         T.ChunkEncoder([np.zeros(1)], encoding=encoding)
+
+
+def test_masked_integers_round_trip_as_uint32_exact_tensors_included():
+    masked = [np.array([0, 1, 2**32 - 1], np.uint32), np.arange(5, dtype=np.uint32) * 999_999_937]
+    enc = T.ChunkEncoder(masked, pb.ENCODING_MASKED_INT, chunk_elems=2, exact=[False, True])
+    chunks = list(enc.chunks())
+
+    assembler = T.ChunkAssembler([(0, 3), (1, 5, True)], pb.ENCODING_MASKED_INT)
+    for chunk in chunks:
+        assembler.add(chunk)
+    out = assembler.finish(enc.trailer())
+
+    assert [a.dtype for a in out] == [np.uint32, np.uint32]
+    assert [a.tolist() for a in out] == [a.tolist() for a in masked]
+    assert enc.raw_bytes == 4 * 8
 
 
 def test_unsupported_compression():

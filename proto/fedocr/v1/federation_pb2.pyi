@@ -33,6 +33,21 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
+
+class SecurePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECURE_PHASE_UNSPECIFIED: _ClassVar[SecurePhase]
+    SECURE_PHASE_ADVERTISE: _ClassVar[SecurePhase]
+    SECURE_PHASE_SHARE: _ClassVar[SecurePhase]
+    SECURE_PHASE_UPLOAD: _ClassVar[SecurePhase]
+    SECURE_PHASE_UNMASK: _ClassVar[SecurePhase]
+    SECURE_PHASE_DONE: _ClassVar[SecurePhase]
+
+class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
+    SHARE_KIND_SELF_SEED: _ClassVar[ShareKind]
+    SHARE_KIND_MASK_KEY: _ClassVar[ShareKind]
 ROUND_STATE_UNSPECIFIED: RoundState
 ROUND_STATE_OPEN: RoundState
 ROUND_STATE_AGGREGATING: RoundState
@@ -48,6 +63,15 @@ ENCODING_INT4_QUANTIZED: Encoding
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+SECURE_PHASE_UNSPECIFIED: SecurePhase
+SECURE_PHASE_ADVERTISE: SecurePhase
+SECURE_PHASE_SHARE: SecurePhase
+SECURE_PHASE_UPLOAD: SecurePhase
+SECURE_PHASE_UNMASK: SecurePhase
+SECURE_PHASE_DONE: SecurePhase
+SHARE_KIND_UNSPECIFIED: ShareKind
+SHARE_KIND_SELF_SEED: ShareKind
+SHARE_KIND_MASK_KEY: ShareKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("id", "length", "exact")
@@ -80,20 +104,140 @@ class ByteCount(_message.Message):
     def __init__(self, raw_up: _Optional[int] = ..., wire_up: _Optional[int] = ..., raw_down: _Optional[int] = ..., wire_down: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer")
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     learning_rate: float
     batch_size: int
     encoding: Encoding
     error_feedback: bool
     optimizer: str
-    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    secure: SecurePlan
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ...) -> None: ...
+
+class SecurePlan(_message.Message):
+    __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    clip: float
+    frac_bits: int
+    round_seed: bytes
+    weight_by_samples: bool
+    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ...) -> None: ...
+
+class EdgeKeys(_message.Message):
+    __slots__ = ("edge_id", "index", "cipher_public", "mask_public")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    index: int
+    cipher_public: bytes
+    mask_public: bytes
+    def __init__(self, edge_id: _Optional[str] = ..., index: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("round_id", "cipher_public", "mask_public")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    cipher_public: bytes
+    mask_public: bytes
+    def __init__(self, round_id: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("dealer", "holder", "ciphertext")
+    DEALER_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    dealer: str
+    holder: str
+    ciphertext: bytes
+    def __init__(self, dealer: _Optional[str] = ..., holder: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareCommitment(_message.Message):
+    __slots__ = ("holder", "self_seed", "mask_key")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SELF_SEED_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    self_seed: bytes
+    mask_key: bytes
+    def __init__(self, holder: _Optional[str] = ..., self_seed: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("round_id", "sealed", "commitments")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    sealed: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    commitments: _containers.RepeatedCompositeFieldContainer[ShareCommitment]
+    def __init__(self, round_id: _Optional[int] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., commitments: _Optional[_Iterable[_Union[ShareCommitment, _Mapping]]] = ...) -> None: ...
+
+class GetSecureRoundRequest(_message.Message):
+    __slots__ = ("round_id", "after", "wait_seconds")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    after: SecurePhase
+    wait_seconds: int
+    def __init__(self, round_id: _Optional[int] = ..., after: _Optional[_Union[SecurePhase, str]] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
+
+class SecureRoundStatus(_message.Message):
+    __slots__ = ("round_id", "phase", "threshold", "neighbours", "roster", "dealers", "sealed", "survivors", "dropped", "message")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    DEALERS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    phase: SecurePhase
+    threshold: int
+    neighbours: int
+    roster: _containers.RepeatedCompositeFieldContainer[EdgeKeys]
+    dealers: _containers.RepeatedScalarFieldContainer[str]
+    sealed: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, round_id: _Optional[int] = ..., phase: _Optional[_Union[SecurePhase, str]] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[EdgeKeys, _Mapping]]] = ..., dealers: _Optional[_Iterable[str]] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("dealer", "kind", "share")
+    DEALER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    dealer: str
+    kind: ShareKind
+    share: bytes
+    def __init__(self, dealer: _Optional[str] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class RevealSharesRequest(_message.Message):
+    __slots__ = ("round_id", "shares")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, round_id: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
 class EdgeProgress(_message.Message):
     __slots__ = ("edge_id", "uploaded", "samples", "bytes", "joined_at", "uploaded_at")

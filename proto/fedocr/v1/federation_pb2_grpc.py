@@ -61,6 +61,26 @@ class FederationStub:
                 request_serializer=fedocr_dot_v1_dot_federation__pb2.UploadMessage.SerializeToString,
                 response_deserializer=fedocr_dot_v1_dot_federation__pb2.UploadReceipt.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedocr.v1.Federation/AdvertiseKeys',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedocr.v1.Federation/ShareKeys',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+                _registered_method=True)
+        self.GetSecureRound = channel.unary_unary(
+                '/fedocr.v1.Federation/GetSecureRound',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.GetSecureRoundRequest.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/fedocr.v1.Federation/RevealShares',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -103,6 +123,35 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (TrainingPlan.secure.enabled): the phases around the masked upload.
+        Advertise this round's two X25519 public keys, once per round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Hand over the shares this edge dealt its neighbours, sealed to each, with commitments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecureRound(self, request, context):
+        """Long-poll the secure round: roster and keys, the sealed shares for the caller, survivors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Reveal the shares the unmasking needs: self-mask seeds of survivors, mask keys of the dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +179,26 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.UploadIncrement,
                     request_deserializer=fedocr_dot_v1_dot_federation__pb2.UploadMessage.FromString,
                     response_serializer=fedocr_dot_v1_dot_federation__pb2.UploadReceipt.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
+            ),
+            'GetSecureRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecureRound,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.GetSecureRoundRequest.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +338,114 @@ class Federation:
             '/fedocr.v1.Federation/UploadIncrement',
             fedocr_dot_v1_dot_federation__pb2.UploadMessage.SerializeToString,
             fedocr_dot_v1_dot_federation__pb2.UploadReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/AdvertiseKeys',
+            fedocr_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/ShareKeys',
+            fedocr_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecureRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/GetSecureRound',
+            fedocr_dot_v1_dot_federation__pb2.GetSecureRoundRequest.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/RevealShares',
+            fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,225 @@
+"""Secure aggregation inside the Federation: its RPCs, its phase clock and the masked sum.
+
+A mixin of aggregator.federation.Federation (same lock, store and group commit): what an RPC
+changes in the round's SecureRecord is made durable by a group commit before the reply, exactly
+like an upload; phase changes are written by the clock only when no commit is pending, so the disk
+never holds a record ahead of its masked sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.rounds import OPEN, Bytes, RoundRecord
+from aggregator.secure import ADVERTISE, DONE, PHASES, SHARE, UNMASK, UPLOAD, SecureRecord
+from fedocr import secagg
+from fedocr.errors import OverWeight, RoundClosed, UnknownRound, WrongMode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecureView:
+    """What an edge sees of a secure round (the reply of every secure RPC)."""
+
+    round_id: int
+    phase: str
+    threshold: int = 0
+    neighbours: int = 0
+    roster: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)  # id, x, c_u, s_u
+    dealers: list[str] = field(default_factory=list)
+    sealed: list[tuple[str, bytes]] = field(default_factory=list)  # (dealer, ciphertext) for the caller
+    survivors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureView:
+    """The caller's view of a round's secure record (phase DONE once the round ended).
+
+    Each wait gets what the next step needs, once (the roster alone is O(n) bytes): waiting
+    ``after`` ADVERTISE, the roster; after SHARE, the dealers and the shares sealed for the
+    caller; after UPLOAD, survivors and dropped. Without ``after`` (a reply to a request that
+    changed the round), the phase only.
+    """
+    sec = r.secure
+    if r.state != OPEN:
+        return SecureView(r.round_id, DONE, message=f"round {r.round_id} is {r.state.lower()}: {r.message}")
+    view = SecureView(r.round_id, sec.phase, sec.threshold, sec.neighbours)
+    if after == ADVERTISE and sec.phase != ADVERTISE:
+        view.roster.extend(
+            (e, sec.index(e), bytes.fromhex(sec.keys[e][0]), bytes.fromhex(sec.keys[e][1]))
+            for e in sec.roster
+        )
+    if after == SHARE and sec.phase not in (ADVERTISE, SHARE):
+        view.dealers.extend(sec.dealers)
+        view.sealed.extend(sec.sealed_for(edge_id))
+    if after == UPLOAD:
+        view.survivors.extend(sec.survivors)
+        view.dropped.extend(sec.dropped)
+    return view
+
+
+class SecureRounds:
+    """The secure-aggregation half of Federation; relies on its lock, round, store and clock."""
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    def advertise(
+        self, edge_id: str, round_id: int, cipher_public: bytes, mask_public: bytes, moved: Bytes
+    ) -> SecureView:
+        """Record the edge's two public keys for the round (once; a different second set is refused)."""
+        with self._cond:
+            r = self._secure_round(round_id)
+            earlier = [h.secure for h in self._history if h.secure is not None]
+            used = {k for sec in earlier for ks in sec.keys.values() for k in ks}
+            r.secure.advertise(edge_id, cipher_public, mask_public, used)
+            return self._durable(r, edge_id, moved)
+
+    def share(
+        self,
+        edge_id: str,
+        round_id: int,
+        sealed: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]],
+        moved: Bytes,
+    ) -> SecureView:
+        """Record the shares the edge dealt, sealed for its neighbours, and its commitments."""
+        with self._cond:
+            r = self._secure_round(round_id)
+            r.secure.share(edge_id, sealed, commitments)
+            return self._durable(r, edge_id, moved)
+
+    def reveal(
+        self, edge_id: str, round_id: int, shares: list[tuple[str, str, bytes]], moved: Bytes
+    ) -> SecureView:
+        """Record the shares a survivor revealed, each checked against its dealer's commitment."""
+        with self._cond:
+            r = self._secure_round(round_id)
+            r.secure.reveal(edge_id, shares)
+            return self._durable(r, edge_id, moved)
+
+    def secure_round(self, edge_id: str, round_id: int, after: str, wait_s: float) -> SecureView:
+        """Long-poll until the round's phase is past ``after`` (or it ended, or the wait is over)."""
+        until = self._clock() + max(0.0, min(wait_s, self.config.join_wait_max_s))
+        with self._cond:
+            r = self._secure_round(round_id, ended_ok=True)
+            while (
+                r.state == OPEN
+                and PHASES.index(r.secure.phase) <= PHASES.index(after)
+                and not self._draining
+                and self._clock() < until
+            ):
+                self._polling += 1  # like Join's long-polls, each holds an RPC thread
+                try:
+                    self._warn_if_polls_hold_pool(r.round_id)
+                    self._cond.wait(min(until - self._clock(), 1.0))
+                finally:
+                    self._polling -= 1
+                r = self._secure_round(round_id, ended_ok=True)
+            return view_of(r, edge_id, after)
+
+    def _secure_round(self, round_id: int, ended_ok: bool = False) -> RoundRecord:
+        """The current secure round if it is ``round_id``; raise a named error otherwise."""
+        self._check_serving()
+        if not self.config.secure_aggregation:
+            raise WrongMode("this federation does not run secure aggregation; upload plain increments")
+        r = self._round
+        if r is not None and r.round_id == round_id and r.secure is not None:
+            return r
+        for h in self._history:
+            if h.round_id == round_id:
+                if ended_ok and h.secure is not None:
+                    return h
+                raise RoundClosed(
+                    f"round {round_id} has ended; secure-aggregation messages for it are refused "
+                    f"(the current round is {r.round_id if r else 'none: the federation finished'})"
+                )
+        current = r.round_id if r else "none"
+        raise UnknownRound(f"round {round_id} does not exist; the current round is {current}")
+
+    def _durable(self, r: RoundRecord, edge_id: str, moved: Bytes) -> SecureView:
+        """Count the request's bytes, make the record durable (group commit) and answer."""
+        r.edge(edge_id).bytes.add(moved)
+        self._commits.wait_durable(self._commits.apply())
+        self._cond.notify_all()
+        return view_of(r, edge_id)
+
+    # -- the masked sum --------------------------------------------------------------------
+
+    def _add_masked(self, r: RoundRecord, edge_id: str, arrays: list[np.ndarray], weight: float) -> None:
+        """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32."""
+        limit = self.config.secagg_max_weight_sum
+        if r.weight + weight > limit:
+            raise OverWeight(
+                f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
+                f"secure_aggregation.max_weight_sum {limit:g}: the masked sum could wrap"
+            )
+        offset = 0
+        for values in arrays:
+            self._masked[offset : offset + values.size] += values  # uint32: wraps mod 2^32
+            offset += values.size
+        self._masked_changed = True
+
+    def _unmasked_mean(self, r: RoundRecord) -> np.ndarray:
+        """The survivors' weighted mean increment, float32 (n,), from the masked sum."""
+        return r.secure.decode(r.secure.unmask(self._masked), r.weight)
+
+    # -- the phase clock -------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        """Move the secure round to its next phase when its condition or deadline says so.
+
+        Called with the lock held and no commit pending; a phase change is written at once.
+        """
+        r: RoundRecord = self._round
+        sec: SecureRecord = r.secure
+        phase_s = self.config.secagg_phase_s
+        why, before = "", sec.phase
+        if sec.phase == ADVERTISE:
+            n = len(sec.keys)
+            if n >= r.quorum or (r.past_deadline(now) and n >= r.min_edges):
+                why = sec.fix_roster(now, phase_s)
+            elif r.past_deadline(now):
+                why = f"deadline passed with {n} edge(s) advertising keys, below the minimum of {r.min_edges}"
+        elif sec.phase == SHARE and (sec.all_dealt() or now >= sec.phase_deadline):
+            why = sec.start_upload(now, phase_s)
+            if not why and len(sec.dealers) < r.min_edges:
+                why = f"{len(sec.dealers)} edge(s) dealt shares, below the minimum of {r.min_edges}"
+        elif sec.phase == UPLOAD:
+            uploaded = {e for e in sec.dealers if r.has_uploaded(e)}
+            if len(uploaded) == len(sec.dealers) or now >= sec.phase_deadline:
+                sec.start_unmask(uploaded, now, phase_s)
+                if len(uploaded) < r.min_edges:
+                    why = f"{len(uploaded)} masked upload(s), below the minimum of {r.min_edges}"
+        elif sec.phase == UNMASK:
+            missing = sec.missing()
+            if not missing:
+                try:
+                    self._aggregate(now)
+                except secagg.SecAggError as exc:
+                    why = f"unmasking failed: {exc}"
+                else:
+                    return
+            elif set(sec.revealers) >= set(sec.survivors) or now >= sec.phase_deadline:
+                why = (
+                    f"too many edges dropped: {len(sec.revealers)} of {len(sec.survivors)} survivor(s) "
+                    f"revealed shares and the threshold is {sec.threshold}; missing: {'; '.join(missing[:5])}"
+                )
+        if why:
+            r.fail_with(now, why)
+            self._retry(r, now)
+        elif sec.phase != before:
+            try:
+                self._store.save_round(r)
+            except Exception:
+                self._load()  # back to what the disk holds; the clock retries
+                raise
+            logger.info("round %s: secure phase %s -> %s", r.round_id, before, sec.phase)
+            self._cond.notify_all()
+
+
+__all__ = ["SecureRounds", "SecureView", "view_of"]

@@ -1,0 +1,146 @@
+"""The edge's side of secure aggregation: its keys, the shares it deals, holds and reveals, its mask.
+
+Pure Python and numpy over fedocr.secagg, no grpc: the agent (edge_agent/agent.py) runs the RPCs
+around it. One EdgeSession per round; its secrets live only in memory, so an edge that restarts
+mid-round simply drops out of it (which dropout recovery is for).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedocr import secagg
+
+SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # aggregator.secure's names of the two secrets
+
+
+class SecureProtocolError(secagg.SecAggError):
+    """The server asked for something this edge must not do (it would weaken its privacy)."""
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """The plan's secure-aggregation settings (TrainingPlan.secure)."""
+
+    clip: float
+    frac_bits: int
+    round_seed: bytes
+    weight_by_samples: bool
+
+
+class EdgeSession:
+    """One edge in one secure round: advertise -> deal -> receive -> mask -> reveal."""
+
+    def __init__(self, edge_id: str, round_id: int, settings: SecureSettings) -> None:
+        self.edge_id, self.round_id, self.settings = edge_id, round_id, settings
+        self.cipher = secagg.generate_keypair()  # c_u: seals shares
+        self.mask = secagg.generate_keypair()  # s_u: agrees pairwise masks
+        self.self_seed = secrets.token_bytes(secagg.KEY_BYTES)  # b_u
+        self.peers: frozenset[str] = frozenset()
+        self.mask_keys: dict[str, bytes] = {}  # roster edge -> its mask public key
+        self.held: dict[str, tuple[bytes, bytes]] = {self.edge_id: (b"", b"")}  # dealer -> (b, s) share
+        self.dealers: frozenset[str] = frozenset()
+        self._revealed: tuple[frozenset[str], frozenset[str], list] | None = None
+
+    def advertisement(self) -> tuple[bytes, bytes]:
+        """The two public keys to advertise: (cipher, mask)."""
+        return self.cipher.public, self.mask.public
+
+    def deal(
+        self, roster: list[tuple[str, int, bytes, bytes]], neighbours: int, threshold: int
+    ) -> tuple[dict[str, bytes], dict[str, tuple[bytes, bytes]]]:
+        """Split b_u and s_u among this edge and its neighbours; seal each share for its holder.
+
+        ``roster``: (edge id, Shamir x, cipher public, mask public). Returns (sealed shares by
+        holder, commitments (b, s) by holder, this edge included).
+        """
+        ids = [e for e, _, _, _ in roster]
+        if self.edge_id not in ids:
+            raise SecureProtocolError(f"{self.edge_id} is not in the roster of round {self.round_id}")
+        mine = dict(zip(ids, ((c, s) for _, _, c, s in roster), strict=True))
+        if mine[self.edge_id] != self.advertisement():
+            raise SecureProtocolError("the roster does not carry the keys this edge advertised")
+        self.peers = secagg.neighbours(ids, neighbours, self.settings.round_seed)[self.edge_id]
+        holders = sorted(self.peers | {self.edge_id})
+        if not 2 <= threshold <= len(holders):
+            raise SecureProtocolError(f"threshold {threshold} is not within 2..{len(holders)} holders")
+        xs = {e: x for e, x, _, _ in roster}
+        self.mask_keys = {e: s for e, (_, s) in mine.items()}
+        b_shares = secagg.split(self.self_seed, threshold, [xs[h] for h in holders])
+        s_shares = secagg.split(self.mask.private_bytes(), threshold, [xs[h] for h in holders])
+        sealed, commitments = {}, {}
+        for h in holders:
+            b, s = b_shares[xs[h]], s_shares[xs[h]]
+            commitments[h] = (
+                secagg.commit_share(self.edge_id, h, self.round_id, b),
+                secagg.commit_share(self.edge_id, h, self.round_id, s),
+            )
+            if h == self.edge_id:
+                self.held[h] = (b, s)
+                continue
+            info = secagg.pair_info("seal", self.round_id, self.edge_id, h)
+            key = secagg.agree(self.cipher.private, mine[h][0], info)
+            sealed[h] = secagg.seal(key, b + s, secagg.share_aad(self.round_id, self.edge_id, h))
+        return sealed, commitments
+
+    def receive(
+        self, dealers: list[str], sealed: list[tuple[str, bytes]], cipher_keys: dict[str, bytes]
+    ) -> None:
+        """Open the shares dealt to this edge; ``dealers``: who dealt (mask only with them).
+
+        Raises secagg.BadCiphertext (a share sealed for another round, sender or recipient).
+        """
+        self.dealers = frozenset(dealers)
+        if self.edge_id not in self.dealers:
+            raise SecureProtocolError(f"{self.edge_id}'s shares were not dealt in round {self.round_id}")
+        for dealer, ct in sealed:
+            if dealer not in self.peers:
+                raise SecureProtocolError(f"a share from {dealer}, not a neighbour of {self.edge_id}")
+            info = secagg.pair_info("seal", self.round_id, dealer, self.edge_id)
+            key = secagg.agree(self.cipher.private, cipher_keys[dealer], info)
+            plain = secagg.open_sealed(key, ct, secagg.share_aad(self.round_id, dealer, self.edge_id))
+            self.held[dealer] = (plain[: secagg.SHARE_BYTES], plain[secagg.SHARE_BYTES :])
+
+    def weight(self, samples: int) -> int:
+        """This edge's FedAvg weight: its sample count, or 1 for the uniform mean."""
+        return samples if self.settings.weight_by_samples else 1
+
+    def masked(self, increment: np.ndarray, samples: int) -> np.ndarray:
+        """The masked upload: encode(clip(x)·w) + b_u mask + pairwise masks with live neighbours.
+
+        ``increment``: float32 (n,), the flat increment. Returns uint32 (n,).
+        """
+        s = self.settings
+        encoded = secagg.encode_fixed(increment, self.weight(samples), s.clip, s.frac_bits)
+        pair_seeds = {
+            v: secagg.agree(self.mask.private, self.mask_keys[v], self._mask_info(v))
+            for v in sorted(self.peers & self.dealers)
+        }
+        return secagg.mask_upload(encoded, self.edge_id, self.self_seed, pair_seeds)
+
+    def _mask_info(self, peer: str) -> bytes:
+        return secagg.pair_info("mask", self.round_id, self.edge_id, peer)
+
+    def reveal(self, survivors: list[str], dropped: list[str]) -> list[tuple[str, str, bytes]]:
+        """(dealer, kind, share): b_u shares of survivors, s_u shares of the dropped.
+
+        Once per round: asked again with other survivors (to learn both secrets of one edge), it refuses.
+        """
+        alive, gone = frozenset(survivors), frozenset(dropped)
+        if alive & gone or self.edge_id not in alive:
+            raise SecureProtocolError("survivors and dropped overlap, or this edge is not a survivor")
+        if self._revealed is not None:
+            if self._revealed[:2] != (alive, gone):
+                raise SecureProtocolError(f"{self.edge_id} already revealed shares for other survivors")
+            return self._revealed[2]
+        out = []
+        for dealer, (b, s) in sorted(self.held.items()):
+            if dealer in alive:
+                out.append((dealer, SELF_SEED, b))
+            elif dealer in gone:
+                out.append((dealer, MASK_KEY, s))
+        self._revealed = (alive, gone, out)
+        return out

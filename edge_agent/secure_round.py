@@ -1,0 +1,111 @@
+"""One edge's secure round over the wire: advertise, deal, fetch, masked upload, reveal.
+
+Runs an EdgeSession (edge_agent/secure.py) through a FederationClient's secure RPCs, waiting for
+each phase with long-polls. The session lives in memory only: an edge that stops mid-round is
+one of the round's dropouts, recovered from by the others' shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.client import FederationClient, Upload
+from edge_agent.secure import EdgeSession, SecureSettings
+from fedocr.v1 import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+POLL_S = 10  # one long-poll; the phase wait repeats it
+
+
+class RoundLeft(RuntimeError):
+    """The secure round ended or went on without this edge (it advertised or dealt too late)."""
+
+
+@dataclass(frozen=True)
+class SecureResult:
+    """A masked upload that was counted, and whether this edge's reveal was needed."""
+
+    upload: Upload
+    revealed: bool
+    status: pb.SecureRoundStatus
+
+
+def settings_of(plan: pb.TrainingPlan) -> SecureSettings:
+    """The secure settings of a round's plan."""
+    s = plan.secure
+    return SecureSettings(s.clip, s.frac_bits, bytes(s.round_seed), s.weight_by_samples)
+
+
+def run(
+    client: FederationClient,
+    reply: pb.JoinResponse,
+    increment: np.ndarray,
+    samples: int,
+    fingerprint: bytes,
+    base_version: int,
+    statistics: int = 0,
+    zstd_level: int = 3,
+    patience_s: float = 3600.0,
+    on_step: Callable[[str], None] | None = None,
+) -> SecureResult:
+    """Take part in the secure round of ``reply``; returns once the edge did its last part.
+
+    ``increment``: float32 (n,). ``on_step`` hears "advertised", "shared", "uploaded", "revealed".
+    Raises RoundLeft when the round ends or moves on without this edge.
+    """
+    step = on_step or (lambda _: None)
+    round_id, me = reply.round_id, reply.edge_id
+    session = EdgeSession(me, round_id, settings_of(reply.plan))
+    client.advertise(round_id, *session.advertisement())
+    step("advertised")
+
+    status = _wait(client, round_id, pb.SECURE_PHASE_ADVERTISE, patience_s)
+    roster = [(k.edge_id, k.index, bytes(k.cipher_public), bytes(k.mask_public)) for k in status.roster]
+    if me not in {e for e, _, _, _ in roster}:
+        raise RoundLeft(f"round {round_id}: the roster was fixed without this edge")
+    sealed, commitments = session.deal(roster, status.neighbours, status.threshold)
+    client.share(round_id, sealed, commitments)
+    step("shared")
+
+    status = _wait(client, round_id, pb.SECURE_PHASE_SHARE, patience_s)  # no roster: kept from above
+    if me not in status.dealers:
+        raise RoundLeft(f"round {round_id}: the dealers were fixed without this edge")
+    cipher_keys = {e: c for e, _, c, _ in roster}
+    sealed_for_me = [(s.dealer, bytes(s.ciphertext)) for s in status.sealed]
+    session.receive(list(status.dealers), sealed_for_me, cipher_keys)
+    masked = session.masked(increment, samples)
+    upload = client.upload(
+        round_id, me, masked, samples, fingerprint, base_version, zstd_level, pb.ENCODING_MASKED_INT, 0,
+        statistics,
+    )
+    step("uploaded")
+
+    status = _wait(client, round_id, pb.SECURE_PHASE_UPLOAD, patience_s, allow_done=True)
+    if status.phase == pb.SECURE_PHASE_DONE:
+        return SecureResult(upload, False, status)
+    shares = session.reveal(list(status.survivors), list(status.dropped))
+    status = client.reveal(round_id, shares)
+    step("revealed")
+    log.info("round %s: revealed %d share(s) for unmasking", round_id, len(shares))
+    return SecureResult(upload, True, status)
+
+
+def _wait(
+    client: FederationClient, round_id: int, after: int, patience_s: float, allow_done: bool = False
+) -> pb.SecureRoundStatus:
+    """Long-poll until the phase is past ``after``; RoundLeft if the round ended (unless allowed)."""
+    until = time.monotonic() + patience_s
+    while True:
+        status = client.secure_round(round_id, after, POLL_S)
+        if status.phase == pb.SECURE_PHASE_DONE and not allow_done:
+            raise RoundLeft(f"round {round_id} ended: {status.message}")
+        if status.phase > after:
+            return status
+        if time.monotonic() > until:
+            raise RoundLeft(f"round {round_id}: still in phase {pb.SecurePhase.Name(status.phase)}")

@@ -1,0 +1,114 @@
+"""The [secure_aggregation] settings, and the secure round record's JSON and LMDB round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.rounds import RoundRecord, new_round
+from aggregator.secure import SHARE, SecureRecord
+from aggregator.store import Manifest, Store
+from fedocr import secagg
+
+
+def test_secure_aggregation_is_off_by_default_and_rounds_carry_no_secure_record() -> None:
+    config = AggregatorConfig()
+    assert not config.secure_aggregation
+    assert new_round(config, 1, 0, 0.0, 1).secure is None
+
+
+def test_the_toml_table_turns_it_on(tmp_path: Path) -> None:
+    path = tmp_path / "agg.toml"
+    path.write_text(
+        "[rounds]\nquorum = 5\nmin_edges = 3\n"
+        "[secure_aggregation]\nenabled = true\nthreshold = 3\nneighbours = 4\nclip = 2.0\nphase_s = 30\n"
+    )
+    config = AggregatorConfig.load(path)
+    assert config.secure_aggregation and config.secagg_threshold == 3 and config.secagg_neighbours == 4
+    assert config.secagg_clip == 2.0 and config.secagg_phase_s == 30.0
+    assert config.secagg_bits == 9  # 2e6 x (2 x 2^9 + 1/2) < 2^31 <= 2e6 x (2 x 2^10 + 1/2)
+    secagg.check_headroom(config.secagg_max_weight_sum, config.secagg_clip, config.secagg_bits)
+    with pytest.raises(secagg.SecAggError):
+        secagg.check_headroom(config.secagg_max_weight_sum, config.secagg_clip, config.secagg_bits + 1)
+
+
+def test_default_precision_for_200_edges_of_10000_samples() -> None:
+    config = AggregatorConfig(secure_aggregation=True)
+    assert (config.secagg_clip, config.secagg_max_weight_sum, config.secagg_bits) == (8.0, 2e6, 7)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"secagg_threshold": 1}, "threshold must be 0"),
+        ({"secagg_threshold": -2}, "threshold must be 0"),
+        ({"secure_aggregation": True, "secagg_threshold": 3, "min_edges": 2}, "exceeds min_edges"),
+        ({"secagg_neighbours": 3}, "neighbours must be 0"),
+        ({"secagg_neighbours": 2, "secagg_threshold": 4, "quorum": 4, "min_edges": 4}, "neighbours must"),
+        ({"secagg_clip": 0.0}, "clip must be positive"),
+        ({"secagg_clip": float("nan")}, "clip must be positive"),
+        ({"secagg_max_weight_sum": 0.0}, "max_weight_sum"),
+        ({"secagg_frac_bits": 31}, "frac_bits must be within"),
+        ({"secagg_frac_bits": 20}, "wrap"),
+        ({"secure_aggregation": True, "secagg_phase_s": 0.0}, "phase_s must be positive"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AggregatorConfig(**settings)
+
+
+def test_unknown_keys_in_the_table_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agg.toml"
+    path.write_text("[secure_aggregation]\nenable = true\n")
+    with pytest.raises(ConfigError, match="unknown key 'enable' in \\[secure_aggregation\\]"):
+        AggregatorConfig.load(path)
+
+
+def secure_record() -> RoundRecord:
+    config = AggregatorConfig(secure_aggregation=True, quorum=3, min_edges=2)
+    r = new_round(config, 4, 1, 10.0, 2)
+    sec = r.secure
+    keys = {e: (secagg.generate_keypair(), secagg.generate_keypair()) for e in ("a", "b", "c")}
+    for e, (c, s) in keys.items():
+        sec.advertise(e, c.public, s.public, set())
+    assert sec.fix_roster(11.0, 5.0) == "" and sec.phase == SHARE
+    sec.sealed["b"] = {"a": "ab" * 160}
+    sec.commitments["a"] = {"a": ["00" * 32, "11" * 32]}
+    sec._blob("dealt/a", {"sealed": {"b": "ab" * 160}, "commitments": sec.commitments["a"]})
+    sec._blob("revealed/b", [["self_seed", "a", "cd" * 66]])
+    sec.revealed["self_seed"] = {"a": {"b": "cd" * 66}}
+    return r
+
+
+def test_the_secure_record_survives_json_without_its_blobs() -> None:
+    r = secure_record()
+    back = RoundRecord.from_json(r.to_json())
+    assert isinstance(back.secure, SecureRecord)
+    assert back.secure.core() == r.secure.core() and not back.secure.commitments
+    assert back.secure.graph() == r.secure.graph() and back.secure.index("c") == 3
+    assert b"abab" not in r.to_json()  # sealed shares are blobs, never in the record
+
+
+def test_the_secure_record_and_masked_sum_survive_the_store(tmp_path: Path) -> None:
+    r = secure_record()
+    store = Store(tmp_path / "state")
+    manifest = Manifest(((0, 4, False),), b"f" * 32)
+    store.init_model(manifest, np.zeros(4, np.float32), 2, r)
+    masked = np.array([1, 2**32 - 1, 7, 0], dtype=np.uint32)
+    store.commit_upload(r, np.zeros(4), masked)
+    store.close()
+    store = Store(tmp_path / "state")
+    snap = store.load()
+    assert snap.round == r and snap.masked.dtype == np.uint32 and snap.masked.tolist() == masked.tolist()
+    assert snap.round.secure.revealed == r.secure.revealed and snap.round.secure.sealed == r.secure.sealed
+    assert snap.total is None  # a secure round keeps no float sum
+    store.finish_round(r, np.ones(4, np.float32), 3, None)
+    after = store.load()
+    assert after.masked is None and after.history[0].secure.core() == r.secure.core()
+    with store._env.begin() as txn:
+        assert not [k for k, _ in txn.cursor() if k.startswith(b"secure/")]
+    store.close()

@@ -1,0 +1,214 @@
+"""Secure aggregation end to end: a real aggregator process, real mutual TLS, light edge processes.
+
+The edges (light_edge.py) run the protocol's phases with edge_agent.secure_round and upload
+masked increments; the aggregator only ever holds their masked sum. Precision: with frac_bits f
+(here 18, from max_weight_sum = 1000 and clip = 8) the unmasked mean is within n·½/(2^f·W) plus
+float32 rounding of plain FedAvg.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest runs in importlib mode
+
+import light_edge  # noqa: E402
+from test_crashes import (  # noqa: E402
+    CONFIG,
+    LENGTH,
+    Aggregator,
+    Events,
+    Processes,
+    final_state,
+    observer,
+    wait_exit,
+    wait_until,
+)
+
+from fedocr.v1 import federation_pb2 as pb  # noqa: E402
+
+SECURE = """[secure_aggregation]
+enabled = true
+max_weight_sum = 1000
+phase_s = {phase_s}
+"""
+FRAC_BITS = 18  # what max_weight_sum = 1000 and clip = 8 leave (AggregatorConfig.secagg_bits)
+
+
+def secure_aggregator(fault_pki, work: Path, edges: int, min_edges: int, phase_s: float = 5) -> Aggregator:
+    agg = Aggregator(fault_pki, work, "--rounds", "1", "--quorum", str(edges), "--min-edges", str(min_edges))
+    agg.flags += ("--deadline", "60", "--weighting", "samples")
+    agg.config.write_text(CONFIG + SECURE.format(phase_s=phase_s))
+    return agg
+
+
+def expected_mean(names: list[str], round_id: int) -> tuple[np.ndarray, float]:
+    """Plain FedAvg of the edges' (clipped) increments, and the stated precision bound."""
+    w = np.array([light_edge.samples(e, round_id) for e in names], dtype=np.float64)
+    xs = np.stack([light_edge.increment(e, round_id, LENGTH) for e in names]).astype(np.float64)
+    xs = np.clip(xs, -8, 8)
+    return (w[:, None] * xs).sum(axis=0) / w.sum(), len(names) * 0.5 / (2.0**FRAC_BITS * w.sum())
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Children of the test; killed (by pid) if still running at the end."""
+    p = Processes()
+    yield p
+    for popen in p.started:
+        if popen.poll() is None:
+            os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(10)
+    for agg in p.aggregators:
+        agg.stop()
+
+
+def check_closed_as_fedavg(fault_pki, agg: Aggregator, names: list[str]) -> pb.RoundStatus:
+    """The one round closed, and the global state is the FedAvg of ``names``' increments."""
+    ops = observer(fault_pki, agg.port)
+    listed = ops.list_rounds()
+    ops.close()
+    assert len(listed.rounds) == 1, [(r.state, r.message) for r in listed.rounds]
+    (closed,) = listed.rounds
+    assert closed.state == pb.ROUND_STATE_CLOSED, closed.message
+    assert closed.plan.secure.enabled and closed.plan.encoding == pb.ENCODING_MASKED_INT
+    assert {e.edge_id for e in closed.edges if e.uploaded} == set(names)
+    version, state = final_state(fault_pki, agg.port)
+    want, bound = expected_mean(names, closed.round_id)
+    assert version == 2
+    assert np.all(np.abs(state - want) <= bound + 2.0**-23 * np.abs(want)), np.abs(state - want).max()
+    assert "Traceback" not in agg.logs()
+    return closed
+
+
+def test_a_secure_round_closes_and_equals_plain_fedavg(fault_pki, tmp_path: Path, procs: Processes) -> None:
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in names]
+    wait_exit(edges, out, timeout=120)
+    closed = check_closed_as_fedavg(fault_pki, agg, names)
+    # every edge's extra messages are counted: masked upload (4 bytes a value) and the phases
+    for e in closed.edges:
+        assert e.bytes.raw_up > 4 * LENGTH and e.bytes.raw_down > 0
+    receipts = [light_edge_lines(out, n) for n in names]
+    assert all(r["how"] == "secure" and r["raw_bytes"] == 4 * LENGTH for r in receipts)
+
+
+def test_an_edge_killed_after_its_upload_is_unmasked_by_the_others(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    victim = procs.edge(fault_pki, agg.port, "edge-3", out, "--stall-after-step", "uploaded")
+    others = [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    events = Events(out, ["edge-3"])
+    wait_until(lambda: any(e["kind"] == "stalled" for e in events.poll()), 90, "edge-3 to upload and stall")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    wait_exit(others, out, timeout=120)
+    closed = check_closed_as_fedavg(fault_pki, agg, names)  # edge-3's upload is in the mean
+    assert closed.message.startswith("aggregated 4")
+
+
+def test_an_edge_killed_before_its_upload_has_its_masks_removed(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    victim = procs.edge(fault_pki, agg.port, "edge-3", out, "--stall-after-step", "shared")
+    others = [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    events = Events(out, ["edge-3"])
+    wait_until(lambda: any(e["kind"] == "stalled" for e in events.poll()), 90, "edge-3 to deal and stall")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    wait_exit(others, out, timeout=120)  # the upload phase ends at its deadline (phase_s = 5)
+    closed = check_closed_as_fedavg(fault_pki, agg, names[:3])
+    assert closed.message.startswith("aggregated 3")
+
+
+def test_more_than_n_minus_t_killed_fails_the_round_and_leaves_the_state(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    victims = [procs.edge(fault_pki, agg.port, n, out, "--stall-after-step", "uploaded") for n in names[2:]]
+    for n in names[:2]:
+        procs.edge(fault_pki, agg.port, n, out)
+    events, stalled = Events(out, names[2:]), set()
+
+    def both_stalled() -> bool:
+        stalled.update(e["edge"] for e in events.poll() if e["kind"] == "stalled")
+        return len(stalled) == 2
+
+    wait_until(both_stalled, 90, "edge-2 and edge-3 to upload and stall")
+    for victim in victims:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+    ops = observer(fault_pki, agg.port)
+    failed = wait_until(
+        lambda: (r := ops.get_round(1)).state != pb.ROUND_STATE_OPEN and r, 60, "round 1 to end"
+    )
+    assert failed.state == pb.ROUND_STATE_FAILED
+    assert "too many edges dropped" in failed.message and "threshold is 3" in failed.message
+    assert "global state is unchanged" in failed.message
+    assert {e.edge_id for e in failed.edges if e.uploaded} == set(names)  # 2 > n - t = 1 silent after
+    current = ops.get_round()
+    ops.close()
+    assert current.round_id == 2 and current.round_index == 0 and current.state_version == 1
+    version, state = final_state(fault_pki, agg.port)
+    assert version == 1 and not state.any()
+    assert "Traceback" not in agg.logs()
+
+
+def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, procs: Processes) -> None:
+    """SIGKILL the aggregator once the first edge dealt its shares and again once one uploaded;
+    restarted on the same state, it finishes the round with every edge, equal to plain FedAvg.
+    (Phase deadlines run on through an outage: phase_s must outlast the restarts, else the round
+    fails cleanly and is retried.)"""
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=40)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in names]
+    events = Events(out, names)
+    for step in ("shared", "uploaded"):
+        wait_until(lambda s=step: any(e["kind"] == s for e in events.poll()), 90, f"an edge to have {step}")
+        agg.kill9()
+        agg.start()
+    wait_exit(edges, out, timeout=150)
+    check_closed_as_fedavg(fault_pki, agg, names)
+
+
+def light_edge_lines(out: Path, name: str) -> dict:
+    """The one receipt line of an edge."""
+    (line,) = [json.loads(t) for t in (out / f"{name}.receipts.jsonl").read_text().splitlines()]
+    return line
+
+
+pytestmark = pytest.mark.timeout(300)
