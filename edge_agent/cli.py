@@ -37,7 +37,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-key", required=True, type=Path, help="this edge's private key (PEM)")
     p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
     p.add_argument("--server-name", help="name to check in the aggregator's certificate (default: the host)")
-    p.add_argument("--preset", default="fedocr-tiny", help="model preset; every edge must use the same")
+    p.add_argument("--preset", default="fedocr-cpu", help="model preset; every edge must use the same")
     p.add_argument(
         "--alphabet",
         choices=sorted(ALPHABETS),

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on one or more LMDBs (single or centralized manner)")
     p.add_argument("--data", action="append", required=True, help="an LMDB; repeat to pool several")
-    p.add_argument("--preset", default="fedocr-tiny")
+    p.add_argument("--preset", default="fedocr-cpu")
     p.add_argument("--alphabet", choices=sorted(ALPHABETS),
                    help="symbols the model reads (default: the preset's, alnum36: case-insensitive "
                         "digits and letters); labels are folded to it")
