@@ -9,7 +9,7 @@ of HELD_OUT clean images of another seed, for each label kind a row uses (``reco
 of words, numbers, codes and punctuation). Accuracy is the paper's: case-insensitive word accuracy on
 alphanumerics, greedy decoding.
 
-Each row is one recipe: the default CPU recipe (``DEFAULT``: the ``fedocr-tiny`` preset hashed at
+Each row is one recipe: the default CPU recipe (the ``fedocr-cpu`` preset hashed at
 gamma 1/2 with the training settings of ``recognizer train``) with one choice changed, an ablation. A row
 trains in a process of its own, on one torch thread unless the row says otherwise, until it reaches
 90% or spends its budget of training CPU seconds (the process's CPU time inside training steps and
@@ -55,11 +55,12 @@ class Row:
 class TrainSettings:
     """What the training loop does (the defaults are `recognizer train`'s)."""
 
-    preset: str = "fedocr-tiny"
+    preset: str = "fedocr-cpu"
     gamma: float | None = 0.5
     optimizer: str = "adam"
     lr: float | None = None  # None: recognizer.recipe.DEFAULT_LR of the optimizer
     warmup_steps: int = 0
+    decay_steps: tuple[int, ...] = ()  # the lr is x0.1 from each of these steps on
     batch_size: int = DEFAULT_BATCH_SIZE
     bf16: bool = False
     threads: int = 1
@@ -79,8 +80,10 @@ ROWS: tuple[Row, ...] = (
         model={"tps": True, "input_hw": (64, 256)}),
     Row("rectifier-later", "TPS rectifier switched on at step 2,000 (64x256 input)",
         model={"tps": True, "input_hw": (64, 256)}, train={"rectify_from_step": 2000}),
-    Row("wide-stem", "ShuffleNet stem and first stage twice as wide (32, 64)",
-        model={"encoder_widths": (32, 64, 64, 128, 128)}),
+    Row("narrow-stages", "fedocr-tiny's ShuffleNet stages (32/64/128), the default before",
+        train={"preset": "fedocr-tiny"}),
+    Row("decay-2000", "lr x0.1 from step 2,000", train={"decay_steps": (2000,)}),
+    Row("decay-1500", "lr x0.1 from step 1,500", train={"decay_steps": (1500,)}),
     Row("batch-32", "batch 32", train={"batch_size": 32}),
     Row("batch-64", "batch 64", train={"batch_size": 64}),
     Row("no-aux-ctc", "no auxiliary CTC loss", model={"ctc_weight": 0.0}),
@@ -130,7 +133,8 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
     started = time.process_time()
     while True:
         for images, targets, _ in loader:
-            tr.set_lr(optimizer, base_lr * tr.warmup_factor(step, s.warmup_steps))
+            lr = tr.lr_at(step, base_lr, s.decay_steps) * tr.warmup_factor(step, s.warmup_steps)
+            tr.set_lr(optimizer, lr)
             if model.rectifier is not None and step == s.rectify_from_step:
                 model.rectify = True
             model.train()
@@ -148,12 +152,28 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
                 if level not in reached and result.accuracy >= int(level) / 100:
                     reached[level] = point
             if "90" in reached or cpu >= budget_s:
-                return {"row": row.name, "what": row.what, "labels": row.labels, "settings":
-                        dataclasses.asdict(s), "model": {k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in row.model.items()},
-                        "budget_s": budget_s, "reached": reached, "curve": curve,
-                        "steps_per_cpu_s": round(step / cpu, 2)}
+                return {"row": row.name, "what": row.what, **identity(row, budget_s),
+                        "reached": reached, "curve": curve, "steps_per_cpu_s": round(step / cpu, 2)}
             started = time.process_time()
+
+
+def identity(row: Row, budget_s: float) -> dict:
+    """What a stored result must have been made with to stand for ``row`` (settings, model, data, budget)."""
+    s = dataclasses.replace(TrainSettings(), **row.train)
+    return {"labels": row.labels, "settings": json.loads(json.dumps(dataclasses.asdict(s))),
+            "model": json.loads(json.dumps(row.model)), "budget_s": budget_s}
+
+
+def is_finished(row: Row, path: Path, budget_s: float) -> bool:
+    """Whether ``path`` holds this row's result; one made with other settings is reported and redone."""
+    if not path.exists():
+        return False
+    stored = json.loads(path.read_text())
+    want = identity(row, budget_s)
+    if {k: stored.get(k) for k in want} == want:
+        return True
+    print(f"{path}: made with other settings than row {row.name!r} has now; running it again", flush=True)
+    return False
 
 
 def _fmt(point: dict | None, key: str) -> str:
@@ -204,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for labels in sorted({by_name[n].labels for n in names}):
         make_data(args.data_dir, labels)  # before the rows start, so none renders it twice
-    todo = [n for n in names if not (args.results / f"{n}.json").exists()]
+    todo = [n for n in names if not is_finished(by_name[n], args.results / f"{n}.json",
+                                                 args.budget * by_name[n].budget_factor)]
     running: list[subprocess.Popen] = []
     while todo or running:
         running = [proc for proc in running if proc.poll() is None]
