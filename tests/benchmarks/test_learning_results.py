@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import learning
+# benchmarks/ is a directory of scripts, not an installed package: load the module from its file.
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
+_SPEC = importlib.util.spec_from_file_location("benchmarks_learning", _PATH)
+assert _SPEC is not None and _SPEC.loader is not None
+learning = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = learning  # dataclasses look their module up while the file runs
+_SPEC.loader.exec_module(learning)
 
 
 def _store(path: Path, row: learning.Row, budget_s: float, **changes: object) -> None:
