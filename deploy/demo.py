@@ -14,7 +14,7 @@ Every file stays in one working directory (summary.json holds the results); ever
 started is stopped on success, failure or Ctrl-C. The processes are started by localfed.py; the
 live progress and the table are printed by demo_progress.py.
 
-    python deploy/demo.py [--work-dir runs/demo] [--edges 3] [--rounds 4] ...
+    python deploy/demo.py [--work-dir runs/demo] [--edges 3] [--rounds 10] ...
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--edges", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--preset", default="fedocr-tiny")
     p.add_argument("--gamma", default="1/2")
