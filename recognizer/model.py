@@ -106,7 +106,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The default CPU preset: fedocr-tiny with ShuffleNetV2 stages three times as wide (96/192/384,
     # about 0.75x ImageNet's 1.0x). Its encoder costs 22 M multiply-adds per 32x100 image against
     # fedocr-tiny's 3.2 M, and it leaves the plateau on dictionary words after about 1,000 steps
-    # instead of 2,500 (benchmarks/learning.py, row wide-stages).
+    # instead of 2,500 (benchmarks/learning.py: rows default and narrow-stages).
     "fedocr-cpu": ModelConfig(
         "fedocr-cpu", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE,
         lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
