@@ -63,6 +63,9 @@ _SHUFFLE = (4, 8, 4)
 # linear skip around the BiLSTM (without the skip, the fresh BiLSTM holds it back as well).
 _CPU = {"tps": False, "input_hw": (32, 100), "keep_aspect": True, "polarity_norm": True,
         "dec_location": 7, "lstm_skip": True, "ctc_weight": 0.5}
+# The small sequence model, decoder and (unused without tps) rectifier of the tiny CPU presets.
+_TINY = {"lstm_hidden": 64, "lstm_layers": 2, "dec_hidden": 96, "dec_attention": 96, "dec_embedding": 32,
+         "stn_widths": (8, 16, 32, 32, 32, 32), "stn_fc": 64, **_CPU}
 
 PRESETS: dict[str, ModelConfig] = {
     # aster.pytorch as the FedOCR paper's baseline: 20.99 M parameters in Table 1.
@@ -93,25 +96,16 @@ PRESETS: dict[str, ModelConfig] = {
     # ASTER-FL's ResNet at fedocr-tiny's widths, one or two residual blocks per stage: the `mini`
     # experiment's ASTER-FL (experiments/scales.py), 0.2 CPU-s per batch of 16 on one thread.
     "aster-fl-tiny": ModelConfig(
-        "aster-fl-tiny", "resnet", (16, 16, 32, 64, 128, 128), (1, 2, 2, 2, 1),
-        lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
-        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64, **_CPU,
-    ),
+        "aster-fl-tiny", "resnet", (16, 16, 32, 64, 128, 128), (1, 2, 2, 2, 1), **_TINY),
     # The smallest: learns to read digit strings in minutes on one core (demo, tests, `mini`).
     "fedocr-tiny": ModelConfig(
-        "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE,
-        lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
-        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64, **_CPU,
-    ),
+        "fedocr-tiny", "shufflenet", (16, 32, 64, 128, 128), _SHUFFLE, **_TINY),
     # The default CPU preset: fedocr-tiny with ShuffleNetV2 stages three times as wide (96/192/384,
     # about 0.75x ImageNet's 1.0x). Its encoder costs 22 M multiply-adds per 32x100 image against
     # fedocr-tiny's 3.2 M, and it leaves the plateau on dictionary words after about 1,000 steps
     # instead of 2,500 (benchmarks/learning.py: rows default and narrow-stages).
     "fedocr-cpu": ModelConfig(
-        "fedocr-cpu", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE,
-        lstm_hidden=64, lstm_layers=2, dec_hidden=96, dec_attention=96, dec_embedding=32,
-        stn_widths=(8, 16, 32, 32, 32, 32), stn_fc=64, **_CPU,
-    ),
+        "fedocr-cpu", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE, **_TINY),
 }  # fmt: skip
 
 
