@@ -1,4 +1,4 @@
-"""Value encodings of one chunk payload: float32, float16, and 8- and 4-bit block quantization.
+"""Value encodings of one chunk payload: float32, float16, and 8-, 4- and 2-bit block quantization.
 
 A chunk holds ``count`` consecutive values of one tensor. Its payload (before compression) is:
 
@@ -12,11 +12,16 @@ A chunk holds ``count`` consecutive values of one tensor. Its payload (before co
   decode to uint32, not float32;
 - ENCODING_INT4_QUANTIZED: the same scales, then ``ceil(count / 2)`` bytes of 4-bit codes, the
   first value in the low nibble; a code u in [1, 15] means q = u - 8 in [-7, 7]; code 0 is
-  invalid, and with an odd count the last high nibble is padding and must be 0.
+  invalid, and with an odd count the last high nibble is padding and must be 0;
+- ENCODING_INT2_QUANTIZED: the same scales, then ``ceil(count / 4)`` bytes of 2-bit codes, four
+  per byte, the first value in the lowest two bits; a code u in [1, 3] means q = u - 2 in
+  {-1, 0, 1} (ternary); code 0 is invalid, and the codes after the last value must be 0.
 
 A scale must be finite and in [0, MAX_SCALE] (so that every decoded value is a finite float32).
-The encoder picks scale = max |value| / qmax per block, so a block's largest value is exact.
-Rounding is to the nearest level, or stochastic (unbiased: E[decoded] = value) with an rng.
+In int8 and int4 the encoder picks scale = max |value| / qmax per block, so a block's largest
+value is exact. In int2 it picks the block's mean |value|: with the max, nearly every value of a
+block would round to 0. Rounding is to the nearest level, or stochastic with an rng (unbiased,
+E[decoded] = value, for every value within qmax * scale: all of them in int8 and int4).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
 MASKED = np.dtype("<u4")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-QMAX = {pb.ENCODING_INT8_QUANTIZED: 127, pb.ENCODING_INT4_QUANTIZED: 7}
+QMAX = {pb.ENCODING_INT8_QUANTIZED: 127, pb.ENCODING_INT4_QUANTIZED: 7, pb.ENCODING_INT2_QUANTIZED: 1}
+BITS = {pb.ENCODING_INT4_QUANTIZED: 4, pb.ENCODING_INT2_QUANTIZED: 2}  # packed several codes per byte
 MAX_SCALE = float(np.finfo(np.float32).max) / 128  # q * scale stays finite for |q| <= 127
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -40,6 +46,7 @@ NAMES: dict[str, int] = {
     "float16": pb.ENCODING_FLOAT16,
     "int8": pb.ENCODING_INT8_QUANTIZED,
     "int4": pb.ENCODING_INT4_QUANTIZED,
+    "int2": pb.ENCODING_INT2_QUANTIZED,
 }
 
 
@@ -52,7 +59,7 @@ class BadScale(EncodingError):
 
 
 class BadCode(EncodingError):
-    """A quantized code outside its range (-128 in int8, code 0 or a set padding nibble in int4)."""
+    """A quantized code outside its range (-128 in int8, code 0 or set padding bits in int4 and int2)."""
 
 
 class PayloadSizeError(EncodingError):
@@ -85,8 +92,9 @@ def payload_size(encoding: int, count: int) -> int:
         return 2 * count
     if encoding == pb.ENCODING_INT8_QUANTIZED:
         return 4 * blocks(count) + count
-    if encoding == pb.ENCODING_INT4_QUANTIZED:
-        return 4 * blocks(count) + (count + 1) // 2
+    if encoding in BITS:
+        per_byte = 8 // BITS[encoding]
+        return 4 * blocks(count) + -(-count // per_byte)
     raise EncodingError(f"encoding {name_of(encoding)} has no payload layout")
 
 
@@ -120,7 +128,12 @@ def encode(
     padded = np.zeros(blocks(n) * BLOCK, dtype=np.float32)
     padded[:n] = values
     grid = padded.reshape(-1, BLOCK)
-    peaks = np.abs(grid).max(axis=1) / qmax
+    if encoding == pb.ENCODING_INT2_QUANTIZED:  # the mean |value| of each block's real values
+        sizes = np.minimum(BLOCK, n - BLOCK * np.arange(grid.shape[0]))
+        with np.errstate(invalid="ignore", over="ignore"):
+            peaks = np.abs(grid).sum(axis=1, dtype=np.float64) / sizes
+    else:
+        peaks = np.abs(grid).max(axis=1) / qmax
     # Non-finite values give a non-finite scale, which the receiver refuses: nothing is hidden.
     scales = np.where(np.isfinite(peaks), np.minimum(peaks, MAX_SCALE), peaks).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float32)[:, None]
@@ -136,11 +149,37 @@ def encode(
     head = scales.astype(FLOAT32).tobytes()
     if encoding == pb.ENCODING_INT8_QUANTIZED:
         return head + codes.tobytes(), decoded
-    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
-    if n % 2:
-        nibbles = np.append(nibbles, np.uint8(0))  # a code-0 padding nibble
-    packed = nibbles[0::2] | (nibbles[1::2] << 4)
-    return head + packed.tobytes(), decoded
+    return head + _pack(codes, encoding), decoded
+
+
+def _pack(q: np.ndarray, encoding: int) -> bytes:
+    """Codes u = q + qmax + 1 of ``encoding``'s width, several per byte, lowest bits first."""
+    bits = BITS[encoding]
+    per_byte = 8 // bits
+    u = np.zeros(-(-q.size // per_byte) * per_byte, dtype=np.uint8)  # code 0 pads the last byte
+    u[: q.size] = q.astype(np.int16) + QMAX[encoding] + 1
+    packed = np.zeros(u.size // per_byte, dtype=np.uint8)
+    for slot in range(per_byte):
+        packed |= u[slot::per_byte] << (bits * slot)
+    return packed.tobytes()
+
+
+def _unpack(body: np.ndarray, encoding: int, count: int, where: str) -> np.ndarray:
+    """The q values of ``count`` packed codes; refuses code 0 and set bits after the last value."""
+    bits = BITS[encoding]
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    u = np.empty(body.size * per_byte, dtype=np.uint8)
+    for slot in range(per_byte):
+        u[slot::per_byte] = (body >> (bits * slot)) & mask
+    unit = "nibble" if bits == 4 else f"{bits}-bit code"
+    if u[count:].any():
+        at = count + int(np.flatnonzero(u[count:])[0])
+        raise BadCode(f"{where}: the padding {unit} after value {count - 1} is {int(u[at])}, not 0")
+    u = u[:count]
+    if not u.all():
+        at = int(np.flatnonzero(u == 0)[0])
+        raise BadCode(f"{where}: {name_of(encoding)} code 0 at value {at}; codes are 1..{mask}")
+    return u.astype(np.float32) - (QMAX[encoding] + 1)
 
 
 def decode(payload: bytes, encoding: int, count: int, where: str = "payload") -> np.ndarray:
@@ -176,16 +215,7 @@ def decode(payload: bytes, encoding: int, count: int, where: str = "payload") ->
             raise BadCode(f"{where}: int8 code -128 at value {at}; codes are -127..127")
         q = q.astype(np.float32)
     else:
-        low, high = body & 0x0F, body >> 4
-        if count % 2 and high[-1]:
-            raise BadCode(f"{where}: the padding nibble after value {count - 1} is {int(high[-1])}, not 0")
-        codes = np.empty(2 * body.size, dtype=np.uint8)
-        codes[0::2], codes[1::2] = low, high
-        codes = codes[:count]
-        if not codes.all():
-            at = int(np.flatnonzero(codes == 0)[0])
-            raise BadCode(f"{where}: int4 code 0 at value {at}; codes are 1..15")
-        q = codes.astype(np.float32) - 8.0
+        q = _unpack(body, encoding, count, where)
     padded = np.zeros(nblocks * BLOCK, dtype=np.float32)
     padded[:count] = q
     return (padded.reshape(-1, BLOCK) * scales[:, None]).reshape(-1)[:count]

@@ -51,7 +51,13 @@ def tampered(round_id: int, edit, encoding: int = pb.ENCODING_FLOAT32, **kw) -> 
     return messages
 
 
-ENCODINGS = [pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED]
+ENCODINGS = [
+    pb.ENCODING_FLOAT32,
+    pb.ENCODING_FLOAT16,
+    pb.ENCODING_INT8_QUANTIZED,
+    pb.ENCODING_INT4_QUANTIZED,
+    pb.ENCODING_INT2_QUANTIZED,
+]
 
 
 @pytest.mark.parametrize("enc", ENCODINGS, ids=lambda e: pb.Encoding.Name(e))
@@ -129,6 +135,11 @@ def test_quantized_payload_refusals_name_the_fault(fed, connect, enc: int) -> No
     def extra_block(m):
         m[1].chunk.payload += bytes(4)
 
+    def int2_code_past_the_end(m):  # 3 values: the last code slot of the one code byte is padding
+        payload = bytearray(m[1].chunk.payload)
+        payload[-1] |= 0x40
+        m[1].chunk.payload = bytes(payload)
+
     def nibble_past_the_end(m):  # tensor 0 has 6 values in chunks of 3: an odd count
         payload = bytearray(m[1].chunk.payload)
         payload[-1] |= 0x10
@@ -141,6 +152,8 @@ def test_quantized_payload_refusals_name_the_fault(fed, connect, enc: int) -> No
     }
     if enc == pb.ENCODING_INT4_QUANTIZED:
         cases["nibble past the end"] = (nibble_past_the_end, "padding nibble after value 2")
+    if enc == pb.ENCODING_INT2_QUANTIZED:
+        cases["code past the end"] = (int2_code_past_the_end, "padding 2-bit code after value 2 is 1")
     for name, (edit, message) in cases.items():
         messages = tampered(r, edit, enc, compression=pb.COMPRESSION_NONE, chunk_elems=3)
         with pytest.raises(grpc.RpcError) as err:

@@ -41,7 +41,7 @@ import light_edge  # noqa: E402
 
 KILLS = int(os.environ.get("FEDOCR_CRASH_KILLS", "20"))
 SEED = int(os.environ.get("FEDOCR_CRASH_SEED", "20261122"))
-EDGES = 4
+EDGES = 5
 LENGTH = 50_000
 LIGHT_EDGE = Path(light_edge.__file__)
 PHASES = ("join", "upload", "receipt", "aggregate", "download", "anytime")
@@ -348,7 +348,7 @@ def test_aggregator_killed_at_random_points_loses_and_repeats_nothing(
     agg.start()
     names = [f"edge-{k}" for k in range(EDGES)]
     # One encoding per edge, so every encoding's uploads are cut by the kills.
-    encoding_of = dict(zip(names, ("float32", "float16", "int8", "int4"), strict=True))
+    encoding_of = dict(zip(names, ("float32", "float16", "int8", "int4", "int2"), strict=True))
     edges = [
         procs.edge(fault_pki, agg.port, n, out, "--chunk-pause", "0.005", "--encoding", encoding_of[n])
         for n in names

@@ -243,7 +243,13 @@ stream_params = st.fixed_dictionaries(
         "chunk_elems": st.sampled_from([16, 100, 300, 1024, 1100]),  # 1100 floats: over 4096 bytes
         "compression": st.sampled_from([pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD]),
         "encoding": st.sampled_from(
-            [pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED]
+            [
+                pb.ENCODING_FLOAT32,
+                pb.ENCODING_FLOAT16,
+                pb.ENCODING_INT8_QUANTIZED,
+                pb.ENCODING_INT4_QUANTIZED,
+                pb.ENCODING_INT2_QUANTIZED,
+            ]
         ),
         "samples": st.integers(1, 5),
         "special": st.lists(

@@ -12,8 +12,9 @@ from fedocr import tensors as T
 from fedocr.v1 import federation_pb2 as pb
 
 F16, I8, I4 = pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED
+I2 = pb.ENCODING_INT2_QUANTIZED
 NONE, ZSTD = pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD
-LOSSY = [F16, I8, I4]
+LOSSY = [F16, I8, I4, I2]
 
 
 def values(n: int, seed: int = 0) -> np.ndarray:
@@ -38,7 +39,7 @@ def assemble(specs, chunks, trailer, encoding, compression=ZSTD):
 @pytest.mark.parametrize("compression", [NONE, ZSTD])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_receiver_decodes_what_the_sender_says_it_will(encoding, compression, rounding):
-    # Odd counts and counts off the block grid: partial last blocks and a padding nibble.
+    # Odd counts and counts off the block grid: partial last blocks and padding codes.
     arrays = [values(2561), values(1, 1), values(257, 2)]
     enc, chunks, trailer = stream(arrays, encoding, compression, rounding=rounding)
 
@@ -47,7 +48,8 @@ def test_receiver_decodes_what_the_sender_says_it_will(encoding, compression, ro
     for got, sent in zip(out, enc.decoded(), strict=True):
         np.testing.assert_array_equal(got, sent)
     assert not np.array_equal(out[0], arrays[0])  # lossy: something was dropped
-    np.testing.assert_allclose(out[0], arrays[0], atol=float(np.abs(arrays[0]).max()) / 7)
+    if encoding != I2:  # int2's error is bounded per block below
+        np.testing.assert_allclose(out[0], arrays[0], atol=float(np.abs(arrays[0]).max()) / 7)
 
 
 @pytest.mark.parametrize(("encoding", "qmax"), [(I8, 127), (I4, 7)])
@@ -76,6 +78,33 @@ def test_stochastic_rounding_is_unbiased():
     assert E.encode(x, I4, "nearest")[1][1] == 0.0
 
 
+def test_int2_is_ternary_at_each_blocks_mean_magnitude():
+    x = values(1000)  # a short last block: its mean is over its 232 values only
+    payload, decoded = E.encode(x, I2)
+
+    blocks = [x[i : i + E.BLOCK] for i in range(0, x.size, E.BLOCK)]
+    means = np.array([np.abs(b).mean() for b in blocks], dtype=np.float32)
+    np.testing.assert_allclose(np.frombuffer(payload[:16], "<f4"), means, rtol=1e-6)
+    scale = np.repeat(means, E.BLOCK)[: x.size]
+    q = decoded / scale
+    np.testing.assert_allclose(q, np.rint(q), atol=1e-5)
+    assert set(np.rint(q).astype(int).tolist()) == {-1, 0, 1}
+    # Nearest: a value keeps its sign when it is at least half its block's mean, else it is 0.
+    big = np.abs(x) > 0.5001 * scale
+    assert (np.sign(decoded[big]) == np.sign(x[big])).all()
+    assert not decoded[np.abs(x) < 0.4999 * scale].any()
+
+
+def test_int2_stochastic_rounding_is_unbiased_within_the_scale():
+    x = np.full(E.BLOCK, 0.5, dtype=np.float32)
+    x[: E.BLOCK // 2] = 0.1  # block mean 0.3: 0.1 lies between the levels 0 and 0.3
+    rng = np.random.default_rng(0)
+    mean = np.mean([E.encode(x, I2, "stochastic", rng)[1][: E.BLOCK // 2] for _ in range(400)], axis=0)
+
+    assert abs(float(mean.mean()) - 0.1) < 0.005
+    assert E.encode(x, I2, "nearest")[1][0] == 0.0
+
+
 def test_zeros_encode_to_zero_scales():
     payload, decoded = E.encode(np.zeros(300, dtype=np.float32), I8)
 
@@ -90,7 +119,7 @@ def test_float16_saturates_instead_of_overflowing():
 
 
 @pytest.mark.parametrize(
-    ("encoding", "ratio"), [(pb.ENCODING_FLOAT32, 1.0), (F16, 0.5), (I8, 0.2539), (I4, 0.1289)]
+    ("encoding", "ratio"), [(pb.ENCODING_FLOAT32, 1.0), (F16, 0.5), (I8, 0.2539), (I4, 0.1289), (I2, 0.0664)]
 )
 def test_payload_sizes(encoding, ratio):
     n = 1 << 16
@@ -100,9 +129,11 @@ def test_payload_sizes(encoding, ratio):
     assert len(payload) / (4 * n) == pytest.approx(ratio, abs=1e-3)
 
 
-def test_int4_size_with_an_odd_count():
+def test_sizes_off_the_byte_and_block_grid():
     assert E.payload_size(I4, 3) == 4 + 2
     assert E.payload_size(I8, 257) == 8 + 257
+    assert E.payload_size(I2, 5) == 4 + 2
+    assert E.payload_size(I2, 257) == 8 + 65
 
 
 # -- bad payloads, as the aggregator would receive them ----------------------------------------
@@ -119,7 +150,7 @@ def refuse(encoding, payload, n=300):
     asm.add(chunk)
 
 
-@pytest.mark.parametrize("encoding", [I8, I4])
+@pytest.mark.parametrize("encoding", [I8, I4, I2])
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 3e38])
 def test_bad_scales_are_refused(encoding, scale):
     chunk, _ = one_chunk(encoding)
@@ -129,7 +160,7 @@ def test_bad_scales_are_refused(encoding, scale):
         refuse(encoding, payload)
 
 
-@pytest.mark.parametrize("encoding", [I8, I4])
+@pytest.mark.parametrize("encoding", [I8, I4, I2])
 @pytest.mark.parametrize("blocks", [-1, 1])
 def test_a_block_too_many_or_too_few_is_refused(encoding, blocks):
     chunk, _ = one_chunk(encoding)
@@ -171,6 +202,31 @@ def test_int4_missing_last_byte_is_refused():
 
     with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
         refuse(I4, chunk.payload[:-1], n=301)
+
+
+def test_int2_code_zero_is_refused():
+    chunk, _ = one_chunk(I2)
+    payload = bytearray(chunk.payload)
+    payload[8 + 1] &= 0b11110011  # value 5 (the second 2-bit code of the second code byte)
+
+    with pytest.raises(T.BadCode, match="int2 code 0 at value 5; codes are 1..3"):
+        refuse(I2, bytes(payload))
+
+
+def test_int2_codes_past_the_end_are_refused():
+    chunk, _ = one_chunk(I2, n=301)  # 76 code bytes: the last holds value 300 and three padding codes
+    payload = bytearray(chunk.payload)
+    payload[-1] |= 0b00100000
+
+    with pytest.raises(T.BadCode, match="padding 2-bit code after value 300 is 2"):
+        refuse(I2, bytes(payload), n=301)
+
+
+def test_int2_missing_last_byte_is_refused():
+    chunk, _ = one_chunk(I2, n=301)
+
+    with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
+        refuse(I2, chunk.payload[:-1], n=301)
 
 
 def test_float16_infinity_is_caught_as_non_finite():
