@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--lr", dest="learning_rate", type=float, help="base lr (Adam edges: 0.001; paper's Adadelta: 1)")
     add("--lr-decay-rounds", dest="lr_decay_rounds", type=_ints, help="1-based rounds, e.g. 5,30")
     add("--lr-decay-factors", dest="lr_decay_factors", type=_floats, help="e.g. 0.1,0.01")
+    add("--lr-cosine-from-round", dest="lr_cosine_from_round", type=int,
+        help="1-based round from which the lr falls along a cosine to 1%% at the last round")
     add("--batch-size", dest="batch_size", type=int)
     add("--optimizer", help="the edges' local optimizer in the plan (adam, adamw, adadelta; '' = theirs)")
     add("--encoding", choices=tuple(encodings.NAMES), help="how edges encode uploads (plan)")

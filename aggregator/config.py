@@ -12,6 +12,7 @@ from typing import Any
 
 from aggregator.fedavg import WEIGHTINGS
 from fedocr import encodings, secagg
+from fedocr.schedule import cosine_lr
 
 # TOML section of every field; the key inside the section is the field name.
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -23,6 +24,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "learning_rate",
         "lr_decay_rounds",
         "lr_decay_factors",
+        "lr_cosine_from_round",
         "batch_size",
         "optimizer",
         "encoding",
@@ -86,6 +88,9 @@ class AggregatorConfig:
     # 1-based round numbers from which lr is multiplied by the matching factor (paper: 5 and 30).
     lr_decay_rounds: tuple[int, ...] = ()
     lr_decay_factors: tuple[float, ...] = ()
+    # 1-based round from which the lr follows a cosine down to 1% at the end of the last round
+    # (recognizer.recipe.cosine_lr; 0 = off): hold it through the take-off, then settle.
+    lr_cosine_from_round: int = 0
     batch_size: int = 16
     # The edges' local optimizer ("" leaves it to each edge's --optimizer flag).
     optimizer: str = "adam"
@@ -135,6 +140,11 @@ class AggregatorConfig:
             raise ConfigError("total_rounds must be >= 1")
         if len(self.lr_decay_rounds) != len(self.lr_decay_factors):
             raise ConfigError("lr_decay_rounds and lr_decay_factors must have the same length")
+        if not 0 <= self.lr_cosine_from_round <= self.total_rounds:
+            raise ConfigError(
+                f"lr_cosine_from_round must be within 0..total_rounds ({self.total_rounds}), "
+                f"got {self.lr_cosine_from_round}"
+            )
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError("zstd_level must be within 1..22")
         if not 4096 <= self.max_chunk_bytes <= MAX_MESSAGE_PAYLOAD:
@@ -202,11 +212,14 @@ class AggregatorConfig:
         return bits
 
     def learning_rate_for(self, round_index: int) -> float:
-        """The lr of a 0-based round index: base lr times the factor of the last decay reached."""
+        """The lr of a 0-based round index: base lr times the factor of the last decay reached, then
+        the cosine from lr_cosine_from_round, taken at the middle of the round."""
         lr = self.learning_rate
         for start, factor in zip(self.lr_decay_rounds, self.lr_decay_factors, strict=True):
             if round_index + 1 >= start:
                 lr = self.learning_rate * factor
+        if self.lr_cosine_from_round:
+            lr = cosine_lr(round_index + 0.5, lr, self.lr_cosine_from_round - 1, self.total_rounds)
         return lr
 
     @classmethod

@@ -61,6 +61,7 @@ class TrainSettings:
     lr: float | None = None  # None: recognizer.recipe.DEFAULT_LR of the optimizer
     warmup_steps: int = 0
     decay_steps: tuple[int, ...] = ()  # the lr is x0.1 from each of these steps on
+    cosine: tuple[int, ...] = ()  # (start, end): held until step start, then a cosine to 1% at end
     batch_size: int = DEFAULT_BATCH_SIZE
     bf16: bool = False
     threads: int = 1
@@ -84,6 +85,9 @@ ROWS: tuple[Row, ...] = (
         train={"preset": "fedocr-tiny"}),
     Row("decay-2000", "lr x0.1 from step 2,000", train={"decay_steps": (2000,)}),
     Row("decay-1500", "lr x0.1 from step 1,500", train={"decay_steps": (1500,)}),
+    Row("cosine-1500", "lr held to step 1,500, then a cosine to 1% at 3,500", train={"cosine": (1500, 3500)}),
+    Row("lr-3e-3-cosine-1000", "Adam lr 3e-3 held to step 1,000, then a cosine to 1% at 3,500",
+        train={"lr": 3e-3, "cosine": (1000, 3500)}),
     Row("batch-32", "batch 32", train={"batch_size": 32}),
     Row("batch-64", "batch 64", train={"batch_size": 64}),
     Row("no-aux-ctc", "no auxiliary CTC loss", model={"ctc_weight": 0.0}),
@@ -111,6 +115,7 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
     """Train ``row``'s recipe until 90% held-out word accuracy or ``budget_s`` CPU seconds."""
     import torch
 
+    from fedocr.schedule import cosine_lr
     from recognizer import train as tr
     from recognizer.dataset import make_loader
     from recognizer.model import build_model, resolve_preset
@@ -133,7 +138,8 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
     started = time.process_time()
     while True:
         for images, targets, _ in loader:
-            lr = tr.lr_at(step, base_lr, s.decay_steps) * tr.warmup_factor(step, s.warmup_steps)
+            lr = cosine_lr(step, base_lr, *s.cosine) if s.cosine else tr.lr_at(step, base_lr, s.decay_steps)
+            lr *= tr.warmup_factor(step, s.warmup_steps)
             tr.set_lr(optimizer, lr)
             if model.rectifier is not None and step == s.rectify_from_step:
                 model.rectify = True

@@ -68,8 +68,13 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.cosine_from is not None and not 0 <= args.cosine_from < args.epochs:
+        raise ValueError(
+            f"--cosine-from {args.cosine_from} must be within 0..{args.epochs - 1} (--epochs {args.epochs})"
+        )
     import torch
 
+    from fedocr.schedule import cosine_lr
     from recognizer.dataset import make_loader
     from recognizer.device import default_bf16, default_workers, resolve_device
     from recognizer.keys import KEY_BYTES, load_key, write_key
@@ -102,9 +107,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = []
     started = time.perf_counter()
     for epoch in range(args.epochs):
-        set_lr(optimizer, lr_at(epoch, base_lr, args.decay_epochs))
+        lr = lr_at(epoch, base_lr, args.decay_epochs)
+        if args.cosine_from is not None:  # evaluated mid-epoch: the last epoch ends near the floor
+            lr = cosine_lr(epoch + 0.5, lr, args.cosine_from, args.epochs)
+        set_lr(optimizer, lr)
         stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=bf16, device=device)
-        row = {"epoch": epoch + 1, "loss": round(stats.loss, 4),
+        row = {"epoch": epoch + 1, "lr": float(f"{lr:.4g}"), "loss": round(stats.loss, 4),
                "images_per_s": round(stats.images_per_second, 1)}
         if val is not None:
             result = evaluate(model, val, beam_width=args.beam, device=device)
@@ -229,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="base learning rate (default: 0.002 adam/adamw, 1.0 adadelta)")
     p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
+    p.add_argument("--cosine-from", type=int, metavar="EPOCH",
+                   help="hold the lr for this many epochs, then decay it along a cosine to 1%% at the "
+                        "end of the last (after the take-off; benchmarks/learning.py, row cosine-1500)")
     p.add_argument("--val", help="an LMDB evaluated after each epoch")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--workers", type=int, help=WORKERS_HELP)

@@ -138,6 +138,17 @@ def test_config_lr_decay_and_validation(tmp_path: Path) -> None:
         AggregatorConfig.load(path)
 
 
+def test_cosine_lr_holds_until_its_round_then_falls_to_one_percent_at_the_last() -> None:
+    c = AggregatorConfig(total_rounds=10, learning_rate=0.002, lr_cosine_from_round=7)
+    lrs = [c.learning_rate_for(i) for i in range(10)]
+
+    assert lrs[:6] == [0.002] * 6
+    assert 0.002 > lrs[6] > lrs[7] > lrs[8] > lrs[9] > 0.00002  # rounds 7..10, each at its middle
+    assert lrs[7] + lrs[8] == pytest.approx(0.002 * 1.01)  # symmetric about the cosine's middle
+    with pytest.raises(ConfigError, match="lr_cosine_from_round must be within 0..total_rounds"):
+        AggregatorConfig(total_rounds=10, lr_cosine_from_round=11)
+
+
 def test_config_encodings(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text(
@@ -151,8 +162,8 @@ def test_config_encodings(tmp_path: Path) -> None:
     assert (plan.encoding, plan.error_feedback, plan.optimizer) == ("int4", False, "adadelta")
     with pytest.raises(ConfigError, match="not in accept_encodings"):
         AggregatorConfig(encoding="int8", accept_encodings=("float32",))
-    with pytest.raises(ConfigError, match="unknown encoding 'int2'"):
-        AggregatorConfig(accept_encodings=("float32", "int2"))
+    with pytest.raises(ConfigError, match="unknown encoding 'int3'"):
+        AggregatorConfig(accept_encodings=("float32", "int3"))
     path.write_text("[plan]\nerror_feedback = 1\n")
     with pytest.raises(ConfigError, match="error_feedback = 1 is not true or false"):
         AggregatorConfig.load(path)

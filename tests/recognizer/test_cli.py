@@ -123,6 +123,8 @@ def test_wrong_key_is_refused_and_unverified_reads_garbage(tmp_path: Path, words
          "junk.npz: not a readable image"),
         (["train", "--data", "{tmp}/missing", "--out", "{tmp}/m.npz", "--key", "{key}"], "missing"),
         (["info", "--preset", "no-such-preset"], "fedocr-tiny"),
+        (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--epochs", "2", "--cosine-from", "2"],
+         "--cosine-from 2 must be within 0..1 (--epochs 2)"),
     ],
 )
 def test_bad_input_gets_an_error_naming_it(argv, expected, trained: Path, words: Path, tmp_path: Path,
@@ -134,6 +136,16 @@ def test_bad_input_gets_an_error_naming_it(argv, expected, trained: Path, words:
     code, _, err = run_cli([a.format(**names) for a in argv], capsys)
     assert code == 2
     assert "error" in err and expected.format(**names) in err
+
+
+def test_cosine_from_holds_the_lr_then_decays_it_each_epoch(words: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", "--data", str(words), "--preset", "fedocr-tiny", "--epochs", "3", "--batch-size", "12",
+            "--lr", "0.002", "--cosine-from", "1", "--out", str(tmp_path / "m.npz")]
+    code, out, _ = run_cli(argv, capsys)
+
+    assert code == 0
+    lrs = [row["lr"] for row in json.loads(out)["history"]]
+    assert lrs[0] == 0.002 and 0.002 > lrs[1] > lrs[2] > 0.00002
 
 
 def test_bad_gamma_is_a_usage_error(capsys) -> None:

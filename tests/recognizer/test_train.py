@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedocr.schedule import cosine_lr
 from recognizer import charset
 from recognizer.train import lr_at, make_optimizer, sequence_loss
 
@@ -26,6 +27,15 @@ def test_lr_decays_tenfold_at_each_point() -> None:
     assert [lr_at(step, 1.0, [5, 30]) for step in (0, 4, 5, 29, 30, 40)] == pytest.approx(
         [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     )
+
+
+def test_cosine_lr_holds_then_falls_smoothly_to_the_floor() -> None:
+    lrs = [cosine_lr(step, 2.0, 100, 300) for step in range(400)]
+
+    assert lrs[:101] == [2.0] * 101
+    assert lrs[200] == pytest.approx(2.0 * (0.01 + 0.99 * 0.5))  # half-way: half-way down
+    assert lrs[300:] == pytest.approx([0.02] * 100)
+    assert all(a > b for a, b in zip(lrs[100:300], lrs[101:301], strict=True))
 
 
 def test_sequence_loss_ignores_padding() -> None:
