@@ -48,6 +48,10 @@ DASH = "–"
 MB = 1e6
 # Acc_FED counts as matching Acc_SUM when within this many points (1-NED: the same on a 0-100 scale).
 WITHIN_PT = 0.5
+# Below this mean word accuracy a model is at or near its initial plateau: it does not read yet,
+# so comparing its accuracy with another manner's tests nothing about federated learning.
+READING_FLOOR = 0.30
+NOT_READING = "not reading"
 
 
 # -- loading -------------------------------------------------------------------------------------------
@@ -317,9 +321,20 @@ def _comparisons(runs: list[dict]) -> str:
             diff = None if fed is None or central is None else (fed - central) * scale
             within = None if diff is None else abs(diff) <= WITHIN_PT * scale / 100.0 + 1e-12
             beaten = None if fed is None or single is None else single < fed
-            cells += [_signed(diff, decimals), _yes_no(within), _yes_no(beaten)]
+            within_cell, beaten_cell = _yes_no(within), _yes_no(beaten)
+            if metric == "accuracy":  # word accuracy compares only models that read
+                if within is not None and min(fed, central) < READING_FLOOR:
+                    within_cell = NOT_READING
+                if beaten is not None and fed < READING_FLOOR:
+                    beaten_cell = NOT_READING
+            cells += [_signed(diff, decimals), within_cell, beaten_cell]
         rows.append(cells)
-    return _table(header, rows, ["l", "r", "l", "l", "r", "l", "l"])
+    note = (
+        f"\n{NOT_READING}: the federated (or, for FED − SUM, the centralized) model's mean word accuracy "
+        f"is below {READING_FLOOR:.0%}, at or near its initial plateau, so that word-accuracy check "
+        "tests nothing yet.\n"
+    )
+    return _table(header, rows, ["l", "r", "l", "l", "r", "l", "l"]) + note
 
 
 def table2(runs: list[dict]) -> str:
@@ -328,7 +343,8 @@ def table2(runs: list[dict]) -> str:
     The first table has one row per (model, manner) present: word accuracy (%) per test set, the
     mean, and mean 1-NED. The second has, per model, Acc_FED − Acc_SUM in points (federated mean
     minus centralized mean) with whether it is within 0.5 pt, whether single < federated, and the
-    same on mean 1-NED, which still moves when word accuracy is near zero at small scale.
+    same on mean 1-NED, which still moves when word accuracy is near zero at small scale. A word
+    accuracy check whose federated (or centralized) model is below READING_FLOOR says "not reading".
     """
     index = _index(runs)
     header = ["Model", "Manner", *TEST_SETS, "Mean", "1-NED mean"]
