@@ -94,7 +94,7 @@ class AggregatorConfig:
     batch_size: int = 16
     # The edges' local optimizer ("" leaves it to each edge's --optimizer flag).
     optimizer: str = "adam"
-    # How edges encode their uploads (fedocr.encodings: float32, float16, int8, int4, int2), and whether
+    # How edges encode their uploads (fedocr.encodings: float32, float16, int8, int4, int3, int2), and whether
     # they carry each round's quantization error into the next upload (error feedback).
     encoding: str = "float32"
     error_feedback: bool = True

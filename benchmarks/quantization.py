@@ -59,6 +59,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("int4", "int4", False),
     Variant("int4-ef", "int4", True),
     Variant("int4-ef-nearest", "int4", True, "nearest"),
+    Variant("int3-ef", "int3", True),
     Variant("int2", "int2", False),
     Variant("int2-ef", "int2", True),
     Variant("int2-ef-nearest", "int2", True, "nearest"),
@@ -190,7 +191,7 @@ def print_accuracy(results: list[dict]) -> None:
         v, last = r["variant"], r["curve"][-1]
         delta = "-" if base is None else f"{100 * (last['accuracy'] - base['curve'][-1]['accuracy']):+.1f} pt"
         best = max(p["accuracy"] for p in r["curve"])
-        rounding = v["rounding"] if v["encoding"] in ("int8", "int4", "int2") else "-"
+        rounding = v["rounding"] if v["encoding"] in ("int8", "int4", "int3", "int2") else "-"
         print(f"{v['name']:<17} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
               f"{100 * last['accuracy']:>9.1f}% {delta:>10} {100 * best:>8.1f}% "
               f"{last['char_accuracy']:>6.3f}")

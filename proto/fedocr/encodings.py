@@ -1,4 +1,4 @@
-"""Value encodings of one chunk payload: float32, float16, and 8-, 4- and 2-bit block quantization.
+"""Value encodings of one chunk payload: float32, float16, and 8-, 4-, 3- and 2-bit block quantization.
 
 A chunk holds ``count`` consecutive values of one tensor. Its payload (before compression) is:
 
@@ -10,18 +10,17 @@ A chunk holds ``count`` consecutive values of one tensor. Its payload (before co
 - ENCODING_MASKED_INT (secure aggregation): ``count`` little-endian uint32 values, fixed-point
   increments plus masks mod 2^32 (fedocr.secagg); every tensor, exact ones included, and they
   decode to uint32, not float32;
-- ENCODING_INT4_QUANTIZED: the same scales, then ``ceil(count / 2)`` bytes of 4-bit codes, the
-  first value in the low nibble; a code u in [1, 15] means q = u - 8 in [-7, 7]; code 0 is
-  invalid, and with an odd count the last high nibble is padding and must be 0;
-- ENCODING_INT2_QUANTIZED: the same scales, then ``ceil(count / 4)`` bytes of 2-bit codes, four
-  per byte, the first value in the lowest two bits; a code u in [1, 3] means q = u - 2 in
-  {-1, 0, 1} (ternary); code 0 is invalid, and the codes after the last value must be 0.
+- ENCODING_INT4_QUANTIZED, ENCODING_INT3_QUANTIZED, ENCODING_INT2_QUANTIZED: the same scales,
+  then ``ceil(count * b / 8)`` bytes of b-bit codes (b = 4, 3, 2) as one little-endian bit
+  stream: value i's code is bits b*i .. b*i + b - 1, lowest first, and the bits after the last
+  code must be 0. A code u in [1, 2^b - 1] means q = u - 2^(b-1): q in [-7, 7], [-3, 3] or
+  {-1, 0, 1} (ternary); code 0 is invalid. In int4 value 2k is byte k's low nibble.
 
 A scale must be finite and in [0, MAX_SCALE] (so that every decoded value is a finite float32).
-In int8 and int4 the encoder picks scale = max |value| / qmax per block, so a block's largest
-value is exact. In int2 it picks the block's mean |value|: with the max, nearly every value of a
-block would round to 0. Rounding is to the nearest level, or stochastic with an rng (unbiased,
-E[decoded] = value, for every value within qmax * scale: all of them in int8 and int4).
+In int8, int4 and int3 the encoder picks scale = max |value| / qmax per block, so a block's
+largest value is exact. In int2 it picks the block's mean |value|: with the max, nearly every
+value of a block would round to 0. Rounding is to the nearest level, or stochastic with an rng
+(unbiased, E[decoded] = value, for every value within qmax * scale: all of them but in int2).
 """
 
 from __future__ import annotations
@@ -35,8 +34,14 @@ FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
 MASKED = np.dtype("<u4")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-QMAX = {pb.ENCODING_INT8_QUANTIZED: 127, pb.ENCODING_INT4_QUANTIZED: 7, pb.ENCODING_INT2_QUANTIZED: 1}
-BITS = {pb.ENCODING_INT4_QUANTIZED: 4, pb.ENCODING_INT2_QUANTIZED: 2}  # packed several codes per byte
+QMAX = {
+    pb.ENCODING_INT8_QUANTIZED: 127,
+    pb.ENCODING_INT4_QUANTIZED: 7,
+    pb.ENCODING_INT3_QUANTIZED: 3,
+    pb.ENCODING_INT2_QUANTIZED: 1,
+}
+# Bits per code of the bit-packed encodings.
+BITS = {pb.ENCODING_INT4_QUANTIZED: 4, pb.ENCODING_INT3_QUANTIZED: 3, pb.ENCODING_INT2_QUANTIZED: 2}
 MAX_SCALE = float(np.finfo(np.float32).max) / 128  # q * scale stays finite for |q| <= 127
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -46,6 +51,7 @@ NAMES: dict[str, int] = {
     "float16": pb.ENCODING_FLOAT16,
     "int8": pb.ENCODING_INT8_QUANTIZED,
     "int4": pb.ENCODING_INT4_QUANTIZED,
+    "int3": pb.ENCODING_INT3_QUANTIZED,
     "int2": pb.ENCODING_INT2_QUANTIZED,
 }
 
@@ -93,8 +99,7 @@ def payload_size(encoding: int, count: int) -> int:
     if encoding == pb.ENCODING_INT8_QUANTIZED:
         return 4 * blocks(count) + count
     if encoding in BITS:
-        per_byte = 8 // BITS[encoding]
-        return 4 * blocks(count) + -(-count // per_byte)
+        return 4 * blocks(count) + -(-count * BITS[encoding] // 8)
     raise EncodingError(f"encoding {name_of(encoding)} has no payload layout")
 
 
@@ -153,32 +158,26 @@ def encode(
 
 
 def _pack(q: np.ndarray, encoding: int) -> bytes:
-    """Codes u = q + qmax + 1 of ``encoding``'s width, several per byte, lowest bits first."""
+    """Codes u = q + qmax + 1 of ``encoding``'s width, bit after bit, lowest bits first; zero bits
+    fill the last byte."""
     bits = BITS[encoding]
-    per_byte = 8 // bits
-    u = np.zeros(-(-q.size // per_byte) * per_byte, dtype=np.uint8)  # code 0 pads the last byte
-    u[: q.size] = q.astype(np.int16) + QMAX[encoding] + 1
-    packed = np.zeros(u.size // per_byte, dtype=np.uint8)
-    for slot in range(per_byte):
-        packed |= u[slot::per_byte] << (bits * slot)
-    return packed.tobytes()
+    u = (q.astype(np.int16) + QMAX[encoding] + 1).astype(np.uint8)
+    stream = ((u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(stream, bitorder="little").tobytes()
 
 
 def _unpack(body: np.ndarray, encoding: int, count: int, where: str) -> np.ndarray:
     """The q values of ``count`` packed codes; refuses code 0 and set bits after the last value."""
     bits = BITS[encoding]
-    per_byte, mask = 8 // bits, (1 << bits) - 1
-    u = np.empty(body.size * per_byte, dtype=np.uint8)
-    for slot in range(per_byte):
-        u[slot::per_byte] = (body >> (bits * slot)) & mask
+    stream = np.unpackbits(body, bitorder="little")
     unit = "nibble" if bits == 4 else f"{bits}-bit code"
-    if u[count:].any():
-        at = count + int(np.flatnonzero(u[count:])[0])
-        raise BadCode(f"{where}: the padding {unit} after value {count - 1} is {int(u[at])}, not 0")
-    u = u[:count]
+    if stream[count * bits :].any():
+        at = count * bits + int(np.flatnonzero(stream[count * bits :])[0])
+        raise BadCode(f"{where}: the padding {unit} after value {count - 1} has bit {at - count * bits} set")
+    u = (stream[: count * bits].reshape(count, bits) << np.arange(bits, dtype=np.uint8)).sum(axis=1)
     if not u.all():
         at = int(np.flatnonzero(u == 0)[0])
-        raise BadCode(f"{where}: {name_of(encoding)} code 0 at value {at}; codes are 1..{mask}")
+        raise BadCode(f"{where}: {name_of(encoding)} code 0 at value {at}; codes are 1..{2**bits - 1}")
     return u.astype(np.float32) - (QMAX[encoding] + 1)
 
 

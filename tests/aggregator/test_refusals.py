@@ -56,6 +56,7 @@ ENCODINGS = [
     pb.ENCODING_FLOAT16,
     pb.ENCODING_INT8_QUANTIZED,
     pb.ENCODING_INT4_QUANTIZED,
+    pb.ENCODING_INT3_QUANTIZED,
     pb.ENCODING_INT2_QUANTIZED,
 ]
 
@@ -151,9 +152,9 @@ def test_quantized_payload_refusals_name_the_fault(fed, connect, enc: int) -> No
         "a block too many": (extra_block, "1 scale blocks of 256"),
     }
     if enc == pb.ENCODING_INT4_QUANTIZED:
-        cases["nibble past the end"] = (nibble_past_the_end, "padding nibble after value 2")
+        cases["nibble past the end"] = (nibble_past_the_end, "nibble after value 2 has bit 0 set")
     if enc == pb.ENCODING_INT2_QUANTIZED:
-        cases["code past the end"] = (int2_code_past_the_end, "padding 2-bit code after value 2 is 1")
+        cases["code past the end"] = (int2_code_past_the_end, "2-bit code after value 2 has bit 0 set")
     for name, (edit, message) in cases.items():
         messages = tampered(r, edit, enc, compression=pb.COMPRESSION_NONE, chunk_elems=3)
         with pytest.raises(grpc.RpcError) as err:

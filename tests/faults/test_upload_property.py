@@ -248,6 +248,7 @@ stream_params = st.fixed_dictionaries(
                 pb.ENCODING_FLOAT16,
                 pb.ENCODING_INT8_QUANTIZED,
                 pb.ENCODING_INT4_QUANTIZED,
+                pb.ENCODING_INT3_QUANTIZED,
                 pb.ENCODING_INT2_QUANTIZED,
             ]
         ),

@@ -12,9 +12,9 @@ from fedocr import tensors as T
 from fedocr.v1 import federation_pb2 as pb
 
 F16, I8, I4 = pb.ENCODING_FLOAT16, pb.ENCODING_INT8_QUANTIZED, pb.ENCODING_INT4_QUANTIZED
-I2 = pb.ENCODING_INT2_QUANTIZED
+I3, I2 = pb.ENCODING_INT3_QUANTIZED, pb.ENCODING_INT2_QUANTIZED
 NONE, ZSTD = pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD
-LOSSY = [F16, I8, I4, I2]
+LOSSY = [F16, I8, I4, I3, I2]
 
 
 def values(n: int, seed: int = 0) -> np.ndarray:
@@ -48,11 +48,12 @@ def test_receiver_decodes_what_the_sender_says_it_will(encoding, compression, ro
     for got, sent in zip(out, enc.decoded(), strict=True):
         np.testing.assert_array_equal(got, sent)
     assert not np.array_equal(out[0], arrays[0])  # lossy: something was dropped
-    if encoding != I2:  # int2's error is bounded per block below
-        np.testing.assert_allclose(out[0], arrays[0], atol=float(np.abs(arrays[0]).max()) / 7)
+    if encoding != I2:  # within one quantization step (int2's error is bounded per block below)
+        step = float(np.abs(arrays[0]).max()) / E.QMAX.get(encoding, 7)
+        np.testing.assert_allclose(out[0], arrays[0], atol=step)
 
 
-@pytest.mark.parametrize(("encoding", "qmax"), [(I8, 127), (I4, 7)])
+@pytest.mark.parametrize(("encoding", "qmax"), [(I8, 127), (I4, 7), (I3, 3)])
 def test_nearest_rounding_error_is_at_most_half_a_step_per_block(encoding, qmax):
     x = values(4096)
     _, decoded = E.encode(x, encoding)
@@ -119,7 +120,8 @@ def test_float16_saturates_instead_of_overflowing():
 
 
 @pytest.mark.parametrize(
-    ("encoding", "ratio"), [(pb.ENCODING_FLOAT32, 1.0), (F16, 0.5), (I8, 0.2539), (I4, 0.1289), (I2, 0.0664)]
+    ("encoding", "ratio"),
+    [(pb.ENCODING_FLOAT32, 1.0), (F16, 0.5), (I8, 0.2539), (I4, 0.1289), (I3, 0.0977), (I2, 0.0664)],
 )
 def test_payload_sizes(encoding, ratio):
     n = 1 << 16
@@ -133,6 +135,8 @@ def test_sizes_off_the_byte_and_block_grid():
     assert E.payload_size(I4, 3) == 4 + 2
     assert E.payload_size(I8, 257) == 8 + 257
     assert E.payload_size(I2, 5) == 4 + 2
+    assert E.payload_size(I3, 3) == 4 + 2  # 9 bits
+    assert E.payload_size(I3, 8) == 4 + 3
     assert E.payload_size(I2, 257) == 8 + 65
 
 
@@ -150,7 +154,7 @@ def refuse(encoding, payload, n=300):
     asm.add(chunk)
 
 
-@pytest.mark.parametrize("encoding", [I8, I4, I2])
+@pytest.mark.parametrize("encoding", [I8, I4, I3, I2])
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 3e38])
 def test_bad_scales_are_refused(encoding, scale):
     chunk, _ = one_chunk(encoding)
@@ -160,7 +164,7 @@ def test_bad_scales_are_refused(encoding, scale):
         refuse(encoding, payload)
 
 
-@pytest.mark.parametrize("encoding", [I8, I4, I2])
+@pytest.mark.parametrize("encoding", [I8, I4, I3, I2])
 @pytest.mark.parametrize("blocks", [-1, 1])
 def test_a_block_too_many_or_too_few_is_refused(encoding, blocks):
     chunk, _ = one_chunk(encoding)
@@ -193,7 +197,7 @@ def test_int4_nibble_past_the_end_is_refused():
     payload = bytearray(chunk.payload)
     payload[-1] |= 0x30
 
-    with pytest.raises(T.BadCode, match="padding nibble after value 300 is 3"):
+    with pytest.raises(T.BadCode, match="padding nibble after value 300 has bit 0 set"):
         refuse(I4, bytes(payload), n=301)
 
 
@@ -202,6 +206,27 @@ def test_int4_missing_last_byte_is_refused():
 
     with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
         refuse(I4, chunk.payload[:-1], n=301)
+
+
+def test_int4_layout_is_nibbles_low_first_and_int3_one_bit_stream():
+    x = np.array([-7, 7, 0, 1, -1], dtype=np.float32)
+    payload, _ = E.encode(x, I4)
+    assert payload[4:] == bytes([0x1 | 0xF << 4, 0x8 | 0x9 << 4, 0x7])  # codes 1, 15, 8, 9, 7
+    x3 = np.array([-3, 3, 0], dtype=np.float32)
+    payload, _ = E.encode(x3, I3)
+    assert payload[4:] == (0b001 | 0b111 << 3 | 0b100 << 6).to_bytes(2, "little")  # codes 1, 7, 4
+
+
+def test_int3_code_zero_and_bits_past_the_end_are_refused():
+    chunk, _ = one_chunk(I3, n=301)  # 903 bits: 113 bytes, the last 1 bit padding
+    payload = bytearray(chunk.payload)
+    payload[-1] |= 0x80
+    with pytest.raises(T.BadCode, match="padding 3-bit code after value 300 has bit 0 set"):
+        refuse(I3, bytes(payload), n=301)
+    payload = bytearray(chunk.payload)
+    payload[8] &= 0b11111000  # value 0's code
+    with pytest.raises(T.BadCode, match="int3 code 0 at value 0; codes are 1..7"):
+        refuse(I3, bytes(payload), n=301)
 
 
 def test_int2_code_zero_is_refused():
@@ -218,7 +243,7 @@ def test_int2_codes_past_the_end_are_refused():
     payload = bytearray(chunk.payload)
     payload[-1] |= 0b00100000
 
-    with pytest.raises(T.BadCode, match="padding 2-bit code after value 300 is 2"):
+    with pytest.raises(T.BadCode, match="padding 2-bit code after value 300 has bit 3 set"):
         refuse(I2, bytes(payload), n=301)
 
 

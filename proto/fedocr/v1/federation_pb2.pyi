@@ -28,6 +28,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_MASKED_INT: _ClassVar[Encoding]
     ENCODING_INT4_QUANTIZED: _ClassVar[Encoding]
     ENCODING_INT2_QUANTIZED: _ClassVar[Encoding]
+    ENCODING_INT3_QUANTIZED: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ ENCODING_INT8_QUANTIZED: Encoding
 ENCODING_MASKED_INT: Encoding
 ENCODING_INT4_QUANTIZED: Encoding
 ENCODING_INT2_QUANTIZED: Encoding
+ENCODING_INT3_QUANTIZED: Encoding
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
