@@ -85,6 +85,8 @@ def single_edge_command(args: argparse.Namespace, shard: Path, key: Path, out: P
         "--batch-size", str(args.batch_size), "--optimizer", args.optimizer, "--lr", str(args.lr),
         "--threads", "1",
     ]  # fmt: skip
+    if args.cosine_from_round:  # the federation's schedule, in epochs
+        cmd += ["--cosine-from", str((args.cosine_from_round - 1) * args.local_epochs)]
     return cmd + (["--alphabet", args.alphabet] if args.alphabet else [])
 
 
@@ -170,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, help="default: the optimizer's (recognizer.recipe.DEFAULT_LR)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--cosine-from-round", type=int,
+                   help="hold the lr until this round, then a cosine to 1%% at the last (default: "
+                        "round 0.7 x rounds, after the take-off; 0: a constant lr)")
     p.add_argument("--encoding", default="float32", choices=tuple(encodings.NAMES),
                    help="how edges encode their uploads (with error feedback)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
@@ -190,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recognizer.recipe import DEFAULT_LR
 
         args.lr = DEFAULT_LR[args.optimizer]
+    if args.cosine_from_round is None:
+        args.cosine_from_round = max(1, round(0.7 * args.rounds))
     signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
     signal.signal(signal.SIGTERM, _interrupt)
     work: Path = args.work_dir.resolve()
@@ -206,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(
             rounds=args.rounds, local_epochs=args.local_epochs, preset=args.preset, gamma=args.gamma,
             lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, encoding=args.encoding,
+            lr_cosine_from_round=args.cosine_from_round,
             extra_edge_args=("--alphabet", args.alphabet) if args.alphabet else (),
         )  # fmt: skip
         fed = Federation(work, pki, key, settings)

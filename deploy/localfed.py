@@ -84,6 +84,7 @@ class Settings:
     deadline_s: float = 900.0
     threads: int = 1
     lr_decay_rounds: str = ""  # 1-based rounds, "5,30"; the lr is x0.1, x0.01 ... from each on
+    lr_cosine_from_round: int = 0  # 1-based round from which the lr falls along a cosine (0: off)
     optimizer: str = "adadelta"  # in the aggregator's plan, which the edges follow
     encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
     extra_edge_args: tuple[str, ...] = ()
@@ -136,6 +137,7 @@ class Federation:
             "--encoding", s.encoding,
             "--lr-decay-rounds", s.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
+            "--lr-cosine-from-round", str(s.lr_cosine_from_round),
             *(["--secure-aggregation"] if s.secure_aggregation else []),
         ]  # fmt: skip
         log = self.work / "aggregator" / "aggregator.log"
