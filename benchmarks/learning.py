@@ -97,6 +97,8 @@ ROWS: tuple[Row, ...] = (
     Row("unhashed", "not hashed (gamma none)", train={"gamma": None}),
     Row("mixed-labels", "default recipe on the default mixed labels (30 CPU-min budget)",
         labels="mixed", budget_factor=2.0),
+    Row("mixed-lr-3e-3-cosine-2500", "mixed labels, Adam 3e-3 held to step 2,500, cosine to 1% at 6,500",
+        labels="mixed", budget_factor=2.0, train={"lr": 3e-3, "cosine": (2500, 6500)}),
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ Every file stays in one working directory (summary.json holds the results); ever
 started is stopped on success, failure or Ctrl-C. The processes are started by localfed.py; the
 live progress and the table are printed by demo_progress.py.
 
-    python deploy/demo.py [--work-dir runs/demo] [--edges 3] [--rounds 10] ...
+    python deploy/demo.py [--work-dir runs/demo] [--edges 3] [--rounds 12] ...
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--edges", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--preset", default="fedocr-tiny")
     p.add_argument("--gamma", default="1/2")
@@ -172,9 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, help="default: the optimizer's (recognizer.recipe.DEFAULT_LR)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--cosine-from-round", type=int,
-                   help="hold the lr until this round, then a cosine to 1%% at the last (default: "
-                        "round 0.7 x rounds, after the take-off; 0: a constant lr)")
+    p.add_argument("--cosine-from-round", type=int, default=0,
+                   help="hold the lr until this round, then a cosine to 1%% at the last (default 0: "
+                        "a constant lr)")
     p.add_argument("--encoding", default="float32", choices=tuple(encodings.NAMES),
                    help="how edges encode their uploads (with error feedback)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
@@ -195,8 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recognizer.recipe import DEFAULT_LR
 
         args.lr = DEFAULT_LR[args.optimizer]
-    if args.cosine_from_round is None:
-        args.cosine_from_round = max(1, round(0.7 * args.rounds))
     signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
     signal.signal(signal.SIGTERM, _interrupt)
     work: Path = args.work_dir.resolve()
