@@ -29,6 +29,7 @@ from experiments.runs import (
     start_training,
 )
 from experiments.scales import MANNERS, MODELS, SCALES, ModelSpec, Scale, model_by_id, preset_of
+from fedocr import encodings
 from recognizer.model import model_info
 
 log = logging.getLogger("experiments")
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", help="comma-separated model ids (default: all)")
     p.add_argument("--manners", help="comma-separated manners (default: single,centralized,federated)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
+    p.add_argument("--encoding", default="float32", choices=tuple(encodings.NAMES),
+                   help="how the federated runs' edges encode their uploads (with error feedback); "
+                        "pass another --results for anything but float32")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -73,7 +77,7 @@ def settings(s: Scale) -> dict:
     }  # fmt: skip
 
 
-def check_results_match(results: Path, scale: Scale) -> None:
+def check_results_match(results: Path, scale: Scale, encoding: str = "float32") -> None:
     """Raise ValueError when ``results`` holds runs made with other settings than ``scale``'s.
 
     A rerun goes on from the finished runs, so mixing settings would report runs that are not
@@ -83,7 +87,10 @@ def check_results_match(results: Path, scale: Scale) -> None:
     if not path.exists():
         return
     recorded = json.loads(path.read_text())
-    differ = sorted(k for k, v in settings(scale).items() if recorded.get(k) != v)
+    differ = [k for k, v in settings(scale).items() if recorded.get(k) != v]
+    if recorded.get("encoding", "float32") != encoding:  # results made before uploads had one: float32
+        differ.append("encoding")
+    differ.sort()
     if differ:
         raise ValueError(
             f"{results} holds runs made with other settings ({', '.join(differ)} differ from scale "
@@ -97,7 +104,8 @@ def write_meta(ctx: Context, started: float) -> None:
     path = ctx.results / "meta.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     meta = {
-        "scale": s.name, "machine": machine(), **settings(s), "threads_per_process": s.threads,
+        "scale": s.name, "machine": machine(), **settings(s), "encoding": ctx.encoding,
+        "threads_per_process": s.threads,
         "wall_s": round(previous.get("wall_s", 0.0) + time.monotonic() - started, 1),
         "paper_size": previous.get("paper_size") or paper_size(),
     }  # fmt: skip
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := [m for m in manners if m not in MANNERS]:
             raise ValueError(f"unknown manners {unknown}; choose from {', '.join(MANNERS)}")
         if not args.report_only:
-            check_results_match(results, scale)
+            check_results_match(results, scale, args.encoding)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results)
+        ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results, args.encoding)
         try:
             run_all(ctx, models, manners)
         except (RunError, DemoError) as exc:  # a training or a federation process failed

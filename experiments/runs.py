@@ -49,6 +49,7 @@ class Context:
     pki: Path
     work: Path  # run directories (models, logs) go under work/runs
     results: Path  # one JSON per finished run
+    encoding: str = "float32"  # how the federated runs' edges encode their uploads (fedocr.encodings)
 
 
 def machine() -> str:
@@ -185,6 +186,7 @@ def run_federated(ctx: Context, model: ModelSpec) -> dict:
         rounds=s.rounds, local_epochs=s.local_epochs, preset=preset_of(s, model), gamma=model.gamma or "none",
         lr=s.lr, batch_size=s.batch_size, quorum=s.edges, min_edges=s.edges, deadline_s=s.deadline_s,
         threads=s.threads, lr_decay_rounds=",".join(map(str, s.decay_rounds)), optimizer=s.optimizer,
+        encoding=ctx.encoding,
     )  # fmt: skip
     fed = Federation(home, ctx.pki, ctx.key, settings)
     started = time.monotonic()
@@ -198,8 +200,9 @@ def run_federated(ctx: Context, model: ModelSpec) -> dict:
         fed.stop()
     wall = time.monotonic() - started
     scores = scores_by_version(home / "edges" / "edge-0" / "rounds.jsonl")
+    accounting = _accounting(rounds, scores, s.edges)
     return _record(ctx, model, "federated", home / "edges" / "edge-0" / "final.npz", wall,
-                   rounds=s.rounds, **_accounting(rounds, scores, s.edges))  # fmt: skip
+                   rounds=s.rounds, encoding=ctx.encoding, **accounting)  # fmt: skip
 
 
 def _accounting(rounds: dict, scores: dict[int, dict], edges: int) -> dict:

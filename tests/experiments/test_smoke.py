@@ -125,6 +125,14 @@ def test_results_or_data_of_other_settings_are_refused_not_mixed(smoke: Path, tm
     assert f"{results} holds runs made with other settings (lr, rounds differ" in proc.stderr
     assert not (tmp_path / "work").exists()
 
+    # Results of float32 uploads, to be continued with int3 uploads: refused as well.
+    assert meta["encoding"] == "float32"
+    (results / "meta.json").write_text(json.dumps(meta))
+    proc = _experiment(tmp_path, "--encoding", "int3")
+    assert proc.returncode == 2
+    assert f"{results} holds runs made with other settings (encoding differ" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
     # Data rendered for another training-set size: refused, and kept as it was.
     stamp = tmp_path / "work" / "data" / "settings.json"
     stamp.parent.mkdir(parents=True)

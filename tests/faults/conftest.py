@@ -23,11 +23,11 @@ from fedclient import Client  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.server import Running, start  # noqa: E402
 
-EDGES = 4
+EDGES = 5
 
 
 class FaultPki:
-    """CA; server `aggregator`; edges edge-0..edge-3; observer `ops`; and bad client certificates:
+    """CA; server `aggregator`; edges edge-0..edge-4; observer `ops`; and bad client certificates:
     `edge-expired`, `edge-future` (our CA), `roleless` (our CA, no role URI) and a foreign CA's
     `edge-1` (same name as ours, another issuer)."""
 
