@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fedclient import Client, code_of, upload_messages
 
+from fedocr import encodings
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -51,14 +52,7 @@ def tampered(round_id: int, edit, encoding: int = pb.ENCODING_FLOAT32, **kw) -> 
     return messages
 
 
-ENCODINGS = [
-    pb.ENCODING_FLOAT32,
-    pb.ENCODING_FLOAT16,
-    pb.ENCODING_INT8_QUANTIZED,
-    pb.ENCODING_INT4_QUANTIZED,
-    pb.ENCODING_INT3_QUANTIZED,
-    pb.ENCODING_INT2_QUANTIZED,
-]
+ENCODINGS = list(encodings.NAMES.values())  # float32, float16, then the quantized ones
 
 
 @pytest.mark.parametrize("enc", ENCODINGS, ids=lambda e: pb.Encoding.Name(e))

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from aggregator.fedavg import FLOAT32_MAX, MAX_SAMPLES
 from aggregator.server import Running, start
-from fedocr import tensors
+from fedocr import encodings, tensors
 from fedocr.v1 import federation_pb2 as pb
 
 C = grpc.StatusCode
@@ -242,16 +242,7 @@ stream_params = st.fixed_dictionaries(
         "seed": st.integers(0, 2**32 - 1),
         "chunk_elems": st.sampled_from([16, 100, 300, 1024, 1100]),  # 1100 floats: over 4096 bytes
         "compression": st.sampled_from([pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD]),
-        "encoding": st.sampled_from(
-            [
-                pb.ENCODING_FLOAT32,
-                pb.ENCODING_FLOAT16,
-                pb.ENCODING_INT8_QUANTIZED,
-                pb.ENCODING_INT4_QUANTIZED,
-                pb.ENCODING_INT3_QUANTIZED,
-                pb.ENCODING_INT2_QUANTIZED,
-            ]
-        ),
+        "encoding": st.sampled_from(list(encodings.NAMES.values())),  # every upload encoding
         "samples": st.integers(1, 5),
         "special": st.lists(
             st.tuples(st.integers(0, 1), st.integers(0, 1199), st.sampled_from(SPECIAL)), max_size=2

@@ -201,11 +201,12 @@ def test_int4_nibble_past_the_end_is_refused():
         refuse(I4, bytes(payload), n=301)
 
 
-def test_int4_missing_last_byte_is_refused():
-    chunk, _ = one_chunk(I4, n=301)
+@pytest.mark.parametrize("encoding", [I4, I3, I2])
+def test_bit_packed_missing_last_byte_is_refused(encoding):
+    chunk, _ = one_chunk(encoding, n=301)
 
     with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
-        refuse(I4, chunk.payload[:-1], n=301)
+        refuse(encoding, chunk.payload[:-1], n=301)
 
 
 def test_int4_layout_is_nibbles_low_first_and_int3_one_bit_stream():
@@ -246,12 +247,6 @@ def test_int2_codes_past_the_end_are_refused():
     with pytest.raises(T.BadCode, match="padding 2-bit code after value 300 has bit 3 set"):
         refuse(I2, bytes(payload), n=301)
 
-
-def test_int2_missing_last_byte_is_refused():
-    chunk, _ = one_chunk(I2, n=301)
-
-    with pytest.raises(T.LengthMismatch, match="payload bytes for 301 values"):
-        refuse(I2, chunk.payload[:-1], n=301)
 
 
 def test_float16_infinity_is_caught_as_non_finite():
