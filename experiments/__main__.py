@@ -73,6 +73,8 @@ def settings(s: Scale) -> dict:
         "rounds": s.rounds, "local_epochs": s.local_epochs, "epochs": s.epochs, "batch_size": s.batch_size,
         "labels": s.labels, "optimizer": s.optimizer, "lr": s.lr, "lr_decay_rounds": list(s.decay_rounds),
         "lr_decay_factors": list(s.decay_factors), "lr_decay_epochs": list(s.decay_epochs),
+        **({"lr_cosine_from_round": s.cosine_from_round, "lr_cosine_from_epoch": s.cosine_from_epoch}
+           if s.cosine_from_round else {}),
         "presets": dict(s.presets), "beam": s.beam,
     }  # fmt: skip
 

@@ -81,6 +81,8 @@ def train_command(ctx: Context, model: ModelSpec, manner: str, out: Path) -> lis
         "--batch-size", str(s.batch_size), "--optimizer", s.optimizer, "--lr", str(s.lr),
         "--threads", str(s.threads), "--seed", str(s.seed), "--key", str(ctx.key), "--out", str(out),
     ]  # fmt: skip
+    if s.cosine_from_epoch is not None:
+        cmd += ["--cosine-from", str(s.cosine_from_epoch)]
     return cmd
 
 
@@ -176,19 +178,24 @@ def finish_training(
     return _record(ctx, model, manner, model_file, model_file.stat().st_mtime - started)
 
 
+def federation_settings(ctx: Context, model: ModelSpec) -> Settings:
+    """The aggregator's plan and the edges' model for a federated run of ``model`` at ctx's scale."""
+    s = ctx.scale
+    return Settings(
+        rounds=s.rounds, local_epochs=s.local_epochs, preset=preset_of(s, model), gamma=model.gamma or "none",
+        lr=s.lr, batch_size=s.batch_size, quorum=s.edges, min_edges=s.edges, deadline_s=s.deadline_s,
+        threads=s.threads, lr_decay_rounds=",".join(map(str, s.decay_rounds)), optimizer=s.optimizer,
+        lr_cosine_from_round=s.cosine_from_round, encoding=ctx.encoding,
+    )  # fmt: skip
+
+
 def run_federated(ctx: Context, model: ModelSpec) -> dict:
     """C edge agents and one aggregator, real processes over mutual TLS; edge-0 scores each global
     model on the clean test set, which gives Fig. 3's curve."""
     s = ctx.scale
     home = run_dir(ctx, model, "federated")
     shutil.rmtree(home, ignore_errors=True)
-    settings = Settings(
-        rounds=s.rounds, local_epochs=s.local_epochs, preset=preset_of(s, model), gamma=model.gamma or "none",
-        lr=s.lr, batch_size=s.batch_size, quorum=s.edges, min_edges=s.edges, deadline_s=s.deadline_s,
-        threads=s.threads, lr_decay_rounds=",".join(map(str, s.decay_rounds)), optimizer=s.optimizer,
-        encoding=ctx.encoding,
-    )  # fmt: skip
-    fed = Federation(home, ctx.pki, ctx.key, settings)
+    fed = Federation(home, ctx.pki, ctx.key, federation_settings(ctx, model))
     started = time.monotonic()
     try:
         fed.start_aggregator(s.edges)
