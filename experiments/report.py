@@ -433,11 +433,17 @@ def _lr_schedule(meta: dict) -> str:
     if not isinstance(rounds, list) or not isinstance(factors, list):
         return f"{lr:g}"
     steps = [f"×{f:g} from round {r} on" for r, f in zip(rounds, factors, strict=False)]
+    cosine = meta.get("lr_cosine_from_round")
+    if isinstance(cosine, int) and cosine:
+        steps.append(f"falling along a cosine from round {cosine} to 1% at the end of the last")
     text = f"{meta.get('optimizer', 'adadelta')} lr {lr:g}"
     text += ", " + ", ".join(steps) if steps else " (constant)"
     epochs = meta.get("lr_decay_epochs")
     if isinstance(epochs, list) and epochs:
         text += " (single and centralized: from epoch " + ", ".join(str(e + 1) for e in epochs) + ")"
+    cosine_epoch = meta.get("lr_cosine_from_epoch")
+    if isinstance(cosine_epoch, int) and cosine:
+        text += f" (single and centralized: the same cosine over epochs, from epoch {cosine_epoch + 1})"
     return text
 
 

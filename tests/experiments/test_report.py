@@ -252,3 +252,20 @@ def test_load_runs_names_a_broken_file(tmp_path: Path) -> None:
     (tmp_path / "zz_broken.json").write_text(json.dumps({"model": "aster-fl", "manner": "single"}))
     with pytest.raises(ValueError, match=r"zz_broken\.json.*accuracy"):
         report.load_runs(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"optimizer": "adam", "lr": 0.002}, "adam lr 0.002 (constant)"),
+        ({"optimizer": "adadelta", "lr": 1.0, "lr_decay_rounds": [5, 30], "lr_decay_factors": [0.1, 0.01],
+          "lr_decay_epochs": [12, 87]},
+         "adadelta lr 1, ×0.1 from round 5 on, ×0.01 from round 30 on "
+         "(single and centralized: from epoch 13, 88)"),
+        ({"optimizer": "adam", "lr": 0.002, "lr_cosine_from_round": 5, "lr_cosine_from_epoch": 12},
+         "adam lr 0.002, falling along a cosine from round 5 to 1% at the end of the last "
+         "(single and centralized: the same cosine over epochs, from epoch 13)"),
+    ],
+)  # fmt: skip
+def test_the_setup_names_the_lr_plan(meta: dict, expected: str) -> None:
+    assert report._lr_schedule(meta) == expected
