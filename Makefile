@@ -29,9 +29,10 @@ demo: install
 	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
 
 # The paper's experiments in miniature: 5 models x single/centralized/federated, then
-# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini (the CPU run reported) or paper
-# (an accelerator). Resumable: finished runs (results/SCALE/*.json) are not repeated.
-SCALE ?= mini
+# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini-cpu (the CPU run reported), mini (the
+# run before it, fedocr-tiny) or paper (an accelerator). Resumable: finished runs
+# (results/SCALE/*.json) are not repeated.
+SCALE ?= mini-cpu
 experiment: install
 	$(BIN)/python -m experiments --scale $(SCALE)
 

@@ -62,6 +62,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
     )
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="MODEL",
+        help="start from this pretrained model file instead of the key's W_0 (every edge the same "
+        "file; it is part of the fingerprint, and the aggregator never sees it)",
+    )
     p.add_argument("--workers", type=int, help=WORKERS_HELP)
     p.add_argument(
         "--device",
@@ -153,6 +160,7 @@ def run(argv: Sequence[str]) -> int:
             seed=args.seed,
             device=device,
             bf16=default_bf16(device) if args.bf16 is None else args.bf16,
+            init=args.init,
         )
         endpoint = Endpoint(args.server, args.ca, args.cert, args.cert_key, args.server_name)
         policy = retry.RetryPolicy(

@@ -19,7 +19,7 @@ from recognizer.charset import MAX_SEQ_LEN
 from recognizer.dataset import label_report, make_loader
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
-from recognizer.model_io import save_model
+from recognizer.model_io import save_model, start_from
 from recognizer.recipe import DEFAULT_LR, DEFAULT_OPTIMIZER, OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class LocalModel:
     """The hashed recognizer of one edge and its private shard.
 
     The edge's model is always ``W_0 + G``: W_0 comes from the federation key (the same on every
-    edge) and G is the global state the aggregator averages; ``increment()`` is ``W_local - W_0 - G``.
+    edge, or the pretrained weights of ``init``) and G is the global state the aggregator averages;
+    ``increment()`` is ``W_local - W_0 - G``.
     The model trains on ``device`` (with bf16 autocast when ``bf16``); every vector it hands out is
     CPU float32 whatever the device.
     """
@@ -57,6 +58,7 @@ class LocalModel:
         seed: int = 0,
         device: torch.device | str = "cpu",
         bf16: bool = False,
+        init: Path | None = None,
     ) -> None:
         reader = LmdbReader(shard)  # a missing or corrupt shard fails here, naming the path
         self.model = build_model(preset, key, gamma, alphabet)
@@ -69,6 +71,10 @@ class LocalModel:
         self.shard = shard
         self.preset = preset
         self._key = key
+        self._file_fingerprint = state.fingerprint(self.model, key)  # of W_0 as built: model files name it
+        if init is not None:  # fine-tuning: the pretrained weights stand in for W_0 on every edge
+            start_from(self.model, init, key, preset)
+        # Of the starting point: edges that start from other weights are refused, like another key.
         self.fingerprint = state.fingerprint(self.model, key)
         self._w0 = state.pack_model(self.model, key)
         self.statistics = state.statistics_length(self.model)  # the packed vector's last values
@@ -178,7 +184,7 @@ class LocalModel:
 
     def save(self, path: Path) -> None:
         """Write the model as it is now (after apply_global: the global model) for `recognizer eval`."""
-        save_model(path, self.model, self._key, self.preset, self.fingerprint)
+        save_model(path, self.model, self._key, self.preset, self._file_fingerprint)
 
 
 def set_threads(threads: int) -> None:

@@ -15,6 +15,7 @@ from recognizer.synth import STYLES, render_dataset
 log = logging.getLogger(__name__)
 
 TEST_SEED_OFFSET = 1000  # test set k uses seed + 1000 + k: never a training sample's generator
+PRETRAIN_SEED_OFFSET = 2000  # the pretraining set's seed: neither a training nor a test set's
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ExperimentData:
     train: Path
     shards: tuple[Path, ...]
     tests: dict[str, Path]
+    pretrain: Path | None = None  # clean-style words the models are pretrained on (None: no pretraining)
 
 
 def _finished(path: Path) -> bool:
@@ -46,7 +48,8 @@ def _render(path: Path, count: int, seed: int, styles: tuple[str, ...], labels: 
 
 def _data_settings(scale: Scale) -> dict:
     return {"train_words": scale.train_words, "test_words": scale.test_words, "labels": scale.labels,
-            "edges": scale.edges, "seed": scale.seed}  # fmt: skip
+            "edges": scale.edges, "seed": scale.seed,
+            **({"pretrain_words": scale.pretrain_words} if scale.pretrain_words else {})}  # fmt: skip
 
 
 def make_data(root: Path, scale: Scale) -> ExperimentData:
@@ -81,4 +84,8 @@ def make_data(root: Path, scale: Scale) -> ExperimentData:
         tests[style] = root / "test" / style
         seed = scale.seed + TEST_SEED_OFFSET + k
         _render(tests[style], scale.test_words, seed, (style,), scale.labels)
-    return ExperimentData(train, shards, tests)
+    pretrain = None
+    if scale.pretrain_words:
+        pretrain = root / "pretrain"
+        _render(pretrain, scale.pretrain_words, scale.seed + PRETRAIN_SEED_OFFSET, ("clean",), scale.labels)
+    return ExperimentData(train, shards, tests, pretrain)

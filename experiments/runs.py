@@ -68,22 +68,77 @@ def run_dir(ctx: Context, model: ModelSpec, manner: str) -> Path:
     return ctx.work / "runs" / f"{model.slug}__{manner}"
 
 
+def _train_args(ctx: Context, model: ModelSpec, epochs: int) -> list[str]:
+    s = ctx.scale
+    return [
+        PY, "-m", "recognizer.cli", "train",
+        "--preset", preset_of(s, model), "--gamma", model.gamma or "none", "--epochs", str(epochs),
+        "--batch-size", str(s.batch_size), "--optimizer", s.optimizer, "--lr", str(s.lr),
+        "--threads", str(s.threads), "--seed", str(s.seed), "--key", str(ctx.key),
+    ]  # fmt: skip
+
+
+def pretrained_path(ctx: Context, model: ModelSpec) -> Path:
+    """The pretrained model every manner of ``model`` starts from (at a scale with pretraining)."""
+    return ctx.work / "pretrained" / f"{model.slug}.npz"
+
+
+def pretrain_command(ctx: Context, model: ModelSpec) -> list[str]:
+    """`recognizer train` on the clean pretraining set, at a constant lr."""
+    assert ctx.data.pretrain is not None
+    cmd = _train_args(ctx, model, ctx.scale.pretrain_epochs)
+    return [*cmd, "--data", str(ctx.data.pretrain), "--out", str(pretrained_path(ctx, model))]
+
+
 def train_command(ctx: Context, model: ModelSpec, manner: str, out: Path) -> list[str]:
     """`recognizer train` for the single (shard 0) or centralized (all shards pooled) manner."""
     s = ctx.scale
     shards = ctx.data.shards[:1] if manner == "single" else ctx.data.shards
-    cmd = [PY, "-m", "recognizer.cli", "train"]
+    cmd = _train_args(ctx, model, s.epochs)
     for shard in shards:
         cmd += ["--data", str(shard)]
-    cmd += [
-        "--preset", preset_of(s, model), "--gamma", model.gamma or "none",
-        "--epochs", str(s.epochs), "--decay-epochs", ",".join(map(str, s.decay_epochs)),
-        "--batch-size", str(s.batch_size), "--optimizer", s.optimizer, "--lr", str(s.lr),
-        "--threads", str(s.threads), "--seed", str(s.seed), "--key", str(ctx.key), "--out", str(out),
-    ]  # fmt: skip
+    cmd += ["--decay-epochs", ",".join(map(str, s.decay_epochs)), "--out", str(out)]
     if s.cosine_from_epoch is not None:
         cmd += ["--cosine-from", str(s.cosine_from_epoch)]
+    if ctx.data.pretrain is not None:
+        cmd += ["--init", str(pretrained_path(ctx, model))]
     return cmd
+
+
+def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> None:
+    """Pretrain every model that has no pretrained file yet, ``parallel`` at a time (one thread each).
+
+    `recognizer train` writes its model file once, when it ends, so a file that exists is finished.
+    """
+    todo = [m for m in models if not pretrained_path(ctx, m).exists()]
+    running: list[tuple[ModelSpec, subprocess.Popen]] = []
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                model = todo.pop(0)
+                log_file = ctx.work / "pretrained" / f"{model.slug}.log"
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                log.info("pretraining %s on %s", model.id, ctx.data.pretrain)
+                with log_file.open("wb") as out:
+                    proc = subprocess.Popen(
+                        pretrain_command(ctx, model), stdout=out, stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                running.append((model, proc))
+            time.sleep(1.0)
+            for model, proc in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((model, proc))
+                if proc.returncode != 0:
+                    log_file = ctx.work / "pretrained" / f"{model.slug}.log"
+                    raise RunError(f"{model.id} pretraining: recognizer train exited with {proc.returncode}; "
+                                   f"see {log_file}")  # fmt: skip
+    finally:
+        for _, proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def start_training(ctx: Context, model: ModelSpec, manner: str) -> subprocess.Popen:
@@ -186,6 +241,7 @@ def federation_settings(ctx: Context, model: ModelSpec) -> Settings:
         lr=s.lr, batch_size=s.batch_size, quorum=s.edges, min_edges=s.edges, deadline_s=s.deadline_s,
         threads=s.threads, lr_decay_rounds=",".join(map(str, s.decay_rounds)), optimizer=s.optimizer,
         lr_cosine_from_round=s.cosine_from_round, encoding=ctx.encoding,
+        extra_edge_args=("--init", str(pretrained_path(ctx, model))) if ctx.data.pretrain is not None else (),
     )  # fmt: skip
 
 

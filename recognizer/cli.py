@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recognizer.device import default_bf16, default_workers, resolve_device
     from recognizer.keys import KEY_BYTES, load_key, write_key
     from recognizer.model import build_model
-    from recognizer.model_io import save_model
+    from recognizer.model_io import save_model, start_from
     from recognizer.recipe import DEFAULT_LR
     from recognizer.state import fingerprint
     from recognizer.train import evaluate, lr_at, make_optimizer, set_lr, train_epoch
@@ -99,6 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                          workers=workers, seed=args.seed, check_labels=True, **data)
     val = make_loader(Path(args.val), args.batch_size, shuffle=False, **data) if args.val else None
     initial_fingerprint = fingerprint(model, key)  # of W_0, recorded in the model file
+    if args.init:
+        start_from(model, Path(args.init), key, args.preset)
+        log.info("starting from %s", args.init)
     model.to(device)  # before the optimizer, which keeps its state beside the parameters
     log.info("training on %s (bf16 autocast %s, %d data-loading workers)", device,
              "on" if bf16 else "off", workers)
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cosine-from", type=int, metavar="EPOCH",
                    help="hold the lr for this many epochs, then decay it along a cosine to 1%% at the "
                         "end of the last (after the take-off; benchmarks/learning.py, row cosine-1500)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this model file's weights instead of W_0 (fine-tuning): same preset, "
+                        "gamma, alphabet and --key")
     p.add_argument("--val", help="an LMDB evaluated after each epoch")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--workers", type=int, help=WORKERS_HELP)

@@ -98,6 +98,23 @@ def model_from_packed(
     return model, fingerprint
 
 
+def start_from(model: Recognizer, path: Path, key: bytes, preset: str) -> None:
+    """Load a model file's weights into ``model`` as built (W_0 under ``key``), to fine-tune it.
+
+    The file must hold the same preset, gamma and alphabet, made under the same key (its
+    fingerprint is of the same W_0). Raises ModelFileError naming the file otherwise.
+    """
+    meta, packed = read_model_file(path)
+    ours = {"preset": preset, "gamma": model.gamma, "alphabet": model.alphabet.name}
+    if differ := [f"{k} {meta.get(k)!r} (here {v!r})" for k, v in ours.items() if meta.get(k) != v]:
+        raise ModelFileError(f"{path}: cannot start from it: {', '.join(differ)}")
+    if state.fingerprint(model, key).hex() != meta["fingerprint"]:
+        raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
+    if packed.size != (length := sum(state.state_lengths(model))):
+        raise ModelFileError(f"{path}: state has {packed.size} values, this model {length}")
+    state.load_packed(model, packed, key)
+
+
 def load_model(
     path: Path, key: bytes, *, verify_key: bool = True, device: torch.device | str | None = None
 ) -> tuple[Recognizer, dict]:

@@ -110,3 +110,31 @@ def test_the_plans_optimizer_replaces_the_edges_own(edge_data, federation_key: P
     with pytest.raises(ValueError, match="'sgd' is unknown here; this edge knows adam, adamw, adadelta"):
         model.use_optimizer("sgd")
     assert isinstance(model._optimizer, torch.optim.Adadelta)
+
+
+def test_an_edge_can_start_from_a_pretrained_model(edge_data, federation_key: Path, tmp_path: Path) -> None:
+    """W_0 becomes the pretrained weights; the fingerprint covers them (edges that start elsewhere
+    disagree) while the saved model still loads under the key; a file that does not fit is refused."""
+    from recognizer.model_io import ModelFileError
+
+    key = load_key(federation_key)
+    plain = LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.5)
+    plain.train_round(Plan(local_epochs=1, learning_rate=1e-3, batch_size=32))
+    pretrained = tmp_path / "pretrained.npz"
+    plain.save(pretrained)
+    trained = state.pack_model(plain.model, key)
+
+    tuned = LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.5, init=pretrained)
+    assert np.array_equal(state.pack_model(tuned.model, key), trained)
+    assert not tuned.increment().any()  # W_0 + 0 is the pretrained model
+    assert tuned.fingerprint != plain.fingerprint
+    tuned.save(tmp_path / "final.npz")
+    saved = load_model(tmp_path / "final.npz", key)[1]  # loads: named by the key's W_0, as any model file
+    assert saved["fingerprint"] == load_model(pretrained, key)[1]["fingerprint"]
+
+    with pytest.raises(ModelFileError, match=r"pretrained.npz: cannot start from it: gamma 0.5 \(here 0.25"):
+        LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.25, init=pretrained)
+    with pytest.raises(ModelFileError, match="pretrained.npz: made under another federation key"):
+        LocalModel(edge_data.shards[0], bytes(32), "fedocr-tiny", 0.5, init=pretrained)
+    with pytest.raises(ModelFileError, match="missing.npz: no such model file"):
+        LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.5, init=tmp_path / "missing.npz")

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.__main__ import check_results_match, settings
 from experiments.data import ExperimentData
-from experiments.runs import Context, federation_settings, train_command
+from experiments.runs import Context, federation_settings, pretrain_command, pretrained_path, train_command
 from experiments.scales import MODELS, SCALES, Scale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _context(scale: Scale, tmp: Path) -> Context:
     shards = tuple(tmp / f"shard{k}" for k in range(scale.edges))
-    data = ExperimentData(tmp / "train", shards, {"clean": tmp / "clean"})
+    pretrain = tmp / "pretrain" if scale.pretrain_words else None
+    data = ExperimentData(tmp / "train", shards, {"clean": tmp / "clean"}, pretrain)
     return Context(scale, data, tmp / "key", tmp / "pki", tmp / "work", tmp / "results")
 
 
@@ -61,3 +62,25 @@ def test_committed_results_match_their_scale() -> None:
     check_results_match(REPO / "results" / "mini", SCALES["mini"])
     with pytest.raises(ValueError, match="lr_cosine_from_round"):
         check_results_match(REPO / "results" / "mini", SCALES["mini-cpu"])
+
+
+def test_a_pretraining_scale_starts_every_manner_from_the_same_pretrained_model(tmp_path: Path) -> None:
+    scale = SCALES["mini-pre"]
+    assert scale.pretrain_words and scale.pretrain_epochs
+    ctx = _context(scale, tmp_path)
+    for model in MODELS:
+        pretrained = str(pretrained_path(ctx, model))
+        pre = pretrain_command(ctx, model)
+        assert pre[pre.index("--out") + 1] == pretrained
+        assert pre[pre.index("--data") + 1] == str(tmp_path / "pretrain")
+        assert pre[pre.index("--epochs") + 1] == str(scale.pretrain_epochs) and "--init" not in pre
+        for manner in ("single", "centralized"):
+            cmd = train_command(ctx, model, manner, tmp_path / "model.npz")
+            assert cmd[cmd.index("--init") + 1] == pretrained
+            assert cmd[cmd.index("--key") + 1] == pre[pre.index("--key") + 1]
+        assert federation_settings(ctx, model).extra_edge_args == ("--init", pretrained)
+    assert settings(scale)["pretrain"] == {"words": scale.pretrain_words, "epochs": scale.pretrain_epochs,
+                                           "styles": "clean"}  # fmt: skip
+    plain = _context(SCALES["mini-cpu"], tmp_path)
+    assert "--init" not in train_command(plain, MODELS[0], "single", tmp_path / "m.npz")
+    assert federation_settings(plain, MODELS[0]).extra_edge_args == ()

@@ -17,7 +17,7 @@ from recognizer.dataset import make_loader
 from recognizer.keys import generate_key, load_key
 from recognizer.lmdb_data import LmdbWriter
 from recognizer.model import build_model
-from recognizer.model_io import ModelFileError, load_model, save_model
+from recognizer.model_io import ModelFileError, load_model, read_model_file, save_model
 from recognizer.state import fingerprint
 from recognizer.synth import render_sample
 
@@ -125,6 +125,10 @@ def test_wrong_key_is_refused_and_unverified_reads_garbage(tmp_path: Path, words
         (["info", "--preset", "no-such-preset"], "fedocr-tiny"),
         (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--epochs", "2", "--cosine-from", "2"],
          "--cosine-from 2 must be within 0..1 (--epochs 2)"),
+        (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--key", "{key}", "--init", "{model}"],
+         "{model}: cannot start from it: preset 'fedocr-tiny' (here 'fedocr-cpu')"),
+        (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--preset", "fedocr-tiny", "--gamma", "1/2",
+          "--init", "{model}"], "{model}: made under another federation key"),
     ],
 )
 def test_bad_input_gets_an_error_naming_it(argv, expected, trained: Path, words: Path, tmp_path: Path,
@@ -279,3 +283,14 @@ def test_load_model_places_the_model_and_its_index_maps_on_a_device(trained: Pat
     tensors = [*model.parameters(), *model.buffers()]
     assert any(name.endswith("_idx") for name, _ in model.named_buffers())
     assert tensors and all(t.device.type == "meta" for t in tensors)
+
+
+def test_init_fine_tunes_a_saved_model(trained: Path, words: Path, tmp_path: Path, capsys) -> None:
+    """--init starts from the file's weights: a zero-epoch run saves them unchanged, under the same key."""
+    key = trained.with_suffix(".key")
+    argv = ["train", "--data", str(words), "--preset", "fedocr-tiny", "--gamma", "1/2", "--epochs", "0",
+            "--key", str(key), "--init", str(trained), "--out", str(tmp_path / "tuned.npz")]
+    assert run_cli(argv, capsys)[0] == 0
+    before = read_model_file(trained)
+    after = read_model_file(tmp_path / "tuned.npz")
+    assert np.array_equal(before[1], after[1]) and before[0] == after[0]
