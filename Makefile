@@ -29,10 +29,10 @@ demo: install
 	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
 
 # The paper's experiments in miniature: 5 models x single/centralized/federated, then
-# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini-cpu (the CPU run reported), mini (the
-# run before it, fedocr-tiny) or paper (an accelerator). Resumable: finished runs
-# (results/SCALE/*.json) are not repeated.
-SCALE ?= mini-cpu
+# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini-pre (the CPU run reported: pretrained
+# models fine-tuned), mini-cpu and mini (from scratch) or paper (an accelerator). Resumable:
+# finished runs (results/SCALE/*.json) are not repeated.
+SCALE ?= mini-pre
 experiment: install
 	$(BIN)/python -m experiments --scale $(SCALE)
 

@@ -170,6 +170,8 @@ def run(argv: Sequence[str]) -> int:
     except (KeyFileError, DatasetError, CredentialsError, ValueError, OSError) as exc:
         print(f"edge_agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.init:
+        progress.summary("starting from %s, not the key's W_0", args.init)
     progress.summary(
         "edge on %s (%d words): %s gamma %s on %s, %d values (%s float32) per upload; aggregator %s",
         args.shard,

@@ -447,6 +447,14 @@ def _lr_schedule(meta: dict) -> str:
     return text
 
 
+def _pretraining(meta: dict) -> str:
+    pre = meta.get("pretrain")
+    if not isinstance(pre, dict):
+        return "none (every manner starts from the key's W_0)"
+    return (f"{_text(pre.get('words'))} {_text(pre.get('styles'))}-style words of another seed, "
+            f"{_text(pre.get('epochs'))} epochs; every manner starts from that model")  # fmt: skip
+
+
 def _setup(meta: dict, runs: list[dict]) -> str:
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     presets = meta.get("presets") if isinstance(meta.get("presets"), dict) else {}
@@ -463,6 +471,7 @@ def _setup(meta: dict, runs: list[dict]) -> str:
         f"- Rounds: {_text(meta.get('rounds'))}; local epochs per round: {_text(meta.get('local_epochs'))}; "
         f"batch size: {_text(meta.get('batch_size'))}",
         f"- Learning rate: {_lr_schedule(meta)}",
+        f"- Pretraining: {_pretraining(meta)}",
         f"- Presets: {preset_text}; beam width of the final evaluation: {_text(meta.get('beam'))}; "
         f"torch threads per process: {_text(meta.get('threads_per_process'))}",
         f"- Wall time: {runs_wall} summed over {len(walls)} runs; whole experiment: "

@@ -139,6 +139,28 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    for model in models:
+        score_pretrained(ctx, model)
+
+
+def score_pretrained(ctx: Context, model: ModelSpec) -> dict:
+    """The pretrained model's scores on the test sets, before any fine-tuning (kept in
+    results/SCALE/pretrained/MODEL.json, beside the runs and not one of them)."""
+    path = ctx.results / "pretrained" / f"{model.slug}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    accuracy = evaluate_model(ctx, pretrained_path(ctx, model))
+    record = {
+        "model": model.id, "preset": preset_of(ctx.scale, model), "gamma": model.gamma,
+        "pretrain": {"words": ctx.scale.pretrain_words, "epochs": ctx.scale.pretrain_epochs,
+                     "styles": "clean"},
+        "accuracy": accuracy,
+        "mean_accuracy": sum(a["accuracy"] for a in accuracy.values()) / len(accuracy),
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    log.info("%s pretrained: mean accuracy %.1f%%", model.id, 100 * record["mean_accuracy"])
+    return record
 
 
 def start_training(ctx: Context, model: ModelSpec, manner: str) -> subprocess.Popen:

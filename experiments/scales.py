@@ -95,7 +95,7 @@ SCALES: dict[str, Scale] = {
     "smoke": Scale(
         "smoke", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-tiny"},
         train_words=100, test_words=12, rounds=2, local_epochs=1, batch_size=10, decay_rounds=(2,),
-        labels="digits", optimizer="adam", lr=2e-3, deadline_s=600.0,
+        labels="digits", optimizer="adam", lr=2e-3, deadline_s=600.0, pretrain_words=40, pretrain_epochs=1,
     ),
     # The CPU run reported in docs/results.md (2 cores, about 2 hours): the CPU presets' recipe
     # (recognizer.recipe: Adam 2e-3, batch 16, no decay) on digit strings of every style, three

@@ -269,3 +269,11 @@ def test_load_runs_names_a_broken_file(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_the_setup_names_the_lr_plan(meta: dict, expected: str) -> None:
     assert report._lr_schedule(meta) == expected
+
+
+def test_the_setup_names_the_pretraining() -> None:
+    assert report._pretraining({}) == "none (every manner starts from the key's W_0)"
+    pre = {"pretrain": {"words": 8000, "epochs": 3, "styles": "clean"}}
+    assert report._pretraining(pre) == (
+        "8000 clean-style words of another seed, 3 epochs; every manner starts from that model"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.scales import MANNERS, MODELS, SCALES
+from experiments.scales import MANNERS, MODELS, SCALES, TEST_SETS
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = SCALES["smoke"]
@@ -84,6 +84,26 @@ def test_report_and_figure_are_written(smoke: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     meta = json.loads((smoke / "results" / "meta.json").read_text())
     assert meta["scale"] == "smoke" and meta["rounds"] == SMOKE.rounds
+
+
+def test_every_manner_starts_from_the_pretrained_model(smoke: Path) -> None:
+    """The smoke scale pretrains: each model is pretrained once and scored, and every manner,
+    the federation's edges included, is started from that file."""
+    meta = json.loads((smoke / "results" / "meta.json").read_text())
+    wanted = {"words": SMOKE.pretrain_words, "epochs": SMOKE.pretrain_epochs, "styles": "clean"}
+    assert meta["pretrain"] == wanted
+    for model in MODELS:
+        pretrained = smoke / "work" / "pretrained" / f"{model.slug}.npz"
+        assert pretrained.is_file()
+        scored = json.loads((smoke / "results" / "pretrained" / f"{model.slug}.json").read_text())
+        assert scored["model"] == model.id and set(scored["accuracy"]) == set(TEST_SETS)
+        for manner in ("single", "centralized"):
+            log = (smoke / "work" / "runs" / f"{model.slug}__{manner}" / "train.log").read_text()
+            assert f"starting from {pretrained}" in log
+        edges = sorted((smoke / "work" / "runs" / f"{model.slug}__federated" / "edges").iterdir())
+        assert len(edges) == SMOKE.edges
+        for edge in edges:
+            assert f"starting from {pretrained}" in (edge / "edge.log").read_text()
 
 
 def test_a_rerun_repeats_only_missing_runs(smoke: Path) -> None:
