@@ -73,7 +73,7 @@ class LocalModel:
         self._key = key
         self._file_fingerprint = state.fingerprint(self.model, key)  # of W_0 as built: model files name it
         if init is not None:  # fine-tuning: the pretrained weights stand in for W_0 on every edge
-            start_from(self.model, init, key, preset)
+            start_from(self.model, init, key, preset, self._file_fingerprint)
         # Of the starting point: edges that start from other weights are refused, like another key.
         self.fingerprint = state.fingerprint(self.model, key)
         self._w0 = state.pack_model(self.model, key)

@@ -77,8 +77,7 @@ def settings(s: Scale) -> dict:
         "lr_decay_factors": list(s.decay_factors), "lr_decay_epochs": list(s.decay_epochs),
         **({"lr_cosine_from_round": s.cosine_from_round, "lr_cosine_from_epoch": s.cosine_from_epoch}
            if s.cosine_from_round else {}),
-        **({"pretrain": {"words": s.pretrain_words, "epochs": s.pretrain_epochs, "styles": "clean"}}
-           if s.pretrain_words else {}),
+        **({"pretrain": s.pretraining} if s.pretraining else {}),
         "presets": dict(s.presets), "beam": s.beam,
     }  # fmt: skip
 

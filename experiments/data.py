@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.scales import TEST_SETS, Scale
+from experiments.scales import PRETRAIN_STYLE, TEST_SETS, Scale
 from recognizer.shard import split_dataset
 from recognizer.synth import STYLES, render_dataset
 
@@ -87,5 +87,6 @@ def make_data(root: Path, scale: Scale) -> ExperimentData:
     pretrain = None
     if scale.pretrain_words:
         pretrain = root / "pretrain"
-        _render(pretrain, scale.pretrain_words, scale.seed + PRETRAIN_SEED_OFFSET, ("clean",), scale.labels)
+        seed = scale.seed + PRETRAIN_SEED_OFFSET
+        _render(pretrain, scale.pretrain_words, seed, (PRETRAIN_STYLE,), scale.labels)
     return ExperimentData(train, shards, tests, pretrain)

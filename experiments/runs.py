@@ -116,7 +116,7 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
         while todo or running:
             while todo and len(running) < parallel:
                 model = todo.pop(0)
-                log_file = ctx.work / "pretrained" / f"{model.slug}.log"
+                log_file = pretrained_path(ctx, model).with_suffix(".log")
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 log.info("pretraining %s on %s", model.id, ctx.data.pretrain)
                 with log_file.open("wb") as out:
@@ -131,7 +131,7 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
                     continue
                 running.remove((model, proc))
                 if proc.returncode != 0:
-                    log_file = ctx.work / "pretrained" / f"{model.slug}.log"
+                    log_file = pretrained_path(ctx, model).with_suffix(".log")
                     raise RunError(f"{model.id} pretraining: recognizer train exited with {proc.returncode}; "
                                    f"see {log_file}")  # fmt: skip
     finally:
@@ -152,8 +152,7 @@ def score_pretrained(ctx: Context, model: ModelSpec) -> dict:
     accuracy = evaluate_model(ctx, pretrained_path(ctx, model))
     record = {
         "model": model.id, "preset": preset_of(ctx.scale, model), "gamma": model.gamma,
-        "pretrain": {"words": ctx.scale.pretrain_words, "epochs": ctx.scale.pretrain_epochs,
-                     "styles": "clean"},
+        "pretrain": ctx.scale.pretraining,
         "accuracy": accuracy,
         "mean_accuracy": sum(a["accuracy"] for a in accuracy.values()) / len(accuracy),
     }  # fmt: skip

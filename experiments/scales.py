@@ -11,6 +11,7 @@ DECAY_FACTORS = (0.1, 0.01)
 # The six held-out test sets, one per style family (the analogues of the paper's benchmarks).
 TEST_SETS: tuple[str, ...] = ("clean", "lowres", "blur", "perspective", "curved", "noisy")
 MANNERS: tuple[str, ...] = ("single", "centralized", "federated")
+PRETRAIN_STYLE = "clean"  # the style family of a scale's pretraining set (the paper: clean synthetic text)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Scale:
     decay_rounds: tuple[int, ...]  # 1-based rounds from which the lr is decayed
     cosine_from_round: int = 0  # 1-based round from which the lr falls along a cosine to 1% (0: off)
     # Pretraining (0: none): every manner of a model then starts from one model trained this many
-    # epochs on this many clean-style words of other seeds, as the paper's models start pretrained.
+    # epochs on this many PRETRAIN_STYLE words of other seeds, as the paper's models start pretrained.
     pretrain_words: int = 0
     pretrain_epochs: int = 0
     labels: str = "mixed"  # recognizer.synth.LABEL_KINDS
@@ -85,6 +86,13 @@ class Scale:
         return tuple((r - 1) * self.local_epochs for r in self.decay_rounds)
 
     @property
+    def pretraining(self) -> dict | None:
+        """What the models are pretrained on, as meta.json and the results record it (None: none)."""
+        if not self.pretrain_words:
+            return None
+        return {"words": self.pretrain_words, "epochs": self.pretrain_epochs, "styles": PRETRAIN_STYLE}
+
+    @property
     def cosine_from_epoch(self) -> int | None:
         """0-based epoch of a centralized or single run from which the same cosine applies (None: off)."""
         return (self.cosine_from_round - 1) * self.local_epochs if self.cosine_from_round else None
@@ -97,7 +105,7 @@ SCALES: dict[str, Scale] = {
         train_words=100, test_words=12, rounds=2, local_epochs=1, batch_size=10, decay_rounds=(2,),
         labels="digits", optimizer="adam", lr=2e-3, deadline_s=600.0, pretrain_words=40, pretrain_epochs=1,
     ),
-    # The CPU run reported in docs/results.md (2 cores, about 2 hours): the CPU presets' recipe
+    # The first CPU run (docs/results-mini.md; 2 cores, 2 h 32 min): the CPU presets' recipe
     # (recognizer.recipe: Adam 2e-3, batch 16, no decay) on digit strings of every style, three
     # owners of 1,000 images each; each edge makes about 1,900 local steps, past the recipe's
     # take-off (benchmarks/learning.py). docs/results.md says why.
@@ -109,7 +117,7 @@ SCALES: dict[str, Scale] = {
     # `mini` again with a model that takes off sooner: fedocr-cpu (the default CPU preset, about 500
     # steps to take off on clean digits against fedocr-tiny's 1,250; results/learning-digits) and a
     # cosine over the last three rounds, so that the federated models (1,300 local steps per edge)
-    # settle as the centralized ones do. About 2.5 hours on 2 cores.
+    # settle as the centralized ones do (docs/results-mini-cpu.md; 54 min on 2 cores).
     "mini-cpu": Scale(
         "mini-cpu", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
         train_words=3_000, test_words=300, rounds=7, local_epochs=3, batch_size=16, decay_rounds=(),
@@ -117,7 +125,8 @@ SCALES: dict[str, Scale] = {
     ),
     # The paper's protocol in miniature: models pretrained on clean digit strings (the paper's
     # synthetic pretraining), then fine-tuned on every style family in the three manners, so that
-    # federated and centralized training start past the take-off, as in the paper.
+    # federated and centralized training start past the take-off, as in the paper (docs/results.md;
+    # 41 min on 2 cores, pretraining included).
     "mini-pre": Scale(
         "mini-pre", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
         train_words=3_000, test_words=300, rounds=4, local_epochs=3, batch_size=16, decay_rounds=(),

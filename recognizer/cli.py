@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = make_loader(Path(args.val), args.batch_size, shuffle=False, **data) if args.val else None
     initial_fingerprint = fingerprint(model, key)  # of W_0, recorded in the model file
     if args.init:
-        start_from(model, Path(args.init), key, args.preset)
+        start_from(model, Path(args.init), key, args.preset, initial_fingerprint)
         log.info("starting from %s", args.init)
     model.to(device)  # before the optimizer, which keeps its state beside the parameters
     log.info("training on %s (bf16 autocast %s, %d data-loading workers)", device,

@@ -98,9 +98,10 @@ def model_from_packed(
     return model, fingerprint
 
 
-def start_from(model: Recognizer, path: Path, key: bytes, preset: str) -> None:
+def start_from(model: Recognizer, path: Path, key: bytes, preset: str, fingerprint: bytes) -> None:
     """Load a model file's weights into ``model`` as built (W_0 under ``key``), to fine-tune it.
 
+    ``fingerprint`` is ``state.fingerprint`` of the model as built, which the caller keeps anyway.
     The file must hold the same preset, gamma and alphabet, made under the same key (its
     fingerprint is of the same W_0). Raises ModelFileError naming the file otherwise.
     """
@@ -108,7 +109,7 @@ def start_from(model: Recognizer, path: Path, key: bytes, preset: str) -> None:
     ours = {"preset": preset, "gamma": model.gamma, "alphabet": model.alphabet.name}
     if differ := [f"{k} {meta.get(k)!r} (here {v!r})" for k, v in ours.items() if meta.get(k) != v]:
         raise ModelFileError(f"{path}: cannot start from it: {', '.join(differ)}")
-    if state.fingerprint(model, key).hex() != meta["fingerprint"]:
+    if fingerprint.hex() != meta["fingerprint"]:
         raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
     if packed.size != (length := sum(state.state_lengths(model))):
         raise ModelFileError(f"{path}: state has {packed.size} values, this model {length}")
