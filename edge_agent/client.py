@@ -270,7 +270,18 @@ class FederationClient:
 
     def uploaded(self, round_id: int, edge_id: str) -> bool:
         """Whether round ``round_id``'s record lists ``edge_id`` as uploaded."""
-        status = self._invoker.call(
+        return _lists_upload(self._round(round_id), edge_id)
+
+    def counted(self, round_id: int, edge_id: str) -> bool:
+        """Whether round ``round_id`` closed with ``edge_id``'s upload in its aggregate."""
+        status = self._round(round_id)
+        return status.state == pb.ROUND_STATE_CLOSED and _lists_upload(status, edge_id)
+
+    def _round(self, round_id: int) -> pb.RoundStatus:
+        return self._invoker.call(
             self._stub.GetRound, pb.GetRoundRequest(round_id=round_id), timeout=RPC_TIMEOUT_S
         )
-        return any(e.edge_id == edge_id and e.uploaded for e in status.edges)
+
+
+def _lists_upload(status: pb.RoundStatus, edge_id: str) -> bool:
+    return any(e.edge_id == edge_id and e.uploaded for e in status.edges)

@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from edge_agent.client import FederationClient, Upload
 from edge_agent.secure import EdgeSession, SecureSettings
+from fedocr import retry
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,14 @@ def run(
     if status.phase == pb.SECURE_PHASE_DONE:
         return SecureResult(upload, False, status)
     shares = session.reveal(list(status.survivors), list(status.dropped))
-    status = client.reveal(round_id, shares)
+    try:
+        status = client.reveal(round_id, shares)
+    except grpc.RpcError as exc:
+        # The others' reveals were enough and closed the round first: the upload is in its sum.
+        if retry.status_code(exc) != grpc.StatusCode.FAILED_PRECONDITION or not client.counted(round_id, me):
+            raise
+        log.info("round %s: closed before this edge's reveal, with its upload counted", round_id)
+        return SecureResult(upload, False, client.secure_round(round_id, pb.SECURE_PHASE_UPLOAD, 0))
     step("revealed")
     log.info("round %s: revealed %d share(s) for unmasking", round_id, len(shares))
     return SecureResult(upload, True, status)

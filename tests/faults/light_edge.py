@@ -7,7 +7,8 @@ round that closed meanwhile) comes back and GetRound lists this edge as uploaded
 
 In a secure-aggregation round (the plan says so) it runs the protocol's phases with
 edge_agent.secure_round and uploads its increment masked; --stall-after-step stops it after one
-of those steps (advertised, shared, uploaded) to wait to be killed.
+of those steps (advertised, shared, uploaded) to wait to be killed, and --step-pause waits after
+each one, --reveal-delay before revealing shares.
 
 Two JSON-lines files go to --out: ``<name>.receipts.jsonl`` (one line per acknowledged upload)
 and ``<name>.events.jsonl`` (what the edge is doing, for tests that time faults on it).
@@ -141,10 +142,20 @@ class LightEdge:
         cert, key = pki.cert_path(args.pki, self.name), pki.key_path(args.pki, self.name)
         endpoint = Endpoint(f"127.0.0.1:{args.port}", ca, cert, key)
         client = FederationClient(endpoint, POLICY, on_retry=self._retried)
+        if args.reveal_delay:
+            reveal = client.reveal
+
+            def late_reveal(*a: Any) -> pb.SecureRoundStatus:
+                self.events.write(kind="revealing", round_id=reply.round_id)
+                time.sleep(args.reveal_delay)
+                return reveal(*a)
+
+            client.reveal = late_reveal  # type: ignore[method-assign]
         round_id, count = reply.round_id, samples(self.name, reply.round_id)
 
         def step(name: str) -> None:
             self.events.write(kind=name, round_id=round_id)
+            time.sleep(args.step_pause)
             if name == args.stall_after_step:
                 self.events.write(kind="stalled", round_id=round_id, step=name)
                 time.sleep(3600)  # until the test kills this process
@@ -288,6 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=-1,
         help="in the first upload, stop sending after this many chunks (and wait to be killed)",
+    )
+    parser.add_argument(
+        "--step-pause",
+        dest="step_pause",
+        type=float,
+        default=0.0,
+        help="in a secure round, seconds to wait after each step (so a test can act between steps)",
+    )
+    parser.add_argument(
+        "--reveal-delay",
+        dest="reveal_delay",
+        type=float,
+        default=0.0,
+        help="in a secure round, seconds to wait before revealing shares (the others may close it first)",
     )
     parser.add_argument(
         "--stall-after-step",

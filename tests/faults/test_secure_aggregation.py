@@ -126,6 +126,28 @@ def test_an_edge_killed_after_its_upload_is_unmasked_by_the_others(
     assert closed.message.startswith("aggregated 4")
 
 
+def test_an_edge_whose_reveal_comes_after_the_close_still_counts_its_upload(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    """Three reveals unmask a round of four: the slow edge's reveal is refused (the round ended),
+    and the edge learns from the round's record that its upload is in the aggregate."""
+    out = tmp_path / "edges"
+    out.mkdir()
+    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=30)
+    procs.aggregators.append(agg)
+    agg.start()
+    names = [f"edge-{k}" for k in range(4)]
+    edges = [procs.edge(fault_pki, agg.port, "edge-3", out, "--reveal-delay", "3")]
+    edges += [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    wait_exit(edges, out, timeout=120)
+    closed = check_closed_as_fedavg(fault_pki, agg, names)
+    assert closed.message.startswith("aggregated 4")
+    assert "RevealShares from" in agg.logs() and "refused: FAILED_PRECONDITION" in agg.logs()
+    late = light_edge_lines(out, "edge-3")
+    assert late["how"] == "secure" and not late["revealed"]
+    assert all(light_edge_lines(out, n)["revealed"] for n in names[:3])
+
+
 def test_an_edge_killed_before_its_upload_has_its_masks_removed(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
@@ -188,21 +210,31 @@ def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, pr
     """SIGKILL the aggregator once the first edge dealt its shares and again once one uploaded;
     restarted on the same state, it finishes the round with every edge, equal to plain FedAvg.
     (Phase deadlines run on through an outage: phase_s must outlast the restarts, else the round
-    fails cleanly and is retried.)"""
+    fails cleanly and is retried.) The edges pause after each step, so both kills land while the
+    round is open: on loopback the whole round otherwise takes a tenth of a second."""
     out = tmp_path / "edges"
     out.mkdir()
     agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=40)
     procs.aggregators.append(agg)
     agg.start()
     names = [f"edge-{k}" for k in range(4)]
-    edges = [procs.edge(fault_pki, agg.port, n, out) for n in names]
+    edges = [procs.edge(fault_pki, agg.port, n, out, "--step-pause", "2") for n in names]
     events = Events(out, names)
+    seen: list[dict] = []
+
+    def happened(kind: str) -> bool:
+        seen.extend(events.poll())
+        return any(e["kind"] == kind for e in seen)
+
     for step in ("shared", "uploaded"):
-        wait_until(lambda s=step: any(e["kind"] == s for e in events.poll()), 90, f"an edge to have {step}")
+        wait_until(lambda s=step: happened(s), 90, f"an edge to have {step}")
         agg.kill9()
         agg.start()
     wait_exit(edges, out, timeout=150)
     check_closed_as_fedavg(fault_pki, agg, names)
+    logs = [(tmp_path / f"aggregator-{k}.log").read_text() for k in range(3)]
+    assert [("round 1 closed" in log) for log in logs] == [False, False, True], "a kill came after the round"
+    assert all("resumed round 1" in log for log in logs[1:])
 
 
 def light_edge_lines(out: Path, name: str) -> dict:
