@@ -133,6 +133,33 @@ SCALES: dict[str, Scale] = {
         cosine_from_round=3, labels="digits", optimizer="adam", lr=2e-3, edges=3,
         pretrain_words=8_000, pretrain_epochs=3,
     ),
+    # `mini-pre` with twice the rounds (E_l = 3 still, as the paper): 8 rounds, a cosine over rounds
+    # 5-8; the same data, key and pretrained models. Tests whether the FED - SUM gaps at 4 rounds
+    # close once both manners train longer.
+    "mini-pre-long": Scale(
+        "mini-pre-long", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
+        train_words=3_000, test_words=300, rounds=8, local_epochs=3, batch_size=16, decay_rounds=(),
+        cosine_from_round=5, labels="digits", optimizer="adam", lr=2e-3, edges=3,
+        pretrain_words=8_000, pretrain_epochs=3,
+    ),
+    # `mini-pre` averaged after every local epoch instead of every third: 12 rounds x E_l = 1, the
+    # same 12 epochs and cosine (epochs 7-12). A probe of where the FED - SUM gap comes from: only
+    # federated runs are needed, single and centralized are `mini-pre`'s.
+    "mini-pre-el1": Scale(
+        "mini-pre-el1", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
+        train_words=3_000, test_words=300, rounds=12, local_epochs=1, batch_size=16, decay_rounds=(),
+        cosine_from_round=7, labels="digits", optimizer="adam", lr=2e-3, edges=3,
+        pretrain_words=8_000, pretrain_epochs=3,
+    ),
+    # `mini-pre` at batch 48: a centralized run then makes the sequential steps of one edge (750
+    # in 12 epochs), each on as many images as the three edges' steps together. A probe of
+    # whether the FED - SUM gap is the centralized run's three times as many steps.
+    "mini-pre-b48": Scale(
+        "mini-pre-b48", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
+        train_words=3_000, test_words=300, rounds=4, local_epochs=3, batch_size=48, decay_rounds=(),
+        cosine_from_round=3, labels="digits", optimizer="adam", lr=2e-3, edges=3,
+        pretrain_words=8_000, pretrain_epochs=3,
+    ),
     # The paper's settings: C=5, E_l=3, 44 rounds, decays at rounds 5 and 30, beam 5; an accelerator.
     "paper": Scale(
         "paper", {"aster-fl": "aster-fl", "fedocr": "fedocr"},

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fedocr import pki
+
+# deploy/ and benchmarks/ are scripts, not installed packages (experiments imports deploy.localfed):
+# the repository root makes them importable however few test files run (importlib mode adds nothing).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass(frozen=True)
