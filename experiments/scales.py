@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 # The lr is x0.1 from the first decay round on, x0.01 from the second (the paper: rounds 5 and 30 of 44).
@@ -98,6 +98,15 @@ class Scale:
         return (self.cosine_from_round - 1) * self.local_epochs if self.cosine_from_round else None
 
 
+MINI_CPU = Scale(
+    "mini-cpu", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
+    train_words=3_000, test_words=300, rounds=7, local_epochs=3, batch_size=16, decay_rounds=(),
+    cosine_from_round=5, labels="digits", optimizer="adam", lr=2e-3, edges=3,
+)  # fmt: skip
+MINI_PRE = replace(
+    MINI_CPU, name="mini-pre", rounds=4, cosine_from_round=3, pretrain_words=8_000, pretrain_epochs=3
+)
+
 SCALES: dict[str, Scale] = {
     # Checks the pipeline end to end in a few minutes (one test runs it): not a result.
     "smoke": Scale(
@@ -118,48 +127,24 @@ SCALES: dict[str, Scale] = {
     # steps to take off on clean digits against fedocr-tiny's 1,250; results/learning-digits) and a
     # cosine over the last three rounds, so that the federated models (1,300 local steps per edge)
     # settle as the centralized ones do (docs/results-mini-cpu.md; 54 min on 2 cores).
-    "mini-cpu": Scale(
-        "mini-cpu", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
-        train_words=3_000, test_words=300, rounds=7, local_epochs=3, batch_size=16, decay_rounds=(),
-        cosine_from_round=5, labels="digits", optimizer="adam", lr=2e-3, edges=3,
-    ),
+    "mini-cpu": MINI_CPU,
     # The paper's protocol in miniature: models pretrained on clean digit strings (the paper's
     # synthetic pretraining), then fine-tuned on every style family in the three manners, so that
     # federated and centralized training start past the take-off, as in the paper (docs/results.md;
     # 41 min on 2 cores, pretraining included).
-    "mini-pre": Scale(
-        "mini-pre", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
-        train_words=3_000, test_words=300, rounds=4, local_epochs=3, batch_size=16, decay_rounds=(),
-        cosine_from_round=3, labels="digits", optimizer="adam", lr=2e-3, edges=3,
-        pretrain_words=8_000, pretrain_epochs=3,
-    ),
+    "mini-pre": MINI_PRE,
     # `mini-pre` with twice the rounds (E_l = 3 still, as the paper): 8 rounds, a cosine over rounds
     # 5-8; the same data, key and pretrained models. Tests whether the FED - SUM gaps at 4 rounds
     # close once both manners train longer.
-    "mini-pre-long": Scale(
-        "mini-pre-long", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
-        train_words=3_000, test_words=300, rounds=8, local_epochs=3, batch_size=16, decay_rounds=(),
-        cosine_from_round=5, labels="digits", optimizer="adam", lr=2e-3, edges=3,
-        pretrain_words=8_000, pretrain_epochs=3,
-    ),
+    "mini-pre-long": replace(MINI_PRE, name="mini-pre-long", rounds=8, cosine_from_round=5),
     # `mini-pre` averaged after every local epoch instead of every third: 12 rounds x E_l = 1, the
     # same 12 epochs and cosine (epochs 7-12). A probe of where the FED - SUM gap comes from: only
     # federated runs are needed, single and centralized are `mini-pre`'s.
-    "mini-pre-el1": Scale(
-        "mini-pre-el1", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
-        train_words=3_000, test_words=300, rounds=12, local_epochs=1, batch_size=16, decay_rounds=(),
-        cosine_from_round=7, labels="digits", optimizer="adam", lr=2e-3, edges=3,
-        pretrain_words=8_000, pretrain_epochs=3,
-    ),
+    "mini-pre-el1": replace(MINI_PRE, name="mini-pre-el1", rounds=12, local_epochs=1, cosine_from_round=7),
     # `mini-pre` at batch 48: a centralized run then makes the sequential steps of one edge (750
     # in 12 epochs), each on as many images as the three edges' steps together. A probe of
     # whether the FED - SUM gap is the centralized run's three times as many steps.
-    "mini-pre-b48": Scale(
-        "mini-pre-b48", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-cpu"},
-        train_words=3_000, test_words=300, rounds=4, local_epochs=3, batch_size=48, decay_rounds=(),
-        cosine_from_round=3, labels="digits", optimizer="adam", lr=2e-3, edges=3,
-        pretrain_words=8_000, pretrain_epochs=3,
-    ),
+    "mini-pre-b48": replace(MINI_PRE, name="mini-pre-b48", batch_size=48),
     # The paper's settings: C=5, E_l=3, 44 rounds, decays at rounds 5 and 30, beam 5; an accelerator.
     "paper": Scale(
         "paper", {"aster-fl": "aster-fl", "fedocr": "fedocr"},
