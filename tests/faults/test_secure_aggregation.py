@@ -43,11 +43,22 @@ phase_s = {phase_s}
 FRAC_BITS = 18  # what max_weight_sum = 1000 and clip = 8 leave (AggregatorConfig.secagg_bits)
 
 
-def secure_aggregator(fault_pki, work: Path, edges: int, min_edges: int, phase_s: float = 5) -> Aggregator:
-    agg = Aggregator(fault_pki, work, "--rounds", "1", "--quorum", str(edges), "--min-edges", str(min_edges))
+NAMES = [f"edge-{k}" for k in range(4)]  # every test runs one round of these four, three at least
+
+
+def started_aggregator(
+    fault_pki, work: Path, procs: Processes, phase_s: float = 5
+) -> tuple[Aggregator, Path]:
+    """A secure aggregator for one round of NAMES, started (and stopped at teardown), and the
+    empty directory the edges write their files to."""
+    agg = Aggregator(fault_pki, work, "--rounds", "1", "--quorum", str(len(NAMES)), "--min-edges", "3")
     agg.flags += ("--deadline", "60", "--weighting", "samples")
     agg.config.write_text(CONFIG + SECURE.format(phase_s=phase_s))
-    return agg
+    procs.aggregators.append(agg)
+    agg.start()
+    out = work / "edges"
+    out.mkdir()
+    return agg, out
 
 
 def expected_mean(names: list[str], round_id: int) -> tuple[np.ndarray, float]:
@@ -90,39 +101,29 @@ def check_closed_as_fedavg(fault_pki, agg: Aggregator, names: list[str]) -> pb.R
 
 
 def test_a_secure_round_closes_and_equals_plain_fedavg(fault_pki, tmp_path: Path, procs: Processes) -> None:
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
-    edges = [procs.edge(fault_pki, agg.port, n, out) for n in names]
+    agg, out = started_aggregator(fault_pki, tmp_path, procs)
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in NAMES]
     wait_exit(edges, out, timeout=120)
-    closed = check_closed_as_fedavg(fault_pki, agg, names)
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES)
     # every edge's extra messages are counted: masked upload (4 bytes a value) and the phases
     for e in closed.edges:
         assert e.bytes.raw_up > 4 * LENGTH and e.bytes.raw_down > 0
-    receipts = [light_edge_lines(out, n) for n in names]
+    receipts = [light_edge_lines(out, n) for n in NAMES]
     assert all(r["how"] == "secure" and r["raw_bytes"] == 4 * LENGTH for r in receipts)
 
 
 def test_an_edge_killed_after_its_upload_is_unmasked_by_the_others(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
+    agg, out = started_aggregator(fault_pki, tmp_path, procs)
     victim = procs.edge(fault_pki, agg.port, "edge-3", out, "--stall-after-step", "uploaded")
-    others = [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    others = [procs.edge(fault_pki, agg.port, n, out) for n in NAMES[:3]]
     events = Events(out, ["edge-3"])
     wait_until(lambda: any(e["kind"] == "stalled" for e in events.poll()), 90, "edge-3 to upload and stall")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(10)
     wait_exit(others, out, timeout=120)
-    closed = check_closed_as_fedavg(fault_pki, agg, names)  # edge-3's upload is in the mean
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES)  # edge-3's upload is in the mean
     assert closed.message.startswith("aggregated 4")
 
 
@@ -131,56 +132,41 @@ def test_an_edge_whose_reveal_comes_after_the_close_still_counts_its_upload(
 ) -> None:
     """Three reveals unmask a round of four: the slow edge's reveal is refused (the round ended),
     and the edge learns from the round's record that its upload is in the aggregate."""
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=30)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
+    agg, out = started_aggregator(fault_pki, tmp_path, procs, phase_s=30)
     edges = [procs.edge(fault_pki, agg.port, "edge-3", out, "--reveal-delay", "3")]
-    edges += [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    edges += [procs.edge(fault_pki, agg.port, n, out) for n in NAMES[:3]]
     wait_exit(edges, out, timeout=120)
-    closed = check_closed_as_fedavg(fault_pki, agg, names)
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES)
     assert closed.message.startswith("aggregated 4")
     assert "RevealShares from" in agg.logs() and "refused: FAILED_PRECONDITION" in agg.logs()
     late = light_edge_lines(out, "edge-3")
     assert late["how"] == "secure" and not late["revealed"]
-    assert all(light_edge_lines(out, n)["revealed"] for n in names[:3])
+    assert all(light_edge_lines(out, n)["revealed"] for n in NAMES[:3])
 
 
 def test_an_edge_killed_before_its_upload_has_its_masks_removed(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
+    agg, out = started_aggregator(fault_pki, tmp_path, procs)
     victim = procs.edge(fault_pki, agg.port, "edge-3", out, "--stall-after-step", "shared")
-    others = [procs.edge(fault_pki, agg.port, n, out) for n in names[:3]]
+    others = [procs.edge(fault_pki, agg.port, n, out) for n in NAMES[:3]]
     events = Events(out, ["edge-3"])
     wait_until(lambda: any(e["kind"] == "stalled" for e in events.poll()), 90, "edge-3 to deal and stall")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(10)
     wait_exit(others, out, timeout=120)  # the upload phase ends at its deadline (phase_s = 5)
-    closed = check_closed_as_fedavg(fault_pki, agg, names[:3])
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES[:3])
     assert closed.message.startswith("aggregated 3")
 
 
 def test_more_than_n_minus_t_killed_fails_the_round_and_leaves_the_state(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
-    victims = [procs.edge(fault_pki, agg.port, n, out, "--stall-after-step", "uploaded") for n in names[2:]]
-    for n in names[:2]:
+    agg, out = started_aggregator(fault_pki, tmp_path, procs)
+    victims = [procs.edge(fault_pki, agg.port, n, out, "--stall-after-step", "uploaded") for n in NAMES[2:]]
+    for n in NAMES[:2]:
         procs.edge(fault_pki, agg.port, n, out)
-    events, stalled = Events(out, names[2:]), set()
+    events, stalled = Events(out, NAMES[2:]), set()
 
     def both_stalled() -> bool:
         stalled.update(e["edge"] for e in events.poll() if e["kind"] == "stalled")
@@ -197,7 +183,7 @@ def test_more_than_n_minus_t_killed_fails_the_round_and_leaves_the_state(
     assert failed.state == pb.ROUND_STATE_FAILED
     assert "too many edges dropped" in failed.message and "threshold is 3" in failed.message
     assert "global state is unchanged" in failed.message
-    assert {e.edge_id for e in failed.edges if e.uploaded} == set(names)  # 2 > n - t = 1 silent after
+    assert {e.edge_id for e in failed.edges if e.uploaded} == set(NAMES)  # 2 > n - t = 1 silent after
     current = ops.get_round()
     ops.close()
     assert current.round_id == 2 and current.round_index == 0 and current.state_version == 1
@@ -212,14 +198,9 @@ def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, pr
     (Phase deadlines run on through an outage: phase_s must outlast the restarts, else the round
     fails cleanly and is retried.) The edges pause after each step, so both kills land while the
     round is open: on loopback the whole round otherwise takes a tenth of a second."""
-    out = tmp_path / "edges"
-    out.mkdir()
-    agg = secure_aggregator(fault_pki, tmp_path, edges=4, min_edges=3, phase_s=40)
-    procs.aggregators.append(agg)
-    agg.start()
-    names = [f"edge-{k}" for k in range(4)]
-    edges = [procs.edge(fault_pki, agg.port, n, out, "--step-pause", "2") for n in names]
-    events = Events(out, names)
+    agg, out = started_aggregator(fault_pki, tmp_path, procs, phase_s=40)
+    edges = [procs.edge(fault_pki, agg.port, n, out, "--step-pause", "2") for n in NAMES]
+    events = Events(out, NAMES)
     seen: list[dict] = []
 
     def happened(kind: str) -> bool:
@@ -231,7 +212,7 @@ def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, pr
         agg.kill9()
         agg.start()
     wait_exit(edges, out, timeout=150)
-    check_closed_as_fedavg(fault_pki, agg, names)
+    check_closed_as_fedavg(fault_pki, agg, NAMES)
     logs = [(tmp_path / f"aggregator-{k}.log").read_text() for k in range(3)]
     assert [("round 1 closed" in log) for log in logs] == [False, False, True], "a kill came after the round"
     assert all("resumed round 1" in log for log in logs[1:])
