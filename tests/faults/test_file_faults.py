@@ -160,6 +160,11 @@ def other_key_model(tmp: Path, a: Assets) -> tuple[Path, Callable[[], object]]:
     return path, lambda: load_model(path, other)
 
 
+def garbage(n: int) -> bytes:
+    """n fixed pseudo-random bytes: a garbage file that is the same in every run."""
+    return np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
 def config(text: str) -> Case:
     def case(tmp: Path, a: Assets) -> tuple[Path, Callable[[], object]]:
         (tmp / "agg.toml").write_text(text)
@@ -171,7 +176,7 @@ def config(text: str) -> Case:
 FILE_CASES = [
     # word-image LMDBs
     pytest.param(
-        lmdb_with(lambda p: p.write_bytes(os.urandom(3 * 4096))), DatasetError, "LMDB", id="lmdb-garbage"
+        lmdb_with(lambda p: p.write_bytes(garbage(3 * 4096))), DatasetError, "LMDB", id="lmdb-garbage"
     ),
     pytest.param(lmdb_with(truncated_lmdb), DatasetError, "truncated", id="lmdb-truncated"),
     pytest.param(lmdb_with(lambda p: p.write_bytes(b"")), DatasetError, "LMDB", id="lmdb-empty-file"),
@@ -217,7 +222,7 @@ FILE_CASES = [
     pytest.param(key_of(None), KeyFileError, "no such", id="key-missing"),
     # model files
     pytest.param(
-        model_file(lambda p: p.write_bytes(os.urandom(600))), ModelFileError, "not a", id="model-garbage"
+        model_file(lambda p: p.write_bytes(garbage(600))), ModelFileError, "not a", id="model-garbage"
     ),
     pytest.param(model_file(truncated_model), ModelFileError, "not a FedOCR", id="model-truncated"),
     pytest.param(
