@@ -21,6 +21,7 @@ from experiments.data import make_data
 from experiments.runs import (
     Context,
     RunError,
+    adopt_pretrained,
     finish_training,
     machine,
     pretrain_all,
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, help=f"the report (default: docs/results.md for {REPORTED}, "
                    "else docs/results-SCALE.md)")  # fmt: skip
     p.add_argument("--fig", type=Path, help="Fig. 3 PNG (default: docs/fig3-SCALE.png)")
+    p.add_argument("--pretrained-work", type=Path, help="the work directory of the scale this one takes its "
+                   "key and pretrained models from (default: runs/experiment-SOURCE)")  # fmt: skip
     p.add_argument("--models", help="comma-separated model ids (default: all)")
     p.add_argument("--manners", help="comma-separated manners (default: single,centralized,federated)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
@@ -78,6 +81,7 @@ def settings(s: Scale) -> dict:
         **({"lr_cosine_from_round": s.cosine_from_round, "lr_cosine_from_epoch": s.cosine_from_epoch}
            if s.cosine_from_round else {}),
         **({"pretrain": s.pretraining} if s.pretraining else {}),
+        **({"pretrained_from": s.pretrained_from} if s.pretrained_from else {}),
         "presets": dict(s.presets), "beam": s.beam,
     }  # fmt: skip
 
@@ -183,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         started = time.monotonic()
         work.mkdir(parents=True, exist_ok=True)
-        log.info("scale %s: rendering data under %s", scale.name, work / "data")
         try:
+            if scale.pretrained_from:
+                source = scale.pretrained_from
+                if args.pretrained_work:  # the scores in results/SOURCE may be of another work directory
+                    adopt_pretrained(args.pretrained_work, None, work, results, models)
+                else:
+                    adopt_pretrained(Path("runs") / f"experiment-{source}", Path("results") / source,
+                                     work, results, models)  # fmt: skip
+            log.info("scale %s: rendering data under %s", scale.name, work / "data")
             data = make_data(work / "data", scale)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

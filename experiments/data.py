@@ -46,7 +46,8 @@ def _render(path: Path, count: int, seed: int, styles: tuple[str, ...], labels: 
     log.info("rendered %s (%d words)", path, count)
 
 
-def _data_settings(scale: Scale) -> dict:
+def data_settings(scale: Scale) -> dict:
+    """What decides a scale's rendered data (settings.json in its data directory holds it)."""
     return {"train_words": scale.train_words, "test_words": scale.test_words, "labels": scale.labels,
             "edges": scale.edges, "seed": scale.seed,
             **({"pretrain_words": scale.pretrain_words} if scale.pretrain_words else {})}  # fmt: skip
@@ -62,7 +63,7 @@ def make_data(root: Path, scale: Scale) -> ExperimentData:
         ValueError: ``root`` holds data rendered for other settings (settings.json says which).
     """
     root.mkdir(parents=True, exist_ok=True)
-    stamp, wanted = root / "settings.json", _data_settings(scale)
+    stamp, wanted = root / "settings.json", data_settings(scale)
     if stamp.exists() and json.loads(stamp.read_text()) != wanted:
         raise ValueError(
             f"{root} holds data rendered with other settings than scale {scale.name}'s {wanted}: "

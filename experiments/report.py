@@ -451,8 +451,10 @@ def _pretraining(meta: dict) -> str:
     pre = meta.get("pretrain")
     if not isinstance(pre, dict):
         return "none (every manner starts from the key's W_0)"
+    source = meta.get("pretrained_from")
+    whose = f" (scale {source}'s pretrained models, the same files)" if isinstance(source, str) else ""
     return (f"{_text(pre.get('words'))} {_text(pre.get('styles'))}-style words of another seed, "
-            f"{_text(pre.get('epochs'))} epochs; every manner starts from that model")  # fmt: skip
+            f"{_text(pre.get('epochs'))} epochs{whose}; every manner starts from that model")  # fmt: skip
 
 
 def _setup(meta: dict, runs: list[dict]) -> str:

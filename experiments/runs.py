@@ -83,6 +83,42 @@ def pretrained_path(ctx: Context, model: ModelSpec) -> Path:
     return ctx.work / "pretrained" / f"{model.slug}.npz"
 
 
+def adopt_pretrained(source: Path, source_results: Path | None, work: Path, results: Path,
+                     models: list[ModelSpec]) -> None:  # fmt: skip
+    """Start from another scale's federation key and pretrained models (``Scale.pretrained_from``).
+
+    Copies the key and each model's pretrained file from the work directory ``source`` (their test
+    scores from ``source_results`` where it has them, and the rendered data when ``work`` has none)
+    into ``work`` and ``results``, where missing. Everything is checked before anything is copied.
+
+    Raises:
+        ValueError: ``source`` lacks the key or a model, or ``work`` holds another key or model.
+    """
+    key, own_key = source / "federation.key", work / "federation.key"
+    if not key.exists():
+        raise ValueError(f"{key} does not exist: run the scale whose pretrained models these are first")
+    pairs = [(key, own_key)]
+    for model in models:
+        name = f"{model.slug}.npz"
+        pairs.append((source / "pretrained" / name, work / "pretrained" / name))
+        scores = source_results / "pretrained" / f"{model.slug}.json" if source_results else None
+        if scores is not None and scores.exists():
+            pairs.append((scores, results / "pretrained" / scores.name))
+    for src, dst in pairs:
+        if not src.exists():
+            raise ValueError(f"{src} does not exist: pretrain {', '.join(m.id for m in models)} at the "
+                             "scale it belongs to first")  # fmt: skip
+        if dst.exists() and dst.read_bytes() != src.read_bytes():
+            raise ValueError(f"{dst} is not {src}, which this scale starts from: move {dst.parent} away")
+    if not (work / "data").exists() and (source / "data").is_dir():
+        shutil.copytree(source / "data", work / "data")
+    for src, dst in pairs:
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    log.info("starting from the federation key and pretrained models of %s", source)
+
+
 def pretrain_command(ctx: Context, model: ModelSpec) -> list[str]:
     """`recognizer train` on the clean pretraining set, at a constant lr."""
     assert ctx.data.pretrain is not None

@@ -61,6 +61,10 @@ class Scale:
     # epochs on this many PRETRAIN_STYLE words of other seeds, as the paper's models start pretrained.
     pretrain_words: int = 0
     pretrain_epochs: int = 0
+    # Another scale whose federation key and pretrained models this one starts from ("": its own),
+    # copied from that scale's work and results directories: a probe of that scale then fine-tunes
+    # the very models it did. The data settings must be that scale's.
+    pretrained_from: str = ""
     labels: str = "mixed"  # recognizer.synth.LABEL_KINDS
     optimizer: str = "adadelta"
     lr: float = 1.0
@@ -136,15 +140,21 @@ SCALES: dict[str, Scale] = {
     # `mini-pre` with twice the rounds (E_l = 3 still, as the paper): 8 rounds, a cosine over rounds
     # 5-8; the same data, key and pretrained models. Tests whether the FED - SUM gaps at 4 rounds
     # close once both manners train longer.
-    "mini-pre-long": replace(MINI_PRE, name="mini-pre-long", rounds=8, cosine_from_round=5),
+    "mini-pre-long": replace(
+        MINI_PRE, name="mini-pre-long", rounds=8, cosine_from_round=5, pretrained_from="mini-pre"
+    ),
     # `mini-pre` averaged after every local epoch instead of every third: 12 rounds x E_l = 1, the
     # same 12 epochs and cosine (epochs 7-12). A probe of where the FED - SUM gap comes from: only
     # federated runs are needed, single and centralized are `mini-pre`'s.
-    "mini-pre-el1": replace(MINI_PRE, name="mini-pre-el1", rounds=12, local_epochs=1, cosine_from_round=7),
+    "mini-pre-el1": replace(
+        MINI_PRE, name="mini-pre-el1", rounds=12, local_epochs=1, cosine_from_round=7,
+        pretrained_from="mini-pre",
+    ),
     # `mini-pre` at batch 48: a centralized run then makes the sequential steps of one edge (750
     # in 12 epochs), each on as many images as the three edges' steps together. A probe of
-    # whether the FED - SUM gap is the centralized run's three times as many steps.
-    "mini-pre-b48": replace(MINI_PRE, name="mini-pre-b48", batch_size=48),
+    # whether the FED - SUM gap is the centralized run's three times as many steps. It starts from
+    # mini-pre's models, pretrained at batch 16.
+    "mini-pre-b48": replace(MINI_PRE, name="mini-pre-b48", batch_size=48, pretrained_from="mini-pre"),
     # The paper's settings: C=5, E_l=3, 44 rounds, decays at rounds 5 and 30, beam 5; an accelerator.
     "paper": Scale(
         "paper", {"aster-fl": "aster-fl", "fedocr": "fedocr"},

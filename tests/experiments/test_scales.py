@@ -3,13 +3,22 @@ epochs as in the federation's rounds, and committed results still match the scal
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from experiments.__main__ import check_results_match, settings
-from experiments.data import ExperimentData
-from experiments.runs import Context, federation_settings, pretrain_command, pretrained_path, train_command
+from experiments.data import ExperimentData, data_settings
+from experiments.runs import (
+    Context,
+    adopt_pretrained,
+    federation_settings,
+    pretrain_command,
+    pretrained_path,
+    train_command,
+)
 from experiments.scales import MODELS, SCALES, Scale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +96,77 @@ def test_a_pretraining_scale_starts_every_manner_from_the_same_pretrained_model(
     plain = _context(SCALES["mini-cpu"], tmp_path)
     assert "--init" not in train_command(plain, MODELS[0], "single", tmp_path / "m.npz")
     assert federation_settings(plain, MODELS[0]).extra_edge_args == ()
+
+
+def test_a_scale_that_starts_from_another_has_its_data_and_pretraining() -> None:
+    followers = [s for s in SCALES.values() if s.pretrained_from]
+    assert {s.name for s in followers} == {"mini-pre-long", "mini-pre-el1", "mini-pre-b48"}
+    for scale in followers:
+        source = SCALES[scale.pretrained_from]
+        assert source.pretraining is not None and not source.pretrained_from
+        assert data_settings(scale) == data_settings(source) and scale.pretraining == source.pretraining
+        assert settings(scale)["pretrained_from"] == source.name
+    assert "pretrained_from" not in settings(SCALES["mini-pre"])
+
+
+def _source(tmp: Path) -> tuple[Path, Path]:
+    """A scale's work and results directories with a key, two pretrained models and their scores."""
+    work, results = tmp / "source-work", tmp / "source-results"
+    (work / "pretrained").mkdir(parents=True)
+    (results / "pretrained").mkdir(parents=True)
+    (work / "federation.key").write_bytes(b"k" * 32)
+    for model in MODELS[:2]:
+        (work / "pretrained" / f"{model.slug}.npz").write_bytes(model.id.encode())
+        (results / "pretrained" / f"{model.slug}.json").write_text(f'{{"model": "{model.id}"}}')
+    (work / "data").mkdir()
+    (work / "data" / "settings.json").write_text("{}")
+    return work, results
+
+
+def test_adopting_copies_the_key_models_scores_and_data(tmp_path: Path) -> None:
+    source, source_results = _source(tmp_path)
+    work, results = tmp_path / "work", tmp_path / "results"
+    adopt_pretrained(source, source_results, work, results, list(MODELS[:2]))
+    assert (work / "federation.key").read_bytes() == b"k" * 32
+    assert (work / "data" / "settings.json").exists()
+    for model in MODELS[:2]:
+        assert (work / "pretrained" / f"{model.slug}.npz").read_bytes() == model.id.encode()
+        assert model.id in (results / "pretrained" / f"{model.slug}.json").read_text()
+    adopt_pretrained(source, source_results, work, results, list(MODELS[:2]))  # a rerun finds them in place
+    adopt_pretrained(source, None, tmp_path / "w2", tmp_path / "r2", list(MODELS[:1]))
+    assert not (tmp_path / "r2" / "pretrained").exists()  # no scores given: the run scores the model itself
+
+
+FAULTS = ["other key", "other model", "source lacks a model", "source lacks the key"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_adopting_refuses_what_would_mix_two_starts_and_copies_nothing(tmp_path: Path, fault: str) -> None:
+    source, source_results = _source(tmp_path)
+    work, results = tmp_path / "work", tmp_path / "results"
+    models = list(MODELS[:2])
+    (work / "pretrained").mkdir(parents=True)
+    if fault == "other key":
+        (work / "federation.key").write_bytes(b"x" * 32)
+    elif fault == "other model":
+        (work / "pretrained" / f"{MODELS[1].slug}.npz").write_bytes(b"another model")
+    elif fault == "source lacks a model":
+        models = list(MODELS[:3])
+    else:
+        (source / "federation.key").unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="move .* away" if fault.startswith("other") else "does not exist"):
+        adopt_pretrained(source, source_results, work, results, models)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_scale_whose_source_has_not_run_exits_with_an_error_naming_it(tmp_path: Path) -> None:
+    nowhere = tmp_path / "nowhere"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "--scale", "mini-pre-el1", "--work", str(tmp_path / "w"),
+         "--results", str(tmp_path / "r"), "--pretrained-work", str(nowhere)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {nowhere / 'federation.key'} does not exist" in proc.stderr
+    assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "r").exists()
