@@ -184,6 +184,17 @@ def is_finished(row: Row, path: Path, budget_s: float) -> bool:
     return False
 
 
+def may_start(row: Row, running: list[Row], parallel: int) -> bool:
+    """Whether ``row`` may start beside the ``running`` rows: a row of several threads runs alone,
+    with nothing started beside it, so that no neighbour inflates its CPU seconds."""
+    def threads(r: Row) -> int:
+        return r.train.get("threads", TrainSettings.threads)
+
+    if any(threads(r) > 1 for r in running):
+        return False
+    return not running if threads(row) > 1 else len(running) < parallel
+
+
 def _fmt(point: dict | None, key: str) -> str:
     return "-" if point is None else f"{point[key]:,.0f}"
 
@@ -234,17 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         make_data(args.data_dir, labels)  # before the rows start, so none renders it twice
     todo = [n for n in names if not is_finished(by_name[n], args.results / f"{n}.json",
                                                  args.budget * by_name[n].budget_factor)]
-    running: list[subprocess.Popen] = []
+    running: list[tuple[Row, subprocess.Popen]] = []
     while todo or running:
-        running = [proc for proc in running if proc.poll() is None]
-        # A two-thread row runs alone, so its CPU seconds are not inflated by a neighbour.
-        alone = bool(todo) and "threads" in by_name[todo[0]].train
-        if todo and len(running) < (1 if alone else args.parallel) and not (alone and running):
+        running = [(row, proc) for row, proc in running if proc.poll() is None]
+        if todo and may_start(by_name[todo[0]], [row for row, _ in running], args.parallel):
             name = todo.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.learning", "--run-row", name, "--budget",
                    str(args.budget), "--data-dir", str(args.data_dir), "--results", str(args.results)]
             cmd += ["--labels", args.labels] if args.labels else []
-            running.append(subprocess.Popen(cmd))
+            running.append((by_name[name], subprocess.Popen(cmd)))
             continue
         time.sleep(2)
     results = [json.loads((args.results / f"{n}.json").read_text()) for n in names

@@ -49,3 +49,12 @@ def test_a_row_stored_with_other_settings_is_run_again(
     assert not learning.is_finished(row, tmp_path / "short.json", 900.0)
     _store(tmp_path / "digits.json", row, 900.0, labels="digits")
     assert not learning.is_finished(row, tmp_path / "digits.json", 900.0)
+
+
+def test_a_row_of_several_threads_runs_alone() -> None:
+    rows = {r.name: r for r in learning.ROWS}
+    one, other, two = rows["default"], rows["bf16"], rows["2-threads"]
+    assert learning.may_start(one, [], 2) and learning.may_start(one, [other], 2)
+    assert not learning.may_start(one, [other, rows["unhashed"]], 2)  # the machine is full
+    assert learning.may_start(two, [], 2) and not learning.may_start(two, [one], 2)  # waits for quiet
+    assert not learning.may_start(one, [two], 2)  # and nothing starts beside it
