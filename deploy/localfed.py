@@ -61,9 +61,12 @@ def make_pki(work: Path, edges: int) -> Path:
     return pki
 
 
+KEY_FILE = "federation.key"  # the federation key's name in a work directory
+
+
 def make_key(work: Path) -> Path:
     """The federation key that only the edges read."""
-    key = work / "federation.key"
+    key = work / KEY_FILE
     if not key.exists():
         run_command([PY, "-m", "edge_agent.cli", "keygen", "--out", str(key)])
     return key

@@ -59,6 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_work(scale: str) -> Path:
+    """A scale's work directory unless --work says otherwise: data, PKI, key and run logs."""
+    return Path("runs") / f"experiment-{scale}"
+
+
+def default_results(scale: str) -> Path:
+    """A scale's results directory unless --results says otherwise: one JSON per run."""
+    return Path("results") / scale
+
+
 def paper_size() -> dict[str, dict]:
     """Sizes of the paper-size presets at every model's gamma (counted, not trained)."""
     sizes = {}
@@ -168,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     scale = SCALES[args.scale]
-    work = args.work or Path("runs") / f"experiment-{scale.name}"
-    results = args.results or Path("results") / scale.name
+    work = args.work or default_work(scale.name)
+    results = args.results or default_results(scale.name)
     reported = "results.md" if scale.name == REPORTED else f"results-{scale.name}.md"
     docs = args.docs or Path("docs") / reported
     fig = args.fig or Path("docs") / f"fig3-{scale.name}.png"
@@ -178,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         manners = args.manners.split(",") if args.manners else list(MANNERS)
         if unknown := [m for m in manners if m not in MANNERS]:
             raise ValueError(f"unknown manners {unknown}; choose from {', '.join(MANNERS)}")
+        if args.pretrained_work and not scale.pretrained_from:
+            raise ValueError(f"--pretrained-work: scale {scale.name} starts from no other scale's models")
         if not args.report_only:
             check_results_match(results, scale, args.encoding)
     except ValueError as exc:
@@ -188,13 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         work.mkdir(parents=True, exist_ok=True)
         try:
-            if scale.pretrained_from:
-                source = scale.pretrained_from
-                if args.pretrained_work:  # the scores in results/SOURCE may be of another work directory
-                    adopt_pretrained(args.pretrained_work, None, work, results, models)
-                else:
-                    adopt_pretrained(Path("runs") / f"experiment-{source}", Path("results") / source,
-                                     work, results, models)  # fmt: skip
+            if scale.pretrained_from:  # results/SOURCE's scores go with the default work directory only
+                source = args.pretrained_work or default_work(scale.pretrained_from)
+                scores = None if args.pretrained_work else default_results(scale.pretrained_from)
+                adopt_pretrained(source, scores, work, results, models)
             log.info("scale %s: rendering data under %s", scale.name, work / "data")
             data = make_data(work / "data", scale)
         except ValueError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from deploy.localfed import Federation, Settings, list_rounds, scores_by_version
+from deploy.localfed import KEY_FILE, Federation, Settings, list_rounds, scores_by_version
 from experiments.data import ExperimentData
 from experiments.scales import TEST_SETS, ModelSpec, Scale, preset_of
 from recognizer.dataset import make_loader
@@ -78,9 +78,19 @@ def _train_args(ctx: Context, model: ModelSpec, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+def pretrained_file(work: Path, model: ModelSpec) -> Path:
+    """Where an experiment's work directory ``work`` keeps ``model``'s pretrained model."""
+    return work / "pretrained" / f"{model.slug}.npz"
+
+
+def pretrained_scores_file(results: Path, model: ModelSpec) -> Path:
+    """Where an experiment's ``results`` keep the pretrained model's test scores."""
+    return results / "pretrained" / f"{model.slug}.json"
+
+
 def pretrained_path(ctx: Context, model: ModelSpec) -> Path:
     """The pretrained model every manner of ``model`` starts from (at a scale with pretraining)."""
-    return ctx.work / "pretrained" / f"{model.slug}.npz"
+    return pretrained_file(ctx.work, model)
 
 
 def adopt_pretrained(source: Path, source_results: Path | None, work: Path, results: Path,
@@ -94,16 +104,14 @@ def adopt_pretrained(source: Path, source_results: Path | None, work: Path, resu
     Raises:
         ValueError: ``source`` lacks the key or a model, or ``work`` holds another key or model.
     """
-    key, own_key = source / "federation.key", work / "federation.key"
+    key, own_key = source / KEY_FILE, work / KEY_FILE
     if not key.exists():
         raise ValueError(f"{key} does not exist: run the scale whose pretrained models these are first")
     pairs = [(key, own_key)]
     for model in models:
-        name = f"{model.slug}.npz"
-        pairs.append((source / "pretrained" / name, work / "pretrained" / name))
-        scores = source_results / "pretrained" / f"{model.slug}.json" if source_results else None
-        if scores is not None and scores.exists():
-            pairs.append((scores, results / "pretrained" / scores.name))
+        pairs.append((pretrained_file(source, model), pretrained_file(work, model)))
+        if source_results and (scores := pretrained_scores_file(source_results, model)).exists():
+            pairs.append((scores, pretrained_scores_file(results, model)))
     for src, dst in pairs:
         if not src.exists():
             raise ValueError(f"{src} does not exist: pretrain {', '.join(m.id for m in models)} at the "
@@ -182,7 +190,7 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
 def score_pretrained(ctx: Context, model: ModelSpec) -> dict:
     """The pretrained model's scores on the test sets, before any fine-tuning (kept in
     results/SCALE/pretrained/MODEL.json, beside the runs and not one of them)."""
-    path = ctx.results / "pretrained" / f"{model.slug}.json"
+    path = pretrained_scores_file(ctx.results, model)
     if path.exists():
         return json.loads(path.read_text())
     accuracy = evaluate_model(ctx, pretrained_path(ctx, model))

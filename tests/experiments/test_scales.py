@@ -170,3 +170,14 @@ def test_a_scale_whose_source_has_not_run_exits_with_an_error_naming_it(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert f"error: {nowhere / 'federation.key'} does not exist" in proc.stderr
     assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "r").exists()
+
+
+def test_pretrained_work_for_a_scale_that_starts_from_none_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "--scale", "mini-pre", "--work", str(tmp_path / "w"),
+         "--results", str(tmp_path / "r"), "--pretrained-work", str(tmp_path / "elsewhere")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --pretrained-work: scale mini-pre starts from no other scale's models" in proc.stderr
+    assert not (tmp_path / "w").exists()
