@@ -47,7 +47,7 @@ soak: install
 lint: install
 	$(BIN)/ruff check .
 
-# Regenerate the gRPC stubs from proto/fedocr/v1/*.proto (committed; a test checks for drift).
+# Regenerate the gRPC stubs in fedocr/v1/ from proto/fedocr/v1/*.proto (committed; a test checks for drift).
 proto: install
 	$(BIN)/python -m fedocr.protogen
 

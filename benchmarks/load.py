@@ -483,7 +483,7 @@ def source_state() -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "aggregator", "proto"],
+            ["git", "status", "--porcelain", "--", "aggregator", "fedocr", "proto"],
             cwd=root,
             capture_output=True,
             text=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedocr import protogen
 
-COMMITTED = protogen.PROTO_ROOT / "fedocr" / "v1"
+COMMITTED = protogen.STUB_ROOT / "fedocr" / "v1"
 
 
 def test_stubs_match_the_proto(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Regenerates the committed gRPC stubs from proto/fedocr/v1/*.proto (`make proto`)."""
+"""Regenerates the committed gRPC stubs in fedocr/v1/ from proto/fedocr/v1/*.proto (`make proto`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parent.parent  # the proto/ directory
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = REPO_ROOT / "proto"  # the .proto files, and nothing else
+STUB_ROOT = REPO_ROOT  # stubs land in fedocr/v1/, inside the library
 
 
-def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
+def generate(out_root: Path = STUB_ROOT) -> list[Path]:
     """Run grpcio-tools' protoc over every .proto file, writing stubs under ``out_root``.
 
     Returns the generated files. Raises RuntimeError when protoc fails.
@@ -35,7 +37,7 @@ def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
 def main() -> int:
     """Entry point for `python -m fedocr.protogen`."""
     for path in generate():
-        print(path.relative_to(PROTO_ROOT.parent) if path.is_relative_to(PROTO_ROOT.parent) else path)
+        print(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
     return 0
 
 
