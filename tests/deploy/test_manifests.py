@@ -23,7 +23,7 @@ from fedocr import pki, tls
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-README = DEPLOY / "README.md"
+README = ROOT / "docs" / "deployment.md"
 # A Kubernetes release whose schemas kubernetes-validate bundles (it ships 1.25 to 1.37).
 K8S_VERSION = "1.33.0"
 NAMESPACE = "fedocr"
@@ -127,7 +127,7 @@ def _dockerfile_runs(path: Path) -> list[str]:
 
 
 def _readme_commands(program: str) -> list[list[str]]:
-    """Commands in deploy/README.md that invoke ``program``, continuation lines joined, as argv."""
+    """Commands in docs/deployment.md that invoke ``program``, continuation lines joined, as argv."""
     text = re.sub(r"\\\n\s*", " ", README.read_text())
     return [
         shlex.split(line[line.index(program) :])
