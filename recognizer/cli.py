@@ -13,6 +13,7 @@ from pathlib import Path
 
 from recognizer.charset import ALPHABETS
 from recognizer.device import DEVICES, WORKERS_HELP
+from recognizer.progress import Progress, add_progress_arguments
 from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS
 
 log = logging.getLogger("recognizer")
@@ -54,7 +55,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from recognizer.synth import render_dataset
 
     styles = args.styles.split(",") if args.styles else None
-    stats = render_dataset(Path(args.out), args.count, args.seed, styles, labels=args.labels)
+    with Progress(args.count, "rendering", unit="image", rate_unit="images", mode=args.progress,
+                  every=args.progress_every) as progress:
+        stats = render_dataset(Path(args.out), args.count, args.seed, styles, labels=args.labels,
+                               progress=progress.update_to)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -114,7 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.cosine_from is not None:  # evaluated mid-epoch: the last epoch ends near the floor
             lr = cosine_lr(epoch + 0.5, lr, args.cosine_from, args.epochs)
         set_lr(optimizer, lr)
-        stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=bf16, device=device)
+        with Progress(len(loader), f"epoch {epoch + 1}/{args.epochs}", rate_unit="images",
+                      mode=args.progress, every=args.progress_every) as progress:
+            stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=bf16, device=device,
+                                progress=progress)
         row = {"epoch": epoch + 1, "lr": float(f"{lr:.4g}"), "loss": round(stats.loss, 4),
                "images_per_s": round(stats.images_per_second, 1)}
         if val is not None:
@@ -149,7 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, meta = load_model(Path(args.model), key, device=device)
     loader = make_loader(Path(args.data), args.batch_size, shuffle=False, workers=workers,
                          pin_memory=device.type == "cuda", **model.image_options)
-    result = evaluate(model, loader, beam_width=args.beam, device=device)
+    with Progress(len(loader), "evaluating", unit="batch", rate_unit="images", mode=args.progress,
+                  every=args.progress_every) as progress:
+        result = evaluate(model, loader, beam_width=args.beam, device=device, progress=progress)
     report = {"model": args.model, "data": args.data, "preset": meta["preset"], "gamma": meta["gamma"],
               "accuracy": result.accuracy, "char_accuracy": result.char_accuracy, "loss": result.loss,
               "samples": result.samples}
@@ -213,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=("mixed", "words", "digits"), default="mixed",
                    help="words, numbers and codes (mixed), dictionary words of up to 10 letters in "
                         "varied case (words) or digit strings (digits)")
+    add_progress_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("shard", help="split an LMDB into C shards")
@@ -255,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast on the device (default: on for cuda when the GPU supports "
                         "bfloat16, off for cpu; --bf16 turns it on for cpu too)")
     p.add_argument("--threads", type=int, default=2)
+    add_progress_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="word accuracy of a model on an LMDB")
@@ -267,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help=WORKERS_HELP)
     _add_device_argument(p)
     p.add_argument("--json", action="store_true")
+    add_progress_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="read the words in image files")

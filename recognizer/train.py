@@ -14,6 +14,7 @@ from torch import nn
 
 from recognizer import metrics
 from recognizer.decoder import sequence_loss
+from recognizer.progress import Progress
 from recognizer.recipe import OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,13 @@ def train_epoch(
     grad_clip: float = 5.0,
     on_batch: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
+    progress: Progress | None = None,
 ) -> EpochStats:
     """One pass of teacher-forced training (``train_step``) over ``batches`` of (images, targets, labels).
 
     Batches are copied to ``device`` (None: where the model's parameters are); ``bf16`` autocasts
-    there. Raises FloatingPointError when the loss stops being finite.
+    there. Each step is reported to ``progress`` (its images and loss) and to ``on_batch(step, loss)``.
+    Raises FloatingPointError when the loss stops being finite.
     """
     model.train()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -144,6 +147,8 @@ def train_epoch(
         seen += images.shape[0]
         if on_batch is not None:
             on_batch(step, value)
+        if progress is not None:
+            progress.update(items=images.shape[0], loss=value)
     seconds = time.perf_counter() - start
     return EpochStats(epoch=epoch, loss=total / max(seen, 1), samples=seen, seconds=seconds)
 
@@ -156,10 +161,12 @@ def evaluate(
     beam_width: int = 5,
     bf16: bool = False,
     device: torch.device | str | None = None,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """Word accuracy of ``model.predict`` and mean teacher-forced loss over ``batches``.
 
-    Batches are copied to ``device`` (None: where the model's parameters are).
+    Batches are copied to ``device`` (None: where the model's parameters are); each batch is
+    reported to ``progress`` (its images and loss).
     """
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -172,8 +179,11 @@ def evaluate(
         with _autocast(bf16, device.type):
             logits = model(images, targets)
             ids = model.predict(images, beam_width=beam_width)
-        loss_sum += sequence_loss(logits.float(), targets).item() * images.shape[0]
+        batch_loss = sequence_loss(logits.float(), targets).item()
+        loss_sum += batch_loss * images.shape[0]
         seen += images.shape[0]
+        if progress is not None:
+            progress.update(items=images.shape[0], loss=batch_loss)
         predictions.extend(model.alphabet.decode(seq) for seq in ids)
         labels.extend(batch_labels)
     return EvalResult(
