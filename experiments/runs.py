@@ -28,11 +28,14 @@ from recognizer.dataset import make_loader
 from recognizer.keys import load_key
 from recognizer.model import model_info
 from recognizer.model_io import load_model
+from recognizer.progress import count_lines, watch
 from recognizer.train import evaluate
 
 log = logging.getLogger(__name__)
 PY = sys.executable
 STARTED_FILE = "started"  # a training run's start (time.time()), for its wall time
+EPOCH_LINE = " epoch {'epoch': "  # what `recognizer train` logs after each epoch
+COUNTED_LINE = '"status": "counted"'  # an edge journal's record of a round its upload counted in
 
 
 class RunError(RuntimeError):
@@ -291,7 +294,9 @@ def finish_training(
     written, however late the process is reaped.
     """
     home = run_dir(ctx, model, manner)
-    code = proc.wait()
+    with watch(lambda: count_lines(home / "train.log", EPOCH_LINE), ctx.scale.epochs, f"{model.id} {manner}",
+               unit="epoch"):
+        code = proc.wait()
     if code != 0:
         raise RunError(f"{model.id} {manner}: recognizer train exited with {code}; see {home / 'train.log'}")
     model_file = home / "model.npz"
@@ -322,7 +327,10 @@ def run_federated(ctx: Context, model: ModelSpec) -> dict:
         fed.start_aggregator(s.edges)
         for k, shard in enumerate(ctx.data.shards):
             fed.start_edge(f"edge-{k}", shard, val=ctx.data.tests["clean"] if k == 0 else None)
-        fed.wait_edges(timeout_s=s.rounds * s.deadline_s + 600)
+        journal = home / "edges" / "edge-0" / "rounds.jsonl"
+        with watch(lambda: count_lines(journal, COUNTED_LINE), s.rounds, f"{model.id} federated",
+                   unit="round"):
+            fed.wait_edges(timeout_s=s.rounds * s.deadline_s + 600)
         rounds = list_rounds(ctx.pki, fed.port)
     finally:
         fed.stop()
