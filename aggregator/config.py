@@ -12,6 +12,7 @@ from typing import Any
 
 from aggregator.fedavg import WEIGHTINGS
 from fedocr import encodings, secagg
+from fedocr.recipe import DECAY_FACTORS, RECIPE
 from fedocr.schedule import cosine_lr
 
 # TOML section of every field; the key inside the section is the field name.
@@ -81,19 +82,19 @@ class AggregatorConfig:
     min_edges: int = 1  # at the deadline, enough to aggregate; below it the round fails
     deadline_s: float = 600.0
     weighting: str = "samples"  # "samples" (FedAvg) or "uniform" (the paper's Algorithm 2)
-    local_epochs: int = 1
-    # The edges' default recipe (Adam, benchmarks/learning.py); the paper's is Adadelta at lr 1.0,
-    # x0.1 from round 5 and x0.01 from round 30, batch 64 (deploy/aggregator.toml shows it).
-    learning_rate: float = 0.002
+    local_epochs: int = RECIPE.epochs
+    # The edges' default recipe (fedocr.recipe); the paper's is Adadelta at lr 1.0, x0.1 from round 5
+    # and x0.01 from round 30, batch 64 (deploy/aggregator.toml shows it).
+    learning_rate: float = RECIPE.lr
     # 1-based round numbers from which lr is multiplied by the matching factor (paper: 5 and 30).
-    lr_decay_rounds: tuple[int, ...] = ()
-    lr_decay_factors: tuple[float, ...] = ()
+    lr_decay_rounds: tuple[int, ...] = RECIPE.decay_at
+    lr_decay_factors: tuple[float, ...] = DECAY_FACTORS[: len(RECIPE.decay_at)]
     # 1-based round from which the lr follows a cosine down to 1% at the end of the last round
-    # (recognizer.recipe.cosine_lr; 0 = off): hold it through the take-off, then settle.
+    # (fedocr.schedule.cosine_lr; 0 = off): hold it through the take-off, then settle.
     lr_cosine_from_round: int = 0
-    batch_size: int = 16
+    batch_size: int = RECIPE.batch_size
     # The edges' local optimizer ("" leaves it to each edge's --optimizer flag).
-    optimizer: str = "adam"
+    optimizer: str = RECIPE.optimizer
     # How edges encode their uploads (fedocr.encodings: float32, float16, int8, int4, int3, int2), and whether
     # they carry each round's quantization error into the next upload (error feedback).
     encoding: str = "float32"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
-# The lr is x0.1 from the first decay round on, x0.01 from the second (the paper: rounds 5 and 30 of 44).
-DECAY_FACTORS = (0.1, 0.01)
+from fedocr.recipe import DECAY_FACTORS
+from recognizer.recipe import parse_gamma
 
 # The six held-out test sets, one per style family (the analogues of the paper's benchmarks).
 TEST_SETS: tuple[str, ...] = ("clean", "lowres", "blur", "perspective", "curved", "noisy")
@@ -27,7 +26,7 @@ class ModelSpec:
     @property
     def gamma_value(self) -> float | None:
         """The hashing ratio as a number (None: not hashed)."""
-        return None if self.gamma is None else float(Fraction(self.gamma))
+        return None if self.gamma is None else parse_gamma(self.gamma)
 
     @property
     def slug(self) -> str:

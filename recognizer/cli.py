@@ -8,28 +8,23 @@ import logging
 import os
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
+from recognizer import recipe
 from recognizer.charset import ALPHABETS
 from recognizer.device import DEVICES, WORKERS_HELP
 from recognizer.progress import Progress, add_progress_arguments
-from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS
+from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS, RECIPE
 
 log = logging.getLogger("recognizer")
 
 
 def parse_gamma(text: str) -> float | None:
     """``1``, ``0.25`` or ``1/4`` → a float in (0, 1]; ``none`` → None (no hashing, a baseline)."""
-    if text.lower() in ("none", "off", "-"):
-        return None
     try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError) as exc:
-        raise argparse.ArgumentTypeError(f"gamma must be a number in (0, 1] or 'none', got {text!r}") from exc
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"gamma must be in (0, 1], got {text}")
-    return value
+        return recipe.parse_gamma(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's message, not a ValueError's
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _key_path(args: argparse.Namespace) -> Path:
@@ -240,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symbols the model reads (default: the preset's, alnum36: case-insensitive "
                         "digits and letters); labels are folded to it")
     p.add_argument("--gamma", type=parse_gamma, default=1.0)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=RECIPE.epochs)
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--key", help="federation key file (default: OUT with .key; created when missing)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -248,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adam (default: learns fastest on a CPU, benchmarks/learning.py), adamw, or "
                         "adadelta as in the paper")
     p.add_argument("--lr", type=float, help="base learning rate (default: 0.002 adam/adamw, 1.0 adadelta)")
-    p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+    p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x],
+                   default=list(RECIPE.decay_at),
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
     p.add_argument("--cosine-from", type=int, metavar="EPOCH",
                    help="hold the lr for this many epochs, then decay it along a cosine to 1%% at the "

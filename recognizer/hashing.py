@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from recognizer.keys import derive_seed
+from recognizer.recipe import check_gamma
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ class HashedTensor:
     shape: tuple[int, ...]
     virtual: int
     real: int
-
-
-def check_gamma(gamma: float) -> float:
-    """Return ``gamma`` as a float; raise ValueError unless it is a number in (0, 1]."""
-    if isinstance(gamma, bool) or not isinstance(gamma, int | float):
-        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-    gamma = float(gamma)
-    if not (math.isfinite(gamma) and 0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    return gamma
 
 
 def real_count(virtual: int, gamma: float) -> int:

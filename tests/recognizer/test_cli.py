@@ -159,6 +159,45 @@ def test_bad_gamma_is_a_usage_error(capsys) -> None:
     assert "gamma must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2", "gamma must be in (0, 1], got 2.0"), ("-1/4", "gamma must be in (0, 1], got -0.25"),
+     ("half", "gamma must be a number in (0, 1] or 'none', got 'half'"),
+     ("1/0", "gamma must be a number in (0, 1] or 'none', got '1/0'")],
+)
+def test_gamma_errors_name_the_range_and_the_input(text: str, expected: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--preset", "fedocr-tiny", "--gamma", text])
+    assert expected in capsys.readouterr().err
+
+
+def test_gamma_is_parsed_once_for_the_cli_the_hashing_and_the_experiments() -> None:
+    from experiments.scales import MODELS
+    from recognizer.hashing import real_count
+
+    assert [cli.parse_gamma(t) for t in ("1", "0.25", "1/4", "none", "OFF", "-")] == [1.0, 0.25, 0.25,
+                                                                                     None, None, None]
+    assert [m.gamma_value for m in MODELS] == [None, 1.0, 0.5, 0.25, 0.125]
+    assert real_count(10, 0.25) == 3
+    for bad in (0.0, 1.5, float("nan"), True, "1/4"):
+        with pytest.raises(ValueError, match="gamma must be"):
+            real_count(10, bad)
+
+
+def test_train_defaults_are_the_aggregators_plan_defaults() -> None:
+    from aggregator.config import AggregatorConfig
+    from fedocr.recipe import RECIPE
+
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--out", "m.npz"])
+    plan = AggregatorConfig()
+
+    assert (args.optimizer, args.batch_size, args.epochs, tuple(args.decay_epochs)) == (
+        plan.optimizer, plan.batch_size, plan.local_epochs, plan.lr_decay_rounds)
+    assert (plan.optimizer, plan.learning_rate, plan.batch_size, plan.local_epochs, plan.lr_decay_rounds) == (
+        RECIPE.optimizer, RECIPE.lr, RECIPE.batch_size, RECIPE.epochs, RECIPE.decay_at) == (
+        "adam", 0.002, 16, 1, ())
+
+
 def test_console_script_is_installed_and_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("recognizer")
     first = subprocess.run([exe, "keygen", "--out", tmp_path / "f.key"], capture_output=True, text=True)
