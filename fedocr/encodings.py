@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 
 BLOCK = 256  # values per quantization scale
@@ -56,16 +57,16 @@ NAMES: dict[str, int] = {
 }
 
 
-class EncodingError(ValueError):
-    """A payload that is not a valid encoding of its values (subclassed in fedocr.tensors)."""
+class EncodingError(WireFormatError):
+    """A payload that is not a valid encoding of its values, or values this encoding cannot hold."""
 
 
 class BadScale(EncodingError):
-    """A quantization scale that is NaN, infinite, negative or too large."""
+    """A quantized chunk with a NaN, infinite, negative or too large block scale."""
 
 
 class BadCode(EncodingError):
-    """A quantized code outside its range (-128 in int8, code 0 or set padding bits in int4 and int2)."""
+    """A quantized code outside its range (-128 in int8, code 0 or set padding bits in int4, int3, int2)."""
 
 
 class PayloadSizeError(EncodingError):

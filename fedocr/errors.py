@@ -1,8 +1,9 @@
 """The project's exceptions and the one table that maps them to gRPC status codes.
 
 Domain code raises these and never imports grpc; only the servicer edge calls `status_for`.
-Errors from `fedocr.tensors` and `fedocr.tls` are mapped too (looked up by class, lazily, so this
-module imports neither grpc nor those modules at import time).
+Errors from `fedocr.tensors`, `fedocr.encodings` (both subclass WireFormatError, defined here) and
+`fedocr.tls` are mapped too (looked up by class, lazily, so this module imports neither grpc nor
+those modules at import time).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ logger = logging.getLogger(__name__)
 
 class FedOCRError(Exception):
     """Base of every error the federation reports to a peer with a specific status."""
+
+
+class WireFormatError(ValueError):
+    """A tensor stream or payload that breaks the wire contract (maps to INVALID_ARGUMENT).
+
+    Subclassed where each check lives: fedocr.tensors (order, lengths, checksum, size) and
+    fedocr.encodings (a payload that is no valid encoding: bad scale, bad code, wrong size).
+    """
 
 
 class MalformedRequest(FedOCRError):
@@ -84,7 +93,7 @@ class WrongPhase(FedOCRError):
 # class first, so a subclass may refine its parent's code (ChunkTooLarge is a WireFormatError).
 STATUS_TABLE: dict[str, str] = {
     "MalformedRequest": "INVALID_ARGUMENT",
-    "WireFormatError": "INVALID_ARGUMENT",  # fedocr.tensors: order, length, checksum, encoding
+    "WireFormatError": "INVALID_ARGUMENT",  # fedocr.tensors and .encodings: order, length, checksum, codes
     "ChunkTooLarge": "RESOURCE_EXHAUSTED",  # fedocr.tensors: one chunk over max_chunk_bytes
     "RoundClosed": "FAILED_PRECONDITION",
     "NotReady": "FAILED_PRECONDITION",

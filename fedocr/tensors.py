@@ -18,6 +18,7 @@ import numpy as np
 import zstandard
 
 from fedocr import encodings
+from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 
 FLOAT32 = np.dtype("<f4")  # ENCODING_FLOAT32 on the wire, whatever the host's byte order
@@ -30,10 +31,6 @@ _ZSTD_SLACK_BYTES = 256
 
 _ENCODINGS = (*encodings.NAMES.values(), pb.ENCODING_MASKED_INT)
 _COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
-
-
-class WireFormatError(ValueError):
-    """A tensor stream that breaks the wire contract (maps to INVALID_ARGUMENT)."""
 
 
 class UnsupportedEncoding(WireFormatError):
@@ -62,14 +59,6 @@ class ChunkTooLarge(WireFormatError):
 
 class NonFiniteValues(WireFormatError):
     """A tensor holds NaN or infinity."""
-
-
-class BadScale(WireFormatError):
-    """A quantized chunk with a NaN, infinite, negative or too large block scale."""
-
-
-class BadCode(WireFormatError):
-    """A quantized chunk with a code outside its range or a set 4-bit padding nibble."""
 
 
 def _check_codec(encoding: int, compression: int) -> None:
@@ -298,10 +287,8 @@ class ChunkAssembler:
         where = f"chunk {chunk.seq}"
         try:
             values = encodings.decode(raw, encoding, chunk.count, where)
-        except encodings.BadScale as exc:
-            raise BadScale(str(exc)) from None
-        except encodings.BadCode as exc:
-            raise BadCode(str(exc)) from None
+        except (encodings.BadScale, encodings.BadCode):
+            raise  # already the wire error it is; only a wrong size is reported as a length
         except encodings.EncodingError as exc:
             raise LengthMismatch(str(exc)) from None
         self._arrays[k][chunk.offset : chunk.offset + chunk.count] = values

@@ -160,7 +160,7 @@ def test_bad_scales_are_refused(encoding, scale):
     chunk, _ = one_chunk(encoding)
     payload = struct.pack("<f", scale) + chunk.payload[4:]
 
-    with pytest.raises(T.BadScale, match="chunk 0: scale of block 0"):
+    with pytest.raises(E.BadScale, match="chunk 0: scale of block 0"):
         refuse(encoding, payload)
 
 
@@ -179,7 +179,7 @@ def test_int8_code_minus_128_is_refused():
     payload = bytearray(chunk.payload)
     payload[8 + 5] = 0x80
 
-    with pytest.raises(T.BadCode, match="code -128 at value 5"):
+    with pytest.raises(E.BadCode, match="code -128 at value 5"):
         refuse(I8, bytes(payload))
 
 
@@ -188,7 +188,7 @@ def test_int4_code_zero_is_refused():
     payload = bytearray(chunk.payload)
     payload[8 + 2] &= 0xF0  # value 4 (low nibble of the third code byte)
 
-    with pytest.raises(T.BadCode, match="code 0 at value 4"):
+    with pytest.raises(E.BadCode, match="code 0 at value 4"):
         refuse(I4, bytes(payload))
 
 
@@ -197,7 +197,7 @@ def test_int4_nibble_past_the_end_is_refused():
     payload = bytearray(chunk.payload)
     payload[-1] |= 0x30
 
-    with pytest.raises(T.BadCode, match="padding nibble after value 300 has bit 0 set"):
+    with pytest.raises(E.BadCode, match="padding nibble after value 300 has bit 0 set"):
         refuse(I4, bytes(payload), n=301)
 
 
@@ -222,11 +222,11 @@ def test_int3_code_zero_and_bits_past_the_end_are_refused():
     chunk, _ = one_chunk(I3, n=301)  # 903 bits: 113 bytes, the last 1 bit padding
     payload = bytearray(chunk.payload)
     payload[-1] |= 0x80
-    with pytest.raises(T.BadCode, match="padding 3-bit code after value 300 has bit 0 set"):
+    with pytest.raises(E.BadCode, match="padding 3-bit code after value 300 has bit 0 set"):
         refuse(I3, bytes(payload), n=301)
     payload = bytearray(chunk.payload)
     payload[8] &= 0b11111000  # value 0's code
-    with pytest.raises(T.BadCode, match="int3 code 0 at value 0; codes are 1..7"):
+    with pytest.raises(E.BadCode, match="int3 code 0 at value 0; codes are 1..7"):
         refuse(I3, bytes(payload), n=301)
 
 
@@ -235,7 +235,7 @@ def test_int2_code_zero_is_refused():
     payload = bytearray(chunk.payload)
     payload[8 + 1] &= 0b11110011  # value 5 (the second 2-bit code of the second code byte)
 
-    with pytest.raises(T.BadCode, match="int2 code 0 at value 5; codes are 1..3"):
+    with pytest.raises(E.BadCode, match="int2 code 0 at value 5; codes are 1..3"):
         refuse(I2, bytes(payload))
 
 
@@ -244,7 +244,7 @@ def test_int2_codes_past_the_end_are_refused():
     payload = bytearray(chunk.payload)
     payload[-1] |= 0b00100000
 
-    with pytest.raises(T.BadCode, match="padding 2-bit code after value 300 has bit 3 set"):
+    with pytest.raises(E.BadCode, match="padding 2-bit code after value 300 has bit 3 set"):
         refuse(I2, bytes(payload), n=301)
 
 
@@ -264,7 +264,7 @@ def test_float16_infinity_is_caught_as_non_finite():
 def test_a_broken_quantized_chunk_stops_the_stream():
     chunk, _ = one_chunk(I8)
     asm = T.ChunkAssembler([(0, 300)], I8, NONE)
-    with pytest.raises(T.BadScale):
+    with pytest.raises(E.BadScale):
         asm.add(pb.TensorChunk(tensor_id=0, offset=0, count=300, payload=b"\xff" * 4 + chunk.payload[4:]))
 
     with pytest.raises(T.ChunkOrderError, match="ended or failed"):
@@ -302,3 +302,14 @@ def test_a_quantized_chunk_for_an_exact_tensor_is_refused():
     asm = T.ChunkAssembler([(0, 600, True)], I8, NONE)
     with pytest.raises(T.LengthMismatch, match="chunk 0"):
         asm.add(chunks[0])
+
+
+def test_bad_scales_and_codes_are_defined_once_and_answer_invalid_argument():
+    from fedocr import errors
+
+    for cls in (E.BadScale, E.BadCode, E.PayloadSizeError):
+        assert issubclass(cls, errors.WireFormatError) and issubclass(cls, ValueError)
+        assert errors.status_name_for(cls("x")) == "INVALID_ARGUMENT"
+    assert not hasattr(T, "BadScale") and not hasattr(T, "BadCode")
+    assert T.WireFormatError is errors.WireFormatError
+    assert errors.status_name_for(T.ChunkTooLarge("x")) == "RESOURCE_EXHAUSTED"
