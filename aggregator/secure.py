@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedocr import secagg
+from fedocr import secagg, shamir
 from fedocr.errors import SecureRefused, WrongPhase
 
 ADVERTISE, SHARE, UPLOAD, UNMASK, DONE = "ADVERTISE", "SHARE", "UPLOAD", "UNMASK", "DONE"
@@ -23,7 +23,7 @@ PHASES = (ADVERTISE, SHARE, UPLOAD, UNMASK, DONE)
 SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # which secret a share belongs to: b_u or s_u
 KINDS = (SELF_SEED, MASK_KEY)
 # A sealed share holds the holder's share of b_u then of s_u; its exact size is checked on receipt.
-PLAINTEXT_BYTES = 2 * secagg.SHARE_BYTES
+PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 SEALED_BYTES = secagg.NONCE_BYTES + PLAINTEXT_BYTES + secagg.TAG_BYTES
 
 
@@ -335,7 +335,7 @@ class SecureRecord:
         def rebuilt(kind: str, dealer: str) -> bytes:
             shares = self.revealed.get(kind, {}).get(dealer, {})
             points = {self.index(h): bytes.fromhex(s) for h, s in shares.items()}
-            return secagg.combine(points, self.threshold)
+            return shamir.combine(points, self.threshold)
 
         self_seeds = [rebuilt(SELF_SEED, u) for u in self.survivors]
         dangling = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedocr import secagg
+from fedocr import secagg, shamir
 
 SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # aggregator.secure's names of the two secrets
 
@@ -69,8 +69,8 @@ class EdgeSession:
             raise SecureProtocolError(f"threshold {threshold} is not within 2..{len(holders)} holders")
         xs = {e: x for e, x, _, _ in roster}
         self.mask_keys = {e: s for e, (_, s) in mine.items()}
-        b_shares = secagg.split(self.self_seed, threshold, [xs[h] for h in holders])
-        s_shares = secagg.split(self.mask.private_bytes(), threshold, [xs[h] for h in holders])
+        b_shares = shamir.split(self.self_seed, threshold, [xs[h] for h in holders])
+        s_shares = shamir.split(self.mask.private_bytes(), threshold, [xs[h] for h in holders])
         sealed, commitments = {}, {}
         for h in holders:
             b, s = b_shares[xs[h]], s_shares[xs[h]]
@@ -102,7 +102,7 @@ class EdgeSession:
             info = secagg.pair_info("seal", self.round_id, dealer, self.edge_id)
             key = secagg.agree(self.cipher.private, cipher_keys[dealer], info)
             plain = secagg.open_sealed(key, ct, secagg.share_aad(self.round_id, dealer, self.edge_id))
-            self.held[dealer] = (plain[: secagg.SHARE_BYTES], plain[secagg.SHARE_BYTES :])
+            self.held[dealer] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
 
     def weight(self, samples: int) -> int:
         """This edge's FedAvg weight: its sample count, or 1 for the uniform mean."""

@@ -6,13 +6,14 @@ CCS 2020). One round, as the protocol wiring will run it for edges u, v, ...:
 1. Advertise: u makes two X25519 key pairs, ``c_u`` (to seal shares) and ``s_u`` (to agree on
    masks), and publishes both public keys; ``neighbours`` says which edges are paired.
 2. Share: u draws a 32-byte self-mask seed ``b_u``, splits ``b_u`` and the private half of ``s_u``
-   among its neighbours (``split``), commits to every share (``commit_share``) and seals each one
-   for its holder (``seal`` under ``agree(c_u, c_v)``).
+   among its neighbours (``fedocr.shamir.split``), commits to every share (``commit_share``) and
+   seals each one for its holder (``seal`` under ``agree(c_u, c_v)``).
 3. Upload: u sends ``encode_fixed(x_u) + expand_mask(b_u) + sum_v ±expand_mask(s_uv)`` mod 2^32
    (``mask_upload``), where ``s_uv = agree(s_u, s_v)``; the two masks of a pair have opposite signs.
 4. Unmask: for each survivor its neighbours reveal shares of ``b_u``; for each edge that dropped
-   before uploading they reveal shares of its ``s_u`` private key. ``combine`` rebuilds them,
-   ``check_share`` names any bad share, and ``remove_masks`` leaves the sum of encoded updates.
+   before uploading they reveal shares of its ``s_u`` private key. ``fedocr.shamir.combine``
+   rebuilds them, ``check_share`` names any bad share, and ``remove_masks`` leaves the sum of
+   encoded updates.
 
 What the server learns: the sum over survivors (hence their weighted mean, ``decode_fixed``), who
 survived, the graph, the public keys and the sizes of sealed shares. It learns no single update
@@ -26,10 +27,8 @@ import hashlib
 import hmac
 import math
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -40,11 +39,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 DOMAIN = b"fedocr/secagg/v1"  # prefixes every hash, KDF info and aad, so no two uses collide
-KEY_BYTES = 32  # X25519 keys, agreed keys, mask seeds and Shamir secrets
+KEY_BYTES = 32  # X25519 keys, agreed keys, mask seeds and Shamir secrets (fedocr.shamir)
 NONCE_BYTES = 12  # ChaCha20-Poly1305
 TAG_BYTES = 16
-FIELD_PRIME = 2**521 - 1  # a Mersenne prime: well above 2^256, so a 32-byte secret is one element
-SHARE_BYTES = (FIELD_PRIME.bit_length() + 7) // 8  # 66, big-endian
 WRAP = 2**31  # an int32 sum must stay below this in magnitude
 
 
@@ -77,10 +74,6 @@ class BadShare(SecAggError):
         self.dealer, self.holder, self.round_id = dealer, holder, round_id
 
 
-class RandomSource(Protocol):
-    def randrange(self, stop: int) -> int: ...
-
-
 def _frame(*parts: bytes) -> bytes:
     """Length-prefix each part, so that ("ab", "c") and ("a", "bc") never encode alike."""
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
@@ -92,7 +85,8 @@ def _round(round_id: int) -> bytes:
     return round_id.to_bytes(8, "big")
 
 
-def _key_bytes(value: bytes, what: str) -> bytes:
+def key_bytes(value: bytes, what: str) -> bytes:
+    """``value`` as bytes; BadKey naming ``what`` unless it is KEY_BYTES long."""
     value = bytes(value)
     if len(value) != KEY_BYTES:
         raise BadKey(f"{what} must be {KEY_BYTES} bytes, got {len(value)}")
@@ -111,12 +105,12 @@ class KeyPair:
 
     @classmethod
     def from_private_bytes(cls, raw: bytes) -> KeyPair:
-        """Rebuild a pair from its 32 raw private bytes (e.g. as reconstructed by ``combine``)."""
-        private = X25519PrivateKey.from_private_bytes(_key_bytes(raw, "X25519 private key"))
+        """Rebuild a pair from its 32 raw private bytes (e.g. as rebuilt by ``fedocr.shamir.combine``)."""
+        private = X25519PrivateKey.from_private_bytes(key_bytes(raw, "X25519 private key"))
         return cls(private, private.public_key().public_bytes_raw())
 
     def private_bytes(self) -> bytes:
-        """The 32 raw private bytes, the secret that ``split`` shares."""
+        """The 32 raw private bytes, the secret that ``fedocr.shamir.split`` shares."""
         return self.private.private_bytes_raw()
 
 
@@ -140,7 +134,7 @@ def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
     Raises BadKey for a peer key that is not 32 bytes or is a low-order point (the shared secret
     would be all zero and known to anyone).
     """
-    peer = X25519PublicKey.from_public_bytes(_key_bytes(peer_public, "peer public key"))
+    peer = X25519PublicKey.from_public_bytes(key_bytes(peer_public, "peer public key"))
     try:
         shared = private.exchange(peer)
     except ValueError as exc:  # OpenSSL refuses an all-zero result
@@ -158,7 +152,7 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
 
     The nonce is fixed (all zero): every seed is derived for one round and used once.
     """
-    seed = _key_bytes(seed, "mask seed")
+    seed = key_bytes(seed, "mask seed")
     if not isinstance(length, int) or length < 0:
         raise SecAggError(f"mask length must be a non-negative integer, got {length!r}")
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
@@ -269,77 +263,6 @@ def decode_fixed(total: np.ndarray, total_weight: float, frac_bits: int) -> np.n
     return (signed / (2.0**frac_bits * float(total_weight))).astype(np.float32)
 
 
-# --- Shamir secret sharing over GF(2^521 - 1) ----------------------------------------------------
-
-
-def _check_x(x: object) -> int:
-    if not isinstance(x, int) or isinstance(x, bool) or not 0 < x < FIELD_PRIME:
-        raise BadShare(f"share x coordinate must be an integer in [1, 2**521 - 1), got {x!r}")
-    return x
-
-
-def split(
-    secret: bytes, threshold: int, holders: Sequence[int], rng: RandomSource | None = None
-) -> dict[int, bytes]:
-    """Shamir shares of a 32-byte secret: any ``threshold`` of them rebuild it, fewer reveal nothing.
-
-    ``holders`` are the holders' distinct positive indices (the x coordinates). Each share is the
-    polynomial's value at x, ``SHARE_BYTES`` big-endian. ``rng`` defaults to ``secrets``; pass a
-    seeded ``random.Random`` only in tests.
-    """
-    value = int.from_bytes(_key_bytes(secret, "secret"), "big")
-    xs = [_check_x(x) for x in holders]
-    if len(set(xs)) != len(xs):
-        raise SecAggError(f"holder indices must be distinct, got {list(holders)}")
-    if not isinstance(threshold, int) or not 1 <= threshold <= len(xs):
-        raise SecAggError(f"threshold must be in [1, {len(xs)}] for {len(xs)} holders, got {threshold!r}")
-    rng = rng if rng is not None else secrets.SystemRandom()
-    coefficients = [value] + [rng.randrange(FIELD_PRIME) for _ in range(threshold - 1)]
-    shares = {}
-    for x in xs:
-        y = 0
-        for c in reversed(coefficients):  # Horner
-            y = (y * x + c) % FIELD_PRIME
-        shares[x] = y.to_bytes(SHARE_BYTES, "big")
-    return shares
-
-
-def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The 32-byte secret from at least ``threshold`` shares (Lagrange interpolation at 0).
-
-    Uses the ``threshold`` shares of smallest x; check shares against their commitments first, since
-    a wrong share gives a wrong secret (usually refused here as not 32 bytes, but not always).
-    """
-    if not isinstance(threshold, int) or threshold < 1:
-        raise SecAggError(f"threshold must be a positive integer, got {threshold!r}")
-    if len(shares) < threshold:
-        raise NotEnoughShares(f"{len(shares)} shares given, {threshold} needed")
-    points = []
-    for x, share in shares.items():
-        x = _check_x(x)
-        if len(share) != SHARE_BYTES:
-            raise BadShare(f"share at x={x} is {len(share)} bytes, expected {SHARE_BYTES}")
-        y = int.from_bytes(share, "big")
-        if y >= FIELD_PRIME:
-            raise BadShare(f"share at x={x} is not a field element (>= 2**521 - 1)")
-        points.append((x, y))
-    points = sorted(points)[:threshold]
-    value = 0
-    for j, (xj, yj) in enumerate(points):
-        num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
-            if m != j:
-                num = num * xm % FIELD_PRIME
-                den = den * (xm - xj) % FIELD_PRIME
-        value = (value + yj * num * pow(den, -1, FIELD_PRIME)) % FIELD_PRIME
-    if value >= 2 ** (8 * KEY_BYTES):
-        raise BadShare(
-            f"shares rebuild a {value.bit_length()}-bit value, not a 32-byte secret: "
-            "a share is wrong or belongs to another secret"
-        )
-    return value.to_bytes(KEY_BYTES, "big")
-
-
 # --- share commitments and sealing ---------------------------------------------------------------
 
 
@@ -371,12 +294,12 @@ def share_aad(round_id: int, sender: str, recipient: str) -> bytes:
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """ChaCha20-Poly1305 under a 32-byte key; a random 12-byte nonce is prepended."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + ChaCha20Poly1305(_key_bytes(key, "sealing key")).encrypt(nonce, plaintext, aad)
+    return nonce + ChaCha20Poly1305(key_bytes(key, "sealing key")).encrypt(nonce, plaintext, aad)
 
 
 def open_sealed(key: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     """The plaintext of ``seal``; BadCiphertext if it was altered or the key or aad differ."""
-    aead = ChaCha20Poly1305(_key_bytes(key, "sealing key"))
+    aead = ChaCha20Poly1305(key_bytes(key, "sealing key"))
     if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
         raise BadCiphertext(f"sealed share is {len(ciphertext)} bytes, shorter than nonce and tag")
     try:

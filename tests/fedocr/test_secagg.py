@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedocr import secagg as S
+from fedocr import shamir
 
 ROUND = 7
 SEED = bytes(range(32))
-P = S.FIELD_PRIME
+P = shamir.FIELD_PRIME
 
 
 def ids(n: int) -> list[str]:
@@ -109,8 +110,8 @@ def test_a_dropped_edges_masks_are_removed_with_its_rebuilt_key():
     inbox, commitments = {}, {}  # (dealer, holder) -> sealed b share + s share, their commitments
     for u in edges:
         holders = [index[v] for v in sorted(graph[u])]
-        b_shares = S.split(self_seeds[u], t, holders, rng=random.Random(index[u]))
-        s_shares = S.split(s_keys[u].private_bytes(), t, holders, rng=random.Random(-index[u]))
+        b_shares = shamir.split(self_seeds[u], t, holders, rng=random.Random(index[u]))
+        s_shares = shamir.split(s_keys[u].private_bytes(), t, holders, rng=random.Random(-index[u]))
         for v in graph[u]:
             b, s = b_shares[index[v]], s_shares[index[v]]
             commitments[u, v] = S.commit_share(u, v, ROUND, b), S.commit_share(u, v, ROUND, s)
@@ -133,10 +134,10 @@ def test_a_dropped_edges_masks_are_removed_with_its_rebuilt_key():
             if v == dropped:
                 continue
             plain = S.open_sealed(seal_key(v, dealer), inbox[dealer, v], S.share_aad(ROUND, dealer, v))
-            share = plain[part * S.SHARE_BYTES : (part + 1) * S.SHARE_BYTES]
+            share = plain[part * shamir.SHARE_BYTES : (part + 1) * shamir.SHARE_BYTES]
             S.check_share(dealer, v, ROUND, share, commitments[dealer, v][part])
             revealed[index[v]] = share
-        return S.combine(revealed, t)
+        return shamir.combine(revealed, t)
 
     b_rebuilt = [rebuilt(u, 0) for u in survivors]
     s_dropped = S.KeyPair.from_private_bytes(rebuilt(dropped, 1))
@@ -236,50 +237,50 @@ def test_a_sum_at_the_headroom_limit_does_not_wrap():
 
 def test_any_threshold_subset_rebuilds_the_secret():
     secret = bytes(range(100, 132))
-    shares = S.split(secret, 3, [1, 2, 3, 4, 5], rng=random.Random(0))
-    assert all(len(s) == S.SHARE_BYTES for s in shares.values())
+    shares = shamir.split(secret, 3, [1, 2, 3, 4, 5], rng=random.Random(0))
+    assert all(len(s) == shamir.SHARE_BYTES for s in shares.values())
     for size in (3, 4, 5):
         for subset in itertools.combinations(shares, size):
-            assert S.combine({x: shares[x] for x in subset}, 3) == secret
-    assert S.combine(S.split(secret, 1, [9]), 1) == secret
+            assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
+    assert shamir.combine(shamir.split(secret, 1, [9]), 1) == secret
 
 
 def test_fewer_than_threshold_shares_are_refused():
-    shares = S.split(SEED, 3, [1, 2, 3, 4], rng=random.Random(0))
+    shares = shamir.split(SEED, 3, [1, 2, 3, 4], rng=random.Random(0))
     with pytest.raises(S.NotEnoughShares, match="2 shares given, 3 needed"):
-        S.combine({1: shares[1], 4: shares[4]}, 3)
+        shamir.combine({1: shares[1], 4: shares[4]}, 3)
 
 
 def test_malformed_shares_are_refused():
-    shares = S.split(SEED, 2, [1, 2, 3], rng=random.Random(0))
+    shares = shamir.split(SEED, 2, [1, 2, 3], rng=random.Random(0))
     with pytest.raises(S.BadShare, match="is 65 bytes, expected 66"):
-        S.combine({1: shares[1], 2: shares[2][1:]}, 2)
+        shamir.combine({1: shares[1], 2: shares[2][1:]}, 2)
     with pytest.raises(S.BadShare, match="not a field element"):
-        S.combine({1: shares[1], 2: P.to_bytes(S.SHARE_BYTES, "big")}, 2)
+        shamir.combine({1: shares[1], 2: P.to_bytes(shamir.SHARE_BYTES, "big")}, 2)
     with pytest.raises(S.BadShare, match="x coordinate"):
-        S.combine({0: shares[1], 2: shares[2]}, 2)
+        shamir.combine({0: shares[1], 2: shares[2]}, 2)
     with pytest.raises(S.SecAggError, match="distinct"):
-        S.split(SEED, 2, [1, 2, 2])
+        shamir.split(SEED, 2, [1, 2, 2])
     with pytest.raises(S.SecAggError, match="threshold must be in"):
-        S.split(SEED, 4, [1, 2, 3])
+        shamir.split(SEED, 4, [1, 2, 3])
 
 
 def test_shares_of_two_secrets_rebuild_no_secret():
-    a = S.split(SEED, 2, [1, 2], rng=random.Random(0))
-    b = S.split(bytes(32), 2, [1, 2], rng=random.Random(1))
+    a = shamir.split(SEED, 2, [1, 2], rng=random.Random(0))
+    b = shamir.split(bytes(32), 2, [1, 2], rng=random.Random(1))
     with pytest.raises(S.BadShare, match="not a 32-byte secret"):
-        S.combine({1: a[1], 2: b[2]}, 2)
+        shamir.combine({1: a[1], 2: b[2]}, 2)
 
 
 def test_a_wrong_share_gives_a_wrong_secret_and_its_commitment_names_it():
     secret = bytes(31) + b"\x10"
-    shares = S.split(secret, 3, [1, 2, 3, 4], rng=random.Random(0))
+    shares = shamir.split(secret, 3, [1, 2, 3, 4], rng=random.Random(0))
     commitment = S.commit_share("edge-0", "edge-1", ROUND, shares[1])
     # Shift share 1 by the inverse of its Lagrange weight at 0 among x = 1, 2, 3 (2·3 / (1·2) = 3),
     # so the rebuilt value is secret + 1: a valid-looking 32-byte secret, only the commitment tells.
-    wrong = ((int.from_bytes(shares[1], "big") + pow(3, -1, P)) % P).to_bytes(S.SHARE_BYTES, "big")
+    wrong = ((int.from_bytes(shares[1], "big") + pow(3, -1, P)) % P).to_bytes(shamir.SHARE_BYTES, "big")
 
-    rebuilt = S.combine({1: wrong, 2: shares[2], 3: shares[3]}, 3)
+    rebuilt = shamir.combine({1: wrong, 2: shares[2], 3: shares[3]}, 3)
 
     assert rebuilt == bytes(31) + b"\x11"
     S.check_share("edge-0", "edge-1", ROUND, shares[1], commitment)
@@ -289,7 +290,7 @@ def test_a_wrong_share_gives_a_wrong_secret_and_its_commitment_names_it():
 
 
 def test_a_commitment_from_another_round_or_pair_is_refused():
-    share = S.split(SEED, 2, [1, 2], rng=random.Random(0))[1]
+    share = shamir.split(SEED, 2, [1, 2], rng=random.Random(0))[1]
     commitment = S.commit_share("edge-0", "edge-1", ROUND - 1, share)
     with pytest.raises(S.BadShare, match="round 7"):
         S.check_share("edge-0", "edge-1", ROUND, share, commitment)
