@@ -9,12 +9,41 @@ TORCH   := torch==2.13.0
 
 install: $(STAMP)
 
+# Font families for the synthetic renderer's train / held-out sets (recognizer/fonts.py): Debian's
+# font packages, installed only where apt-get exists and we are root; without them the renderer has
+# the font packages of pyproject's recognizer extra and matplotlib's fonts, and the build goes on.
+APT_FONTS := \
+	fonts-liberation fonts-urw-base35 fonts-texgyre fonts-freefont-ttf fonts-crosextra-carlito \
+	fonts-crosextra-caladea fonts-dejavu-core fonts-open-sans fonts-cantarell fonts-linuxlibertine \
+	fonts-ebgaramond fonts-hack fonts-firacode fonts-inconsolata fonts-comic-neue fonts-cabin \
+	fonts-oldstandard fonts-yanone-kaffeesatz fonts-dkg-handwriting fonts-humor-sans fonts-lato \
+	fonts-roboto fonts-adf-accanthis fonts-adf-baskervald fonts-adf-berenis fonts-adf-gillius \
+	fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris fonts-adf-mekanus fonts-adf-oldania \
+	fonts-adf-romande fonts-adf-switzera fonts-adf-tribun fonts-adf-universalis fonts-adf-verana \
+	fonts-sil-gentium fonts-sil-charis fonts-sil-andika fonts-go fonts-croscore fonts-quicksand \
+	fonts-jura fonts-averia-gwf fonts-averia-sans-gwf fonts-averia-serif-gwf fonts-junicode \
+	fonts-lobster fonts-lobstertwo fonts-goudybookletter fonts-f500 fonts-stix fonts-play \
+	fonts-prociono fonts-rufscript fonts-tomsontalks fonts-femkeklaver fonts-kristi \
+	fonts-mph-2b-damase fonts-beteckna fonts-breip fonts-radisnoir fonts-anonymous-pro \
+	fonts-century-catalogue fonts-bebas-neue fonts-inter fonts-courier-prime fonts-jetbrains-mono \
+	fonts-roboto-slab fonts-karla fonts-vollkorn fonts-gfs-didot fonts-gfs-baskerville \
+	fonts-gfs-artemisia fonts-fanwood fonts-league-mono fonts-league-spartan fonts-oxygen \
+	fonts-hermit fonts-agave fonts-monoid fonts-tuffy fonts-yrsa-rasa fonts-routed-gothic \
+	fonts-blankenburg fonts-staypuft fonts-lindenhill fonts-sora fonts-dosis fonts-comfortaa \
+	fonts-noto-mono
+
 # torch first and exactly: that spec takes the local CPU build; anything looser pulls CUDA.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
+	-@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $(APT_FONTS) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q --no-install-recommends $(APT_FONTS) >/dev/null 2>&1; } || \
+		echo "font packages not installed: the renderer keeps to the Python font packages"; fi
 	touch $(STAMP)
 
 test: install

@@ -47,13 +47,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from recognizer.synth import render_dataset
+    from recognizer.synth import Sources, render_dataset
 
     styles = args.styles.split(",") if args.styles else None
+    sources = Sources(args.fonts, tuple(args.font_dir), args.backgrounds, tuple(args.background_dir))
     with Progress(args.count, "rendering", unit="image", rate_unit="images", mode=args.progress,
                   every=args.progress_every) as progress:
         stats = render_dataset(Path(args.out), args.count, args.seed, styles, labels=args.labels,
-                               progress=progress.update_to)
+                               sources=sources, workers=args.workers, progress=progress.update_to)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -213,10 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--styles", help="comma-separated style families (default: all)")
-    p.add_argument("--labels", choices=("mixed", "words", "digits"), default="mixed",
+    p.add_argument("--styles", help="comma-separated style families (default: the eight classic ones; "
+                                    "varied: any font and background, every text effect at random)")
+    p.add_argument("--labels", choices=("mixed", "words", "digits", "general", "long"), default="mixed",
                    help="words, numbers and codes (mixed), dictionary words of up to 10 letters in "
-                        "varied case (words) or digit strings (digits)")
+                        "varied case (words), digit strings (digits), words of up to 25 characters with "
+                        "compounds, apostrophes and numbers (general) or words of 11-25 letters (long)")
+    sets = ("classic", "train", "held-out", "all", "dirs")  # fonts.FONT_SETS, backgrounds.BACKGROUND_SETS
+    p.add_argument("--fonts", choices=sets, default="classic",
+                   help="font families: the nine packaged ones (classic, default), the training or held-out "
+                        "side of the fixed family split, all, or only those of --font-dir (dirs)")
+    p.add_argument("--font-dir", action="append", default=[], metavar="DIR",
+                   help="a directory of .ttf/.otf faces to add (repeatable)")
+    p.add_argument("--backgrounds", choices=sets, default="classic",
+                   help="each style's own (classic, default), the training or held-out generator kinds, "
+                        "all, or only crops of --background-dir images (dirs)")
+    p.add_argument("--background-dir", action="append", default=[], metavar="DIR",
+                   help="a directory of images to crop backgrounds from (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="rendering processes (same output for any)")
     add_progress_arguments(p)
     p.set_defaults(func=cmd_synth)
 
