@@ -2,6 +2,9 @@
 
 Run from the repository root:
     .venv/bin/python -m benchmarks.synth [--per-style 500] [--read 4000] [--workers 0 2]
+
+Besides the eight classic styles (classic fonts and backgrounds, mixed labels) it times the varied
+mode: ``--styles varied --labels general --fonts train --backgrounds train``, and the held-out sides.
 """
 
 from __future__ import annotations
@@ -18,7 +21,23 @@ from pathlib import Path
 import torch
 
 from recognizer.dataset import WordDataset, make_loader
-from recognizer.synth import STYLES, dictionary_words, font_files, render_dataset, render_sample
+from recognizer.synth import (
+    STYLES,
+    VARIED,
+    Sources,
+    dictionary_words,
+    font_files,
+    long_words,
+    render_dataset,
+    render_sample,
+)
+
+# The rich modes timed beside the classic styles: (name, label kind, sources).
+VARIED_MODES: tuple[tuple[str, str, Sources], ...] = (
+    ("varied/general/train", "general", Sources("train", (), "train", ())),
+    ("varied/general/held-out", "general", Sources("held-out", (), "held-out", ())),
+    ("varied/long/train", "long", Sources("train", (), "train", ())),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +48,18 @@ def render_rates(per_style: int, seed: int) -> dict[str, dict[str, float]]:
     Both per wall-clock second and per CPU second of this process: on a shared machine the
     second is the steadier figure.
     """
-    font_files(), dictionary_words()  # one-off loads are not part of the rate
+    font_files(), dictionary_words(), long_words()  # one-off loads are not part of the rate
+    modes = [(style, style, "mixed", Sources()) for style in STYLES]
+    modes += [(name, VARIED, labels, sources) for name, labels, sources in VARIED_MODES]
+    for _, style, labels, sources in modes[len(STYLES):]:
+        render_sample(seed, 0, style, labels=labels, sources=sources)  # font scan, once
     rates = {}
-    for style in STYLES:
+    for name, style, labels, sources in modes:
         wall, cpu = time.perf_counter(), time.process_time()
         for i in range(per_style):
-            render_sample(seed, i, style)
-        rates[style] = {"wall": per_style / (time.perf_counter() - wall),
-                        "cpu": per_style / (time.process_time() - cpu)}
+            render_sample(seed, i, style, labels=labels, sources=sources)
+        rates[name] = {"wall": per_style / (time.perf_counter() - wall),
+                       "cpu": per_style / (time.process_time() - cpu)}
     return rates
 
 
