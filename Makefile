@@ -51,11 +51,11 @@ test: install
 	$(BIN)/pytest -q
 
 # The whole federation on this machine: data, PKI, key, one aggregator and 2 edge agents as
-# processes over mutual TLS, and a single-edge model beside them (deploy/demo.py). Its files stay
+# processes over mutual TLS, and a single-edge model beside them (experiments/demo.py). Its files stay
 # in $(DEMO_DIR).
 DEMO_DIR ?= runs/demo
 demo: install
-	$(BIN)/python deploy/demo.py --work-dir $(DEMO_DIR)
+	$(BIN)/python -m experiments.demo --work-dir $(DEMO_DIR)
 
 # The paper's experiments in miniature: 5 models x single/centralized/federated, then
 # docs/results.md and Fig. 3. SCALE=smoke (minutes), mini-pre (the CPU run reported: pretrained

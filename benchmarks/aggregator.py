@@ -3,8 +3,8 @@ aggregator's peak RSS with 10, 50 and 200 edges uploading one increment each in 
 
     .venv/bin/python -m benchmarks.aggregator [--values 3400000] [--edges 10,50,200] [--uploads 6]
 
-Everything runs on 127.0.0.1 with a throwaway PKI made by fedocr.pki. The aggregator and the raw
-sink each run in their own process; this process is the client.
+Everything runs on 127.0.0.1 with a throwaway PKI (fedocr.harness). The aggregator and the raw
+sink each run in their own process (started and stopped by fedocr.harness); this one is the client.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedocr import pki, tensors, tls
+from fedocr import harness, pki, tensors, tls
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -61,21 +60,14 @@ def sink_main(pki_dir: Path) -> None:
 
 
 class Child:
-    """A child process whose first stdout line ends with its port."""
+    """A service started by fedocr.harness (its own process group), and its memory figures."""
 
-    def __init__(self, cmd: list[str], log: Path | None = None) -> None:
-        self.log = log
-        stderr = open(log, "w") if log else None  # noqa: SIM115 - the child owns it
-        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        line = self.popen.stdout.readline()
-        if "listening on port" not in line:
-            self.popen.kill()
-            raise RuntimeError(f"child did not start: {line!r}")
-        self.port = int(line.rsplit(" ", 1)[1])
+    def __init__(self, service: harness.Service) -> None:
+        self.service, self.port, self.log = service, service.port, service.log
 
     def memory(self) -> str:
         """RssAnon / RssFile of the child now."""
-        text = Path(f"/proc/{self.popen.pid}/status").read_text()
+        text = Path(f"/proc/{self.service.pid}/status").read_text()
         found = dict(
             line.split(":", 1) for line in text.splitlines() if line.startswith(("RssAnon", "RssFile"))
         )
@@ -83,45 +75,25 @@ class Child:
 
     def peak_rss_mb(self) -> float:
         """VmHWM of the child: its peak resident set."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.service.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmHWM")
 
     def stop(self) -> None:
-        self.popen.terminate()
-        self.popen.wait(timeout=30)
+        self.service.stop()
 
 
 def aggregator(pki_dir: Path, state: Path, quorum: int) -> Child:
     """Start `aggregator serve` with a round that stays open until `quorum` uploads."""
-    return Child(
-        [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state),
-            "--cert",
-            str(pki.cert_path(pki_dir, "aggregator")),
-            "--key",
-            str(pki.key_path(pki_dir, "aggregator")),
-            "--ca",
-            str(pki_dir / pki.CA_CERT_FILE),
-            "--quorum",
-            str(quorum),
-            "--min-edges",
-            "1",
-            "--deadline",
-            "3600",
-            "--log-level",
-            "INFO",
-        ],
-        log=state.with_suffix(".log"),
-    )
+    flags = ["--quorum", str(quorum), "--min-edges", "1", "--deadline", "3600", "--log-level", "INFO"]
+    return Child(harness.start_aggregator(pki_dir, state, state.with_suffix(".log"), flags=flags))
+
+
+def start_sink(pki_dir: Path) -> Child:
+    """The raw sink (sink_main) in a child process."""
+    cmd = [sys.executable, "-m", "benchmarks.aggregator", "--sink", str(pki_dir)]
+    return Child(harness.start_service(cmd, None))
 
 
 def phases(log: Path, last: int) -> str:
@@ -182,7 +154,7 @@ def ingest(
     """
     chunks, trailer, wire = encode(values, compression)
     agg = aggregator(pki_dir, work / f"ingest-{compression}-{streams}", quorum=(uploads + 2) * streams + 1)
-    sink = Child([sys.executable, __file__, "--sink", str(pki_dir)])
+    sink = start_sink(pki_dir)
     pool = futures.ThreadPoolExecutor(streams)
     try:
         sink_chans = [channel(pki_dir, sink.port, f"edge-{k}") for k in range(streams)]
@@ -231,7 +203,7 @@ def rss(pki_dir: Path, work: Path, values: np.ndarray, edges: int, threads: int 
     """
     chunks, trailer, _ = encode(values, pb.COMPRESSION_NONE)
     agg = aggregator(pki_dir, work / f"rss-{edges}", quorum=edges)
-    sink = Child([sys.executable, __file__, "--sink", str(pki_dir)])
+    sink = start_sink(pki_dir)
     try:
         chans = [channel(pki_dir, agg.port, f"edge-{k}") for k in range(edges)]
         round_id = [join(ch, values.size) for ch in chans][0]
@@ -290,10 +262,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedocr-bench-") as tmp:
         work = Path(tmp)
         pki_dir = work / "pki"
-        pki.create_ca(pki_dir)
-        pki.issue(pki_dir, pki.ROLE_SERVER, "aggregator", hosts=["127.0.0.1"])
-        for k in range(max(counts + [(args.uploads + 2) * 4])):
-            pki.issue(pki_dir, pki.ROLE_EDGE, f"edge-{k}")
+        harness.make_pki(pki_dir, max(counts + [(args.uploads + 2) * 4]))
         values = np.random.default_rng(0).normal(0, 1e-3, args.values).astype(np.float32)
         print(
             f"increment: {args.values} float32 ({values.nbytes / MB:.1f} MB) in {args.chunk_kib} KiB chunks; "

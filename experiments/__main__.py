@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from deploy.localfed import DemoError, make_key, make_pki
 from experiments import report
 from experiments.data import make_data
 from experiments.runs import (
@@ -31,7 +29,7 @@ from experiments.runs import (
     start_training,
 )
 from experiments.scales import MANNERS, MODELS, SCALES, ModelSpec, Scale, model_by_id, preset_of
-from fedocr import encodings
+from fedocr import encodings, harness
 from recognizer.model import model_info
 
 log = logging.getLogger("experiments")
@@ -152,10 +150,7 @@ def run_all(ctx: Context, models: list, manners: list[str]) -> None:
             running = _reap(ctx, running, wait=False)
         _reap(ctx, running, wait=True)
     finally:
-        for *_, proc, _ in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        harness.stop_many([proc for *_, proc, _ in running])
 
 
 def _reap(ctx: Context, running: list, wait: bool) -> list:
@@ -167,10 +162,6 @@ def _reap(ctx: Context, running: list, wait: bool) -> list:
         else:
             left.append((model, manner, proc, started))
     return left
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
+    harness.stop_on_signals()  # SIGTERM unwinds like Ctrl-C: the children are stopped, finished runs kept
     if not args.report_only:
         started = time.monotonic()
         work.mkdir(parents=True, exist_ok=True)
@@ -209,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        ctx = Context(scale, data, make_key(work), make_pki(work, scale.edges), work, results, args.encoding)
+        pki = harness.make_pki(work / "pki", scale.edges)
+        ctx = Context(scale, data, harness.make_key(work), pki, work, results, args.encoding)
         try:
             run_all(ctx, models, manners)
-        except (RunError, DemoError) as exc:  # a training or a federation process failed
+        except (RunError, harness.HarnessError) as exc:  # a training or a federation process failed
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """One run of the experiment: a model trained alone on one shard, centrally on all shards, or federated.
 
 Single and centralized runs are `recognizer train` processes; a federated run is the real thing:
-one aggregator and C edge-agent processes over mutual TLS on 127.0.0.1 (``deploy.localfed.Federation``).
+one aggregator and C edge-agent processes over mutual TLS on 127.0.0.1 (``fedocr.harness.LocalFederation``).
 Every finished run leaves one JSON file; a run whose file exists is never repeated.
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from deploy.localfed import KEY_FILE, Federation, Settings, list_rounds, scores_by_version
 from experiments.data import ExperimentData
 from experiments.scales import TEST_SETS, ModelSpec, Scale, preset_of
+from fedocr import harness
+from fedocr.harness import KEY_FILE, LocalFederation, Settings, list_rounds, scores_by_version
 from recognizer.dataset import make_loader
 from recognizer.keys import load_key
 from recognizer.model import model_info
@@ -164,14 +165,9 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
             while todo and len(running) < parallel:
                 model = todo.pop(0)
                 log_file = pretrained_path(ctx, model).with_suffix(".log")
-                log_file.parent.mkdir(parents=True, exist_ok=True)
+                log_file.unlink(missing_ok=True)  # an interrupted attempt's log
                 log.info("pretraining %s on %s", model.id, ctx.data.pretrain)
-                with log_file.open("wb") as out:
-                    proc = subprocess.Popen(
-                        pretrain_command(ctx, model), stdout=out, stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                running.append((model, proc))
+                running.append((model, harness.spawn(pretrain_command(ctx, model), log_file)))
             time.sleep(1.0)
             for model, proc in list(running):
                 if proc.poll() is None:
@@ -182,10 +178,7 @@ def pretrain_all(ctx: Context, models: list[ModelSpec], parallel: int = 2) -> No
                     raise RunError(f"{model.id} pretraining: recognizer train exited with {proc.returncode}; "
                                    f"see {log_file}")  # fmt: skip
     finally:
-        for _, proc in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        harness.stop_many([proc for _, proc in running])
     for model in models:
         score_pretrained(ctx, model)
 
@@ -215,12 +208,7 @@ def start_training(ctx: Context, model: ModelSpec, manner: str) -> subprocess.Po
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     (home / STARTED_FILE).write_text(f"{time.time()}\n")
-    log_file = (home / "train.log").open("wb")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        train_command(ctx, model, manner, home / "model.npz"), stdout=log_file, stderr=subprocess.STDOUT,
-        env=env, start_new_session=True,
-    )
+    return harness.spawn(train_command(ctx, model, manner, home / "model.npz"), home / "train.log")
 
 
 def _started_at(home: Path) -> float:
@@ -321,9 +309,8 @@ def run_federated(ctx: Context, model: ModelSpec) -> dict:
     s = ctx.scale
     home = run_dir(ctx, model, "federated")
     shutil.rmtree(home, ignore_errors=True)
-    fed = Federation(home, ctx.pki, ctx.key, federation_settings(ctx, model))
     started = time.monotonic()
-    try:
+    with LocalFederation(home, ctx.pki, ctx.key, federation_settings(ctx, model)) as fed:
         fed.start_aggregator(s.edges)
         for k, shard in enumerate(ctx.data.shards):
             fed.start_edge(f"edge-{k}", shard, val=ctx.data.tests["clean"] if k == 0 else None)
@@ -332,8 +319,6 @@ def run_federated(ctx: Context, model: ModelSpec) -> dict:
                    unit="round"):
             fed.wait_edges(timeout_s=s.rounds * s.deadline_s + 600)
         rounds = list_rounds(ctx.pki, fed.port)
-    finally:
-        fed.stop()
     wall = time.monotonic() - started
     scores = scores_by_version(home / "edges" / "edge-0" / "rounds.jsonl")
     accounting = _accounting(rounds, scores, s.edges)

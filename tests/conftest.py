@@ -11,8 +11,8 @@ import pytest
 
 from fedocr import pki
 
-# deploy/ and benchmarks/ are scripts, not installed packages (experiments imports deploy.localfed):
-# the repository root makes them importable however few test files run (importlib mode adds nothing).
+# benchmarks/ is not an installed package: the repository root makes it importable however few
+# test files run (importlib mode adds nothing).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 

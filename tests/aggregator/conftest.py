@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedocr import pki
+from fedocr import harness, pki
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fedclient (pytest runs in importlib mode)
 
@@ -24,12 +24,7 @@ class AggPki:
     """A federation PKI: CA, server `aggregator`, edges edge-0..edge-11, observer `ops`."""
 
     def __init__(self, root: Path) -> None:
-        self.dir = root
-        pki.create_ca(root)
-        pki.issue(root, pki.ROLE_SERVER, "aggregator", hosts=["127.0.0.1", "localhost"])
-        for k in range(EDGES):
-            pki.issue(root, pki.ROLE_EDGE, f"edge-{k}")
-        pki.issue(root, pki.ROLE_OBSERVER, "ops")
+        self.dir = harness.make_pki(root, EDGES)
 
     @property
     def ca(self) -> Path:

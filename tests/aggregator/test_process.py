@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,51 +14,29 @@ import numpy as np
 import pytest
 from fedclient import Client, code_of, upload_messages
 
+from fedocr import harness
+
 VENV_BIN = Path(sys.executable).parent
 LENGTHS = [300_000, 7]
 FORBIDDEN = ("torch", "recognizer", "edge_agent")
 
 
 class Proc:
-    """`aggregator serve` in a child process; knows its port from the first stdout line."""
+    """`aggregator serve` in a child process (fedocr.harness); knows its port from its first line."""
 
     def __init__(self, agg_pki, state_dir: Path, *flags: str) -> None:
-        cert, key = agg_pki.pair("aggregator")
-        cmd = [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state_dir),
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--ca",
-            str(agg_pki.ca),
-            "--log-level",
-            "WARNING",
-            *flags,
-        ]
-        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.popen.stdout.readline()
-        if "listening on port" not in line:
-            self.popen.kill()
-            raise AssertionError(f"aggregator did not start: {line}{self.popen.stdout.read()}")
-        self.port = int(line.rsplit(" ", 1)[1])
+        log = state_dir.with_suffix(".log")
+        self.service = harness.start_aggregator(
+            agg_pki.dir, state_dir, log, flags=("--log-level", "WARNING", *flags)
+        )
+        self.port = self.service.port
+        self.popen = self.service.popen
 
     def kill9(self) -> None:
-        os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
+        self.service.kill()
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            self.popen.wait(timeout=15)
-        self.popen.stdout.close()
+        self.service.stop()
 
 
 @pytest.fixture

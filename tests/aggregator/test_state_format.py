@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
 
 from aggregator.store import KEY_FORMAT, Store
+from fedocr import harness
 
 
 def test_serve_refuses_another_state_format_naming_the_directory(test_pki, tmp_path: Path) -> None:
@@ -19,27 +19,8 @@ def test_serve_refuses_another_state_format_naming_the_directory(test_pki, tmp_p
         txn.put(KEY_FORMAT, b"fedocr-aggregator/0")
     env.close()
     before = {p.name: p.read_bytes() for p in state.iterdir() if p.suffix == ".mdb" and p.name == "data.mdb"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state),
-            "--cert",
-            str(test_pki.cert("aggregator")),
-            "--key",
-            str(test_pki.key("aggregator")),
-            "--ca",
-            str(test_pki.ca),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = harness.aggregator_command(test_pki.dir, state)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert (
         "cannot start" in proc.stderr and str(state) in proc.stderr and "fedocr-aggregator/0" in proc.stderr

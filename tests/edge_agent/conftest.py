@@ -1,22 +1,17 @@
-"""Edge-agent fixtures: small synthetic shards, a federation key, and the demo's process launcher."""
+"""Edge-agent fixtures: small synthetic shards, a federation key, and federations of real processes."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fedocr.harness import LocalFederation, Settings
 from recognizer.keys import generate_key
 from recognizer.shard import split_dataset
 from recognizer.synth import render_dataset
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy"))  # localfed.py: the launcher `make demo` uses (importlib mode)
-
-import localfed  # noqa: E402
 
 TRAIN_WORDS = 480
 TEST_WORDS = 96
@@ -50,11 +45,11 @@ def federation_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def launch(test_pki, federation_key: Path, tmp_path: Path) -> Iterator:
-    """Factory: a localfed.Federation (aggregator + edge processes) in tmp_path; stopped after the test."""
-    started: list[localfed.Federation] = []
+    """Factory: a LocalFederation (aggregator + edge processes) in tmp_path; stopped after the test."""
+    started: list[LocalFederation] = []
 
-    def _launch(settings: localfed.Settings) -> localfed.Federation:
-        fed = localfed.Federation(tmp_path, test_pki.dir, federation_key, settings)
+    def _launch(settings: Settings) -> LocalFederation:
+        fed = LocalFederation(tmp_path, test_pki.dir, federation_key, settings)
         started.append(fed)
         return fed
 

@@ -1,4 +1,4 @@
-"""deploy/demo.py (`make demo`) leaves no process behind when it is interrupted or a step fails."""
+"""experiments/demo.py (`make demo`) leaves no process behind when it is interrupted or a step fails."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_demo(work: Path, *extra: str) -> subprocess.Popen:
@@ -28,8 +28,9 @@ def start_demo(work: Path, *extra: str) -> subprocess.Popen:
         *extra,
     ]
     return subprocess.Popen(
-        [sys.executable, str(DEMO), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-m", "experiments.demo", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 def leftovers(work: Path) -> list[str]:

@@ -10,12 +10,11 @@ import socket
 import time
 from pathlib import Path
 
-import localfed
 import numpy as np
 import pytest
 import torch
 
-from fedocr import encodings
+from fedocr import encodings, harness
 from fedocr.v1 import federation_pb2 as pb
 from recognizer import state
 from recognizer.dataset import make_loader
@@ -28,7 +27,7 @@ PRESET, GAMMA = "fedocr-tiny", "1/2"
 pytestmark = pytest.mark.timeout(420)
 
 
-def journal(fed: localfed.Federation, name: str) -> list[dict]:
+def journal(fed: harness.LocalFederation, name: str) -> list[dict]:
     path = fed.work / "edges" / name / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -47,17 +46,17 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def log_says(fed: localfed.Federation, name: str, text: str) -> bool:
+def log_says(fed: harness.LocalFederation, name: str, text: str) -> bool:
     log = fed.work / "edges" / name / "edge.log"
     return log.exists() and text in log.read_text()
 
 
-def counted_rounds(fed: localfed.Federation, name: str) -> list[int]:
+def counted_rounds(fed: harness.LocalFederation, name: str) -> list[int]:
     """Round ids of the uploads edge ``name`` journalled as counted."""
     return [r["round_id"] for r in journal(fed, name) if r.get("status") == "counted"]
 
 
-def kill_edge_one_while_training(fed: localfed.Federation, edge_data, total_rounds: int) -> None:
+def kill_edge_one_while_training(fed: harness.LocalFederation, edge_data, total_rounds: int) -> None:
     """Start the aggregator and both edges, then SIGKILL edge-1 once it trains round 1."""
     fed.start_aggregator(n_edges=2)
     fed.start_edge("edge-0", edge_data.shards[0])
@@ -77,7 +76,7 @@ def held_out(model, data: Path) -> tuple[float, float]:
 
 def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
     # Uploads in int8 with error feedback (the plan's); the other tests here upload float32.
-    settings = localfed.Settings(
+    settings = harness.Settings(
         rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8"
     )
     fed = launch(settings)
@@ -85,7 +84,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     for k, shard in enumerate(edge_data.shards):
         fed.start_edge(f"edge-{k}", shard, val=edge_data.test)
     fed.wait_edges(timeout_s=300)
-    history = localfed.list_rounds(test_pki.dir, fed.port)
+    history = harness.list_rounds(test_pki.dir, fed.port)
     fed.stop()
 
     # The rounds completed, each with both edges counted.
@@ -159,7 +158,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
 
 
 def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path, test_pki) -> None:
-    settings = localfed.Settings(
+    settings = harness.Settings(
         rounds=1, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, secure_aggregation=True
     )
     fed = launch(settings)
@@ -167,7 +166,7 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
     for k, shard in enumerate(edge_data.shards):
         fed.start_edge(f"edge-{k}", shard)
     fed.wait_edges(timeout_s=300)
-    history = localfed.list_rounds(test_pki.dir, fed.port)
+    history = harness.list_rounds(test_pki.dir, fed.port)
     fed.stop()
 
     (closed,) = history["rounds"]
@@ -186,7 +185,7 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
 
 
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
-    settings = localfed.Settings(
+    settings = harness.Settings(
         rounds=2,
         local_epochs=3,
         preset=PRESET,
@@ -200,7 +199,7 @@ def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data,
     kill_edge_one_while_training(fed, edge_data, total_rounds=2)
 
     def round_one_closed() -> dict | None:
-        rounds = localfed.list_rounds(test_pki.dir, fed.port)["rounds"]
+        rounds = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
         return rounds[0] if rounds and rounds[0]["state"] != "ROUND_STATE_OPEN" else None
 
     first = wait_for(round_one_closed, 90, "round 1 to close at its deadline", every=0.5)
@@ -209,7 +208,7 @@ def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data,
 
     fed.start_edge("edge-1", edge_data.shards[1])  # restarted: it must take part in round 2
     fed.wait_edges(timeout_s=200)
-    rounds = localfed.list_rounds(test_pki.dir, fed.port)["rounds"]
+    rounds = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
     assert [uploaded(r) for r in rounds] == [{"edge-0"}, {"edge-0", "edge-1"}]
     assert counted_rounds(fed, "edge-1") == [int(rounds[1]["round_id"])]
 
@@ -221,7 +220,7 @@ def free_port() -> int:
 
 
 def test_edges_wait_for_a_late_aggregator_and_ride_out_its_restart(launch, edge_data, test_pki) -> None:
-    settings = localfed.Settings(rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24)
+    settings = harness.Settings(rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24)
     fed = launch(settings)
     fed.port = free_port()
     for k, shard in enumerate(edge_data.shards):  # no aggregator yet: the edges back off and retry
@@ -230,12 +229,11 @@ def test_edges_wait_for_a_late_aggregator_and_ride_out_its_restart(launch, edge_
         wait_for(lambda n=name: log_says(fed, n, "aggregator unavailable"), 120, f"{name} to retry")
     fed.start_aggregator(n_edges=2, port=fed.port)
     wait_for(lambda: log_says(fed, "edge-0", "round 1 (1/2): training"), 120, "round 1 to start")
-    os.killpg(fed.aggregator.pid, signal.SIGKILL)  # mid-round, nothing graceful
-    fed.aggregator.wait()
+    fed.aggregator.kill()  # mid-round, nothing graceful
     time.sleep(1.0)
     fed.start_aggregator(n_edges=2, port=fed.port)  # same state directory: the round resumes
     fed.wait_edges(timeout_s=240)
-    rounds = localfed.list_rounds(test_pki.dir, fed.port)["rounds"]
+    rounds = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
     assert [uploaded(r) for r in rounds] == [{"edge-0", "edge-1"}] * 2
     for name in ("edge-0", "edge-1"):
         statuses = [r["status"] for r in journal(fed, name) if r["event"] == "round"]
@@ -243,7 +241,7 @@ def test_edges_wait_for_a_late_aggregator_and_ride_out_its_restart(launch, edge_
 
 
 def test_a_restarted_edge_rejoins_the_round_in_progress(launch, edge_data, test_pki) -> None:
-    settings = localfed.Settings(
+    settings = harness.Settings(
         rounds=1,
         local_epochs=2,
         preset=PRESET,
@@ -257,7 +255,7 @@ def test_a_restarted_edge_rejoins_the_round_in_progress(launch, edge_data, test_
     kill_edge_one_while_training(fed, edge_data, total_rounds=1)
     fed.start_edge("edge-1", edge_data.shards[1])  # the same round is still open: it trains it again
     fed.wait_edges(timeout_s=200)
-    (only,) = localfed.list_rounds(test_pki.dir, fed.port)["rounds"]
+    (only,) = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
     assert only["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED")
     assert uploaded(only) == {"edge-0", "edge-1"}
     assert counted_rounds(fed, "edge-1") == [int(only["round_id"])]

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedocr import pki
+from fedocr import harness, pki
 
 # fedclient lives beside the aggregator tests (pytest runs in importlib mode)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "aggregator"))
@@ -34,11 +34,7 @@ class FaultPki:
     def __init__(self, root: Path) -> None:
         self.dir, self.foreign_dir = root / "federation", root / "foreign"
         now, day = dt.datetime.now(dt.UTC), dt.timedelta(days=1)
-        pki.create_ca(self.dir)
-        pki.issue(self.dir, pki.ROLE_SERVER, "aggregator", hosts=["127.0.0.1", "localhost"])
-        for k in range(EDGES):
-            pki.issue(self.dir, pki.ROLE_EDGE, f"edge-{k}")
-        pki.issue(self.dir, pki.ROLE_OBSERVER, "ops")
+        harness.make_pki(self.dir, EDGES)
         pki.issue(self.dir, pki.ROLE_EDGE, "edge-expired", not_before=now - 10 * day, not_after=now - day)
         pki.issue(self.dir, pki.ROLE_EDGE, "edge-future", not_before=now + day, not_after=now + 10 * day)
         self._issue_roleless("roleless")

@@ -32,6 +32,7 @@ from aggregator import messages as wire
 from aggregator.config import AggregatorConfig
 from aggregator.federation import Federation
 from aggregator.store import Store
+from fedocr import harness
 from fedocr.errors import StorageUnavailable
 from fedocr.v1 import federation_pb2 as pb
 
@@ -67,68 +68,40 @@ class Aggregator:
         self.port = 0
         self.starts = 0
         self.started_at = 0.0
-        self.popen: subprocess.Popen | None = None
+        self.service: harness.Service | None = None
 
-    def command(self, state_dir: Path | None = None) -> list[str]:
-        cert, key = self.pki.pair("aggregator")
-        return [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "serve",
-            "--config",
-            str(self.config),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--state-dir",
-            str(state_dir or self.state_dir),
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--ca",
-            str(self.pki.ca),
-            *self.flags,
-        ]
+    def command(self) -> list[str]:
+        """The `aggregator serve` command line (fedocr.harness) on this port and state directory."""
+        listen = f"127.0.0.1:{self.port}"
+        return harness.aggregator_command(self.pki.dir, self.state_dir, listen, self.config, self.flags)
 
     def start(self) -> None:
         """Start (again); the first start picks the port, later ones reuse it."""
         for _ in range(25):
             log = self.work / f"aggregator-{self.starts}.log"
-            popen = subprocess.Popen(
-                self.command(),
-                stdout=subprocess.PIPE,
-                stderr=log.open("wb"),
-                text=True,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            line = popen.stdout.readline()
-            if "listening on port" in line:
-                self.popen, self.port = popen, int(line.rsplit(" ", 1)[1])
-                self.starts += 1
-                self.started_at = time.time()
-                return
-            popen.wait(10)
-            popen.stdout.close()
-            if "cannot listen" not in log.read_text():
-                raise AssertionError(f"the aggregator did not start:\n{log.read_text()}")
-            time.sleep(0.2)  # the port is not free yet
+            log.unlink(missing_ok=True)  # an attempt that found the port busy
+            try:
+                self.service = harness.start_service(self.command(), log)
+            except harness.HarnessError:
+                if "cannot listen" not in log.read_text():
+                    raise
+                time.sleep(0.2)  # the port is not free yet
+                continue
+            self.port = self.service.port
+            self.starts += 1
+            self.started_at = time.time()
+            return
         raise AssertionError(f"port {self.port} stayed busy")
 
     def kill9(self) -> None:
         """SIGKILL, and reap."""
-        assert self.popen is not None and self.popen.poll() is None, "the aggregator died by itself"
-        os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
-        self.popen.stdout.close()
+        assert self.service is not None and self.service.popen.poll() is None, "the aggregator died by itself"
+        self.service.kill()
 
     def stop(self) -> None:
         """SIGTERM (drain), and reap."""
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            self.popen.wait(15)
-            self.popen.stdout.close()
+        if self.service is not None:
+            self.service.stop()
 
     def logs(self) -> str:
         return "".join(p.read_text() for p in sorted(self.work.glob("aggregator-*.log")))
@@ -145,21 +118,18 @@ class Processes:
         """A light edge process; its output goes to out/<name>.log."""
         cmd = [sys.executable, str(LIGHT_EDGE), "--port", str(port), "--pki", str(fault_pki.dir)]
         cmd += ["--name", name, "--length", str(LENGTH), "--out", str(out), *flags]
-        log = (out / f"{name}.log").open("ab")
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = harness.spawn(cmd, out / f"{name}.log")
         self.started.append(popen)
         return popen
 
 
 @pytest.fixture
 def procs() -> Iterator[Processes]:
-    """Children of the test; killed (by pid) if still running at the end."""
+    """Children of the test; killed (by process group) if still running at the end."""
     p = Processes()
     yield p
     for popen in p.started:
-        if popen.poll() is None:
-            os.kill(popen.pid, signal.SIGKILL)
-            popen.wait(10)
+        harness.kill(popen)
     for agg in p.aggregators:
         agg.stop()
 

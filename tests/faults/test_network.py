@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -22,16 +21,13 @@ from typing import Any
 
 import pytest
 
-from fedocr import pki
+from fedocr import harness
 from recognizer.keys import generate_key
 from recognizer.shard import split_dataset
 from recognizer.synth import render_dataset
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy"))  # localfed.py: the launcher `make demo` uses (importlib mode)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tcpproxy beside this file
 
-import localfed  # noqa: E402
 from tcpproxy import DOWN, UP, TcpProxy  # noqa: E402
 
 PY = sys.executable
@@ -120,69 +116,43 @@ def journal_bytes(records: list[dict[str, Any]]) -> dict[int, dict[str, int]]:
 
 def edge_cmd(shard: Path, server: str, key: Path, pki_dir: Path, name: str, work: Path) -> list[str]:
     """The `edge_agent` command line of edge ``name``."""
-    return [
-        PY, "-m", "edge_agent.cli", "--shard", str(shard), "--server", server, "--key", str(key),
-        "--cert", str(pki.cert_path(pki_dir, name)), "--cert-key", str(pki.key_path(pki_dir, name)),
-        "--ca", str(pki_dir / pki.CA_CERT_FILE), "--preset", PRESET, "--gamma", GAMMA, "--threads", "1",
-        "--work-dir", str(work), "--patience", "120",
-    ]  # fmt: skip
+    flags = ["--preset", PRESET, "--gamma", GAMMA, "--threads", "1", "--patience", "120"]
+    return harness.edge_command(pki_dir, name, server, key, shard, work, flags)
 
 
 def aggregator_cmd(
     listen: str, state: Path, pki_dir: Path, rounds: int, quorum: int, deadline_s: float, epochs: int
 ) -> list[str]:
     """The `aggregator serve` command line."""
-    return [
-        PY, "-m", "aggregator.cli", "serve", "--listen", listen, "--state-dir", str(state),
-        "--cert", str(pki.cert_path(pki_dir, "aggregator")),
-        "--key", str(pki.key_path(pki_dir, "aggregator")),
-        "--ca", str(pki_dir / pki.CA_CERT_FILE), "--rounds", str(rounds), "--quorum", str(quorum),
-        "--min-edges", "1", "--deadline", str(deadline_s), "--local-epochs", str(epochs),
-        "--batch-size", "24", "--lr-decay-rounds", "", "--lr-decay-factors", "",
+    flags = [
+        "--rounds", str(rounds), "--quorum", str(quorum), "--min-edges", "1", "--deadline", str(deadline_s),
+        "--local-epochs", str(epochs), "--batch-size", "24",
+        "--lr-decay-rounds", "", "--lr-decay-factors", "",
     ]  # fmt: skip
+    return harness.aggregator_command(pki_dir, state, listen, flags=flags)
 
 
 class Processes:
-    """Child processes, each in its own session; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
+    """Child processes (fedocr.harness: each in its own process group); ``stop()`` ends them all."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, cmd: Sequence[str], log: Path, stdout_pipe: bool = False) -> subprocess.Popen:
-        """Start ``cmd``; stderr (and stdout unless piped) go to ``log``."""
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = log.open("ab")
-        proc = subprocess.Popen(
-            list(cmd),
-            stdout=subprocess.PIPE if stdout_pipe else out,
-            stderr=out if stdout_pipe else subprocess.STDOUT,
-            text=stdout_pipe,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def spawn(self, cmd: Sequence[str], log: Path) -> subprocess.Popen:
+        """Start ``cmd``; its stdout and stderr go to ``log``."""
+        proc = harness.spawn(cmd, log)
         self.procs.append(proc)
         return proc
 
+    def serve(self, cmd: Sequence[str], log: Path) -> harness.Service:
+        """Start a service ``cmd`` (stderr to ``log``) and wait until it listens."""
+        service = harness.start_service(cmd, log)
+        self.procs.append(service.popen)
+        return service
+
     def stop(self) -> None:
-        """End every process started here."""
-        for p in self.procs:
-            if p.poll() is None:
-                _killpg(p, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _killpg(p, signal.SIGKILL)
-                p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
-
-
-def _killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+        """End every process started here (SIGTERM, then SIGKILL)."""
+        harness.stop_many(self.procs)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -298,19 +268,14 @@ def hosts(processes: Processes) -> Iterator[Hosts]:
 def host_pki(tmp_path: Path) -> Path:
     """A fresh PKI whose aggregator certificate names AGG_IP (edges) and 127.0.0.1 (the observer)."""
     d = tmp_path / "pki"
-    pki.create_ca(d)
-    pki.issue(d, pki.ROLE_SERVER, "aggregator", hosts=[AGG_IP, "127.0.0.1"])
-    for name in ("edge-0", "edge-1"):
-        pki.issue(d, pki.ROLE_EDGE, name)
-    pki.issue(d, pki.ROLE_OBSERVER, localfed.OBSERVER)
-    return d
+    return harness.make_pki(d, 2, hosts=[AGG_IP, "127.0.0.1"])
 
 
 def list_rounds_in(ns_prefix: list[str], pki_dir: Path, port: int) -> dict:
-    """localfed.list_rounds (ListRounds as the observer over 127.0.0.1), run inside the aggregator's host."""
+    """harness.list_rounds (ListRounds as the observer over 127.0.0.1), run inside the aggregator's host."""
     code = (
-        f"import json, sys; sys.path.insert(0, {str(ROOT / 'deploy')!r}); import localfed; "
-        f"from pathlib import Path; print(json.dumps(localfed.list_rounds(Path({str(pki_dir)!r}), {port})))"
+        "import json; from pathlib import Path; from fedocr import harness; "
+        f"print(json.dumps(harness.list_rounds(Path({str(pki_dir)!r}), {port})))"
     )
     out = subprocess.run([*ns_prefix, PY, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
@@ -352,13 +317,11 @@ def test_link_cut_to_one_edge_mid_round(
     """
     rounds, works = 3, [tmp_path / f"edge-{k}" for k in range(2)]
     agg_log = tmp_path / "aggregator.log"
-    agg = processes.spawn(
+    processes.serve(
         [*hosts.exec(hosts.agg),
          *aggregator_cmd(f"0.0.0.0:{AGG_PORT}", tmp_path / "state", host_pki, rounds, 2, 90.0, 2)],
         agg_log,
-        stdout_pipe=True,
     )  # fmt: skip
-    assert agg.stdout is not None and "listening on port" in agg.stdout.readline(), agg_log.read_text()
     edges = []
     for k, ns in enumerate(hosts.edges):
         cmd = edge_cmd(shards.paths[k], f"{AGG_IP}:{AGG_PORT}", fed_key, host_pki, f"edge-{k}", works[k])
@@ -399,7 +362,7 @@ STALL_S = 4.0
 class ProxiedEdge:
     """One aggregator on 127.0.0.1 and one edge agent that reaches it only through a TcpProxy."""
 
-    fed: localfed.Federation
+    fed: harness.LocalFederation
     proxy: TcpProxy
     agg_port: int
     edge: subprocess.Popen
@@ -417,21 +380,21 @@ class ProxiedEdge:
     def finish(self, timeout: float = 120) -> tuple[dict, list[dict[str, Any]]]:
         """Wait for the edge to finish; (ListRounds read directly from the aggregator, the journal)."""
         wait_exit(self.edge, timeout, self.log)
-        return localfed.list_rounds(self.fed.pki, self.agg_port), journal(self.work)
+        return harness.list_rounds(self.fed.pki, self.agg_port), journal(self.work)
 
 
 @pytest.fixture
 def proxied(test_pki, fed_key: Path, shards: Shards, tmp_path: Path) -> Iterator[Callable[..., ProxiedEdge]]:
     """Factory: ``proxied(rounds)`` starts the aggregator (quorum 1), the proxy and the edge."""
-    feds: list[localfed.Federation] = []
+    feds: list[harness.LocalFederation] = []
     proxies: list[TcpProxy] = []
 
     def _start(rounds: int) -> ProxiedEdge:
-        settings = localfed.Settings(
+        settings = harness.Settings(
             rounds=rounds, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, quorum=1,
             deadline_s=120.0,
         )  # fmt: skip
-        fed = localfed.Federation(tmp_path, test_pki.dir, fed_key, settings)
+        fed = harness.LocalFederation(tmp_path, test_pki.dir, fed_key, settings)
         feds.append(fed)
         agg_port = fed.start_aggregator(n_edges=1)
         proxy = TcpProxy(("127.0.0.1", agg_port))

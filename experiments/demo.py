@@ -11,10 +11,10 @@ The story, in the order main() tells it:
 4. a table per round, then both models' held-out accuracy.
 
 Every file stays in one working directory (summary.json holds the results); every process it
-started is stopped on success, failure or Ctrl-C. The processes are started by localfed.py; the
-live progress and the table are printed by demo_progress.py.
+started is stopped on success, failure, Ctrl-C or SIGTERM. The processes are started by
+fedocr.harness; the live progress and the table are printed by experiments/demo_progress.py.
 
-    python deploy/demo.py [--work-dir runs/demo] [--edges 3] [--rounds 12] ...
+    python -m experiments.demo [--work-dir runs/demo] [--edges 3] [--rounds 12] ...
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,17 +29,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from demo_progress import Watcher, round_table
-from localfed import (
+from experiments.demo_progress import Watcher, round_table
+from fedocr.harness import (
     PY,
-    DemoError,
-    Federation,
+    HarnessError,
+    LocalFederation,
     Settings,
     list_rounds,
     make_key,
     make_pki,
     run_command,
     scores_by_version,
+    stop_on_signals,
 )
 
 POLL_S = 2.0  # how often the live progress looks for news
@@ -90,7 +90,9 @@ def single_edge_command(args: argparse.Namespace, shard: Path, key: Path, out: P
     return cmd + (["--alphabet", args.alphabet] if args.alphabet else [])
 
 
-def federate(fed: Federation, shards: list[Path], test: Path, args: argparse.Namespace) -> dict[str, float]:
+def federate(
+    fed: LocalFederation, shards: list[Path], test: Path, args: argparse.Namespace
+) -> dict[str, float]:
     """Run the federation to its end, printing its progress, with the single-edge training beside it;
     returns the seconds each took."""
     for old in (fed.work / "aggregator" / "state", fed.work / "edges", fed.work / "single"):
@@ -119,13 +121,13 @@ def federate(fed: Federation, shards: list[Path], test: Path, args: argparse.Nam
         elif single is not None and "single" not in seconds and single.poll() is not None:
             if single.returncode != 0:
                 log = home / "train.log"
-                raise DemoError(f"the single-edge training exited with {single.returncode}; see {log}")
+                raise HarnessError(f"the single-edge training exited with {single.returncode}; see {log}")
             seconds["single"] = now - single_started
             print(f"demo: single-edge training finished in {seconds['single']:.0f} s", flush=True)
         if len(seconds) == 2:
             return seconds
         if now - started > args.timeout:
-            raise DemoError(f"still running after {args.timeout:.0f} s; see the logs under {fed.work}")
+            raise HarnessError(f"still running after {args.timeout:.0f} s; see the logs under {fed.work}")
         time.sleep(POLL_S)
 
 
@@ -149,10 +151,6 @@ def print_results(args: argparse.Namespace, federated: dict, single: dict, secon
             f"  {name:<44} accuracy {100 * result['accuracy']:5.1f}%  1-NED {result['char_accuracy']:.3f}  "
             f"loss {result['loss']:.3f}  ({seconds[took]:.0f} s)"
         )
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,17 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recognizer.recipe import DEFAULT_LR
 
         args.lr = DEFAULT_LR[args.optimizer]
-    signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()  # Ctrl-C and SIGTERM unwind through `finally`, which stops every process
     work: Path = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"demo: working directory {work}", flush=True)
-    fed: Federation | None = None
+    fed: LocalFederation | None = None
     try:
         spec = DataSpec(args.train_words, args.test_words, args.styles, args.labels)
         shards, test = make_data(work, args.edges, spec)
-        pki, key = make_pki(work, args.edges), make_key(work)
+        pki, key = make_pki(work / "pki", args.edges), make_key(work)
         print(f"demo: data, PKI and key ready ({time.monotonic() - started:.0f} s)", flush=True)
 
         settings = Settings(
@@ -214,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr_cosine_from_round=args.cosine_from_round,
             extra_edge_args=("--alphabet", args.alphabet) if args.alphabet else (),
         )  # fmt: skip
-        fed = Federation(work, pki, key, settings)
+        fed = LocalFederation(work, pki, key, settings)
         seconds = federate(fed, shards, test, args)
         rounds = list_rounds(pki, fed.port)
         fed.stop()
@@ -229,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (work / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2, default=str))
         print(f"\ndemo: done in {seconds['total']:.0f} s; files in {work}")
         return 0
-    except DemoError as exc:
+    except HarnessError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

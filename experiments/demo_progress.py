@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
-from localfed import Federation, list_rounds
+
+from fedocr.harness import LocalFederation, list_rounds
 
 # edge_agent/agent.py: "round 7 (2/8) epoch 1/2: batch 40/250, loss 2.345" (batch lines every
 # edge_agent.report.PROGRESS_EVERY_S) and "round 7 (2/8) epoch 1/2: loss 2.345, 61 images/s, 4.1 s".
@@ -57,7 +58,7 @@ class Watcher:
     later); it trains for rounds x local epochs.
     """
 
-    def __init__(self, fed: Federation, single_log: Path | None = None) -> None:
+    def __init__(self, fed: LocalFederation, single_log: Path | None = None) -> None:
         self.fed = fed
         self.total = fed.settings.rounds
         self.edge_logs: dict[str, Tail] = {}  # filled as edges start
@@ -166,7 +167,7 @@ def _proto_time(stamp: str | None) -> float:
 
 def round_table(rounds: dict, scores: dict[int, dict] | None = None) -> str:
     """A table per round: edges counted, bytes up and down (wire and raw), duration, and the held-out
-    score of the global model the round produced (from ``localfed.scores_by_version``), when known."""
+    score of the global model the round produced (from ``fedocr.harness.scores_by_version``), when known."""
     scores = scores or {}
     mb = lambda n: f"{int(n) / 1e6:.2f}"  # noqa: E731
     head = ("round", "state", "edges", "up wire MB", "up raw MB", "down wire MB", "down raw MB", "seconds",
