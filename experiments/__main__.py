@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import report
 from experiments.data import make_data
+from experiments.report.document import write_report
 from experiments.runs import (
     Context,
     RunError,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             write_meta(ctx, started)
     discussion = DISCUSSION / f"{scale.name}.md"
     preamble = discussion.read_text() if discussion.exists() else ""
-    report.write_report(results, docs, fig, preamble)
+    write_report(results, docs, fig, preamble)
     print(f"wrote {docs} and {fig} from {results}")
     return 0
 

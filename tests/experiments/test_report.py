@@ -1,4 +1,4 @@
-"""experiments/report.py: run files in, Markdown tables and the Fig. 3 PNG out.
+"""experiments/report/: run files in, Markdown tables and the Fig. 3 PNG out.
 
 The numbers below are invented; the tests check that the report computes and prints the right
 derived values (reductions, Acc_FED − Acc_SUM, the yes/no checks) from whatever the runs hold.
@@ -14,7 +14,9 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repo root: pytest runs in importlib mode
 
-from experiments import report  # noqa: E402
+from experiments.report import document, load, tables  # noqa: E402
+from experiments.report.cells import MODEL_LABELS  # noqa: E402
+from experiments.scales import TEST_SETS  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,7 +45,7 @@ def make_run(model: str, manner: str, real: int, acc: float, ned: float) -> dict
     return {
         "scale": "tiny",
         "model": model,
-        "label": report.MODEL_LABELS[model],
+        "label": MODEL_LABELS[model],
         "backbone": "ResNet" if model == "aster-fl" else "ShuffleNetV2",
         "preset": "test",
         "gamma": gamma,
@@ -55,7 +57,7 @@ def make_run(model: str, manner: str, real: int, acc: float, ned: float) -> dict
         "local_epochs": 2,
         "accuracy": {
             name: {"accuracy": max(acc + off, 0.0), "char_accuracy": ned, "loss": 1.0, "samples": 50}
-            for name, off in zip(report.TEST_SETS, offsets, strict=True)
+            for name, off in zip(TEST_SETS, offsets, strict=True)
         },
         "mean_accuracy": acc,
         "mean_char_accuracy": ned,
@@ -139,7 +141,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     root = tmp_path_factory.mktemp("report")
     results = write_results(root / "results" / "tiny")
     docs_md, fig = root / "docs" / "results.md", root / "docs" / "img" / "fig3.png"
-    report.write_report(results, docs_md, fig, preamble="Prose from the caller, kept *verbatim*.\n")
+    document.write_report(results, docs_md, fig, preamble="Prose from the caller, kept *verbatim*.\n")
     return docs_md, fig, docs_md.read_text(encoding="utf-8")
 
 
@@ -161,7 +163,7 @@ def test_sections_labels_and_preamble(written: tuple[Path, Path, str]) -> None:
     ]
     assert positions == sorted(positions)
     for model in MODELS:
-        assert report.MODEL_LABELS[model] in markdown
+        assert MODEL_LABELS[model] in markdown
     assert "FedOCR-Hash_1/4" not in markdown  # absent models get no row
     assert "curved ≈ CUTE" in markdown
     # Setup from meta.json; wall time summed over the 9 runs (9 × 125.4 s = 0:18:49) and meta's own
@@ -175,7 +177,7 @@ def test_table1_reduction_upload_and_accuracy(written: tuple[Path, Path, str]) -
     rows = table_rows(markdown, "reduction vs ASTER-FL")
     base = MODELS["aster-fl"][0]
     for model, (real, manners) in MODELS.items():
-        cells = rows[report.MODEL_LABELS[model]]
+        cells = rows[MODEL_LABELS[model]]
         assert cells[3] == f"{real / 1e6:.3f}"
         expected_reduction = f"{100 * (1 - real / base):.2f} %"
         assert cells[4] == expected_reduction
@@ -189,7 +191,7 @@ def test_table1_reduction_upload_and_accuracy(written: tuple[Path, Path, str]) -
 def test_table2_accuracy_rows(written: tuple[Path, Path, str]) -> None:
     _, _, markdown = written
     header_line = next(line for line in markdown.splitlines() if "| Manner |" in line)
-    assert [c.strip() for c in header_line.strip("|").split("|")][2:8] == list(report.TEST_SETS)
+    assert [c.strip() for c in header_line.strip("|").split("|")][2:8] == list(TEST_SETS)
     lines = [line for line in markdown.splitlines() if line.startswith("| FedOCR-Hash_1/2 | single |")]
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -201,12 +203,12 @@ def test_table2_federated_checks(written: tuple[Path, Path, str]) -> None:
     _, _, markdown = written
     rows = table_rows(markdown, "Acc_FED − Acc_SUM")
     for model, (_, m) in MODELS.items():
-        cells = rows[report.MODEL_LABELS[model]]
+        cells = rows[MODEL_LABELS[model]]
         diff = (m["federated"][0] - m["centralized"][0]) * 100
         assert cells[1] == f"{round(diff, 1) + 0.0:+.1f}"
-        reads = min(m["federated"][0], m["centralized"][0]) >= report.READING_FLOOR
+        reads = min(m["federated"][0], m["centralized"][0]) >= tables.READING_FLOOR
         assert cells[2] == ("not reading" if not reads else "yes" if abs(diff) <= 0.5 else "no")
-        fed_reads = m["federated"][0] >= report.READING_FLOOR
+        fed_reads = m["federated"][0] >= tables.READING_FLOOR
         beaten = "yes" if m["single"][0] < m["federated"][0] else "no"
         assert cells[3] == ("not reading" if not fed_reads else beaten)
         ned_diff = m["federated"][1] - m["centralized"][1]
@@ -223,22 +225,22 @@ def test_table2_federated_checks(written: tuple[Path, Path, str]) -> None:
 
 def test_missing_baseline_and_manner_give_dashes(tmp_path: Path) -> None:
     models = {"fedocr-hash-1/2": (700_000, {"federated": (0.41, 0.77), "single": (0.3, 0.6)})}
-    runs = report.load_runs(write_results(tmp_path / "r", models, meta=None))
-    row = table_rows(report.table1(runs), "reduction vs ASTER-FL")["FedOCR-Hash_1/2"]
+    runs = load.load_runs(write_results(tmp_path / "r", models, meta=None))
+    row = table_rows(tables.table1(runs), "reduction vs ASTER-FL")["FedOCR-Hash_1/2"]
     assert row[4] == "–"
-    checks = table_rows(report.table2(runs), "Acc_FED − Acc_SUM")["FedOCR-Hash_1/2"]
+    checks = table_rows(tables.table2(runs), "Acc_FED − Acc_SUM")["FedOCR-Hash_1/2"]
     assert checks[1:4] == ["–", "–", "yes"]
     # no meta.json at all, and a model without a federated run: still a report and a figure
     runs_only_single = {"aster-fl": (2_000_000, {"single": (0.3, 0.6)})}
     results = write_results(tmp_path / "s", runs_only_single, meta=None)
-    report.write_report(results, tmp_path / "out.md", tmp_path / "fig.png")
+    document.write_report(results, tmp_path / "out.md", tmp_path / "fig.png")
     text = (tmp_path / "out.md").read_text(encoding="utf-8")
     assert "(scale tiny)" in text and "- Machine: –" in text
     assert (tmp_path / "fig.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_load_runs_order_and_meta_skipped(tmp_path: Path) -> None:
-    runs = report.load_runs(write_results(tmp_path, MODELS))
+    runs = load.load_runs(write_results(tmp_path, MODELS))
     assert len(runs) == 9
     names = sorted(p.name for p in tmp_path.glob("*.json") if p.name != "meta.json")
     assert [f"{r['model'].replace('/', '_')}__{r['manner']}.json" for r in runs] == names
@@ -248,10 +250,10 @@ def test_load_runs_names_a_broken_file(tmp_path: Path) -> None:
     write_results(tmp_path, MODELS)
     (tmp_path / "zz_broken.json").write_text('{"model": "aster-fl", ')
     with pytest.raises(ValueError, match="zz_broken.json"):
-        report.load_runs(tmp_path)
+        load.load_runs(tmp_path)
     (tmp_path / "zz_broken.json").write_text(json.dumps({"model": "aster-fl", "manner": "single"}))
     with pytest.raises(ValueError, match=r"zz_broken\.json.*accuracy"):
-        report.load_runs(tmp_path)
+        load.load_runs(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -268,12 +270,12 @@ def test_load_runs_names_a_broken_file(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_the_setup_names_the_lr_plan(meta: dict, expected: str) -> None:
-    assert report._lr_schedule(meta) == expected
+    assert document.lr_schedule(meta) == expected
 
 
 def test_the_setup_names_the_pretraining() -> None:
-    assert report._pretraining({}) == "none (every manner starts from the key's W_0)"
+    assert document.pretraining({}) == "none (every manner starts from the key's W_0)"
     pre = {"pretrain": {"words": 8000, "epochs": 3, "styles": "clean"}}
-    assert report._pretraining(pre) == (
+    assert document.pretraining(pre) == (
         "8000 clean-style words of another seed, 3 epochs; every manner starts from that model"
     )
