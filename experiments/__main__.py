@@ -34,7 +34,8 @@ from recognizer.model import model_info
 
 log = logging.getLogger("experiments")
 DISCUSSION = Path(__file__).with_name("discussion")  # discussion/<scale>.md: prose for docs/results
-REPORTED = "mini-pre"  # the scale whose report is docs/results.md (others: docs/results-SCALE.md)
+RESULTS_DOCS = Path("docs") / "results"  # each scale's report and Fig. 3
+REPORTED = "mini-pre"  # the default scale, the one the README reports (docs/results/experiment-mini-pre.md)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", choices=sorted(SCALES), default=REPORTED)
     p.add_argument("--work", type=Path, help="data, PKI, key and run logs (default: runs/experiment-SCALE)")
     p.add_argument("--results", type=Path, help="one JSON per run (default: results/SCALE)")
-    p.add_argument("--docs", type=Path, help=f"the report (default: docs/results.md for {REPORTED}, "
-                   "else docs/results-SCALE.md)")  # fmt: skip
-    p.add_argument("--fig", type=Path, help="Fig. 3 PNG (default: docs/fig3-SCALE.png)")
+    p.add_argument("--docs", type=Path, help=f"the report (default: {RESULTS_DOCS}/experiment-SCALE.md)")
+    p.add_argument("--fig", type=Path, help=f"Fig. 3 PNG (default: {RESULTS_DOCS}/fig3-SCALE.png)")
     p.add_argument("--pretrained-work", type=Path, help="the work directory of the scale this one takes its "
                    "key and pretrained models from (default: runs/experiment-SOURCE)")  # fmt: skip
     p.add_argument("--models", help="comma-separated model ids (default: all)")
@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     work = args.work or default_work(scale.name)
     results = args.results or default_results(scale.name)
-    reported = "results.md" if scale.name == REPORTED else f"results-{scale.name}.md"
-    docs = args.docs or Path("docs") / reported
-    fig = args.fig or Path("docs") / f"fig3-{scale.name}.png"
+    docs = args.docs or RESULTS_DOCS / f"experiment-{scale.name}.md"
+    fig = args.fig or RESULTS_DOCS / f"fig3-{scale.name}.png"
     try:
         models = [model_by_id(m) for m in args.models.split(",")] if args.models else list(MODELS)
         manners = args.manners.split(",") if args.manners else list(MANNERS)

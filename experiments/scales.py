@@ -117,10 +117,10 @@ SCALES: dict[str, Scale] = {
         train_words=100, test_words=12, rounds=2, local_epochs=1, batch_size=10, decay_rounds=(2,),
         labels="digits", optimizer="adam", lr=2e-3, deadline_s=600.0, pretrain_words=40, pretrain_epochs=1,
     ),
-    # The first CPU run (docs/results-mini.md; 2 cores, 2 h 32 min): the CPU presets' recipe
+    # The first CPU run (docs/results/experiment-mini.md; 2 cores, 2 h 32 min): the CPU presets' recipe
     # (recognizer.recipe: Adam 2e-3, batch 16, no decay) on digit strings of every style, three
     # owners of 1,000 images each; each edge makes about 1,900 local steps, past the recipe's
-    # take-off (benchmarks/learning.py). docs/results.md says why.
+    # take-off (benchmarks/learning.py). docs/results/experiment-mini-pre.md says why.
     "mini": Scale(
         "mini", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-tiny"},
         train_words=3_000, test_words=300, rounds=10, local_epochs=3, batch_size=16, decay_rounds=(),
@@ -129,12 +129,12 @@ SCALES: dict[str, Scale] = {
     # `mini` again with a model that takes off sooner: fedocr-cpu (the default CPU preset, about 500
     # steps to take off on clean digits against fedocr-tiny's 1,250; results/learning-digits) and a
     # cosine over the last three rounds, so that the federated models (1,300 local steps per edge)
-    # settle as the centralized ones do (docs/results-mini-cpu.md; 54 min on 2 cores).
+    # settle as the centralized ones do (docs/results/experiment-mini-cpu.md; 54 min on 2 cores).
     "mini-cpu": MINI_CPU,
     # The paper's protocol in miniature: models pretrained on clean digit strings (the paper's
     # synthetic pretraining), then fine-tuned on every style family in the three manners, so that
-    # federated and centralized training start past the take-off, as in the paper (docs/results.md;
-    # 41 min on 2 cores, pretraining included).
+    # federated and centralized training start past the take-off, as in the paper
+    # (docs/results/experiment-mini-pre.md; 41 min on 2 cores, pretraining included).
     "mini-pre": MINI_PRE,
     # `mini-pre` with twice the rounds (E_l = 3 still, as the paper): 8 rounds, a cosine over rounds
     # 5-8; the same data, key and pretrained models. Tests whether the FED - SUM gaps at 4 rounds

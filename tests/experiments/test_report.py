@@ -279,3 +279,15 @@ def test_the_setup_names_the_pretraining() -> None:
     assert document.pretraining(pre) == (
         "8000 clean-style words of another seed, 3 epochs; every manner starts from that model"
     )
+
+
+def test_committed_reports_live_in_docs_results_beside_their_figures():
+    root = Path(__file__).resolve().parents[2]
+    scales = sorted(p.stem for p in (root / "experiments" / "discussion").glob("*.md"))
+    assert "mini-pre" in scales
+    for scale in scales:
+        report_md = (root / "docs" / "results" / f"experiment-{scale}.md").read_text(encoding="utf-8")
+        assert report_md.startswith(f"# Results: the paper's experiments in miniature (scale {scale})\n")
+        assert f"![Fig. 3 analogue](fig3-{scale}.png)" in report_md
+        assert (root / "docs" / "results" / f"fig3-{scale}.png").read_bytes().startswith(PNG_MAGIC)
+    assert not list((root / "docs").glob("results*.md")) and not list((root / "docs").glob("fig3-*.png"))
