@@ -1,4 +1,4 @@
-"""Turn the per-run result files of the miniature experiments into ``docs/results.md`` and Fig. 3.
+"""Turn the per-run result files of an experiment into its report and Fig. 3 (docs/results/ by default).
 
 Each run (one model trained one way: alone on one edge's shard, centrally on all data, or
 federated) leaves one JSON file in a results folder, next to a ``meta.json`` that describes the
