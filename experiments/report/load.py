@@ -9,18 +9,24 @@ REQUIRED_KEYS = ("model", "manner", "accuracy")
 META_FILE = "meta.json"
 
 
+def _read_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or no object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_named(results_dir: Path) -> list[tuple[str, dict]]:
     """(file name, run) for every run file in ``results_dir``, sorted by file name."""
     named = []
     for path in sorted(Path(results_dir).glob("*.json"), key=lambda p: p.name):
         if path.name == META_FILE:
             continue
-        try:
-            run = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(run, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(run).__name__}")
+        run = _read_object(path)
         missing = [key for key in REQUIRED_KEYS if key not in run]
         if missing:
             raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
@@ -43,12 +49,4 @@ def load_runs(results_dir: Path) -> list[dict]:
 def load_meta(results_dir: Path) -> dict:
     """``meta.json`` of ``results_dir``, or {} when there is none."""
     path = Path(results_dir) / META_FILE
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
+    return _read_object(path) if path.exists() else {}
