@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aggregator.federation import JoinResult, Receipt
-from aggregator.rounds import Bytes, RoundRecord, TrainingPlan, total_bytes
+from aggregator.rounds import Bytes, JoinResult, Receipt, RoundRecord, TrainingPlan, total_bytes
 from aggregator.secure import KINDS, PHASES, SecureRecord
-from aggregator.secure_rounds import SecureView
+from aggregator.secure.phases import SecureView
 from aggregator.store import Manifest
 from fedocr import encodings
 from fedocr.errors import MalformedRequest

@@ -1,4 +1,5 @@
-"""Round bookkeeping: one round's record (edges, bytes, timings) and its legal transitions.
+"""Round bookkeeping: one round's record (edges, bytes, timings), its legal transitions, and the
+records the RoundCoordinator answers with (JoinResult, Receipt).
 
 Pure Python, clock passed in: no I/O, no locks, no grpc. Records serialise to JSON for the store.
 """
@@ -10,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aggregator.secure import SecureRecord
-from fedocr.errors import DuplicateUpload, RoundClosed, UnknownRound
+from aggregator.secure.record import SecureRecord
+from fedocr.errors import DuplicateUpload, NotReady, RoundClosed, UnknownRound
 
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
@@ -134,6 +135,14 @@ class RoundRecord:
         if self.has_uploaded(edge_id):
             raise DuplicateUpload(f"edge {edge_id!r} already has an acknowledged upload in round {round_id}")
 
+    def check_base(self, base_state_version: int) -> None:
+        """Raise RoundClosed unless an increment computed from ``base_state_version`` fits this round."""
+        if base_state_version not in (0, self.state_version):
+            raise RoundClosed(
+                f"increment computed from state version {base_state_version}; round "
+                f"{self.round_id} trains from version {self.state_version}: download the state again"
+            )
+
     def commit(self, edge_id: str, samples: int, weight: float, moved: Bytes, now: float) -> None:
         """Record an acknowledged upload (the sum was updated by the caller)."""
         edge = self.edge(edge_id)
@@ -181,6 +190,53 @@ class RoundRecord:
         if doc.get("secure") is not None:
             doc["secure"] = SecureRecord.from_dict(doc["secure"])
         return cls(**doc)
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    """What Join answers: TRAIN (with the round), WAIT or FINISHED."""
+
+    action: str
+    edge_id: str
+    round: RoundRecord | None = None
+    state_version: int = 0
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an acknowledged upload answers."""
+
+    round_id: int
+    edge_id: str
+    raw_bytes: int
+    wire_bytes: int
+    committed: int
+    round_state: str
+    sha256: bytes
+
+
+def find(current: RoundRecord | None, history: list[RoundRecord], round_id: int) -> RoundRecord:
+    """The record of ``round_id`` (0 = current; the last one, FINISHED, once every round ended).
+
+    Not a copy (but for FINISHED, a shallow one): a caller that hands it out copies it.
+    """
+    if round_id == 0 or (current and round_id == current.round_id):
+        if current is not None:
+            return current
+        if not history:
+            raise NotReady("no round yet: the first edge to Join opens round 1")
+        return dataclasses.replace(history[-1], state=FINISHED)
+    for record in history:
+        if record.round_id == round_id:
+            return record
+    raise UnknownRound(f"round {round_id} does not exist")
+
+
+def check_after_the_last(history: list[RoundRecord], round_id: int) -> None:
+    """Refuse an upload once the federation finished: NOT_FOUND or FAILED_PRECONDITION."""
+    if round_id == 0 or round_id > history[-1].round_id:
+        raise UnknownRound(f"round {round_id} does not exist; the federation finished")
+    raise RoundClosed(f"round {round_id} is closed; the federation finished")
 
 
 def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, version: int) -> RoundRecord:

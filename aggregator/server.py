@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aggregator.config import AggregatorConfig, ConfigError
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.servicer import FederationServicer, ParseRequests
 from aggregator.store import Store
 from fedocr import tls
@@ -42,11 +42,11 @@ TRIM_THRESHOLD = 64 << 20
 
 @dataclass
 class Running:
-    """A started aggregator: the server, its port and the domain object."""
+    """A started aggregator: the server, its port and the round coordinator (``federation``)."""
 
     server: grpc.Server
     port: int
-    federation: Federation
+    federation: RoundCoordinator
     store: Store
     health: health.HealthServicer
 
@@ -89,13 +89,13 @@ def _window_options(window: int) -> list[tuple[str, int]]:
 
 
 def start(config: AggregatorConfig) -> Running:
-    """Open the store, start the Federation and serve on `config.listen` (mTLS). Returns at once."""
+    """Open the store, start the RoundCoordinator and serve on `config.listen` (mTLS). Returns at once."""
     if not (config.cert and config.key and config.ca):
         raise ConfigError("mutual TLS is mandatory: set cert, key and ca ([tls] or --cert/--key/--ca)")
     credentials = tls.server_credentials(config.cert, config.key, config.ca)
     tune_malloc()
     store = Store(config.state_dir)
-    federation = Federation(config, store)
+    federation = RoundCoordinator(config, store)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         interceptors=[ParseRequests()],

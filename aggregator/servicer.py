@@ -1,4 +1,4 @@
-"""The fedocr.v1.Federation servicer: a thin adapter from RPCs to the Federation domain object.
+"""The fedocr.v1.Federation servicer: a thin adapter from RPCs to the RoundCoordinator.
 
 Each method checks the caller's role (from its client certificate), decodes the request, makes
 one domain call and encodes the reply. Errors go through the one table in fedocr.errors.
@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from aggregator import messages
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from fedocr import pki, tls
 from fedocr.errors import MalformedRequest, WrongRole, status_for
@@ -69,37 +69,37 @@ def _unary(roles: frozenset[str]) -> Callable[[Callable[..., Any]], Callable[...
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    """Adapter over one Federation."""
+    """Adapter over one RoundCoordinator (and its SecureRounds, for the secure-aggregation RPCs)."""
 
-    def __init__(self, federation: Federation) -> None:
-        self._fed = federation
+    def __init__(self, coordinator: RoundCoordinator) -> None:
+        self._rounds = coordinator
 
     @_unary(READERS)
     def GetRound(
         self, caller: str, request: pb.GetRoundRequest, context: grpc.ServicerContext
     ) -> pb.RoundStatus:
         """The current round (round_id 0) or a past one."""
-        return messages.round_status(self._fed.round_status(request.round_id))
+        return messages.round_status(self._rounds.round_status(request.round_id))
 
     @_unary(READERS)
     def ListRounds(
         self, caller: str, request: pb.ListRoundsRequest, context: grpc.ServicerContext
     ) -> pb.ListRoundsResponse:
         """Every round with byte accounting, and the totals."""
-        return messages.list_rounds(*self._fed.all_rounds())
+        return messages.list_rounds(*self._rounds.all_rounds())
 
     @_unary(EDGE_ONLY)
     def Join(self, caller: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         """Long-poll for work."""
         manifest = messages.manifest_from(request.manifest)
-        return messages.join_response(self._fed.join(caller, manifest, float(request.wait_seconds)))
+        return messages.join_response(self._rounds.join(caller, manifest, float(request.wait_seconds)))
 
     @_unary(EDGE_ONLY)
     def UploadIncrement(
         self, caller: str, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
     ) -> pb.UploadReceipt:
         """Stage, verify and commit one increment; the receipt comes after the fsync."""
-        return messages.receipt(self._fed.upload(caller, request_iterator))
+        return messages.receipt(self._rounds.upload(caller, request_iterator))
 
     @_unary(EDGE_ONLY)
     def AdvertiseKeys(
@@ -107,7 +107,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: the edge's two public keys for the round."""
         keys = bytes(request.cipher_public), bytes(request.mask_public)
-        view = self._fed.advertise(caller, request.round_id, *keys, _sent(request))
+        view = self._rounds.secure.advertise(caller, request.round_id, *keys, _sent(request))
         return self._answer(caller, view)
 
     @_unary(EDGE_ONLY)
@@ -116,7 +116,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: the shares the edge dealt, sealed for its neighbours."""
         sealed, commitments = messages.sealed_from(request, caller)
-        view = self._fed.share(caller, request.round_id, sealed, commitments, _sent(request))
+        view = self._rounds.secure.share(caller, request.round_id, sealed, commitments, _sent(request))
         return self._answer(caller, view)
 
     @_unary(EDGE_ONLY)
@@ -125,7 +125,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: long-poll the round's phase, roster and the caller's sealed shares."""
         after = messages.phase_name(request.after or pb.SECURE_PHASE_ADVERTISE)
-        view = self._fed.secure_round(caller, request.round_id, after, float(request.wait_seconds))
+        view = self._rounds.secure.secure_round(caller, request.round_id, after, float(request.wait_seconds))
         return self._answer(caller, view)
 
     @_unary(EDGE_ONLY)
@@ -134,14 +134,14 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: the shares a survivor reveals for unmasking."""
         shares = [(s.dealer, messages.kind_name(s.kind), bytes(s.share)) for s in request.shares]
-        view = self._fed.reveal(caller, request.round_id, shares, _sent(request))
+        view = self._rounds.secure.reveal(caller, request.round_id, shares, _sent(request))
         return self._answer(caller, view)
 
     def _answer(self, caller: str, view) -> pb.SecureRoundStatus:
         """The reply, its bytes counted as sent down to the caller."""
         reply = messages.secure_status(view)
         size = reply.ByteSize()
-        self._fed.account(caller, Bytes(raw_down=size, wire_down=size))
+        self._rounds.account(caller, Bytes(raw_down=size, wire_down=size))
         return reply
 
     def DownloadState(
@@ -150,7 +150,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Stream the global state (header only when the edge holds the current version)."""
         try:
             caller = _caller(context, EDGE_ONLY, "DownloadState")
-            yield from self._fed.download(caller, request.held_state_version).messages()
+            yield from self._rounds.download(caller, request.held_state_version).messages()
         except Exception as exc:  # noqa: BLE001 - every error goes through the table
             _abort(context, "DownloadState", exc)
 

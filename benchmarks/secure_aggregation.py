@@ -2,8 +2,8 @@
 
     .venv/bin/python -m benchmarks.secure_aggregation [--values 210000] [--edges 10,50,200] [--dropout 0.1]
 
-The aggregator's domain object (aggregator.federation.Federation, with its LMDB store and fsyncs)
-runs in this process; n simulated edges (edge_agent.secure.EdgeSession) drive it through every
+The aggregator's domain object (aggregator.coordinator.RoundCoordinator, with its LMDB store and fsyncs)
+runs in this process; n simulated edges (edge_agent.secure.session.EdgeSession) drive it through every
 phase of a secure round, then the same n edges upload plain float32 increments (zstd level 3) to
 a plain federation. Server CPU is this process's CPU time inside the aggregator's calls only (the
 edges' masking and encoding are outside it). Bytes per edge are protobuf sizes of every request
@@ -26,11 +26,11 @@ import numpy as np
 
 from aggregator import messages
 from aggregator.config import AggregatorConfig
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.store import Manifest, Store
 from edge_agent.client import encode_upload
-from edge_agent.secure import EdgeSession, SecureSettings
+from edge_agent.secure.session import EdgeSession, SecureSettings
 from fedocr import secagg
 from fedocr.v1 import federation_pb2 as pb
 
@@ -62,11 +62,11 @@ def stream(round_id: int, encoder, samples: int, encoding: int) -> list[pb.Uploa
     return [pb.UploadMessage(header=header), *chunks, pb.UploadMessage(trailer=encoder.trailer())]
 
 
-def federation(root: Path, name: str, n: int, **settings: Any) -> Federation:
+def federation(root: Path, name: str, n: int, **settings: Any) -> RoundCoordinator:
     config = AggregatorConfig(
         state_dir=root / name, quorum=n, min_edges=max(2, n // 2), total_rounds=2, deadline_s=1e6, **settings
     )
-    return Federation(config, Store(config.state_dir), clock=lambda: 0.0)
+    return RoundCoordinator(config, Store(config.state_dir), clock=lambda: 0.0)
 
 
 def plain_round(root: Path, n: int, length: int, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -103,7 +103,7 @@ def secure_round(
             meter(fed._tick)
 
     def status(e: str, after: str) -> Any:
-        view = meter(fed.secure_round, e, 1, after, 0)
+        view = meter(fed.secure.secure_round, e, 1, after, 0)
         sent[e] += messages.secure_status(view).ByteSize()
         return view
 
@@ -114,7 +114,7 @@ def secure_round(
         sessions[e] = EdgeSession(e, 1, SecureSettings(plan.clip, plan.frac_bits, plan.round_seed, True))
         c, s = sessions[e].advertisement()
         sent[e] += pb.AdvertiseKeysRequest(round_id=1, cipher_public=c, mask_public=s).ByteSize()
-        sent[e] += messages.secure_status(meter(fed.advertise, e, 1, c, s, Bytes())).ByteSize()
+        sent[e] += messages.secure_status(meter(fed.secure.advertise, e, 1, c, s, Bytes())).ByteSize()
     tick()
     for e in ids:
         view = status(e, "ADVERTISE")
@@ -128,7 +128,7 @@ def secure_round(
             ],
         )
         sent[e] += request.ByteSize()
-        sent[e] += messages.secure_status(meter(fed.share, e, 1, sealed, commits, Bytes())).ByteSize()
+        sent[e] += messages.secure_status(meter(fed.secure.share, e, 1, sealed, commits, Bytes())).ByteSize()
     tick()
     k, t = fed.round_status().secure.neighbours, fed.round_status().secure.threshold
     upload_wire = []
@@ -159,7 +159,7 @@ def secure_round(
             round_id=1, shares=[pb.RevealedShare(dealer=d, kind=kinds[q], share=v) for d, q, v in shares]
         )
         sent[e] += request.ByteSize()
-        sent[e] += messages.secure_status(meter(fed.reveal, e, 1, shares, Bytes())).ByteSize()
+        sent[e] += messages.secure_status(meter(fed.secure.reveal, e, 1, shares, Bytes())).ByteSize()
     tick()
     closed = fed.round_status(1)
     if closed.state != "CLOSED":

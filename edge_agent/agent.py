@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent import secure_round
 from edge_agent.client import FederationClient, Upload, UploadUnconfirmed
 from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
+from edge_agent.secure import protocol as secure_round
 from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
@@ -157,7 +157,7 @@ class EdgeAgent:
             reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer
         )
         encoding = reply.plan.encoding or pb.ENCODING_FLOAT32
-        secure = reply.plan.secure.enabled  # masked upload (edge_agent/secure_round.py)
+        secure = reply.plan.secure.enabled  # masked upload (edge_agent/secure/protocol.py)
         if not secure and encoding not in encodings.NAMES.values():
             name = encodings.name_of(encoding)
             raise AgentError(f"{where}: the round's plan asks for encoding {name}, unknown here")

@@ -231,7 +231,7 @@ class FederationClient:
             f"round {round_id}: the aggregator reports an upload in progress that never completes"
         )
 
-    # -- secure aggregation (edge_agent/secure_round.py runs them in order) -----------------
+    # -- secure aggregation (edge_agent/secure/protocol.py runs them in order) -----------------
 
     def advertise(self, round_id: int, cipher_public: bytes, mask_public: bytes) -> pb.SecureRoundStatus:
         """Advertise this round's two public keys (a retry resends the same ones)."""

@@ -12,7 +12,7 @@ LENGTHS = [1000]
 
 
 def test_warns_once_when_long_polls_leave_no_thread_for_uploads(serve, connect, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="aggregator.federation")
+    caplog.set_level(logging.WARNING, logger="aggregator.longpoll")
     running = serve(quorum=3, min_edges=3, max_workers=4, max_concurrent_uploads=2)
     edges = [connect(running, f"edge-{k}") for k in range(3)]
     r = edges[0].join(LENGTHS).round_id

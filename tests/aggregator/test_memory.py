@@ -9,7 +9,7 @@ import numpy as np
 from fedclient import FINGERPRINT, upload_messages
 
 from aggregator.config import AggregatorConfig
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.store import Manifest, Store
 
 VALUES = 250_000  # 1 MB of float32
@@ -19,7 +19,7 @@ def peak_bytes(tmp_path: Path, edges: int) -> int:
     """Peak Python/numpy allocation while `edges` uploads go through stage, verify and commit."""
     config = AggregatorConfig(state_dir=tmp_path / f"s{edges}", quorum=edges + 1, min_edges=1)
     store = Store(config.state_dir)
-    fed = Federation(config, store)
+    fed = RoundCoordinator(config, store)
     manifest = Manifest(((0, VALUES),), FINGERPRINT)
     round_id = fed.join("edge-0", manifest, 0).round.round_id
     streams = [

@@ -16,7 +16,7 @@ def test_a_repeating_clock_failure_is_logged_once_and_recovery_noted(serve, capl
         calls.append(time.monotonic())
         raise OSError(28, "No space left on device")
 
-    with caplog.at_level(logging.INFO, logger="aggregator.federation"):
+    with caplog.at_level(logging.INFO, logger="aggregator.coordinator"):
         federation._tick = failing_tick
         deadline = time.monotonic() + 10
         while len(calls) < 5 and time.monotonic() < deadline:

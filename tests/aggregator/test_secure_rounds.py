@@ -1,7 +1,7 @@
-"""Secure aggregation driven in-process: n simulated edges (fedocr.secagg) through the Federation.
+"""Secure aggregation driven in-process: n simulated edges (fedocr.secagg) through the RoundCoordinator.
 
-No gRPC: the Federation domain object with a fake clock and a real LMDB store, edges as
-edge_agent.secure.EdgeSession. Precision: the unmasked mean differs from FedAvg of the clipped
+No gRPC: the RoundCoordinator and its SecureRounds with a fake clock and a real LMDB store, edges as
+edge_agent.secure.session.EdgeSession. Precision: the unmasked mean differs from FedAvg of the clipped
 increments by at most n·½/(2^f·W) + 2^-23·|mean| (secagg.decode_fixed), stated per check.
 """
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.secure import DONE, MASK_KEY, UNMASK, UPLOAD
 from aggregator.store import KEY_MASKED_SUM, Manifest, Store
-from edge_agent.secure import EdgeSession, SecureSettings
+from edge_agent.secure.session import EdgeSession, SecureSettings
 from fedocr import errors, secagg, tensors
 from fedocr.v1 import federation_pb2 as pb
 
@@ -39,7 +39,7 @@ class Sim:
         self.config = AggregatorConfig(**values)
         self.now = 1000.0
         self.store = Store(state_dir)
-        self.fed = Federation(self.config, self.store, clock=lambda: self.now)
+        self.fed = RoundCoordinator(self.config, self.store, clock=lambda: self.now)
         self.ids = [f"edge-{k}" for k in range(n)]
         rng = np.random.default_rng(n)
         self.increments = {e: rng.uniform(-1.5, 1.5, N).astype(np.float32) for e in self.ids}
@@ -50,7 +50,7 @@ class Sim:
         """Kill the aggregator (drop it, close the store) and start it again on the same state."""
         self.store.close()
         self.store = Store(self.dir)
-        self.fed = Federation(self.config, self.store, clock=lambda: self.now)
+        self.fed = RoundCoordinator(self.config, self.store, clock=lambda: self.now)
 
     def tick(self, advance: float = 0.0) -> None:
         self.now += advance
@@ -69,22 +69,22 @@ class Sim:
             seed = bytes.fromhex(sec.round_seed)
             settings = SecureSettings(sec.clip, sec.frac_bits, seed, sec.weight_by_samples)
             self.sessions[e] = EdgeSession(e, result.round.round_id, settings)
-            self.fed.advertise(e, result.round.round_id, *self.sessions[e].advertisement(), Bytes())
+            self.fed.secure.advertise(e, result.round.round_id, *self.sessions[e].advertisement(), Bytes())
         self.tick()
 
     def deal(self, edges: list[str]) -> None:
         for e in edges:
             s = self.sessions[e]
-            view = self.fed.secure_round(e, s.round_id, "ADVERTISE", 0)
+            view = self.fed.secure.secure_round(e, s.round_id, "ADVERTISE", 0)
             sealed, commits = s.deal(view.roster, view.neighbours, view.threshold)
             self.cipher_keys = {x: c for x, _, c, _ in view.roster}
-            self.fed.share(e, s.round_id, sealed, commits, Bytes())
+            self.fed.secure.share(e, s.round_id, sealed, commits, Bytes())
         self.tick()
 
     def upload(self, edges: list[str]) -> None:
         for e in edges:
             s = self.sessions[e]
-            view = self.fed.secure_round(e, s.round_id, "SHARE", 0)
+            view = self.fed.secure.secure_round(e, s.round_id, "SHARE", 0)
             assert view.phase == UPLOAD
             s.receive(view.dealers, view.sealed, self.cipher_keys)
             masked = s.masked(self.increments[e], self.samples[e])
@@ -94,11 +94,11 @@ class Sim:
     def reveal(self, edges: list[str]) -> None:
         for e in edges:
             s = self.sessions[e]
-            view = self.fed.secure_round(e, s.round_id, "UPLOAD", 0)
+            view = self.fed.secure.secure_round(e, s.round_id, "UPLOAD", 0)
             if view.phase == DONE:  # closed as soon as every secret had threshold shares
                 return
             assert view.phase == UNMASK
-            self.fed.reveal(e, s.round_id, s.reveal(view.survivors, view.dropped), Bytes())
+            self.fed.secure.reveal(e, s.round_id, s.reveal(view.survivors, view.dropped), Bytes())
 
     def expected(self, edges: list[str]) -> np.ndarray:
         """Plain FedAvg of the clipped increments of ``edges`` (float64)."""
@@ -238,24 +238,24 @@ def test_a_bad_share_a_replayed_key_and_a_share_for_another_round_are_refused_an
     r = s.round.round_id
     a, b = s.sessions["edge-0"], s.sessions["edge-1"]
     with pytest.raises(errors.SecureRefused, match="edge-0.*already advertised other keys"):
-        s.fed.advertise("edge-0", r, b.cipher.public, a.mask.public, Bytes())
+        s.fed.secure.advertise("edge-0", r, b.cipher.public, a.mask.public, Bytes())
     with pytest.raises(errors.WrongPhase):
-        s.fed.advertise("edge-9", r, *EdgeSession("edge-9", r, a.settings).advertisement(), Bytes())
+        s.fed.secure.advertise("edge-9", r, *EdgeSession("edge-9", r, a.settings).advertisement(), Bytes())
     with pytest.raises(errors.UnknownRound):
-        s.fed.advertise("edge-0", r + 1, *a.advertisement(), Bytes())
+        s.fed.secure.advertise("edge-0", r + 1, *a.advertisement(), Bytes())
     s.deal(s.ids)
     s.upload(s.ids)
     s.tick()
-    view = s.fed.secure_round("edge-1", r, "UPLOAD", 0)
+    view = s.fed.secure.secure_round("edge-1", r, "UPLOAD", 0)
     shares = b.reveal(view.survivors, view.dropped)
     bad = [(d, k, bytes(len(v)) if d == "edge-2" else v) for d, k, v in shares]
     with pytest.raises(errors.SecureRefused, match="share from edge-2 held by edge-1"):
-        s.fed.reveal("edge-1", r, bad, Bytes())
+        s.fed.secure.reveal("edge-1", r, bad, Bytes())
     wrong_kind = [(d, MASK_KEY if d == "edge-3" else k, v) for d, k, v in shares]
     with pytest.raises(errors.SecureRefused, match="edge-1.*may not reveal a mask_key share of 'edge-3'"):
-        s.fed.reveal("edge-1", r, wrong_kind, Bytes())
+        s.fed.secure.reveal("edge-1", r, wrong_kind, Bytes())
     with pytest.raises(errors.UnknownRound):
-        s.fed.reveal("edge-1", r + 7, shares, Bytes())
+        s.fed.secure.reveal("edge-1", r + 7, shares, Bytes())
     s.reveal(s.ids)
     s.tick()
     assert s.fed.round_status(r).state == "CLOSED"
@@ -265,9 +265,9 @@ def test_a_bad_share_a_replayed_key_and_a_share_for_another_round_are_refused_an
     r2 = s.round.round_id
     s.fed.join("edge-0", MANIFEST, 0)
     with pytest.raises(errors.SecureRefused, match="edge-0.*already used by an earlier round"):
-        s.fed.advertise("edge-0", r2, *a.advertisement(), Bytes())
+        s.fed.secure.advertise("edge-0", r2, *a.advertisement(), Bytes())
     with pytest.raises(errors.RoundClosed, match=f"round {r} has ended"):
-        s.fed.reveal("edge-1", r, shares, Bytes())
+        s.fed.secure.reveal("edge-1", r, shares, Bytes())
 
 
 def test_a_share_committed_for_another_round_fails_its_commitment(sim) -> None:
@@ -341,7 +341,7 @@ def test_modes_refuse_each_others_requests(sim) -> None:
     off = sim(3, secure_aggregation=False)
     off.fed.join("edge-0", MANIFEST, 0)
     with pytest.raises(errors.WrongMode, match="does not run secure aggregation"):
-        off.fed.advertise("edge-0", 1, *s.sessions["edge-0"].advertisement(), Bytes())
+        off.fed.secure.advertise("edge-0", 1, *s.sessions["edge-0"].advertisement(), Bytes())
     with pytest.raises(errors.MalformedRequest, match="ENCODING_MASKED_INT is for secure aggregation"):
         off.fed.upload("edge-0", iter(masked_stream(1, np.zeros(N, np.uint32), 10)))
     assert off.fed.round_status().secure is None

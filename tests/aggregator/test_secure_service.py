@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from fedclient import FINGERPRINT, code_of, upload_messages
 
-from edge_agent import secure_round
 from edge_agent.client import Endpoint, FederationClient
-from edge_agent.secure import EdgeSession
+from edge_agent.secure import protocol as secure_round
+from edge_agent.secure.session import EdgeSession
 from fedocr import retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 

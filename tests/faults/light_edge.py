@@ -6,7 +6,7 @@ upload counts as acknowledged when a receipt arrives, or when a refusal (ALREADY
 round that closed meanwhile) comes back and GetRound lists this edge as uploaded in that round.
 
 In a secure-aggregation round (the plan says so) it runs the protocol's phases with
-edge_agent.secure_round and uploads its increment masked; --stall-after-step stops it after one
+edge_agent.secure.protocol and uploads its increment masked; --stall-after-step stops it after one
 of those steps (advertised, shared, uploaded) to wait to be killed, and --step-pause waits after
 each one, --reveal-delay before revealing shares.
 
@@ -30,8 +30,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent import secure_round
 from edge_agent.client import Endpoint, FederationClient
+from edge_agent.secure import protocol as secure_round
 from fedocr import encodings, pki, retry, tensors, tls
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc

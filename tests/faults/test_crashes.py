@@ -30,7 +30,7 @@ from fedclient import Client, upload_messages
 
 from aggregator import messages as wire
 from aggregator.config import AggregatorConfig
-from aggregator.federation import Federation
+from aggregator.coordinator import RoundCoordinator
 from aggregator.store import Store
 from fedocr import harness
 from fedocr.errors import StorageUnavailable
@@ -637,7 +637,8 @@ def test_a_failed_round_close_acknowledges_no_upload_it_dropped(tmp_path: Path) 
     round fails (disk full) and the federation reloads what the disk holds, which lacks B: B must
     get UNAVAILABLE, not a receipt for an increment the aggregator no longer has."""
     store = Store(tmp_path / "state")
-    fed = Federation(AggregatorConfig(state_dir=store.path, quorum=2, min_edges=1, total_rounds=2), store)
+    config = AggregatorConfig(state_dir=store.path, quorum=2, min_edges=1, total_rounds=2)
+    fed = RoundCoordinator(config, store)
     manifest = wire.manifest_from(pb.Manifest(tensors=[pb.TensorSpec(id=0, length=10)], fingerprint=FP))
     for name in ("edge-0", "edge-1"):
         assert fed.join(name, manifest, 0).action == "TRAIN"

@@ -21,7 +21,7 @@ import pytest
 import zstandard
 from fedclient import FINGERPRINT, Client, code_of, manifest, upload_messages
 
-from aggregator.federation import MAX_MODEL_VALUES
+from aggregator.coordinator import MAX_MODEL_VALUES
 from aggregator.server import Running
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc

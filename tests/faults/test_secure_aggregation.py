@@ -1,6 +1,6 @@
 """Secure aggregation end to end: a real aggregator process, real mutual TLS, light edge processes.
 
-The edges (light_edge.py) run the protocol's phases with edge_agent.secure_round and upload
+The edges (light_edge.py) run the protocol's phases with edge_agent.secure.protocol and upload
 masked increments; the aggregator only ever holds their masked sum. Precision: with frac_bits f
 (here 18, from max_weight_sum = 1000 and clip = 8) the unmasked mean is within n·½/(2^f·W) plus
 float32 rounding of plain FedAvg.

@@ -1,24 +1,45 @@
-"""Secure aggregation inside the Federation: its RPCs, its phase clock and the masked sum.
+"""SecureRounds: secure aggregation's RPCs, its phase clock and the masked sum, as one part.
 
-A mixin of aggregator.federation.Federation (same lock, store and group commit): what an RPC
-changes in the round's SecureRecord is made durable by a group commit before the reply, exactly
-like an upload; phase changes are written by the clock only when no commit is pending, so the disk
-never holds a record ahead of its masked sum.
+The RoundCoordinator (aggregator/coordinator.py) composes it and hands it a ``Wiring``: the lock,
+the clock, the open round and the history, the durable-commit and phase-write functions, and the
+close and retry of a round. What an RPC changes in the round's SecureRecord is made durable by a
+group commit before the reply, exactly like an upload; phase changes are written by the clock only
+when no commit is pending, so the disk never holds a record ahead of its masked sum.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.config import AggregatorConfig
+from aggregator.longpoll import LongPolls
 from aggregator.rounds import OPEN, Bytes, RoundRecord
-from aggregator.secure import ADVERTISE, DONE, PHASES, SHARE, UNMASK, UPLOAD, SecureRecord
-from fedocr import secagg
-from fedocr.errors import OverWeight, RoundClosed, UnknownRound, WrongMode
+from aggregator.secure.record import ADVERTISE, DONE, PHASES, SHARE, UNMASK, UPLOAD, SecureRecord
+from fedocr import encodings, secagg
+from fedocr.errors import MalformedRequest, OverWeight, RoundClosed, UnknownRound, WrongMode
+from fedocr.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What SecureRounds uses of the coordinator, handed over explicitly; all called with ``cond`` held."""
+
+    cond: threading.Condition  # the coordinator's lock: every method of SecureRounds runs under it
+    clock: Callable[[], float]
+    current: Callable[[], RoundRecord | None]  # the open round (None once the federation finished)
+    history: Callable[[], list[RoundRecord]]  # the ended rounds, oldest first
+    commit: Callable[[], None]  # group-commit the round record (and masked sum); wait for the fsync
+    save: Callable[[RoundRecord], None]  # write a phase change at once (back to the disk on failure)
+    close: Callable[[float, np.ndarray], None]  # apply the unmasked mean (float32 (n,)); next round
+    retry: Callable[[RoundRecord, float], None]  # persist a failed round and open its retry
+    polls: LongPolls
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,71 @@ def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureVie
 
 
 class SecureRounds:
-    """The secure-aggregation half of Federation; relies on its lock, round, store and clock."""
+    """Secure aggregation inside the coordinator: the RPCs, the phase clock and the masked sum.
+
+    Owns the round's masked sum (uint32, mod 2^32); everything else it reads or changes comes
+    through its ``Wiring``.
+    """
+
+    def __init__(self, config: AggregatorConfig, wiring: Wiring) -> None:
+        self._config = config
+        self._w = wiring
+        self.masked: np.ndarray | None = None  # the open round's sum of masked uploads
+        self._masked_changed = False  # since the last durable write
+
+    # -- the masked sum --------------------------------------------------------------------
+
+    def load(self, masked: np.ndarray | None, size: int | None) -> None:
+        """Take the masked sum read back from the store (zeros of ``size`` when it holds none)."""
+        self.masked = masked if masked is not None or size is None else np.zeros(size, dtype=np.uint32)
+        self._masked_changed = False
+
+    def clear(self) -> None:
+        """Empty the masked sum (the round ended; the next one starts from zeros)."""
+        if self.masked is not None:
+            self.masked.fill(0)
+
+    def to_write(self) -> np.ndarray | None:
+        """The masked sum when an upload changed it since the last write (not on key or share writes)."""
+        masked, self._masked_changed = (self.masked if self._masked_changed else None), False
+        return masked
+
+    def check_encoding(self, encoding: int) -> None:
+        """Raise unless the federation takes uploads in ``encoding``: masked integers exactly when secure."""
+        config = self._config
+        if config.secure_aggregation and encoding != pb.ENCODING_MASKED_INT:
+            raise WrongMode(
+                f"this federation runs secure aggregation: uploads must be ENCODING_MASKED_INT, "
+                f"not {encodings.name_of(encoding)}"
+            )
+        if not config.secure_aggregation and encoding == pb.ENCODING_MASKED_INT:
+            raise MalformedRequest(
+                "ENCODING_MASKED_INT is for secure aggregation, which this federation does not run"
+            )
+        accepted = [encodings.NAMES[name] for name in config.accept_encodings]
+        if encoding not in (accepted if not config.secure_aggregation else [pb.ENCODING_MASKED_INT]):
+            raise MalformedRequest(
+                f"encoding {encodings.name_of(encoding)} is not accepted by this federation "
+                f"(accepted: {', '.join(config.accept_encodings)})"
+            )
+
+    def add(self, r: RoundRecord, edge_id: str, arrays: list[np.ndarray], weight: float) -> None:
+        """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32."""
+        limit = self._config.secagg_max_weight_sum
+        if r.weight + weight > limit:
+            raise OverWeight(
+                f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
+                f"secure_aggregation.max_weight_sum {limit:g}: the masked sum could wrap"
+            )
+        offset = 0
+        for values in arrays:
+            self.masked[offset : offset + values.size] += values  # uint32: wraps mod 2^32
+            offset += values.size
+        self._masked_changed = True
+
+    def mean(self, r: RoundRecord) -> np.ndarray:
+        """The survivors' weighted mean increment, float32 (n,), from the masked sum."""
+        return r.secure.decode(r.secure.unmask(self.masked), r.weight)
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -72,9 +157,9 @@ class SecureRounds:
         self, edge_id: str, round_id: int, cipher_public: bytes, mask_public: bytes, moved: Bytes
     ) -> SecureView:
         """Record the edge's two public keys for the round (once; a different second set is refused)."""
-        with self._cond:
+        with self._w.cond:
             r = self._secure_round(round_id)
-            earlier = [h.secure for h in self._history if h.secure is not None]
+            earlier = [h.secure for h in self._w.history() if h.secure is not None]
             used = {k for sec in earlier for ks in sec.keys.values() for k in ks}
             r.secure.advertise(edge_id, cipher_public, mask_public, used)
             return self._durable(r, edge_id, moved)
@@ -88,7 +173,7 @@ class SecureRounds:
         moved: Bytes,
     ) -> SecureView:
         """Record the shares the edge dealt, sealed for its neighbours, and its commitments."""
-        with self._cond:
+        with self._w.cond:
             r = self._secure_round(round_id)
             r.secure.share(edge_id, sealed, commitments)
             return self._durable(r, edge_id, moved)
@@ -97,40 +182,37 @@ class SecureRounds:
         self, edge_id: str, round_id: int, shares: list[tuple[str, str, bytes]], moved: Bytes
     ) -> SecureView:
         """Record the shares a survivor revealed, each checked against its dealer's commitment."""
-        with self._cond:
+        with self._w.cond:
             r = self._secure_round(round_id)
             r.secure.reveal(edge_id, shares)
             return self._durable(r, edge_id, moved)
 
     def secure_round(self, edge_id: str, round_id: int, after: str, wait_s: float) -> SecureView:
         """Long-poll until the round's phase is past ``after`` (or it ended, or the wait is over)."""
-        until = self._clock() + max(0.0, min(wait_s, self.config.join_wait_max_s))
-        with self._cond:
+        clock, polls = self._w.clock, self._w.polls
+        until = clock() + max(0.0, min(wait_s, self._config.join_wait_max_s))
+        with self._w.cond:
             r = self._secure_round(round_id, ended_ok=True)
             while (
                 r.state == OPEN
                 and PHASES.index(r.secure.phase) <= PHASES.index(after)
-                and not self._draining
-                and self._clock() < until
+                and not polls.draining
+                and clock() < until
             ):
-                self._polling += 1  # like Join's long-polls, each holds an RPC thread
-                try:
-                    self._warn_if_polls_hold_pool(r.round_id)
-                    self._cond.wait(min(until - self._clock(), 1.0))
-                finally:
-                    self._polling -= 1
+                with polls.held(r.round_id):  # like Join's long-polls, each holds an RPC thread
+                    self._w.cond.wait(min(until - clock(), 1.0))
                 r = self._secure_round(round_id, ended_ok=True)
             return view_of(r, edge_id, after)
 
     def _secure_round(self, round_id: int, ended_ok: bool = False) -> RoundRecord:
         """The current secure round if it is ``round_id``; raise a named error otherwise."""
-        self._check_serving()
-        if not self.config.secure_aggregation:
+        self._w.polls.check_serving()
+        if not self._config.secure_aggregation:
             raise WrongMode("this federation does not run secure aggregation; upload plain increments")
-        r = self._round
+        r = self._w.current()
         if r is not None and r.round_id == round_id and r.secure is not None:
             return r
-        for h in self._history:
+        for h in self._w.history():
             if h.round_id == round_id:
                 if ended_ok and h.secure is not None:
                     return h
@@ -144,40 +226,20 @@ class SecureRounds:
     def _durable(self, r: RoundRecord, edge_id: str, moved: Bytes) -> SecureView:
         """Count the request's bytes, make the record durable (group commit) and answer."""
         r.edge(edge_id).bytes.add(moved)
-        self._commits.wait_durable(self._commits.apply())
-        self._cond.notify_all()
+        self._w.commit()
+        self._w.cond.notify_all()
         return view_of(r, edge_id)
-
-    # -- the masked sum --------------------------------------------------------------------
-
-    def _add_masked(self, r: RoundRecord, edge_id: str, arrays: list[np.ndarray], weight: float) -> None:
-        """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32."""
-        limit = self.config.secagg_max_weight_sum
-        if r.weight + weight > limit:
-            raise OverWeight(
-                f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
-                f"secure_aggregation.max_weight_sum {limit:g}: the masked sum could wrap"
-            )
-        offset = 0
-        for values in arrays:
-            self._masked[offset : offset + values.size] += values  # uint32: wraps mod 2^32
-            offset += values.size
-        self._masked_changed = True
-
-    def _unmasked_mean(self, r: RoundRecord) -> np.ndarray:
-        """The survivors' weighted mean increment, float32 (n,), from the masked sum."""
-        return r.secure.decode(r.secure.unmask(self._masked), r.weight)
 
     # -- the phase clock -------------------------------------------------------------------
 
-    def _advance(self, now: float) -> None:
-        """Move the secure round to its next phase when its condition or deadline says so.
+    def advance(self, now: float) -> None:
+        """Move the open secure round to its next phase when its condition or deadline says so.
 
         Called with the lock held and no commit pending; a phase change is written at once.
         """
-        r: RoundRecord = self._round
+        r: RoundRecord = self._w.current()
         sec: SecureRecord = r.secure
-        phase_s = self.config.secagg_phase_s
+        phase_s = self._config.secagg_phase_s
         why, before = "", sec.phase
         if sec.phase == ADVERTISE:
             n = len(sec.keys)
@@ -199,10 +261,11 @@ class SecureRounds:
             missing = sec.missing()
             if not missing:
                 try:
-                    self._aggregate(now)
+                    mean = self.mean(r)
                 except secagg.SecAggError as exc:
                     why = f"unmasking failed: {exc}"
                 else:
+                    self._w.close(now, mean)
                     return
             elif set(sec.revealers) >= set(sec.survivors) or now >= sec.phase_deadline:
                 why = (
@@ -211,15 +274,11 @@ class SecureRounds:
                 )
         if why:
             r.fail_with(now, why)
-            self._retry(r, now)
+            self._w.retry(r, now)
         elif sec.phase != before:
-            try:
-                self._store.save_round(r)
-            except Exception:
-                self._load()  # back to what the disk holds; the clock retries
-                raise
+            self._w.save(r)
             logger.info("round %s: secure phase %s -> %s", r.round_id, before, sec.phase)
-            self._cond.notify_all()
+            self._w.cond.notify_all()
 
 
-__all__ = ["SecureRounds", "SecureView", "view_of"]
+__all__ = ["SecureRounds", "SecureView", "Wiring", "view_of"]

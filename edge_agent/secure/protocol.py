@@ -1,6 +1,6 @@
 """One edge's secure round over the wire: advertise, deal, fetch, masked upload, reveal.
 
-Runs an EdgeSession (edge_agent/secure.py) through a FederationClient's secure RPCs, waiting for
+Runs an EdgeSession (edge_agent/secure/session.py) through a FederationClient's secure RPCs, waiting for
 each phase with long-polls. The session lives in memory only: an edge that stops mid-round is
 one of the round's dropouts, recovered from by the others' shares.
 """
@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from edge_agent.client import FederationClient, Upload
-from edge_agent.secure import EdgeSession, SecureSettings
+from edge_agent.secure.session import EdgeSession, SecureSettings
 from fedocr import retry
 from fedocr.v1 import federation_pb2 as pb
 

@@ -254,6 +254,10 @@ class SecureRecord:
 
     # -- UPLOAD ----------------------------------------------------------------------------
 
+    def takes_join(self, edge_id: str) -> bool:
+        """Whether ``edge_id`` may still be handed this round: keys are taken, and not yet its."""
+        return self.phase == ADVERTISE and edge_id not in self.keys
+
     def check_upload(self, edge_id: str) -> None:
         """Raise unless ``edge_id`` may upload its masked increment now."""
         self._expect(UPLOAD)

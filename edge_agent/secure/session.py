@@ -1,6 +1,6 @@
 """The edge's side of secure aggregation: its keys, the shares it deals, holds and reveals, its mask.
 
-Pure Python and numpy over fedocr.secagg, no grpc: the agent (edge_agent/agent.py) runs the RPCs
+Pure Python and numpy over fedocr.secagg, no grpc: edge_agent/secure/protocol.py runs the RPCs
 around it. One EdgeSession per round; its secrets live only in memory, so an edge that restarts
 mid-round simply drops out of it (which dropout recovery is for).
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from fedocr import secagg, shamir
 
-SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # aggregator.secure's names of the two secrets
+SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # aggregator.secure.record's names of the two secrets
 
 
 class SecureProtocolError(secagg.SecAggError):

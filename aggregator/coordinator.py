@@ -1,7 +1,8 @@
-"""The federation's domain object: joins, downloads, uploads and the round clock, thread-safe.
+"""RoundCoordinator, the aggregator's round object: joins, downloads, uploads and the round clock.
 
 It owns the global state (float32, flat), the open round's running sum (float64, flat), the round
-record and the store. It raises fedocr.errors exceptions and never imports grpc.
+record and the store, behind one lock, and composes SecureRounds (aggregator/secure/phases.py) for
+secure aggregation. It raises fedocr.errors exceptions and never imports grpc.
 """
 
 from __future__ import annotations
@@ -11,32 +12,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator import fedavg
+from aggregator import fedavg, rounds
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
-from aggregator.rounds import CLOSED, FINISHED, OPEN, Bytes, RoundRecord, new_round
-from aggregator.secure import ADVERTISE
-from aggregator.secure_rounds import SecureRounds
+from aggregator.longpoll import LongPolls
+from aggregator.rounds import CLOSED, OPEN, Bytes, JoinResult, Receipt, RoundRecord, new_round
+from aggregator.secure.phases import SecureRounds, Wiring
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream
 from aggregator.upload import read_header, stage
-from fedocr import encodings
-from fedocr.errors import (
-    Busy,
-    Draining,
-    DuplicateUpload,
-    MalformedRequest,
-    ModelMismatch,
-    NotReady,
-    RoundClosed,
-    StorageUnavailable,
-    UnknownRound,
-    WrongMode,
-)
+from fedocr.errors import Busy, DuplicateUpload, ModelMismatch, NotReady, RoundClosed, StorageUnavailable
 from fedocr.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -45,33 +33,11 @@ MAX_MODEL_VALUES = 1 << 30  # refuse a manifest over 4 GiB of float32 rather tha
 TICK_S = 0.2
 
 
-@dataclass(frozen=True)
-class JoinResult:
-    """What Join answers: TRAIN (with the round), WAIT or FINISHED."""
-
-    action: str
-    edge_id: str
-    round: RoundRecord | None = None
-    state_version: int = 0
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What an acknowledged upload answers."""
-
-    round_id: int
-    edge_id: str
-    raw_bytes: int
-    wire_bytes: int
-    committed: int
-    round_state: str
-    sha256: bytes
-
-
-class Federation(SecureRounds):
+class RoundCoordinator:
     """Rounds, FedAvg and durability behind one lock; the servicer calls one method per RPC.
 
-    Secure aggregation's phases and RPCs live in SecureRounds (aggregator/secure_rounds.py).
+    Secure aggregation's phases, RPCs and masked sum are ``self.secure``, a SecureRounds wired to
+    this object's lock, clock, rounds and durable writes.
     """
 
     def __init__(
@@ -83,12 +49,16 @@ class Federation(SecureRounds):
         self._cond = threading.Condition(threading.RLock())
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._in_flight: set[str] = set()
-        self._polling = 0  # Joins waiting in a long-poll, each holding an RPC thread
-        self._pool_warned: int | None = None  # the round the thread-pool warning was logged for
-        self._draining = False
+        self._polls = LongPolls(config)
         self._ticker: threading.Thread | None = None
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
         self._commits = GroupCommitter(self._cond, self._prepare_write, self._load, self._maybe_close)
+        wiring = Wiring(  # what SecureRounds may use of this object: nothing else of it reaches there
+            cond=self._cond, clock=clock, current=lambda: self._round, history=lambda: self._history,
+            commit=lambda: self._commits.wait_durable(self._commits.apply()), save=self._save_phase,
+            close=self._aggregate, retry=self._retry, polls=self._polls
+        )
+        self.secure = SecureRounds(config, wiring)
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -102,21 +72,15 @@ class Federation(SecureRounds):
         self._round = snap.round
         self._history = snap.history
         self._total = snap.total
-        self._masked = snap.masked
-        self._masked_changed = False  # since the last durable write
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
-        if self.manifest is not None and self._masked is None:
-            self._masked = np.zeros(self.manifest.size, dtype=np.uint32)
+        self.secure.load(snap.masked, self.manifest.size if self.manifest is not None else None)
         if self._round is not None:
+            r = self._round
             logger.info(
                 "resumed round %s (index %s): %s upload(s) committed, weight %s, state version %s",
-                self._round.round_id,
-                self._round.round_index,
-                self._round.committed,
-                self._round.weight,
-                self.state_version,
+                r.round_id, r.round_index, r.committed, r.weight, self.state_version
             )
 
     def start(self) -> None:
@@ -127,7 +91,7 @@ class Federation(SecureRounds):
     def drain(self) -> None:
         """Refuse new joins and uploads; wake long-polls so they answer at once."""
         with self._cond:
-            self._draining = True
+            self._polls.draining = True
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -139,7 +103,7 @@ class Federation(SecureRounds):
     def _run_clock(self) -> None:
         failing = ""  # the error the clock keeps hitting: logged in full once, not every tick
         with self._cond:
-            while not self._draining:
+            while not self._polls.draining:
                 try:
                     self._tick()
                     if failing:
@@ -154,16 +118,14 @@ class Federation(SecureRounds):
     def _prepare_write(self) -> Callable[[], None]:
         if self._round is None or self._round.secure is None:
             return self._store.prepare_upload(self._round, self._total)
-        # A secure round's sum is written only when an upload changed it (not on key or share writes).
-        masked, self._masked_changed = (self._masked if self._masked_changed else None), False
-        return self._store.prepare_upload(self._round, self._total, masked)
+        return self._store.prepare_upload(self._round, self._total, self.secure.to_write())
 
     def _maybe_close(self) -> None:
         """After a durable write: close the round at once if the quorum is in (secure: next phase)."""
         r = self._round
         if r is not None and r.state == OPEN and r.secure is not None:
             if self._commits.idle:
-                self._advance(self._clock())
+                self.secure.advance(self._clock())
         elif r is not None and r.state == OPEN and r.quorum_reached():
             self._aggregate(self._clock())
 
@@ -174,7 +136,7 @@ class Federation(SecureRounds):
             return
         if r.secure is not None:
             if self._commits.idle:
-                self._advance(now)
+                self.secure.advance(now)
             return
         if r.quorum_reached() or (r.past_deadline(now) and r.committed >= r.min_edges):
             self._aggregate(now)
@@ -188,7 +150,7 @@ class Federation(SecureRounds):
         self._finish(r, None, self.state_version, following)
         self._history.append(r)
         self._round = following
-        self._masked = np.zeros_like(self._masked) if self._masked is not None else None
+        self.secure.clear()
         self._commits.mark_all_durable()  # the history record carries every applied upload
         logger.warning("round %s failed: %s; reopened as round %s", r.round_id, r.message, following.round_id)
         self._cond.notify_all()
@@ -216,12 +178,15 @@ class Federation(SecureRounds):
         last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
         return new_round(self.config, last + 1, index, now, version)
 
-    def _aggregate(self, now: float) -> None:
-        """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically."""
+    def _aggregate(self, now: float, mean: np.ndarray | None = None) -> None:
+        """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically.
+
+        ``mean``: a secure round's unmasked mean of the survivors' increments, float32 (n,).
+        """
         r = self._round
         state = self._state.copy()
-        if r.secure is not None:  # the mean of the survivors' increments, unmasked (float32)
-            fedavg.apply_mean(state, self._unmasked_mean(r).astype(np.float64), 1.0)
+        if mean is not None:
+            fedavg.apply_mean(state, mean.astype(np.float64), 1.0)
         else:
             fedavg.apply_mean(state, self._total, r.weight)
         r.close(now)
@@ -233,24 +198,15 @@ class Federation(SecureRounds):
         self._state, self.state_version, self._round = state, version, following
         self._history.append(r)
         self._total.fill(0.0)
-        if self._masked is not None:
-            self._masked.fill(0)
+        self.secure.clear()
         self._commits.mark_all_durable()  # the new state and history carry every applied upload
         logger.info(
             "round %s closed: %s upload(s), weight %s, state version %s%s",
-            r.round_id,
-            r.committed,
-            r.weight,
-            version,
-            "" if following else "; federation finished",
+            r.round_id, r.committed, r.weight, version, "" if following else "; federation finished"
         )
         if following is not None:
-            logger.info(
-                "round %s opened (index %s/%s)",
-                following.round_id,
-                following.round_index,
-                self.config.total_rounds,
-            )
+            n = self.config.total_rounds
+            logger.info("round %s opened (index %s/%s)", following.round_id, following.round_index, n)
         self._cond.notify_all()
 
     # -- RPCs ------------------------------------------------------------------------------
@@ -259,7 +215,7 @@ class Federation(SecureRounds):
         """Register the edge's model (the first manifest defines it) and long-poll for work."""
         until = self._clock() + max(0.0, min(wait_s, self.config.join_wait_max_s))
         with self._cond:
-            self._check_serving()
+            self._polls.check_serving()
             self._match_or_init(manifest)
             while True:
                 r = self._round
@@ -269,7 +225,7 @@ class Federation(SecureRounds):
                     r.state == OPEN
                     and not r.has_uploaded(edge_id)
                     and edge_id not in self._in_flight
-                    and (r.secure is None or (r.secure.phase == ADVERTISE and edge_id not in r.secure.keys))
+                    and (r.secure is None or r.secure.takes_join(edge_id))
                 ):
                     if edge_id not in r.edges:
                         r.join(edge_id, self._clock())
@@ -277,33 +233,10 @@ class Federation(SecureRounds):
                         logger.info("round %s: edge %s joined", r.round_id, edge_id)
                     return JoinResult("TRAIN", edge_id, copy.deepcopy(r), self.state_version)
                 remaining = until - self._clock()
-                if remaining <= 0 or self._draining:
+                if remaining <= 0 or self._polls.draining:
                     return JoinResult("WAIT", edge_id, copy.deepcopy(r), self.state_version)
-                self._polling += 1
-                try:
-                    self._warn_if_polls_hold_pool(r.round_id)
+                with self._polls.held(r.round_id):
                     self._cond.wait(min(remaining, TICK_S * 5))
-                finally:
-                    self._polling -= 1
-
-    def _warn_if_polls_hold_pool(self, round_id: int) -> None:
-        """Log once per round when long-polling Joins leave fewer RPC threads than upload slots.
-
-        Uploads then queue in the server's thread pool behind the polls until one ends (up to
-        join_wait_max_s): with 200 edges on 64 threads, staggered uploads each waited ~23 s
-        (benchmarks/load.py --stagger 20) instead of ~0.2 s.
-        """
-        spare = self.config.max_workers - self._polling
-        if spare > self.config.max_concurrent_uploads or self._pool_warned == round_id:
-            return
-        self._pool_warned = round_id
-        logger.warning(
-            "round %s: %s Join long-polls hold that many of the %s RPC threads (max_workers); uploads "
-            "wait for a free thread: set max_workers above the number of edges + max_concurrent_uploads",
-            round_id,
-            self._polling,
-            self.config.max_workers,
-        )
 
     def _match_or_init(self, manifest: Manifest) -> None:
         if self.manifest is not None:
@@ -314,14 +247,12 @@ class Federation(SecureRounds):
         self.manifest, self.state_version = manifest, 1
         self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0
         self._total = np.zeros(manifest.size, dtype=np.float64)
-        self._masked = np.zeros(manifest.size, dtype=np.uint32)
+        self.secure.load(None, manifest.size)
         self._round = self._new_round(0, now, 1)
         self._store.init_model(manifest, self._state, 1, self._round)
         logger.info(
             "model registered: %s tensor(s), %s values; round %s opened",
-            len(manifest.tensors),
-            manifest.size,
-            self._round.round_id,
+            len(manifest.tensors), manifest.size, self._round.round_id
         )
         self._cond.notify_all()
 
@@ -357,7 +288,7 @@ class Federation(SecureRounds):
         header = read_header(messages)
         t0 = time.perf_counter()
         with self._cond:
-            self._check_serving()
+            self._polls.check_serving()
             if self.manifest is None:
                 raise NotReady("no model yet: Join first")
             self._check_upload(edge_id, header)
@@ -379,40 +310,16 @@ class Federation(SecureRounds):
     def _check_upload(self, edge_id: str, header: pb.UploadHeader) -> None:
         if header.fingerprint != self.manifest.fingerprint:
             raise ModelMismatch("upload fingerprint differs from the federation's model")
-        if self.config.secure_aggregation:
-            if header.encoding != pb.ENCODING_MASKED_INT:
-                raise WrongMode(
-                    f"this federation runs secure aggregation: uploads must be ENCODING_MASKED_INT, "
-                    f"not {encodings.name_of(header.encoding)}"
-                )
-        elif header.encoding == pb.ENCODING_MASKED_INT:
-            raise MalformedRequest(
-                "ENCODING_MASKED_INT is for secure aggregation, which this federation does not run"
-            )
-        accepted = [encodings.NAMES[name] for name in self.config.accept_encodings]
-        if self.config.secure_aggregation:
-            accepted = [pb.ENCODING_MASKED_INT]
-        if header.encoding not in accepted:
-            raise MalformedRequest(
-                f"encoding {encodings.name_of(header.encoding)} is not accepted by this federation "
-                f"(accepted: {', '.join(self.config.accept_encodings)})"
-            )
+        self.secure.check_encoding(header.encoding)
         r = self._round
         if r is None:
-            last = self._history[-1].round_id
-            if header.round_id == 0 or header.round_id > last:
-                raise UnknownRound(f"round {header.round_id} does not exist; the federation finished")
-            raise RoundClosed(f"round {header.round_id} is closed; the federation finished")
+            rounds.check_after_the_last(self._history, header.round_id)
         r.check_upload(edge_id, header.round_id)
         if r.secure is not None:
             r.secure.check_upload(edge_id)
         if edge_id in self._in_flight:
             raise DuplicateUpload(f"an upload from edge {edge_id!r} is already in progress")
-        if header.base_state_version not in (0, r.state_version):
-            raise RoundClosed(
-                f"increment computed from state version {header.base_state_version}; round "
-                f"{r.round_id} trains from version {r.state_version}: download the state again"
-            )
+        r.check_base(header.base_state_version)
 
     def _commit(
         self, edge_id: str, header: pb.UploadHeader, staged, weight: float, times: tuple[float, ...]
@@ -423,7 +330,7 @@ class Federation(SecureRounds):
                 raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
             r.check_upload(edge_id, header.round_id)
             if r.secure is not None:
-                self._add_masked(r, edge_id, staged.arrays, weight)
+                self.secure.add(r, edge_id, staged.arrays, weight)
             else:
                 fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
                 for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
@@ -436,15 +343,8 @@ class Federation(SecureRounds):
             logger.info(
                 "round %s: upload from %s committed (%s/%s, %s samples, %s wire bytes; "
                 "%.3f s queued, %.3f s receive+verify, %.3f s sum+fsync)",
-                r.round_id,
-                edge_id,
-                committed,
-                r.quorum,
-                header.sample_count,
-                staged.wire_bytes,
-                t1 - t0,
-                t2 - t1,
-                time.perf_counter() - t2,
+                r.round_id, edge_id, committed, r.quorum, header.sample_count, staged.wire_bytes,
+                t1 - t0, t2 - t1, time.perf_counter() - t2
             )
             return Receipt(
                 r.round_id, edge_id, staged.raw_bytes, staged.wire_bytes, committed, r.state, staged.sha256
@@ -456,6 +356,14 @@ class Federation(SecureRounds):
             self._peak = (self.state_version, fedavg.peak([self._state]))
         return self._peak[1]
 
+    def _save_phase(self, r: RoundRecord) -> None:
+        """Write a secure phase change at once; on failure go back to what the disk holds."""
+        try:
+            self._store.save_round(r)
+        except Exception:
+            self._load()  # the clock retries
+            raise
+
     def _save_record(self) -> None:
         """Persist join/download notes, unless that would get ahead of the durable sum.
 
@@ -465,27 +373,12 @@ class Federation(SecureRounds):
         if self._commits.idle:
             self._store.save_round(self._round)
 
-    def _check_serving(self) -> None:
-        if self._draining:
-            raise Draining("the aggregator is shutting down; retry against the restarted service")
-
     # -- status ----------------------------------------------------------------------------
 
     def round_status(self, round_id: int = 0) -> RoundRecord:
         """A copy of the round's record (0 = current; FINISHED after the last round)."""
         with self._cond:
-            if round_id == 0 or (self._round and round_id == self._round.round_id):
-                if self._round is not None:
-                    return copy.deepcopy(self._round)
-                if not self._history:
-                    raise NotReady("no round yet: the first edge to Join opens round 1")
-                last = copy.deepcopy(self._history[-1])
-                last.state = FINISHED
-                return last
-            for record in self._history:
-                if record.round_id == round_id:
-                    return copy.deepcopy(record)
-            raise UnknownRound(f"round {round_id} does not exist")
+            return copy.deepcopy(rounds.find(self._round, self._history, round_id))
 
     def all_rounds(self) -> tuple[list[RoundRecord], int]:
         """Copies of every round so far (history then current) and the state version."""
@@ -499,4 +392,4 @@ class Federation(SecureRounds):
             return self._state
 
 
-__all__ = ["CLOSED", "Federation", "JoinResult", "Receipt"]
+__all__ = ["CLOSED", "JoinResult", "Receipt", "RoundCoordinator"]
