@@ -17,6 +17,7 @@ from aggregator.secure.record import (
     SHARE,
     UNMASK,
     UPLOAD,
+    OutsideClip,
     SecureRecord,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "SHARE",
     "UNMASK",
     "UPLOAD",
+    "OutsideClip",
     "SecureRecord",
 ]

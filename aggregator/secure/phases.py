@@ -134,7 +134,11 @@ class SecureRounds:
             )
 
     def add(self, r: RoundRecord, edge_id: str, arrays: list[np.ndarray], weight: float) -> None:
-        """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32."""
+        """Add one masked upload (uint32 per tensor) into the round's masked sum, mod 2^32.
+
+        Called when the stream has been read: the phase is checked again (SecureRecord.check_commit).
+        """
+        r.secure.check_commit(edge_id)
         limit = self._config.secagg_max_weight_sum
         if r.weight + weight > limit:
             raise OverWeight(

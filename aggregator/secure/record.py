@@ -27,6 +27,10 @@ PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 SEALED_BYTES = secagg.NONCE_BYTES + PLAINTEXT_BYTES + secagg.TAG_BYTES
 
 
+class OutsideClip(secagg.SecAggError):
+    """An unmasked mean beyond ±clip: the masked sum holds something no clipped upload can give."""
+
+
 def threshold_for(holders: int, configured: int) -> int:
     """Shares that rebuild a secret: ``configured``, or a majority of its ``holders`` (0 = rule)."""
     return configured if configured else holders // 2 + 1
@@ -266,6 +270,20 @@ class SecureRecord:
                 f"edge {edge_id!r} dealt no shares in round {self.round_id}; it cannot upload in it"
             )
 
+    def check_commit(self, edge_id: str) -> None:
+        """Raise WrongPhase unless a streamed upload of ``edge_id`` may still enter the sum.
+
+        Checked again when the stream has been read: once the upload phase ended the survivors are
+        fixed, and an upload outside them would enter the sum while its masks are removed as a
+        dropped edge's.
+        """
+        if self.phase != UPLOAD:
+            raise WrongPhase(
+                f"the upload phase of round {self.round_id} ended while the upload of {edge_id!r} "
+                f"streamed (now {self.phase}): the survivors were fixed without it, so it is not counted"
+            )
+        self.check_upload(edge_id)
+
     def start_unmask(self, uploaded: set[str], now: float, phase_s: float) -> None:
         """Fix the survivors (dealers that uploaded) and the dropped (dealers that did not)."""
         self._expect(UPLOAD)
@@ -356,5 +374,18 @@ class SecureRecord:
         return secagg.remove_masks(masked_sum, self_seeds, dangling)
 
     def decode(self, encoded_sum: np.ndarray, total_weight: float) -> np.ndarray:
-        """The weighted mean increment, float32 (n,), from the unmasked sum."""
-        return secagg.decode_fixed(encoded_sum, total_weight, self.frac_bits)
+        """The weighted mean increment, float32 (n,), from the unmasked sum.
+
+        Raises OutsideClip when a value lies beyond ±clip by more than the quantization step (and
+        float32 rounding; secagg.decode_fixed): a mean of clipped uploads never does, so such a
+        sum holds something else (an upload whose masks were removed as a dropped edge's).
+        """
+        mean = secagg.decode_fixed(encoded_sum, total_weight, self.frac_bits)
+        bound = self.clip * (1 + 2.0**-22) + 2.0**-self.frac_bits
+        worst = int(np.abs(mean).argmax()) if mean.size else 0
+        if mean.size and abs(float(mean[worst])) > bound:
+            raise OutsideClip(
+                f"the unmasked mean reaches |x| = {abs(float(mean[worst])):g} at element {worst}, beyond "
+                f"the clip {self.clip:g}: the masked sum is corrupt and is not applied"
+            )
+        return mean

@@ -9,7 +9,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.rounds import RoundRecord, new_round
-from aggregator.secure import SHARE, SecureRecord
+from aggregator.secure import SHARE, OutsideClip, SecureRecord
 from aggregator.store import Manifest, Store
 from fedocr import secagg
 
@@ -113,3 +113,11 @@ def test_the_secure_record_and_masked_sum_survive_the_store(tmp_path: Path) -> N
     with store._env.begin() as txn:
         assert not [k for k, _ in txn.cursor() if k.startswith(b"secure/")]
     store.close()
+
+
+def test_decode_refuses_a_mean_beyond_the_clip_by_more_than_one_step() -> None:
+    record = SecureRecord.new(1, 1.0, 2, False, 0, 0)  # clip 1, 2 fractional bits: a step of 0.25
+    within = np.array([4, 5, -5], dtype=np.int32).view(np.uint32)
+    np.testing.assert_array_equal(record.decode(within, 1.0), [1.0, 1.25, -1.25])
+    with pytest.raises(OutsideClip, match=r"\|x\| = 1.5 at element 1, beyond the clip 1"):
+        record.decode(np.array([0, -6, 3], dtype=np.int32).view(np.uint32), 1.0)

@@ -7,6 +7,8 @@ increments by at most n·½/(2^f·W) + 2^-23·|mean| (secagg.decode_fixed), stat
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -363,3 +365,48 @@ def test_an_upload_past_max_weight_sum_is_refused_so_the_sum_cannot_wrap(sim) ->
     with pytest.raises(errors.OverWeight, match="edge-2.*6500.*max_weight_sum 6000"):
         s.upload(s.ids[2:])
     assert s.round.weight == 5500.0
+
+
+def test_an_unmasked_mean_beyond_the_clip_fails_the_round_and_leaves_the_state(sim, caplog) -> None:
+    s = sim(3)
+    s.join_and_advertise(s.ids)
+    s.deal(s.ids)
+    s.upload(s.ids)
+    s.tick()
+    s.fed.secure.masked[5] += np.uint32(1 << 30)  # what an upload summed without its masks leaves
+    with caplog.at_level(logging.WARNING, logger="aggregator.coordinator"):
+        s.reveal(s.ids)
+        s.tick()
+    failed = s.fed.round_status(1)
+    assert failed.state == "FAILED"
+    assert "unmasking failed: the unmasked mean reaches" in failed.message
+    assert "at element 5, beyond the clip 8" in failed.message
+    assert "global state is unchanged" in failed.message
+    assert not s.fed.global_state().any() and s.fed.state_version == 1
+    assert s.round.round_id == 2 and s.round.round_index == 0  # retried under a new id
+    assert any("round 1 failed: unmasking failed" in r.getMessage() for r in caplog.records)
+
+
+def test_an_upload_whose_stream_outlasts_the_upload_phase_is_refused(sim) -> None:
+    s = sim(3)
+    s.join_and_advertise(s.ids)
+    s.deal(s.ids)
+    s.upload(s.ids[:2])
+    e, session = "edge-2", s.sessions["edge-2"]
+    view = s.fed.secure.secure_round(e, session.round_id, "SHARE", 0)
+    session.receive(view.dealers, view.sealed, s.cipher_keys)
+    masked = session.masked(s.increments[e], s.samples[e])
+    header, *rest = masked_stream(session.round_id, masked, s.samples[e])
+
+    def slow() -> Iterator[pb.UploadMessage]:
+        yield header
+        s.tick(10.0)  # the phase clock fixes the survivors while the stream is read
+        yield from rest
+
+    with pytest.raises(errors.WrongPhase, match="ended while the upload of 'edge-2' streamed"):
+        s.fed.upload(e, slow())
+    assert s.round.secure.survivors == s.ids[:2] and not s.round.edges[e].uploaded
+    s.reveal(s.ids[:2])
+    s.tick()
+    got, want = closed_mean(s), s.expected(s.ids[:2])
+    assert np.all(np.abs(got - want) <= s.bound(s.ids[:2], want))

@@ -8,7 +8,8 @@ round that closed meanwhile) comes back and GetRound lists this edge as uploaded
 In a secure-aggregation round (the plan says so) it runs the protocol's phases with
 edge_agent.secure.protocol and uploads its increment masked; --stall-after-step stops it after one
 of those steps (advertised, shared, uploaded) to wait to be killed, and --step-pause waits after
-each one, --reveal-delay before revealing shares.
+each one, --reveal-delay before revealing shares, --reveal-after until a file exists;
+--straddle-upload holds the masked upload's stream after its header until the upload phase ended.
 
 Two JSON-lines files go to --out: ``<name>.receipts.jsonl`` (one line per acknowledged upload)
 and ``<name>.events.jsonl`` (what the edge is doing, for tests that time faults on it).
@@ -151,6 +152,18 @@ class LightEdge:
                 return reveal(*a)
 
             client.reveal = late_reveal  # type: ignore[method-assign]
+        if args.reveal_after:
+            gated = client.reveal
+
+            def gated_reveal(*a: Any) -> pb.SecureRoundStatus:
+                self.events.write(kind="revealing", round_id=reply.round_id)
+                while not args.reveal_after.exists():  # the test creates it
+                    time.sleep(0.05)
+                return gated(*a)
+
+            client.reveal = gated_reveal  # type: ignore[method-assign]
+        if args.straddle_upload:
+            self.straddle(client, reply.round_id)
         round_id, count = reply.round_id, samples(self.name, reply.round_id)
 
         def step(name: str) -> None:
@@ -172,7 +185,8 @@ class LightEdge:
         except grpc.RpcError as exc:  # the round moved on (a phase or the round ended meanwhile)
             if retry.status_code(exc) not in ROUND_GONE:
                 raise
-            self.events.write(kind="refused", round_id=round_id, code=retry.status_code(exc).name)
+            code = retry.status_code(exc).name
+            self.events.write(kind="refused", round_id=round_id, code=code, details=exc.details())
             return
         finally:
             client.close()
@@ -182,6 +196,24 @@ class LightEdge:
             how="secure", revealed=result.revealed,
         )
         self.events.write(kind="receipt", round_id=round_id)
+
+    def straddle(self, client: FederationClient, round_id: int) -> None:
+        """Make the client's upload stream send its header, then wait until the round's upload
+        phase ended (polling GetSecureRound), then send its chunks: a slow link whose upload is
+        still streaming when the phase clock fixes the survivors."""
+        stub = client._stub  # the client builds its own stub; only its upload stream is slowed
+        send = stub.UploadIncrement
+
+        def held(messages: Iterator[pb.UploadMessage]) -> Iterator[pb.UploadMessage]:
+            stream = iter(messages)
+            yield next(stream)  # the header: checked while the upload phase is still on
+            self.events.write(kind="straddling", round_id=round_id)
+            while client.secure_round(round_id, pb.SECURE_PHASE_UPLOAD, 1).phase == pb.SECURE_PHASE_UPLOAD:
+                pass
+            self.events.write(kind="straddled", round_id=round_id)
+            yield from stream
+
+        stub.UploadIncrement = lambda messages, **kw: send(held(messages), **kw)
 
     def download(self) -> None:
         """Fetch the global state unless we hold its version; note its digest in the events."""
@@ -313,6 +345,19 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="in a secure round, seconds to wait before revealing shares (the others may close it first)",
+    )
+    parser.add_argument(
+        "--reveal-after",
+        dest="reveal_after",
+        type=Path,
+        default=None,
+        help="in a secure round, wait before revealing shares until this file exists",
+    )
+    parser.add_argument(
+        "--straddle-upload",
+        dest="straddle_upload",
+        action="store_true",
+        help="in a secure round, hold the upload stream after its header until the upload phase ended",
     )
     parser.add_argument(
         "--stall-after-step",
