@@ -258,6 +258,7 @@ def main() -> int:
     if args.sink:
         sink_main(args.sink)
         return 0
+    harness.stop_on_signals()  # SIGTERM unwinds too: the aggregator and the sink are stopped
     counts = [int(x) for x in args.edges.split(",")]
     with tempfile.TemporaryDirectory(prefix="fedocr-bench-") as tmp:
         work = Path(tmp)

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from fedocr import pki
+from fedocr import harness, pki
 
 # benchmarks/ is not an installed package: the repository root makes it importable however few
 # test files run (importlib mode adds nothing).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends a run as Ctrl-C does, so the harness stops every service a test started (atexit)."""
+    harness.stop_on_signals()
 
 
 @dataclass(frozen=True)

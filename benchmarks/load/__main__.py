@@ -32,6 +32,7 @@ from pathlib import Path
 from benchmarks.load.run import run
 from benchmarks.load.table import table
 from benchmarks.load.workload import COMPRESSIONS
+from fedocr import harness
 
 # About FedOCR-Hash_1/4's flat state (`recognizer info --preset fedocr --gamma 1/4`: 3,423,304 float32
 # with BN today); the figure benchmarks.aggregator uses, so the two compare.
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one round under load, print the table (and write JSON); 1 if anything failed."""
     args = parse_args(argv)
+    harness.stop_on_signals()  # SIGTERM unwinds too: the aggregator and the client processes are stopped
     result = run(args)
     print(table(result), flush=True)
     if args.json:

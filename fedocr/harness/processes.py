@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -45,8 +46,7 @@ def _named(cmd: Sequence[str]) -> str:
 def spawn(cmd: Sequence[str], log: Path | None, pipe_stdout: bool = False) -> subprocess.Popen:
     """Start ``cmd`` in its own process group (session), unbuffered; stdout and stderr are appended
     to ``log`` (None: inherited), except that ``pipe_stdout`` keeps stdout as a text pipe."""
-    if not _live:
-        atexit.register(stop_all)  # registered again after all stopped: stop_all then finds nothing
+    _stop_all_at_exit()
     out = None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +62,12 @@ def spawn(cmd: Sequence[str], log: Path | None, pipe_stdout: bool = False) -> su
         )
     _live.append(proc)
     return proc
+
+
+@functools.cache
+def _stop_all_at_exit() -> None:
+    """Register stop_all with atexit, once per process."""
+    atexit.register(stop_all)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
