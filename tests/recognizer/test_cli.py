@@ -161,7 +161,7 @@ def test_bad_gamma_is_a_usage_error(capsys) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("2", "gamma must be in (0, 1], got 2.0"), ("-1/4", "gamma must be in (0, 1], got -0.25"),
+    [("2", "gamma must be in (0, 1], got 2.0"), ("3/2", "gamma must be in (0, 1], got 1.5"),
      ("half", "gamma must be a number in (0, 1] or 'none', got 'half'"),
      ("1/0", "gamma must be a number in (0, 1] or 'none', got '1/0'")],
 )
