@@ -1,8 +1,9 @@
-"""Training data: word-image LMDBs as torch tensors and a DataLoader over them."""
+"""Training data: word-image LMDBs as torch tensors (augmented on the fly when asked) and a DataLoader."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, get_worker_info
 
 from recognizer import charset
+from recognizer.augment import AugmentConfig, augment
 from recognizer.charset import DEFAULT_ALPHABET, MAX_SEQ_LEN, Alphabet, get_alphabet
 from recognizer.lmdb_data import DatasetError, LmdbReader
 
@@ -72,6 +74,10 @@ class WordDataset(Dataset):
     max_len)`` (the label folded to the alphabet) padded with PAD; ``label`` is the stored label.
     The LMDB opens lazily in whichever process reads first, so DataLoader workers each open their own.
 
+    With ``augment``, each image is changed at random after resizing (``recognizer.augment``), by a
+    generator seeded from ``augment_seed`` and, in a DataLoader worker, the worker's own seed (which
+    torch draws from the loader's generator): the same seeds and worker count give the same images.
+
     Raises:
         DatasetError: the LMDB cannot be read (with ``check_labels``: any of its labels).
     """
@@ -84,6 +90,8 @@ class WordDataset(Dataset):
         check_labels: bool = False,
         alphabet: Alphabet | str = DEFAULT_ALPHABET,
         keep_aspect: bool = False,
+        augment: AugmentConfig | None = None,
+        augment_seed: tuple[int, ...] = (0,),
     ) -> None:
         if len(input_hw) != 2 or min(input_hw) < 1:
             raise ValueError(f"input_hw must be two positive ints, got {input_hw}")
@@ -95,6 +103,10 @@ class WordDataset(Dataset):
         self.keep_aspect = keep_aspect
         self.alphabet = get_alphabet(alphabet) if isinstance(alphabet, str) else alphabet
         self.label_report: LabelReport | None = None
+        self.augment = augment
+        self.augment_seed = tuple(augment_seed)
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: tuple[int, int | None] | None = None
         if check_labels:
             self.label_report = label_report(self.reader, self.alphabet, max_len)
             self.reader.close()  # opened by the check; closed again before any worker forks
@@ -111,13 +123,32 @@ class WordDataset(Dataset):
         """float32 ``[3, H, W]`` in ``[-1, 1]`` of an RGB image resized to ``input_hw``."""
         return image_to_tensor(image, self.input_hw, self.keep_aspect)
 
+    def _augment_rng(self) -> np.random.Generator:
+        # One generator per process and worker, made on first use: a forked worker must not carry on
+        # its parent's stream, which every sibling would repeat.
+        info = get_worker_info()
+        owner = (os.getpid(), None if info is None else info.id)
+        if self._rng is None or self._rng_owner != owner:
+            entropy = [*self.augment_seed] + ([] if info is None else [info.seed])
+            self._rng, self._rng_owner = np.random.default_rng(entropy), owner
+        return self._rng
+
     def __getitem__(self, index: int) -> Sample:
         image, label, _ = self.reader.get(index)
-        return self.to_tensor(image), self.encode_target(label), label
+        if self.augment is None:
+            return self.to_tensor(image), self.encode_target(label), label
+        pixels = image_to_array(image, self.input_hw, self.keep_aspect)
+        pixels = augment(pixels, self.augment, self._augment_rng())
+        return array_to_tensor(pixels), self.encode_target(label), label
 
 
 def image_to_tensor(image: Image.Image, input_hw: tuple[int, int], keep_aspect: bool = False) -> torch.Tensor:
-    """float32 ``[3, H, W]`` in ``[-1, 1]`` of ``image`` resized to ``input_hw``.
+    """float32 ``[3, H, W]`` in ``[-1, 1]`` of ``image`` resized to ``input_hw`` (see ``image_to_array``)."""
+    return array_to_tensor(image_to_array(image, input_hw, keep_aspect))
+
+
+def image_to_array(image: Image.Image, input_hw: tuple[int, int], keep_aspect: bool = False) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` of ``image`` resized to ``input_hw``.
 
     Without ``keep_aspect`` the image is stretched to the size (as ASTER does). With it, the image
     is scaled to height H keeping its aspect ratio (squeezed only when wider than W) and its last
@@ -129,6 +160,12 @@ def image_to_tensor(image: Image.Image, input_hw: tuple[int, int], keep_aspect: 
     pixels = np.array(image.resize((scaled_w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
     if scaled_w < w:
         pixels = np.concatenate([pixels, np.repeat(pixels[:, -1:], w - scaled_w, axis=1)], axis=1)
+    return pixels
+
+
+def array_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """float32 ``[3, H, W]`` in ``[-1, 1]`` of uint8 ``pixels`` ``[H, W, 3]``."""
+    pixels = np.require(pixels, np.uint8, ["C", "W"])  # a copy only of a read-only or strided array
     tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
     return tensor.to(torch.float32).div_(127.5).sub_(1.0)
 
@@ -172,19 +209,21 @@ def make_loader(
     pin_memory: bool = False,
     alphabet: Alphabet | str = DEFAULT_ALPHABET,
     keep_aspect: bool = False,
+    augment: AugmentConfig | None = None,
 ) -> DataLoader:
     """A DataLoader of ``WordDataset(path, ...)`` batches ``(images, targets, labels)``.
 
     Several paths are pooled into one dataset (the centralized manner). ``seed`` fixes the
     shuffle order, so the same seed gives the same batches. ``pin_memory`` (for a CUDA model)
-    returns page-locked batches, which copy to the GPU asynchronously.
+    returns page-locked batches, which copy to the GPU asynchronously. ``augment`` changes every
+    training image at random (``WordDataset``), seeded from ``seed`` and the part's position.
     """
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     if not paths:
         raise ValueError("make_loader needs at least one LMDB path")
     parts = [
-        WordDataset(p, input_hw, max_len, check_labels, alphabet, keep_aspect)
-        for p in paths
+        WordDataset(p, input_hw, max_len, check_labels, alphabet, keep_aspect, augment, (seed, i))
+        for i, p in enumerate(paths)
     ]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
