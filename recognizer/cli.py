@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 from recognizer import recipe
+from recognizer.augment import AUGMENTS, AugmentConfig
 from recognizer.charset import ALPHABETS
 from recognizer.device import DEVICES, WORKERS_HELP
 from recognizer.progress import Progress, add_progress_arguments
-from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS, RECIPE
+from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS, RECIPE, RECIPES
 
 log = logging.getLogger("recognizer")
 
@@ -30,6 +31,31 @@ def parse_gamma(text: str) -> float | None:
 def _key_path(args: argparse.Namespace) -> Path:
     """The --key file, or the model file's name with .key (what `recognizer train` writes)."""
     return Path(args.key) if args.key else Path(args.model).with_suffix(".key")
+
+
+class _Given(argparse.Action):
+    """Store the value and note that the user gave it, so a --recipe fills in only what was not given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+# The train options a named recipe (recognizer.recipe.NamedRecipe) sets when they are not given.
+RECIPE_OPTIONS = ("preset", "optimizer", "batch_size", "epochs", "lr", "cosine_from",
+                  "augment", "augment_ops", "augment_magnitude", "augment_prob")
+
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    """Fill the train options the user did not give from ``args.recipe`` (nothing without one)."""
+    if args.recipe is None:
+        return
+    named = RECIPES[args.recipe]
+    for option in RECIPE_OPTIONS:
+        if option not in getattr(args, "given", ()):
+            setattr(args, option, getattr(named, option))
+    log.info("recipe %s: %s", named.name, ", ".join(f"{o}={getattr(args, o)}" for o in RECIPE_OPTIONS))
 
 
 def _add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -68,6 +94,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _apply_recipe(args)
     if args.cosine_from is not None and not 0 <= args.cosine_from < args.epochs:
         raise ValueError(
             f"--cosine-from {args.cosine_from} must be within 0..{args.epochs - 1} (--epochs {args.epochs})"
@@ -75,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from fedocr.schedule import cosine_lr
+    from recognizer.augment import AugmentConfig
     from recognizer.dataset import make_loader
     from recognizer.device import default_bf16, default_workers, resolve_device
     from recognizer.keys import KEY_BYTES, load_key, write_key
@@ -95,8 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # batch order and dropout; the weights come from the key
     model = build_model(args.preset, key, args.gamma, args.alphabet)
     data = {**model.image_options, "pin_memory": pin}
+    augment = None if args.augment == "none" else AugmentConfig(
+        args.augment_ops, args.augment_magnitude, args.augment_prob)
     loader = make_loader([Path(p) for p in args.data], args.batch_size, shuffle=True,
-                         workers=workers, seed=args.seed, check_labels=True, **data)
+                         workers=workers, seed=args.seed, check_labels=True, augment=augment, **data)
     val = make_loader(Path(args.val), args.batch_size, shuffle=False, **data) if args.val else None
     initial_fingerprint = fingerprint(model, key)  # of W_0, recorded in the model file
     if args.init:
@@ -132,6 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_model(Path(args.out), model, key, args.preset, initial_fingerprint)
     summary = {"model": args.out, "key": str(key_path), "seconds": round(time.perf_counter() - started, 1),
                "history": history}
+    if args.recipe or augment:  # runs without either print what they always have
+        summary.update(recipe=args.recipe, augment=args.augment, augment_ops=args.augment_ops,
+                       augment_magnitude=args.augment_magnitude, augment_prob=args.augment_prob)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -245,25 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on one or more LMDBs (single or centralized manner)")
     p.add_argument("--data", action="append", required=True, help="an LMDB; repeat to pool several")
-    p.add_argument("--preset", default="fedocr-cpu")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named recipe (recognizer/recipe.py) that sets preset, optimizer, batch size, "
+                        "epochs, lr, cosine and augmentation where not given; general: a recognizer for "
+                        "text it was not rendered for (its data: recognizer synth "
+                        f"{' '.join(RECIPES['general'].synth_argv('OUT')[1:])})")
+    p.add_argument("--preset", default="fedocr-cpu", action=_Given)
     p.add_argument("--alphabet", choices=sorted(ALPHABETS),
                    help="symbols the model reads (default: the preset's, alnum36: case-insensitive "
                         "digits and letters); labels are folded to it")
     p.add_argument("--gamma", type=parse_gamma, default=1.0)
-    p.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    p.add_argument("--epochs", type=int, default=RECIPE.epochs, action=_Given)
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--key", help="federation key file (default: OUT with .key; created when missing)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, action=_Given)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER, action=_Given,
                    help="adam (default: learns fastest on a CPU, benchmarks/learning.py), adamw, or "
                         "adadelta as in the paper")
-    p.add_argument("--lr", type=float, help="base learning rate (default: 0.002 adam/adamw, 1.0 adadelta)")
+    p.add_argument("--lr", type=float, action=_Given,
+                   help="base learning rate (default: 0.002 adam/adamw, 1.0 adadelta)")
     p.add_argument("--decay-epochs", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=list(RECIPE.decay_at),
                    help="epochs at which lr drops x0.1, x0.01 (e.g. 5,30)")
-    p.add_argument("--cosine-from", type=int, metavar="EPOCH",
+    p.add_argument("--cosine-from", type=int, metavar="EPOCH", action=_Given,
                    help="hold the lr for this many epochs, then decay it along a cosine to 1%% at the "
                         "end of the last (after the take-off; benchmarks/learning.py, row cosine-1500)")
+    p.add_argument("--augment", choices=AUGMENTS, default="none", action=_Given,
+                   help="change training images at random as they are read: none (default) or straug (warp, "
+                        "geometry, noise, blur, weather, camera and process ops; recognizer/augment.py)")
+    p.add_argument("--augment-ops", type=int, default=AugmentConfig.ops, action=_Given, metavar="N",
+                   help="ops drawn per image (default %(default)s)")
+    p.add_argument("--augment-magnitude", type=float, default=AugmentConfig.magnitude, action=_Given,
+                   metavar="M", help="strength in [0, 1]: each op's level is drawn in [M/2, M] "
+                                     "(default %(default)s)")
+    p.add_argument("--augment-prob", type=float, default=AugmentConfig.prob, action=_Given, metavar="P",
+                   help="probability that each drawn op is applied (default %(default)s)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this model file's weights instead of W_0 (fine-tuning): same preset, "
                         "gamma, alphabet and --key")

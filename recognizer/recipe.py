@@ -8,6 +8,7 @@ place a hashing ratio is parsed, ``check_gamma`` the one place it is range-check
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 
 from fedocr.recipe import DEFAULT_LR, OPTIMIZERS, RECIPE
@@ -37,5 +38,49 @@ def parse_gamma(text: str) -> float | None:
     return check_gamma(value)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_LR", "DEFAULT_OPTIMIZER", "OPTIMIZERS", "RECIPE", "check_gamma",
-           "parse_gamma"]
+@dataclass(frozen=True)
+class NamedRecipe:
+    """Every knob of a named ``recognizer train --recipe NAME`` run and of the data it trains on.
+
+    ``recognizer train`` takes the knobs it is not given from here; the ``synth_*`` fields are the
+    ``recognizer synth`` flags of its training set (``synth_argv``). Values are to be tuned by
+    measurement (benchmarks/generalization.py); change them here, nowhere else.
+    """
+
+    name: str
+    preset: str = "fedocr-cpu"
+    optimizer: str = RECIPE.optimizer
+    batch_size: int = RECIPE.batch_size
+    epochs: int = RECIPE.epochs
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
+    cosine_from: int | None = None  # epochs at the base lr before the cosine decay; None: no decay
+    augment: str = "none"  # recognizer.augment.AUGMENTS
+    augment_ops: int = 2  # N ops drawn per image ...
+    augment_magnitude: float = 0.5  # ... at magnitude M in [0, 1] ...
+    augment_prob: float = 0.5  # ... each applied with this probability
+    synth_count: int = 20_000
+    synth_seed: int = 1
+    synth_styles: str = "varied"  # recognizer.synth.ALL_STYLES, comma-separated
+    synth_labels: str = "words"
+    synth_fonts: str = "train"
+    synth_backgrounds: str = "train"
+
+    def synth_argv(self, out: str) -> list[str]:
+        """The ``recognizer synth`` arguments that render this recipe's training set to ``out``."""
+        return ["synth", "--out", out, "--count", str(self.synth_count), "--seed", str(self.synth_seed),
+                "--styles", self.synth_styles, "--labels", self.synth_labels, "--fonts", self.synth_fonts,
+                "--backgrounds", self.synth_backgrounds]
+
+
+# A recognizer meant for text it was not rendered for (issue 20): the rich renderer's varied style
+# over its training font families and backgrounds, realistic labels, STRAug-style augmentation, and
+# the lr plan the words recipe was measured with (0.003, cosine after the first epoch); 10,000 steps
+# of batch 16.
+GENERAL = NamedRecipe(
+    "general", epochs=4, lr=3e-3, cosine_from=1, augment="straug", synth_count=40_000, synth_labels="general",
+)
+RECIPES: dict[str, NamedRecipe] = {r.name: r for r in (GENERAL,)}
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_LR", "DEFAULT_OPTIMIZER", "GENERAL", "OPTIMIZERS", "RECIPE",
+           "RECIPES", "NamedRecipe", "check_gamma", "parse_gamma"]
