@@ -7,7 +7,7 @@ manifest laid end to end in manifest order (`layout`). Algorithm 2 of the paper:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -87,6 +87,14 @@ def check_headroom(
         offset += values.size
 
 
+def _blocks(n: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield (slice, float64 scratch of its size) covering 0..n in BLOCK steps, one scratch reused."""
+    scratch = np.empty(min(BLOCK, n), dtype=np.float64)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        yield slice(start, stop), scratch[: stop - start]
+
+
 def accumulate(total: np.ndarray, increment: np.ndarray, weight: float) -> None:
     """total += weight * increment, in place.
 
@@ -94,12 +102,9 @@ def accumulate(total: np.ndarray, increment: np.ndarray, weight: float) -> None:
     """
     if total.shape != increment.shape:
         raise MalformedRequest(f"increment shape {increment.shape} does not match the sum {total.shape}")
-    scratch = np.empty(min(BLOCK, total.shape[0]), dtype=np.float64)
-    for start in range(0, total.shape[0], BLOCK):
-        stop = min(start + BLOCK, total.shape[0])
-        tmp = scratch[: stop - start]
-        np.multiply(increment[start:stop], weight, out=tmp, dtype=np.float64)
-        total[start:stop] += tmp
+    for part, tmp in _blocks(total.shape[0]):
+        np.multiply(increment[part], weight, out=tmp, dtype=np.float64)
+        total[part] += tmp
 
 
 def apply_mean(state: np.ndarray, total: np.ndarray, weight: float) -> None:
@@ -108,13 +113,10 @@ def apply_mean(state: np.ndarray, total: np.ndarray, weight: float) -> None:
         raise ValueError("cannot average a round with zero total weight")
     if state.shape != total.shape:
         raise ValueError(f"state shape {state.shape} does not match the sum {total.shape}")
-    scratch = np.empty(min(BLOCK, state.shape[0]), dtype=np.float64)
-    for start in range(0, state.shape[0], BLOCK):
-        stop = min(start + BLOCK, state.shape[0])
-        tmp = scratch[: stop - start]
-        np.divide(total[start:stop], weight, out=tmp)
-        tmp += state[start:stop]
-        state[start:stop] = tmp
+    for part, tmp in _blocks(state.shape[0]):
+        np.divide(total[part], weight, out=tmp)
+        tmp += state[part]
+        state[part] = tmp
 
 
 def split(flat: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:

@@ -15,6 +15,14 @@ def normalize(text: str) -> str:
     return "".join(c for c in text.lower() if c in _ALPHANUMERIC)
 
 
+def _check_pairs(predictions: Sequence[str], labels: Sequence[str], what: str) -> None:
+    """Raise ValueError unless there is one prediction per label and at least one label."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        raise ValueError(f"{what} of no samples is undefined")
+
+
 def word_accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Fraction of samples whose normalized prediction equals the normalized label.
 
@@ -25,10 +33,7 @@ def word_accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     Raises:
         ValueError: the sequences differ in length or are empty.
     """
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    if not labels:
-        raise ValueError("word accuracy of no samples is undefined")
+    _check_pairs(predictions, labels, "word accuracy")
     correct = sum(normalize(p) == normalize(t) for p, t in zip(predictions, labels, strict=True))
     return correct / len(labels)
 
@@ -53,10 +58,7 @@ def char_accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     Raises:
         ValueError: the sequences differ in length or are empty.
     """
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    if not labels:
-        raise ValueError("character accuracy of no samples is undefined")
+    _check_pairs(predictions, labels, "character accuracy")
     total = 0.0
     for p, t in zip(predictions, labels, strict=True):
         p, t = normalize(p), normalize(t)
