@@ -45,7 +45,7 @@ def stage(
 ) -> Staged:
     """Consume chunks up to the trailer and return the verified arrays.
 
-    Raises a fedocr.tensors.WireFormatError subclass (order, lengths, checksum, encoding, size,
+    Raises a fedocr.errors.WireFormatError subclass (order, lengths, checksum, encoding, size,
     non-finite values) or MalformedRequest (stream shape: missing trailer, second header).
     """
     assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression, max_chunk_bytes)

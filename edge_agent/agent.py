@@ -16,7 +16,7 @@ from edge_agent.client import FederationClient, Upload, UploadUnconfirmed
 from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
-from edge_agent.secure import protocol as secure_round
+from edge_agent.secure import protocol
 from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
@@ -257,7 +257,7 @@ class EdgeAgent:
                 }
             )
             return
-        except (UploadUnconfirmed, secure_round.RoundLeft, secagg.SecAggError) as exc:
+        except (UploadUnconfirmed, protocol.RoundLeft, secagg.SecAggError) as exc:
             # An upload the server keeps reporting in progress, a secure round that went on without
             # this edge, or a roster, share or ciphertext it cannot accept: the round goes on without it.
             log.warning("%s: %s; waiting for the next round", where, exc)
@@ -301,7 +301,7 @@ class EdgeAgent:
 
     def _secure_upload(self, reply: pb.JoinResponse, increment: np.ndarray) -> Upload:
         """The round's masked upload and the phases around it; the counted upload."""
-        result = secure_round.run(
+        result = protocol.run(
             self.client,
             reply,
             increment,

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from fedocr import retry, tensors, tls
+from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -111,6 +112,20 @@ def encode_upload(
     )
 
 
+def upload_header(
+    round_id: int, samples: int, fingerprint: bytes, encoding: int, base_version: int
+) -> pb.UploadHeader:
+    """The first message of an upload: its round, weight, model fingerprint, zstd and base state version."""
+    return pb.UploadHeader(
+        round_id=round_id,
+        sample_count=samples,
+        fingerprint=fingerprint,
+        encoding=encoding,
+        compression=pb.COMPRESSION_ZSTD,
+        base_state_version=base_version,
+    )
+
+
 class FederationClient:
     """One edge's channel to the aggregator, with retries on transient failures."""
 
@@ -157,7 +172,7 @@ class FederationClient:
             return None
         specs = list(header.tensors)
         if [s.id for s in specs] not in ([TENSOR_ID], [TENSOR_ID, STATISTICS_ID]):
-            raise tensors.WireFormatError(
+            raise WireFormatError(
                 f"expected the packed parameters and statistics, the state has ids {[s.id for s in specs]}"
             )
         assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression)
@@ -168,7 +183,7 @@ class FederationClient:
                 vector = np.concatenate(assembler.finish(message.trailer)).astype(np.float32, copy=False)
                 moved = Transfer(raw=assembler.raw_bytes, wire=assembler.wire_bytes)
                 return Download(int(header.state_version), vector, moved)
-        raise tensors.WireFormatError("the state stream ended without a trailer")
+        raise WireFormatError("the state stream ended without a trailer")
 
     def upload(
         self,
@@ -192,14 +207,7 @@ class FederationClient:
         edge (a retry after the first attempt was counted but its receipt lost). Other refusals are
         raised.
         """
-        header = pb.UploadHeader(
-            round_id=round_id,
-            sample_count=samples,
-            fingerprint=fingerprint,
-            encoding=encoding,
-            compression=pb.COMPRESSION_ZSTD,
-            base_state_version=base_version,
-        )
+        header = upload_header(round_id, samples, fingerprint, encoding, base_version)
         encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed)
         chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
         trailer = encoder.trailer()

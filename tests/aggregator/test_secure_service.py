@@ -8,7 +8,7 @@ import pytest
 from fedclient import FINGERPRINT, code_of, upload_messages
 
 from edge_agent.client import Endpoint, FederationClient
-from edge_agent.secure import protocol as secure_round
+from edge_agent.secure import protocol
 from edge_agent.secure.session import EdgeSession
 from fedocr import retry, secagg
 from fedocr.v1 import federation_pb2 as pb
@@ -84,7 +84,7 @@ def to_unmask(
     sessions = {}
     for name, c in clients.items():
         reply = c.join(N, FINGERPRINT, 0, 0)
-        sessions[name] = EdgeSession(name, reply.round_id, secure_round.settings_of(reply.plan))
+        sessions[name] = EdgeSession(name, reply.round_id, protocol.settings_of(reply.plan))
         c.advertise(reply.round_id, *sessions[name].advertisement())
     for name, c in clients.items():
         s = sessions[name]

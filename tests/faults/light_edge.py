@@ -31,9 +31,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.client import Endpoint, FederationClient
-from edge_agent.secure import protocol as secure_round
+from edge_agent.client import Endpoint, FederationClient, upload_header
+from edge_agent.secure import protocol
 from fedocr import encodings, pki, retry, tensors, tls
+from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -175,11 +176,11 @@ class LightEdge:
 
         self.doing = "secure"
         try:
-            result = secure_round.run(
+            result = protocol.run(
                 client, reply, increment(self.name, round_id, self.length), count, FINGERPRINT,
                 reply.state_version, patience_s=120.0, on_step=step,
             )
-        except secure_round.RoundLeft as exc:
+        except protocol.RoundLeft as exc:
             self.events.write(kind="left", round_id=round_id, details=str(exc))
             return
         except grpc.RpcError as exc:  # the round moved on (a phase or the round ended meanwhile)
@@ -238,7 +239,7 @@ class LightEdge:
             assembler.add(message.chunk)
             self.events.write(kind="download_chunk", seq=k)
             time.sleep(self.args.chunk_pause)
-        raise tensors.WireFormatError("the state stream ended without a trailer")
+        raise WireFormatError("the state stream ended without a trailer")
 
     def upload(self, round_id: int, version: int) -> None:
         """Upload this round's increment; record it once acknowledged (receipt or GetRound)."""
@@ -253,14 +254,7 @@ class LightEdge:
             rounding="nearest",
         )
         chunks, trailer = list(encoder.chunks()), encoder.trailer()
-        header = pb.UploadHeader(
-            round_id=round_id,
-            sample_count=count,
-            fingerprint=FINGERPRINT,
-            encoding=encoding,
-            compression=pb.COMPRESSION_ZSTD,
-            base_state_version=version,
-        )
+        header = upload_header(round_id, count, FINGERPRINT, encoding, version)
         stall = self.args.stall_after_chunks if self.uploads == 0 else -1
         self.uploads += 1
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from aggregator.fedavg import FLOAT32_MAX, MAX_SAMPLES
 from aggregator.server import Running, start
 from fedocr import encodings, tensors
+from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 
 C = grpc.StatusCode
@@ -222,7 +223,7 @@ def reference(m: list[pb.UploadMessage], round_id: int, version: int, state: np.
                 return Accepted(float(h.sample_count), flat, assembler.digest())
             else:
                 return None
-    except tensors.WireFormatError:
+    except WireFormatError:
         return None
     return None
 
