@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aggregator.config import AggregatorConfig, ConfigError
 from fedocr import encodings
+from fedocr.recipe import DEFAULT_LR, RECIPE
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--deadline", dest="deadline_s", type=float, help="seconds a round stays open")
     add("--weighting", choices=("samples", "uniform"), help="FedAvg weights")
     add("--local-epochs", dest="local_epochs", type=int)
-    add("--lr", dest="learning_rate", type=float, help="base lr (Adam edges: 0.001; paper's Adadelta: 1)")
+    add("--lr", dest="learning_rate", type=float,
+        help=f"base lr (default {RECIPE.lr:g}, for {RECIPE.optimizer} edges; the paper's Adadelta: "
+        f"{DEFAULT_LR['adadelta']:g})")
     add("--lr-decay-rounds", dest="lr_decay_rounds", type=_ints, help="1-based rounds, e.g. 5,30")
     add("--lr-decay-factors", dest="lr_decay_factors", type=_floats, help="e.g. 0.1,0.01")
     add("--lr-cosine-from-round", dest="lr_cosine_from_round", type=int,

@@ -102,9 +102,6 @@ def _keygen_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge_agent keygen", description="Write a new random federation key (32 bytes, mode 0600)."
     )
-    p.add_argument(
-        "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
-    )
     p.add_argument("--out", required=True, type=Path, help="key file to create (never overwritten)")
     return p
 

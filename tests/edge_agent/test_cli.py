@@ -35,6 +35,17 @@ def test_keygen_writes_a_private_32_byte_key_and_never_overwrites(tmp_path: Path
     assert key.read_bytes() == data
 
 
+def test_keygen_takes_only_out(tmp_path: Path, capsys) -> None:
+    key = tmp_path / "federation.key"
+
+    with pytest.raises(SystemExit) as refused:
+        main(["keygen", "--out", str(key), "--val", str(tmp_path / "val")])
+
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --val" in capsys.readouterr().err
+    assert not key.exists()
+
+
 def _args(edge_data, test_pki, key: Path, **override: str) -> list[str]:
     values = {
         "--shard": str(edge_data.shards[0]),
