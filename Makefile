@@ -58,9 +58,9 @@ demo: install
 	$(BIN)/python -m experiments.demo --work-dir $(DEMO_DIR)
 
 # The paper's experiments in miniature: 5 models x single/centralized/federated, then
-# docs/results.md and Fig. 3. SCALE=smoke (minutes), mini-pre (the CPU run reported: pretrained
-# models fine-tuned), mini-cpu and mini (from scratch) or paper (an accelerator). Resumable:
-# finished runs (results/SCALE/*.json) are not repeated.
+# docs/results/experiment-SCALE.md and Fig. 3. SCALE=smoke (minutes), mini-pre (the CPU run
+# reported: pretrained models fine-tuned), mini-cpu and mini (from scratch) or paper (an
+# accelerator). Resumable: finished runs (results/SCALE/*.json) are not repeated.
 SCALE ?= mini-pre
 experiment: install
 	$(BIN)/python -m experiments --scale $(SCALE)
@@ -80,7 +80,7 @@ lint: install
 proto: install
 	$(BIN)/python -m fedocr.protogen
 
-# Measured figures, not tests (README "Measured results"); each prints a table.
+# Measured figures, not tests (docs/results/); each prints a table.
 bench: install
 	$(BIN)/python -m benchmarks.model_speed
 	$(BIN)/python -m benchmarks.synth
@@ -88,7 +88,7 @@ bench: install
 	$(BIN)/python -m benchmarks.load
 	$(BIN)/python -m benchmarks.secure_aggregation
 
-# How fast the training recipes learn to read (README "How fast it learns"): one row per recipe choice,
+# How fast the training recipes learn to read (docs/results/learning.md): one row per recipe choice,
 # steps and CPU seconds to 50% and 90% held-out word accuracy; resumable (results/learning/*.json).
 LEARNING_BUDGET ?= 900
 learning: install

@@ -111,7 +111,7 @@ class AggregatorConfig:
     join_wait_max_s: float = 30.0  # cap on a Join long-poll
     # Fixed HTTP/2 stream window: bounds what a waiting upload holds in the transport (0 = BDP).
     stream_window_bytes: int = 1 << 20
-    # Secure aggregation (README "Secure aggregation"): the server learns only the round's sum.
+    # Secure aggregation (docs/aggregator.md): the server learns only the round's sum.
     secure_aggregation: bool = False
     secagg_threshold: int = 0  # shares that rebuild a secret; 0 = a majority of its holders
     secagg_neighbours: int = 0  # k of the SecAgg+ graph; 0 = secagg.neighbour_count(roster size)

@@ -46,7 +46,7 @@ class LongPolls:
 
         Uploads then queue in the server's thread pool behind the polls until one ends (up to
         join_wait_max_s): with 200 edges on 64 threads, staggered uploads each waited ~23 s
-        (benchmarks/load.py --stagger 20) instead of ~0.2 s.
+        (python -m benchmarks.load --stagger 20) instead of ~0.2 s.
         """
         spare = self._config.max_workers - self.count
         if spare > self._config.max_concurrent_uploads or self._warned == round_id:

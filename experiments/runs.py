@@ -246,7 +246,7 @@ def evaluate_model(ctx: Context, model_file: Path) -> dict[str, dict]:
 
 
 def _record(ctx: Context, model: ModelSpec, manner: str, model_file: Path, wall_s: float, **extra) -> dict:
-    """The run's JSON (see experiments/report.py), written atomically."""
+    """The run's JSON (see experiments/report/), written atomically."""
     info = model_info(preset_of(ctx.scale, model), model.gamma_value)
     accuracy = evaluate_model(ctx, model_file)
     record = {

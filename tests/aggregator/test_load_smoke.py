@@ -1,4 +1,4 @@
-"""benchmarks/load.py end to end at toy size: a real aggregator, 3 edges over mTLS, one round."""
+"""benchmarks/load end to end at toy size: a real aggregator, 3 edges over mTLS, one round."""
 
 from __future__ import annotations
 

@@ -336,7 +336,7 @@ def test_observer_lists_rounds_over_mtls() -> None:
 def test_the_readme_certificate_serves_every_name_clients_check(
     config: AggregatorConfig, tmp_path: Path
 ) -> None:
-    """The ConfigMap's settings with a PKI made as the README says: edges (--server-name) and the
+    """The ConfigMap's settings with a PKI made as docs/deployment.md says: edges (--server-name) and the
     Service name both verify the server certificate and get grpc.health.v1 SERVING."""
     pki.create_ca(tmp_path)
     cert, key = pki.issue(tmp_path, pki.ROLE_SERVER, "aggregator", hosts=_pki_hosts())
