@@ -10,10 +10,9 @@ import torch
 from recognizer import cli
 from recognizer.augment import FAMILIES, AugmentConfig, augment, gaussian_blur, gaussian_noise
 from recognizer.dataset import WordDataset, array_to_tensor, collate, image_to_array, make_loader
-from recognizer.model import build_model
 from recognizer.recipe import GENERAL
 from recognizer.synth import render_dataset
-from recognizer.train import evaluate, make_optimizer, train_epoch
+from recognizer.train import evaluate
 
 ALL_OPS = [op for ops in FAMILIES.values() for op in ops]
 
@@ -104,44 +103,13 @@ def test_recipe_fills_only_the_train_options_not_given() -> None:
         GENERAL.augment, GENERAL.lr, GENERAL.cosine_from, GENERAL.preset) == ("straug", 3e-3, 1, "fedocr-cpu")
 
 
-# A model that reads: fedocr-tiny on clean digit strings (no dictionary to guess from), trained
-# until it reads MIN_CLEAN of held-out images. Shared by the readability test below only.
-MIN_CLEAN, MAX_STEPS = 0.7, 2500
-
-
-@pytest.fixture(scope="module")
-def digit_reader(tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("reader")
-    render_dataset(work / "train", 4000, seed=101, styles=["clean"], labels="digits", workers=2)
-    render_dataset(work / "held-out", 300, seed=202, styles=["clean"], labels="digits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model("fedocr-tiny", bytes(range(32)), 0.5)
-    loader = make_loader(work / "train", 16, shuffle=True, drop_last=True, **model.image_options)
-    held_out = make_loader(work / "held-out", 100, shuffle=False, **model.image_options)
-    optimizer = make_optimizer(model, 2e-3, "adam")
-    steps, accuracy = 0, 0.0
-
-    def score(_step: int, _loss: float) -> None:
-        nonlocal steps, accuracy
-        steps += 1
-        if steps % 250 == 0:
-            accuracy = evaluate(model, held_out, beam_width=1).accuracy
-            if accuracy >= MIN_CLEAN or steps >= MAX_STEPS:
-                raise StopIteration
-
-    try:
-        while True:
-            train_epoch(model, loader, optimizer, on_batch=score)
-    except StopIteration:
-        pass
-    yield model, work / "held-out"
-    torch.set_num_threads(threads)
+# The model that reads: the session's digit reader (conftest.py), trained until it reads MIN_CLEAN of
+# held-out clean digit strings.
+MIN_CLEAN = 0.7
 
 
 @pytest.mark.timeout(900)
-def test_augmented_images_stay_readable(digit_reader) -> None:
+def test_augmented_images_stay_readable(digit_reader: dict) -> None:
     """The training setting (2 ops at magnitude 0.5, each with probability 0.5) keeps a label readable.
 
     The model saw only clean images of one style, so part of the loss is its lack of robustness, not
@@ -150,7 +118,7 @@ def test_augmented_images_stay_readable(digit_reader) -> None:
     accuracy >= 0.6 x clean. A label-destroying control (a 4-pixel blur and heavy noise, which a
     person cannot read at 32 pixels high) must fall below the same bound, so it tells the two apart.
     """
-    model, held_out = digit_reader
+    model, held_out = digit_reader["model"], digit_reader["held_out_path"]
     options = model.image_options
 
     def accuracy(config: AugmentConfig | None) -> float:
