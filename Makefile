@@ -96,16 +96,15 @@ learning: install
 
 # The generalization table (benchmarks/generalization.py): each model of GEN_MODELS (its key beside it)
 # on held-out sets that differ from training in one way each (fonts, backgrounds, word length, the
-# rasterizer), GEN_COUNT images a row, rendered once into $(GEN_WORK); GEN_RECIPE=general trains
-# that recipe first. Writes results/generalization/$(GEN_NAME).json.
+# rasterizer), GEN_COUNT images a row, rendered once into $(GEN_WORK); the general-purpose recipe's
+# commands are in docs/recognizer.md. Writes results/generalization/$(GEN_NAME).json.
 GEN_MODELS ?=
-GEN_RECIPE ?=
 GEN_COUNT  ?= 1000
 GEN_WORK   ?= runs/generalization
 GEN_NAME   ?= generalization
 generalization: install
 	$(BIN)/python -m benchmarks.generalization $(foreach m,$(GEN_MODELS),--model $(m)) \
-		$(if $(GEN_RECIPE),--recipe $(GEN_RECIPE)) --count $(GEN_COUNT) --work-dir $(GEN_WORK) --name $(GEN_NAME)
+		--count $(GEN_COUNT) --work-dir $(GEN_WORK) --name $(GEN_NAME)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

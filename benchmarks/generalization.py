@@ -3,7 +3,6 @@
 Run from the repository root:
     .venv/bin/python -m benchmarks.generalization --model runs/general.npz [--model M2.npz ...] \\
         [--count 1000] [--labels words] [--work-dir runs/generalization] [--name NAME]
-    .venv/bin/python -m benchmarks.generalization --recipe general [--train-count N] [--epochs E]
 
 Rows are defined against the rich renderer's training split (``recognizer synth --styles varied
 --fonts train --backgrounds train``): ``in-distribution`` is that with another seed; ``fonts-unseen``
@@ -28,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-from recognizer import cli
 from recognizer.dataset import make_loader
 from recognizer.keys import load_key
 from recognizer.lmdb_data import DATA_FILE, LmdbReader
 from recognizer.model_io import load_model
-from recognizer.recipe import RECIPES
 from recognizer.render_agg import render_agg_dataset
 from recognizer.synth import STYLES, Sources, render_dataset
 from recognizer.train import evaluate
@@ -102,24 +99,6 @@ def score(model_path: Path, key_path: Path, sets: dict[str, Path], beam: int, ba
     return {"model": str(model_path), "preset": meta["preset"], "gamma": meta["gamma"], "rows": rows}
 
 
-def train_recipe(name: str, work: Path, train_count: int | None, epochs: int | None, threads: int) -> Path:
-    """Render the recipe's training set and train it with ``recognizer train --recipe`` into ``work``."""
-    recipe = RECIPES[name]
-    data, model = work / f"train-{name}", work / f"{name}.npz"
-    argv = recipe.synth_argv(str(data))
-    if train_count is not None:
-        argv[argv.index("--count") + 1] = str(train_count)
-    if not (data / DATA_FILE).is_file():
-        cli.main([*argv, "--progress", "none"])
-    train = ["train", "--recipe", name, "--data", str(data), "--out", str(model), "--threads", str(threads),
-             "--progress", "log"]
-    if epochs is not None:
-        train += ["--epochs", str(epochs), "--cosine-from", str(min(recipe.cosine_from or 0, epochs - 1))]
-    if cli.main(train) != 0:
-        raise RuntimeError(f"recognizer {' '.join(train)} failed")
-    return model
-
-
 def print_table(report: dict) -> None:
     """One block per model: a line per row with accuracy, 1-N.E.D. and the ratio to in-distribution."""
     for scored in report["models"]:
@@ -148,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", default=[], type=Path, help="a model file; repeat for more")
     p.add_argument("--key", action="append", default=[], type=Path,
                    help="the federation key of the --model in the same position (default: MODEL with .key)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="train this recipe first and score it too")
-    p.add_argument("--train-count", type=int, help="training images for --recipe (default: the recipe's)")
-    p.add_argument("--epochs", type=int, help="epochs for --recipe (default: the recipe's)")
     p.add_argument("--count", type=int, default=1000, help="images a row (default 1000)")
     p.add_argument("--labels", default="words", help="label kind of the rows but long-words (default words)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/generalization"))
@@ -164,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     models = list(args.model)
-    if args.recipe:
-        models.append(train_recipe(args.recipe, args.work_dir, args.train_count, args.epochs, args.threads))
     if not models:
-        p.error("give at least one --model or a --recipe")
+        p.error("give at least one --model")
     if len(args.key) > len(args.model):
         p.error("more --key than --model")
     keys = [*args.key, *(m.with_suffix(".key") for m in models[len(args.key):])]
@@ -175,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in ROWS}
     report = {
         "rows": [asdict(row) for row in ROWS], "count": args.count, "labels": args.labels, "seed": SEED,
-        "beam": args.beam, "recipe": args.recipe, "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+        "beam": args.beam, "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {args.threads} threads",
         "models": [score(m, k, sets, args.beam, args.batch_size) for m, k in zip(models, keys, strict=True)],
     }

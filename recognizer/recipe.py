@@ -72,12 +72,15 @@ class NamedRecipe:
                 "--backgrounds", self.synth_backgrounds]
 
 
-# A recognizer meant for text it was not rendered for (issue 20): the rich renderer's varied style
-# over its training font families and backgrounds, realistic labels, STRAug-style augmentation, and
-# the lr plan the words recipe was measured with (0.003, cosine after the first epoch); 10,000 steps
-# of batch 16.
+# A recognizer meant for text it was not rendered for: a fine-tuning stage (``--init``) of a model that
+# already reads the classic styles. From scratch, the varied data and augmentation hold fedocr-cpu on
+# its initial plateau for about a whole epoch; warm-started, the same CPU seconds read more of every
+# held-out row (docs/results/generalization.md). Its data: the rich renderer's varied style over the
+# training font families and backgrounds, realistic labels of up to 25 characters; STRAug-style
+# augmentation; one epoch at lr 0.002 decayed along a cosine from the start.
 GENERAL = NamedRecipe(
-    "general", epochs=4, lr=3e-3, cosine_from=1, augment="straug", synth_count=40_000, synth_labels="general",
+    "general", epochs=1, lr=2e-3, cosine_from=0, augment="straug", synth_count=80_000, synth_seed=11,
+    synth_labels="general",
 )
 RECIPES: dict[str, NamedRecipe] = {r.name: r for r in (GENERAL,)}
 
