@@ -373,7 +373,8 @@ def test_an_unmasked_mean_beyond_the_clip_fails_the_round_and_leaves_the_state(s
     s.deal(s.ids)
     s.upload(s.ids)
     s.tick()
-    s.fed.secure.masked[5] += np.uint32(1 << 30)  # what an upload summed without its masks leaves
+    # what an upload summed without its masks leaves (a slice: array arithmetic wraps mod 2^32 silently)
+    s.fed.secure.masked[5:6] += np.uint32(1 << 30)
     with caplog.at_level(logging.WARNING, logger="aggregator.coordinator"):
         s.reveal(s.ids)
         s.tick()
