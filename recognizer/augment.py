@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from recognizer.styles import jpeg_roundtrip
+
 Op = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 _BILINEAR = Image.Resampling.BILINEAR
 _BOX = Image.Resampling.BOX
@@ -277,13 +279,7 @@ def brightness(img: np.ndarray, level: float, rng: np.random.Generator) -> np.nd
 
 def jpeg(img: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
     """JPEG artefacts at quality 70 down to 15."""
-    import io
-
-    buffer = io.BytesIO()
-    Image.fromarray(img).save(buffer, format="JPEG", quality=int(70 - 55 * level))
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
+    return _pil(img, lambda im: jpeg_roundtrip(im, int(70 - 55 * level)))
 
 
 def pixelate(img: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:

@@ -6,7 +6,6 @@ several; all randomness comes from the sample's ``random.Random``.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable
 
@@ -96,11 +95,7 @@ def motion_blur(img: Image.Image, rng: random.Random) -> Image.Image:
 
 def jpeg(img: Image.Image, rng: random.Random) -> Image.Image:
     """``img`` after a round trip through heavy JPEG compression (quality 10 to 45): blocks and ringing."""
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=rng.randint(10, 45))
-    buf.seek(0)
-    with Image.open(buf) as out:
-        return out.convert("RGB")
+    return fx.jpeg_roundtrip(img, rng.randint(10, 45))
 
 
 def degrade(img: Image.Image, rng: random.Random, draw: dict[str, bool]) -> Image.Image:

@@ -10,7 +10,6 @@ model that reads only one rasterizer's glyph shapes shows it here. Labels come f
 from __future__ import annotations
 
 import functools
-import io
 import random
 import time
 from pathlib import Path
@@ -112,9 +111,7 @@ def render_agg_dataset(
         for i in range(count):
             rng = random.Random(f"fedocr-agg/{seed}/{i}")
             label = LABEL_KINDS[labels](rng)
-            buffer = io.BytesIO()
-            renderer.render(label, rng).save(buffer, format="JPEG", quality=quality)
-            writer.add(buffer.getvalue(), label, STYLE)
+            writer.add(fx.jpeg_bytes(renderer.render(label, rng), quality), label, STYLE)
     seconds = time.perf_counter() - start
     return {"path": str(out), "count": count, "seed": seed, "labels": labels, "seconds": round(seconds, 2),
             "images_per_s": round(count / seconds, 1) if seconds else 0.0}

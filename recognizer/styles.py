@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 
@@ -164,3 +165,16 @@ def downscale(img: Image.Image, rng: random.Random, min_h: int = 12, max_h: int 
         return img
     new_w = max(1, round(w * new_h / h))
     return img.resize((new_w, new_h), rng.choice((Image.Resampling.BOX, _BILINEAR, Image.Resampling.NEAREST)))
+
+
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    """``img`` encoded as JPEG at ``quality``."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """``img`` (RGB) after a round trip through JPEG at ``quality``: its blocks and ringing."""
+    with Image.open(io.BytesIO(jpeg_bytes(img, quality))) as out:
+        return out.convert("RGB")

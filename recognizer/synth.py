@@ -16,7 +16,6 @@ training mode: about 130 font families, eleven background kinds split 7/4, and e
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import multiprocessing
 import random
@@ -259,9 +258,7 @@ def render_sample(
     img = render_word(label, style, rng, font_path, sources)
     if style == "lowres":
         quality = min(quality, rng.randint(40, 80))  # small crops usually come heavily compressed
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), label
+    return fx.jpeg_bytes(img, quality), label
 
 
 def _render_job(job: tuple[int, int, str, int, str, Sources]) -> tuple[bytes, str, str]:
