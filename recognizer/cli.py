@@ -12,10 +12,13 @@ from pathlib import Path
 
 from recognizer import recipe
 from recognizer.augment import AUGMENTS, AugmentConfig
+from recognizer.backgrounds import BACKGROUND_SETS
 from recognizer.charset import ALPHABETS
 from recognizer.device import DEVICES, WORKERS_HELP
+from recognizer.fonts import FONT_SETS
 from recognizer.progress import Progress, add_progress_arguments
 from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS, RECIPE, RECIPES
+from recognizer.vocabulary import LABEL_KINDS
 
 log = logging.getLogger("recognizer")
 
@@ -102,7 +105,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from fedocr.schedule import cosine_lr
-    from recognizer.augment import AugmentConfig
     from recognizer.dataset import make_loader
     from recognizer.device import default_bf16, default_workers, resolve_device
     from recognizer.keys import KEY_BYTES, load_key, write_key
@@ -249,17 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--styles", help="comma-separated style families (default: the eight classic ones; "
                                     "varied: any font and background, every text effect at random)")
-    p.add_argument("--labels", choices=("mixed", "words", "digits", "general", "long"), default="mixed",
+    p.add_argument("--labels", choices=tuple(LABEL_KINDS), default="mixed",
                    help="words, numbers and codes (mixed), dictionary words of up to 10 letters in "
                         "varied case (words), digit strings (digits), words of up to 25 characters with "
                         "compounds, apostrophes and numbers (general) or words of 11-25 letters (long)")
-    sets = ("classic", "train", "held-out", "all", "dirs")  # fonts.FONT_SETS, backgrounds.BACKGROUND_SETS
-    p.add_argument("--fonts", choices=sets, default="classic",
+    p.add_argument("--fonts", choices=FONT_SETS, default="classic",
                    help="font families: the nine packaged ones (classic, default), the training or held-out "
                         "side of the fixed family split, all, or only those of --font-dir (dirs)")
     p.add_argument("--font-dir", action="append", default=[], metavar="DIR",
                    help="a directory of .ttf/.otf faces to add (repeatable)")
-    p.add_argument("--backgrounds", choices=sets, default="classic",
+    p.add_argument("--backgrounds", choices=BACKGROUND_SETS, default="classic",
                    help="each style's own (classic, default), the training or held-out generator kinds, "
                         "all, or only crops of --background-dir images (dirs)")
     p.add_argument("--background-dir", action="append", default=[], metavar="DIR",
