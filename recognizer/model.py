@@ -106,6 +106,12 @@ PRESETS: dict[str, ModelConfig] = {
     # instead of 2,500 (benchmarks/learning.py: rows default and narrow-stages).
     "fedocr-cpu": ModelConfig(
         "fedocr-cpu", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE, **_TINY),
+    # fedocr-cpu reading 32x160 images: 40 columns, so words of up to 25 letters keep a column each
+    # (the CTC head needs one per letter) and long words are squeezed less. The same weights as
+    # fedocr-cpu (a model of one starts the other); the general recipe's preset.
+    "fedocr-cpu-wide": ModelConfig(
+        "fedocr-cpu-wide", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE,
+        **{**_TINY, "input_hw": (32, 160), "tps_output_hw": (32, 160)}),
 }  # fmt: skip
 
 
@@ -241,6 +247,13 @@ def resolve_preset(preset: str | ModelConfig) -> ModelConfig:
         return PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def same_weights(a: str | ModelConfig, b: str | ModelConfig) -> bool:
+    """Whether two presets hold the same weights and differ at most in the image size they read
+    (``input_hw``, ``tps_output_hw``): a model file of one then starts the other (``--init``)."""
+    a, b = resolve_preset(a), resolve_preset(b)
+    return dataclasses.replace(a, name=b.name, input_hw=b.input_hw, tps_output_hw=b.tps_output_hw) == b
 
 
 def build_model(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recognizer import state
-from recognizer.model import Recognizer, build_model
+from recognizer.model import PRESETS, Recognizer, build_model, same_weights
 
 FORMAT = "fedocr-model/2"  # 2: the alphabet is recorded, class ids start with EOS and PAD
 
@@ -102,11 +102,14 @@ def start_from(model: Recognizer, path: Path, key: bytes, preset: str, fingerpri
     """Load a model file's weights into ``model`` as built (W_0 under ``key``), to fine-tune it.
 
     ``fingerprint`` is ``state.fingerprint`` of the model as built, which the caller keeps anyway.
-    The file must hold the same preset, gamma and alphabet, made under the same key (its
+    The file must hold the same gamma and alphabet and a preset of the same weights (the same
+    preset, or one that reads another image size: ``same_weights``), made under the same key (its
     fingerprint is of the same W_0). Raises ModelFileError naming the file otherwise.
     """
     meta, packed = read_model_file(path)
     ours = {"preset": preset, "gamma": model.gamma, "alphabet": model.alphabet.name}
+    if meta.get("preset") in PRESETS and same_weights(meta["preset"], preset):
+        ours["preset"] = meta["preset"]
     if differ := [f"{k} {meta.get(k)!r} (here {v!r})" for k, v in ours.items() if meta.get(k) != v]:
         raise ModelFileError(f"{path}: cannot start from it: {', '.join(differ)}")
     if fingerprint.hex() != meta["fingerprint"]:

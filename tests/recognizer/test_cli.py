@@ -16,9 +16,9 @@ from recognizer.charset import get_alphabet
 from recognizer.dataset import make_loader
 from recognizer.keys import generate_key, load_key
 from recognizer.lmdb_data import LmdbWriter
-from recognizer.model import build_model
-from recognizer.model_io import ModelFileError, load_model, read_model_file, save_model
-from recognizer.state import fingerprint
+from recognizer.model import build_model, same_weights
+from recognizer.model_io import ModelFileError, load_model, read_model_file, save_model, start_from
+from recognizer.state import fingerprint, pack_model
 from recognizer.synth import render_sample
 
 
@@ -107,6 +107,22 @@ def test_wrong_key_is_refused_and_unverified_reads_garbage(tmp_path: Path, words
     model.eval()
     with torch.no_grad():  # BN variances land on shuffled weights, so NaN counts as garbage too
         assert not torch.allclose(model(images, targets), garbage(images, targets), atol=1e-3)
+
+
+def test_a_model_starts_a_preset_that_reads_wider_images(tmp_path: Path) -> None:
+    key = generate_key(tmp_path / "m.key")
+    narrow = build_model("fedocr-cpu", key, 0.5)
+    initial = fingerprint(narrow, key)
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(0.01)  # trained weights, not W_0
+    save_model(tmp_path / "m.npz", narrow, key, "fedocr-cpu", initial)
+    wide = build_model("fedocr-cpu-wide", key, 0.5)
+    start_from(wide, tmp_path / "m.npz", key, "fedocr-cpu-wide", fingerprint(wide, key))
+
+    assert np.array_equal(pack_model(wide, key), pack_model(narrow, key))
+    assert wide.encoder(torch.zeros(1, 3, 32, 160)).shape[-1] == 40  # a column per letter up to 25 and more
+    assert same_weights("fedocr-cpu", "fedocr-cpu-wide") and not same_weights("fedocr-cpu", "fedocr-tiny")
 
 
 @pytest.mark.parametrize(
