@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="edges carry their quantization error into the next round (default on)",
     )
+    add("--download-encoding", dest="download_encoding", choices=tuple(encodings.NAMES),
+        help="how edges download each round's change of the state (default float32: the whole state)")
     add("--accept-encodings", dest="accept_encodings", type=_names, help="e.g. float32,int8")
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)

@@ -32,6 +32,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "error_feedback",
     ),
     "transfer": (
+        "download_encoding",
         "accept_encodings",
         "zstd_level",
         "max_chunk_bytes",
@@ -100,6 +101,9 @@ class AggregatorConfig:
     encoding: str = "float32"
     error_feedback: bool = True
     accept_encodings: tuple[str, ...] = tuple(encodings.NAMES)  # uploads in others are refused
+    # How edges download the state (aggregator/visible.py): float32 sends the global state itself; a
+    # lossy encoding sends each round's change of the state edges see, with error feedback here.
+    download_encoding: str = "float32"
     zstd_level: int = 3
     max_chunk_bytes: int = 2 << 20  # decoded bytes per upload chunk (fedocr.tensors.MAX_CHUNK_RAW_BYTES)
     # float32 values per downloaded chunk (256 KiB): gRPC keeps, per connection, buffers about the
@@ -128,6 +132,9 @@ class AggregatorConfig:
         unknown = [e for e in (*self.accept_encodings, self.encoding) if e not in encodings.NAMES]
         if unknown:
             raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(encodings.NAMES)}")
+        if self.download_encoding not in encodings.NAMES:
+            names = ", ".join(encodings.NAMES)
+            raise ConfigError(f"unknown download_encoding {self.download_encoding!r}; choose from {names}")
         if self.encoding not in self.accept_encodings:
             raise ConfigError(
                 f"the plan's encoding {self.encoding!r} is not in accept_encodings "

@@ -22,8 +22,10 @@ from aggregator.longpoll import LongPolls
 from aggregator.rounds import CLOSED, OPEN, Bytes, JoinResult, Receipt, RoundRecord, new_round
 from aggregator.secure.phases import SecureRounds, Wiring
 from aggregator.store import Manifest, Store
-from aggregator.transfer import StateCache, StateStream
+from aggregator.transfer import StateCache, StateStream, chain_stream
 from aggregator.upload import read_header, stage
+from aggregator.visible import Change, chain_to_keep, encode_change
+from fedocr import encodings
 from fedocr.errors import Busy, DuplicateUpload, ModelMismatch, NotReady, RoundClosed, StorageUnavailable
 from fedocr.v1 import federation_pb2 as pb
 
@@ -59,7 +61,9 @@ class RoundCoordinator:
             close=self._aggregate, retry=self._retry, polls=self._polls
         )
         self.secure = SecureRounds(config, wiring)
+        self._download_encoding = encodings.NAMES[config.download_encoding]
         self._load()
+        self._reconcile_visible()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -72,6 +76,8 @@ class RoundCoordinator:
         self._round = snap.round
         self._history = snap.history
         self._total = snap.total
+        self._visible = snap.visible  # the state edges hold; None: the global state itself
+        self._changes = [Change.from_bytes(snap.changes[v]) for v in sorted(snap.changes)]
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
@@ -82,6 +88,17 @@ class RoundCoordinator:
                 "resumed round %s (index %s): %s upload(s) committed, weight %s, state version %s",
                 r.round_id, r.round_index, r.committed, r.weight, self.state_version
             )
+
+    def _reconcile_visible(self) -> None:
+        """Start the visible state over when the download encoding changed between float32 and a
+        lossy one: from the global state (edges then download the full state once), or none."""
+        lossy = encodings.is_lossy(self._download_encoding)
+        if self.manifest is None or lossy == (self._visible is not None):
+            return
+        self._visible = self._state.copy() if lossy else None
+        self._changes = []
+        self._store.reset_visible(self._visible)
+        logger.info("download encoding %s: visible state started over", self.config.download_encoding)
 
     def start(self) -> None:
         """Start the round clock (deadlines, and a quorum reached just before a crash)."""
@@ -157,10 +174,17 @@ class RoundCoordinator:
 
     # -- rounds ----------------------------------------------------------------------------
 
-    def _finish(self, r: RoundRecord, state: np.ndarray | None, version: int, following) -> None:
+    def _finish(
+        self,
+        r: RoundRecord,
+        state: np.ndarray | None,
+        version: int,
+        following,
+        visible: tuple[np.ndarray, bytes, list[int]] | None = None,
+    ) -> None:
         """Persist a round's end; on failure go back to what the disk holds."""
         try:
-            self._store.finish_round(r, state, version, following)
+            self._store.finish_round(r, state, version, following, visible)
             if r.secure is not None:
                 r.secure.drop_blobs()  # kept on disk only until now; the history holds the core
         except Exception as exc:
@@ -194,8 +218,18 @@ class RoundCoordinator:
         following = None
         if r.round_index + 1 < self.config.total_rounds:
             following = self._new_round(r.round_index + 1, now, version)
-        self._finish(r, state, version, following)
+        visible, changes, written = self._visible, self._changes, None
+        if visible is not None:  # a lossy download encoding: the change edges will download
+            change, visible = encode_change(
+                visible, state, version, self.manifest.tensors, self._download_encoding,
+                self.config.zstd_level, self.config.chunk_elements,
+            )
+            changes = chain_to_keep([*changes, change], 4 * state.size)
+            dropped = sorted({c.version for c in self._changes} - {c.version for c in changes})
+            written = (visible, change.to_bytes(), dropped)
+        self._finish(r, state, version, following, written)
         self._state, self.state_version, self._round = state, version, following
+        self._visible, self._changes = visible, changes
         self._history.append(r)
         self._total.fill(0.0)
         self.secure.clear()
@@ -249,7 +283,9 @@ class RoundCoordinator:
         self._total = np.zeros(manifest.size, dtype=np.float64)
         self.secure.load(None, manifest.size)
         self._round = self._new_round(0, now, 1)
-        self._store.init_model(manifest, self._state, 1, self._round)
+        lossy = encodings.is_lossy(self._download_encoding)
+        self._visible, self._changes = (self._state.copy() if lossy else None), []
+        self._store.init_model(manifest, self._state, 1, self._round, visible=lossy)
         logger.info(
             "model registered: %s tensor(s), %s values; round %s opened",
             len(manifest.tensors), manifest.size, self._round.round_id
@@ -257,12 +293,19 @@ class RoundCoordinator:
         self._cond.notify_all()
 
     def download(self, edge_id: str, held_version: int) -> StateStream:
-        """The current global state as chunks (header only when the edge holds that version)."""
+        """The state edges train from: a header alone when the edge holds the current version, the
+        chain of changes since its version when they are kept, else the full state in float32."""
         with self._cond:
             if self.manifest is None:
                 raise NotReady("no model yet: an edge must Join with its manifest first")
             state, version, specs = self._state, self.state_version, self.manifest.tensors
-        stream = self._cache.stream(state, version, specs, unchanged=held_version == version)
+            if self._visible is not None:
+                state = self._visible
+            chain = [c for c in self._changes if c.version > held_version]
+        if chain and held_version and chain[0].header.base_state_version == held_version:
+            stream = chain_stream(chain)
+        else:
+            stream = self._cache.stream(state, version, specs, unchanged=held_version == version)
         stream.on_done = lambda moved: self._account_download(edge_id, moved)
         return stream
 

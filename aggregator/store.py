@@ -12,8 +12,8 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -37,6 +37,10 @@ KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; abse
 # Never a single edge's unmasked vector: masks cancel only in the sum, and only after unmasking.
 KEY_MASKED_SUM = b"round/masked_sum"
 HISTORY_PREFIX = b"history/"
+# A lossy download encoding (aggregator/visible.py): the state edges hold, float32 like KEY_STATE, and
+# the encoded changes that lead to it, b"visible/change/000000000007" (a Change's stored bytes).
+KEY_VISIBLE = b"visible/state"
+CHANGE_PREFIX = b"visible/change/"
 # Secure aggregation's per-edge blobs of one round (SecureRecord.take_blobs), e.g.
 # b"secure/000000000004/dealt/edge-1": written once each, with the round record; gone at its end.
 SECURE_PREFIX = b"secure/"
@@ -71,6 +75,11 @@ def _put_record(txn: lmdb.Transaction, record: RoundRecord) -> None:
     if record.secure is not None:
         for name, data in record.secure.take_blobs():
             txn.put(secure_prefix(record.round_id) + name.encode(), data)
+
+
+def change_key(version: int) -> bytes:
+    """The key of the stored change that leads to visible ``version``."""
+    return CHANGE_PREFIX + b"%012d" % version
 
 
 def history_key(round_id: int) -> bytes:
@@ -148,6 +157,8 @@ class Snapshot:
     total: np.ndarray | None
     history: list[RoundRecord]
     masked: np.ndarray | None = None
+    visible: np.ndarray | None = None  # None: edges see the global state itself
+    changes: dict[int, bytes] = field(default_factory=dict)  # visible version -> its stored change
 
 
 class Store:
@@ -234,17 +245,37 @@ class Store:
                 total=total,
                 history=history,
                 masked=_array(txn.get(KEY_MASKED_SUM), MASKED_DTYPE),
+                visible=_array(txn.get(KEY_VISIBLE), STATE_DTYPE),
+                changes={
+                    int(bytes(k)[len(CHANGE_PREFIX) :]): bytes(v) for k, v in _prefix(txn, CHANGE_PREFIX)
+                },
             )
 
-    def init_model(self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord) -> None:
-        """Record the federation's manifest, its zero global state and the first round, at once."""
+    def init_model(
+        self, manifest: Manifest, state: np.ndarray, version: int, first: RoundRecord, visible: bool = False
+    ) -> None:
+        """Record the federation's manifest, its zero global state and the first round, at once;
+        ``visible``: the visible state too (a lossy download encoding), equal to the state at first."""
         with self._write() as txn:
             txn.put(KEY_MANIFEST, manifest.to_json())
             txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
+            if visible:
+                txn.put(KEY_VISIBLE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
             txn.delete(KEY_MASKED_SUM)
+
+    def reset_visible(self, visible: np.ndarray | None) -> None:
+        """Start the visible state over (the download encoding changed): store ``visible`` as it,
+        or none at all, and drop every stored change."""
+        with self._write() as txn:
+            for key in [bytes(k) for k, _ in _prefix(txn, CHANGE_PREFIX)]:
+                txn.delete(key)
+            if visible is None:
+                txn.delete(KEY_VISIBLE)
+            else:
+                txn.put(KEY_VISIBLE, _bytes(visible, STATE_DTYPE))
 
     def save_round(self, record: RoundRecord) -> None:
         """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
@@ -297,10 +328,25 @@ class Store:
         return commit
 
     def finish_round(
-        self, done: RoundRecord, state: np.ndarray | None, version: int, following: RoundRecord | None
+        self,
+        done: RoundRecord,
+        state: np.ndarray | None,
+        version: int,
+        following: RoundRecord | None,
+        visible: tuple[np.ndarray, bytes, Iterable[int]] | None = None,
     ) -> None:
-        """Move a closed/failed round to the history, store the new state, open the next round."""
+        """Move a closed/failed round to the history, store the new state, open the next round.
+
+        ``visible``: the new visible state, the stored change that leads to it (at ``version``) and
+        the versions of older changes to drop, written in the same transaction.
+        """
         with self._write() as txn:
+            if visible is not None:
+                state_seen, change, dropped = visible
+                txn.put(KEY_VISIBLE, _bytes(state_seen, STATE_DTYPE))
+                txn.put(change_key(version), change)
+                for old in dropped:
+                    txn.delete(change_key(old))
             txn.put(history_key(done.round_id), done.to_json())
             for key in [bytes(k) for k, _ in _prefix(txn, secure_prefix(done.round_id))]:
                 txn.delete(key)  # the shares of a finished round are of no further use

@@ -112,7 +112,7 @@ class EdgeAgent:
         moved = {"raw": 0, "wire": 0}
         if version != self.held_version:
             started = time.perf_counter()
-            download = self._call(self.client.download, self.held_version)
+            download = self._call(self.client.download, self.held_version, self._global)
             if download is not None:
                 self._global, self.held_version = download.vector, download.version
                 moved = {"raw": download.moved.raw, "wire": download.moved.wire}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,47 @@ def upload_header(
     )
 
 
+def read_state(
+    stream: Iterable[pb.StateChunk], held_version: int, held: np.ndarray | None
+) -> Download | None:
+    """Apply a DownloadState stream's segments in order to the state held (None when it says
+    ``held_version`` is current). Each segment is the full state or the change from the version
+    before it; the state after each must match the SHA-256 its header announces (StateMismatch)."""
+    version, vector, raw, wire = held_version, held, 0, 0
+    header, chunks = None, []
+    for message in stream:
+        kind = message.WhichOneof("kind")
+        if kind == "header" and header is None:
+            header, chunks = message.header, []
+            if header.unchanged:
+                return None
+            ids = [s.id for s in header.tensors]
+            if ids not in ([TENSOR_ID], [TENSOR_ID, STATISTICS_ID]):
+                raise WireFormatError(f"expected the packed parameters and statistics, the state has {ids}")
+            base = header.base_state_version
+            if base and (vector is None or base != version):
+                raise WireFormatError(f"a change from state version {base}; this edge holds {version}")
+        elif kind == "chunk" and header is not None:
+            chunks.append(message.chunk)
+        elif kind == "trailer" and header is not None:
+            base = vector if header.base_state_version else None
+            vector, decoded = tensors.apply_segment(
+                base, list(header.tensors), header.encoding, chunks, message.trailer, header.compression
+            )
+            if header.state_sha256 and tensors.state_sha256(vector) != header.state_sha256:
+                built = "" if base is None else f", built on the held version {version},"
+                raise tensors.StateMismatch(
+                    f"state version {header.state_version}{built} does not match the SHA-256 sent with it"
+                )
+            version, header = int(header.state_version), None
+            raw, wire = raw + decoded, wire + sum(len(c.payload) for c in chunks)
+        else:
+            raise WireFormatError(f"a state {kind} out of place in the download stream")
+    if header is not None or vector is None or version == held_version:
+        raise WireFormatError("the state stream ended inside a segment or without one")
+    return Download(version, vector, Transfer(raw=raw, wire=wire))
+
+
 class FederationClient:
     """One edge's channel to the aggregator, with retries on transient failures."""
 
@@ -160,30 +201,25 @@ class FederationClient:
         )
         return self._invoker.call(self._stub.Join, request, timeout=RPC_TIMEOUT_S + wait_s)
 
-    def download(self, held_version: int = 0) -> Download | None:
-        """The global state, or None when the aggregator says ``held_version`` is current."""
-        return self._invoker.call(self._download_once, held_version)
+    def download(self, held_version: int = 0, held: np.ndarray | None = None) -> Download | None:
+        """The state to train from, or None when the aggregator says ``held_version`` is current.
 
-    def _download_once(self, held_version: int) -> Download | None:
-        request = pb.DownloadStateRequest(held_state_version=held_version)
-        stream: Iterator[pb.StateChunk] = iter(self._stub.DownloadState(request, timeout=RPC_TIMEOUT_S))
-        header = next(stream).header
-        if header.unchanged:
-            return None
-        specs = list(header.tensors)
-        if [s.id for s in specs] not in ([TENSOR_ID], [TENSOR_ID, STATISTICS_ID]):
-            raise WireFormatError(
-                f"expected the packed parameters and statistics, the state has ids {[s.id for s in specs]}"
-            )
-        assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression)
-        for message in stream:
-            if message.WhichOneof("kind") == "chunk":
-                assembler.add(message.chunk)
-            elif message.WhichOneof("kind") == "trailer":
-                vector = np.concatenate(assembler.finish(message.trailer)).astype(np.float32, copy=False)
-                moved = Transfer(raw=assembler.raw_bytes, wire=assembler.wire_bytes)
-                return Download(int(header.state_version), vector, moved)
-        raise WireFormatError("the state stream ended without a trailer")
+        ``held`` is the state of ``held_version``: the aggregator may send only the changes since
+        it. A state that does not match the SHA-256 its header announces is refused; when it was
+        built on ``held``, the full state is downloaded once instead (a held state gone bad).
+        """
+        try:
+            return self._invoker.call(self._download_once, held_version, held)
+        except tensors.StateMismatch as exc:
+            if held is None:
+                raise
+            log.warning("%s; downloading the full state", exc)
+            return self._invoker.call(self._download_once, 0, None)
+
+    def _download_once(self, held_version: int, held: np.ndarray | None) -> Download | None:
+        request = pb.DownloadStateRequest(held_state_version=held_version if held is not None else 0)
+        stream = self._stub.DownloadState(request, timeout=RPC_TIMEOUT_S)
+        return read_state(stream, held_version if held is not None else 0, held)
 
     def upload(
         self,

@@ -12,7 +12,7 @@ chunk.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -51,6 +51,10 @@ class LengthMismatch(WireFormatError):
 
 class ChecksumMismatch(WireFormatError):
     """The trailer's sha256 is not the digest of the payloads received."""
+
+
+class StateMismatch(WireFormatError):
+    """A downloaded state whose SHA-256 is not the one its header announced."""
 
 
 class ChunkTooLarge(WireFormatError):
@@ -351,6 +355,30 @@ class ChunkAssembler:
     def digest(self) -> bytes:
         """The sha256 of the payloads received so far."""
         return self._digest.digest()
+
+
+def state_sha256(state: np.ndarray) -> bytes:
+    """SHA-256 of a flat state's float32 little-endian bytes: what edges check a download against."""
+    return hashlib.sha256(np.ascontiguousarray(state, dtype=FLOAT32).tobytes()).digest()
+
+
+def apply_segment(
+    held: np.ndarray | None,
+    specs: Sequence[pb.TensorSpec | tuple[int, int, bool]],
+    encoding: int,
+    chunks: Iterable[pb.TensorChunk],
+    trailer: pb.Trailer,
+    compression: int = pb.COMPRESSION_ZSTD,
+) -> tuple[np.ndarray, int]:
+    """Decode one download segment: the state after it (``held`` + the change, or the state itself
+    when ``held`` is None) and the segment's decoded payload bytes. Raises a WireFormatError
+    subclass on bad chunks."""
+    assembler = ChunkAssembler(specs, encoding, compression)
+    for chunk in chunks:
+        assembler.add(chunk)
+    values = np.concatenate(assembler.finish(trailer)).astype(FLOAT32, copy=False)
+    state = values if held is None else np.add(held, values, dtype=np.float32)
+    return state, assembler.raw_bytes
 
 
 def check_finite(arrays: Sequence[np.ndarray], ids: Sequence[int] | None = None) -> None:

@@ -42,6 +42,7 @@ class Settings:
     lr_cosine_from_round: int = 0  # 1-based round from which the lr falls along a cosine (0: off)
     optimizer: str = "adadelta"  # in the aggregator's plan, which the edges follow
     encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
+    download_encoding: str = "float32"  # the downloads': float32 is the whole state, else each change
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
 
@@ -58,6 +59,7 @@ class Settings:
             "--batch-size", str(self.batch_size),
             "--optimizer", self.optimizer,
             "--encoding", self.encoding,
+            "--download-encoding", self.download_encoding,
             "--lr-decay-rounds", self.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),

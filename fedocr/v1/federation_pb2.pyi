@@ -360,7 +360,7 @@ class DownloadStateRequest(_message.Message):
     def __init__(self, held_state_version: _Optional[int] = ...) -> None: ...
 
 class StateHeader(_message.Message):
-    __slots__ = ("state_version", "tensors", "encoding", "compression", "unchanged", "raw_bytes", "wire_bytes")
+    __slots__ = ("state_version", "tensors", "encoding", "compression", "unchanged", "raw_bytes", "wire_bytes", "base_state_version", "state_sha256")
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,8 @@ class StateHeader(_message.Message):
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     state_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: Encoding
@@ -375,7 +377,9 @@ class StateHeader(_message.Message):
     unchanged: bool
     raw_bytes: int
     wire_bytes: int
-    def __init__(self, state_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., unchanged: _Optional[bool] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+    base_state_version: int
+    state_sha256: bytes
+    def __init__(self, state_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., unchanged: _Optional[bool] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., base_state_version: _Optional[int] = ..., state_sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor_id", "offset", "count", "payload", "seq")

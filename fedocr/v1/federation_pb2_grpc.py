@@ -110,7 +110,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadState(self, request, context):
-        """The global state (sum of averaged increments), compressed and chunked.
+        """The state edges train from, compressed and chunked: the full state, or the chain of encoded
+        changes since the version the edge holds (one header, chunks, trailer segment per change).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

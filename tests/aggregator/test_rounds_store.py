@@ -153,10 +153,10 @@ def test_config_encodings(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text(
         '[plan]\nencoding = "int4"\nerror_feedback = false\noptimizer = "adadelta"\n'
-        '[transfer]\naccept_encodings = ["float32", "int4"]\n'
+        '[transfer]\naccept_encodings = ["float32", "int4"]\ndownload_encoding = "int3"\n'
     )
     loaded = AggregatorConfig.load(path)
-    assert (loaded.encoding, loaded.error_feedback) == ("int4", False)
+    assert (loaded.encoding, loaded.error_feedback, loaded.download_encoding) == ("int4", False, "int3")
     assert loaded.accept_encodings == ("float32", "int4")
     plan = new_round(loaded, 1, 0, 0.0, 1).plan
     assert (plan.encoding, plan.error_feedback, plan.optimizer) == ("int4", False, "adadelta")
@@ -164,6 +164,8 @@ def test_config_encodings(tmp_path: Path) -> None:
         AggregatorConfig(encoding="int8", accept_encodings=("float32",))
     with pytest.raises(ConfigError, match="unknown encoding 'int5'"):
         AggregatorConfig(accept_encodings=("float32", "int5"))
+    with pytest.raises(ConfigError, match="unknown download_encoding 'int1'; choose from float32"):
+        AggregatorConfig(download_encoding="int1")
     path.write_text("[plan]\nerror_feedback = 1\n")
     with pytest.raises(ConfigError, match="error_feedback = 1 is not true or false"):
         AggregatorConfig.load(path)

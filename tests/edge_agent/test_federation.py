@@ -75,9 +75,11 @@ def held_out(model, data: Path) -> tuple[float, float]:
 
 
 def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
-    # Uploads in int8 with error feedback (the plan's); the other tests here upload float32.
+    # Uploads in int8 with error feedback (the plan's), downloads of the state's change in int4; the
+    # other tests here move float32 both ways.
     settings = harness.Settings(
-        rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8"
+        rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8",
+        download_encoding="int4",
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
@@ -108,8 +110,8 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     assert edge_totals == {k: int(v) for k, v in history["total_bytes"].items()}
     assert edge_totals["raw_up"] > 0 and edge_totals["wire_down"] > 0
 
-    # The edges followed the plan's encoding: int8 uploads, float32 downloads, and each keeps
-    # the quantization error it still owes in its work directory.
+    # The edges followed the plan's encoding: int8 uploads, and each keeps the quantization error it
+    # still owes in its work directory. Downloads: the first state whole in float32, then its change.
     key = load_key(federation_key)
     model = build_model(PRESET, key, 0.5)
     length, statistics = sum(state.state_lengths(model)), state.statistics_length(model)
@@ -119,7 +121,9 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         # The parameters in int8 (about a quarter of float32), the running statistics in float32.
         int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length - statistics) + 4 * statistics
         assert all(r["up"]["raw"] == int8_bytes for r in counted)
-        assert all(r["down"]["raw"] in (0, 4 * length) for r in recs)
+        int4_bytes = encodings.payload_size(pb.ENCODING_INT4_QUANTIZED, length - statistics) + 4 * statistics
+        downloads = [r["down"]["raw"] for r in recs if r["down"]["raw"]]
+        assert downloads == [4 * length, int4_bytes, int4_bytes], recs
         residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]
         assert residual.shape == (length,) and 0 < np.abs(residual).max() < 1e-2
 
