@@ -1,4 +1,5 @@
-"""What the upload encodings cost and save: bytes per edge per round, and the accuracy they leave.
+"""What the upload and download encodings cost and save: bytes per edge per round, and the accuracy
+they leave.
 
     .venv/bin/python -m benchmarks.quantization            # bytes (about a minute)
     .venv/bin/python -m benchmarks.quantization --accuracy [--rounds 16] [--parallel 2]
@@ -8,15 +9,17 @@ Bytes: a real increment (``fedocr-tiny`` at gamma 1/2, and the paper-width ``fed
 uploads it (edge_agent.client.encode_upload: chunks of 65,536 values, zstd level 3, the running
 statistics in float32 whatever the encoding) in every encoding. Printed: raw and wire bytes, their
 ratios to float32's, and the relative error of one round's decoded increment, for nearest and
-stochastic rounding.
+stochastic rounding. Downloads: the same increment as the change of the state an edge sees,
+encoded by the aggregator's own path (aggregator.visible.encode_change), and both ways together.
 
 Accuracy (``--accuracy``): an in-process federation of the services' own parts (edge_agent.local's
 LocalModel per edge, aggregator.fedavg's weighted sum, the edge's upload encoder for the wire): EDGES
 edges with IID shards of clean digit strings, one local epoch per round, the default plan (Adam,
 recognizer.recipe's lr and batch size); after every round the global model is scored on a
-held-out set of another seed. One variant per encoding and error-feedback setting, each in a
-process of its own on one thread; one JSON per finished variant lands in --results, so a rerun
-resumes.
+held-out set of another seed. A variant with a lossy download encoding keeps the visible state as
+the aggregator does (aggregator.visible): the edges train from it, and it is what is scored. One
+variant per setting, each in a process of its own on one thread; one JSON per finished variant
+lands in --results, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ TRAIN_SEED, HELD_OUT_SEED = 31, 32
 
 @dataclass(frozen=True)
 class Variant:
-    """One federation: its upload encoding, error feedback and rounding."""
+    """One federation: its upload encoding, error feedback and rounding, and its download encoding."""
 
     name: str
     encoding: str
     feedback: bool
     rounding: str = "stochastic"
+    download: str = "float32"  # lossy: each round's change of the visible state, error feedback on the server
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -64,6 +68,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("int2-ef", "int2", True),
     Variant("int2-ef-nearest", "int2", True, "nearest"),
     Variant("float16-ef", "float16", True),
+    Variant("int3-ef-down-int3", "int3", True, download="int3"),
+    Variant("float32-down-int3", "float32", False, download="int3"),
 )
 
 
@@ -122,6 +128,41 @@ def upload(increment: np.ndarray, statistics: int, encoding: int, rounding: str,
     return Decoded(np.concatenate(enc.decoded()), enc.raw_bytes, enc.wire_bytes)
 
 
+def download_rows(increment: np.ndarray, statistics: int) -> list[dict]:
+    """Raw and wire bytes of ``increment`` as the change of the visible state the aggregator sends
+    (aggregator.visible.encode_change), per lossy encoding, and the relative error it leaves."""
+    from aggregator.config import AggregatorConfig
+    from aggregator.visible import encode_change
+    from edge_agent.client import manifest_specs
+
+    defaults = AggregatorConfig()
+    specs = tuple((s.id, s.length, s.exact) for s in manifest_specs(increment.size, statistics))
+    start = np.zeros(increment.size, np.float32)
+    rows, norm = [], float(np.linalg.norm(increment))
+    for name, encoding in encodings.NAMES.items():
+        if encodings.is_lossy(encoding):
+            change, seen = encode_change(start, increment, 2, specs, encoding, defaults.zstd_level,
+                                         defaults.chunk_elements)
+            rows.append({"encoding": name, "raw": change.header.raw_bytes, "wire": change.header.wire_bytes,
+                         "error": float(np.linalg.norm(seen - increment)) / norm})
+    return rows
+
+
+def print_downloads(values: int, up: list[dict], down: list[dict]) -> None:
+    """The download rows, and up + down against float32 both ways."""
+    f32 = next(r for r in up if r["encoding"] == "float32")
+    print(f"downloads (the state's change, {values:,} values) and both ways, against float32 both ways")
+    print(f"{'encoding':<9} {'raw MB':>8} {'wire MB':>8} {'raw/f32':>8} {'wire/f32':>8} {'rel. error':>10} "
+          f"{'up+down raw/f32':>15} {'up+down wire/f32':>16}")
+    for r in down:
+        u = next(x for x in up if x["encoding"] == r["encoding"] and x["rounding"] in ("stochastic", "-"))
+        both_raw = (u["raw"] + r["raw"]) / (2 * f32["raw"])
+        both_wire = (u["wire"] + r["wire"]) / (2 * f32["wire"])
+        print(f"{r['encoding']:<9} {r['raw'] / 1e6:>8.3f} {r['wire'] / 1e6:>8.3f} "
+              f"{r['raw'] / f32['raw']:>8.3f} {r['wire'] / f32['wire']:>8.3f} {r['error']:>10.4f} "
+              f"{both_raw:>15.3f} {both_wire:>16.3f}")
+
+
 def print_bytes(title: str, values: int, statistics: int, rows: list[dict]) -> None:
     base = next(r for r in rows if r["encoding"] == "float32")
     print(f"\n{title}: {values:,} values per upload, the last {statistics:,} (running statistics) in float32")
@@ -155,16 +196,21 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR
 
     torch.set_num_threads(1)
-    encoding = encodings.NAMES[variant.encoding]
+    from aggregator.visible import encode_change
+    from edge_agent.client import manifest_specs
+
+    encoding, download = encodings.NAMES[variant.encoding], encodings.NAMES[variant.download]
     edges = [LocalModel(s, KEY, "fedocr-tiny", 0.5, seed=k) for k, s in enumerate(shards)]
     residuals = [np.zeros(edges[0].length, dtype=np.float32) for _ in edges]
     global_state = np.zeros(edges[0].length, dtype=np.float32)
+    visible = global_state.copy()  # what edges hold: the global state itself for float32 downloads
+    specs = tuple((s.id, s.length, s.exact) for s in manifest_specs(edges[0].length, edges[0].statistics))
     plan = Plan(local_epochs=1, learning_rate=DEFAULT_LR["adam"], batch_size=DEFAULT_BATCH_SIZE)
     curve, started = [], time.process_time()
     for t in range(rounds):
         total = np.zeros(global_state.size, dtype=np.float64)
         for k, edge in enumerate(edges):
-            edge.apply_global(global_state)
+            edge.apply_global(visible)
             edge.train_round(plan)
             sent = edge.increment() + (residuals[k] if variant.feedback else 0)
             decoded = upload(sent, edge.statistics, encoding, variant.rounding, seed=1000 * t + k).values
@@ -172,7 +218,11 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
                 residuals[k] = sent - decoded
             fedavg.accumulate(total, decoded, float(edge.samples))
         fedavg.apply_mean(global_state, total, float(sum(e.samples for e in edges)))
-        edges[0].apply_global(global_state)
+        if encodings.is_lossy(download):
+            _, visible = encode_change(visible, global_state, t + 2, specs, download, 3, 1 << 16)
+        else:
+            visible = global_state.copy()
+        edges[0].apply_global(visible)
         result = edges[0].evaluate(held_out, beam_width=1)
         point = {"round": t + 1, "accuracy": round(result.accuracy, 4),
                  "char_accuracy": round(result.char_accuracy, 4),
@@ -185,14 +235,15 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
 
 def print_accuracy(results: list[dict]) -> None:
     base = next((r for r in results if r["variant"]["name"] == "float32"), None)
-    print(f"\n{'variant':<17} {'feedback':>8} {'rounding':>10} {'final acc.':>10} {'vs float32':>10} "
-          f"{'best acc.':>9} {'1-NED':>6}")
+    print(f"\n{'variant':<17} {'feedback':>8} {'rounding':>10} {'download':>8} {'final acc.':>10} "
+          f"{'vs float32':>10} {'best acc.':>9} {'1-NED':>6}")
     for r in results:
         v, last = r["variant"], r["curve"][-1]
         delta = "-" if base is None else f"{100 * (last['accuracy'] - base['curve'][-1]['accuracy']):+.1f} pt"
         best = max(p["accuracy"] for p in r["curve"])
         rounding = v["rounding"] if v["encoding"] in ("int8", "int4", "int3", "int2") else "-"
         print(f"{v['name']:<17} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
+              f"{v.get('download', 'float32'):>8} "
               f"{100 * last['accuracy']:>9.1f}% {delta:>10} {100 * best:>8.1f}% "
               f"{last['char_accuracy']:>6.3f}")
 
@@ -225,10 +276,14 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(2)
         tiny, stats = sample_increment("fedocr-tiny", 0.5, 125, shards[0])  # a demo edge's local epoch
-        print_bytes("fedocr-tiny, gamma 1/2, after 125 Adam steps", tiny.size, stats, byte_rows(tiny, stats))
+        rows = byte_rows(tiny, stats)
+        print_bytes("fedocr-tiny, gamma 1/2, after 125 Adam steps", tiny.size, stats, rows)
+        print_downloads(tiny.size, rows, download_rows(tiny, stats))
         paper, stats = sample_increment("fedocr", 0.25, args.paper_steps, shards[0])
+        rows = byte_rows(paper, stats)
         print_bytes(f"fedocr (paper width), gamma 1/4, after {args.paper_steps} Adam steps", paper.size,
-                    stats, byte_rows(paper, stats))
+                    stats, rows)
+        print_downloads(paper.size, rows, download_rows(paper, stats))
         return 0
     todo = [n for n in names if not (args.results / f"{n}.json").exists()]
     running: list[subprocess.Popen] = []

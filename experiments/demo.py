@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
                         "a constant lr)")
     p.add_argument("--encoding", default="float32", choices=tuple(encodings.NAMES),
                    help="how edges encode their uploads (with error feedback)")
+    p.add_argument("--download-encoding", default="float32", choices=tuple(encodings.NAMES),
+                   help="how edges download the state: float32 whole, or each round's change (error "
+                        "feedback on the aggregator)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
     p.add_argument("--train-words", type=int, default=2400, help="split evenly among the edges")
     p.add_argument("--test-words", type=int, default=300)
@@ -208,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(
             rounds=args.rounds, local_epochs=args.local_epochs, preset=args.preset, gamma=args.gamma,
             lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, encoding=args.encoding,
-            lr_cosine_from_round=args.cosine_from_round,
+            download_encoding=args.download_encoding, lr_cosine_from_round=args.cosine_from_round,
             extra_edge_args=("--alphabet", args.alphabet) if args.alphabet else (),
         )  # fmt: skip
         fed = LocalFederation(work, pki, key, settings)
