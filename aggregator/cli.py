@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.server_opt import SERVER_OPTIMIZERS
 from fedocr import encodings
 from fedocr.recipe import DEFAULT_LR, RECIPE
 
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--download-encoding", dest="download_encoding", choices=tuple(encodings.NAMES),
         help="how edges download each round's change of the state (default float32: the whole state)")
+    add("--server-optimizer", dest="server_optimizer", choices=SERVER_OPTIMIZERS,
+        help="how the round's mean increment moves the global state (default fedavg: added as it is)")
+    add("--server-lr", dest="server_lr", type=float, help="the server optimizer's lr (default: its own)")
     add("--accept-encodings", dest="accept_encodings", type=_names, help="e.g. float32,int8")
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)

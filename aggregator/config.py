@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.fedavg import WEIGHTINGS
+from aggregator.server_opt import DEFAULT_SERVER_LR, SERVER_OPTIMIZERS
 from fedocr import encodings, secagg
 from fedocr.recipe import DECAY_FACTORS, RECIPE
 from fedocr.schedule import cosine_lr
@@ -42,6 +43,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "join_wait_max_s",
         "stream_window_bytes",
     ),
+    "aggregation": ("server_optimizer", "server_lr", "server_beta1", "server_beta2", "server_tau"),
     "secure_aggregation": (
         "enabled",
         "threshold",
@@ -115,6 +117,13 @@ class AggregatorConfig:
     join_wait_max_s: float = 30.0  # cap on a Join long-poll
     # Fixed HTTP/2 stream window: bounds what a waiting upload holds in the transport (0 = BDP).
     stream_window_bytes: int = 1 << 20
+    # How the round's mean increment moves the global state (aggregator/server_opt.py): fedavg adds it
+    # as it is (exact); fedavgm, fedadam and fedyogi are the server optimizers of Reddi et al. 2021.
+    server_optimizer: str = "fedavg"
+    server_lr: float = 0.0  # 0: the optimizer's default (1 for fedavg and fedavgm, 0.01 for fedadam/fedyogi)
+    server_beta1: float = 0.9  # momentum (fedavgm: m = beta1 m + mean)
+    server_beta2: float = 0.99  # second-moment decay (fedadam, fedyogi)
+    server_tau: float = 1e-3  # adaptivity: the floor under sqrt(v) (fedadam, fedyogi)
     # Secure aggregation (docs/aggregator.md): the server learns only the round's sum.
     secure_aggregation: bool = False
     secagg_threshold: int = 0  # shares that rebuild a secret; 0 = a majority of its holders
@@ -132,6 +141,13 @@ class AggregatorConfig:
         unknown = [e for e in (*self.accept_encodings, self.encoding) if e not in encodings.NAMES]
         if unknown:
             raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(encodings.NAMES)}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            names = ", ".join(SERVER_OPTIMIZERS)
+            raise ConfigError(f"unknown server_optimizer {self.server_optimizer!r}; choose from {names}")
+        if not (0 <= self.server_lr < math.inf and 0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1
+                and 0 < self.server_tau < math.inf):
+            raise ConfigError("server_lr must be >= 0, server_beta1 and server_beta2 within [0, 1), "
+                              "server_tau > 0")
         if self.download_encoding not in encodings.NAMES:
             names = ", ".join(encodings.NAMES)
             raise ConfigError(f"unknown download_encoding {self.download_encoding!r}; choose from {names}")
@@ -208,6 +224,11 @@ class AggregatorConfig:
             secagg.check_headroom(self.secagg_max_weight_sum, self.secagg_clip, self.secagg_bits)
         except secagg.SecAggError as exc:
             raise ConfigError(f"secure_aggregation: {exc}") from None
+
+    @property
+    def server_step_lr(self) -> float:
+        """The server optimizer's lr: as set, or its default."""
+        return self.server_lr or DEFAULT_SERVER_LR[self.server_optimizer]
 
     @property
     def secagg_bits(self) -> int:

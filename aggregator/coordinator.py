@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from aggregator import fedavg, rounds
+from aggregator import fedavg, rounds, server_opt
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
 from aggregator.longpoll import LongPolls
@@ -76,6 +76,7 @@ class RoundCoordinator:
         self._round = snap.round
         self._history = snap.history
         self._total = snap.total
+        self._slots = snap.slots  # the server optimizer's state (aggregator/server_opt.py)
         self._visible = snap.visible  # the state edges hold; None: the global state itself
         self._changes = [Change.from_bytes(snap.changes[v]) for v in sorted(snap.changes)]
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
@@ -181,10 +182,11 @@ class RoundCoordinator:
         version: int,
         following,
         visible: tuple[np.ndarray, bytes, list[int]] | None = None,
+        slots: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Persist a round's end; on failure go back to what the disk holds."""
         try:
-            self._store.finish_round(r, state, version, following, visible)
+            self._store.finish_round(r, state, version, following, visible, slots)
             if r.secure is not None:
                 r.secure.drop_blobs()  # kept on disk only until now; the history holds the core
         except Exception as exc:
@@ -209,7 +211,16 @@ class RoundCoordinator:
         """
         r = self._round
         state = self._state.copy()
-        if mean is not None:
+        slots = self._slots
+        c = self.config
+        if c.server_optimizer != "fedavg":  # the mean as a pseudo-gradient (Reddi et al. 2021)
+            if mean is None:
+                mean = self._total / r.weight
+            slots = server_opt.step(
+                c.server_optimizer, state, mean, slots, server_opt.exact_mask(self.manifest.tensors),
+                c.server_step_lr, c.server_beta1, c.server_beta2, c.server_tau,
+            )
+        elif mean is not None:
             fedavg.apply_mean(state, mean.astype(np.float64), 1.0)
         else:
             fedavg.apply_mean(state, self._total, r.weight)
@@ -227,9 +238,9 @@ class RoundCoordinator:
             changes = chain_to_keep([*changes, change], 4 * state.size)
             dropped = sorted({c.version for c in self._changes} - {c.version for c in changes})
             written = (visible, change.to_bytes(), dropped)
-        self._finish(r, state, version, following, written)
+        self._finish(r, state, version, following, written, slots)
         self._state, self.state_version, self._round = state, version, following
-        self._visible, self._changes = visible, changes
+        self._visible, self._changes, self._slots = visible, changes, slots
         self._history.append(r)
         self._total.fill(0.0)
         self.secure.clear()
@@ -284,7 +295,7 @@ class RoundCoordinator:
         self.secure.load(None, manifest.size)
         self._round = self._new_round(0, now, 1)
         lossy = encodings.is_lossy(self._download_encoding)
-        self._visible, self._changes = (self._state.copy() if lossy else None), []
+        self._visible, self._changes, self._slots = (self._state.copy() if lossy else None), [], {}
         self._store.init_model(manifest, self._state, 1, self._round, visible=lossy)
         logger.info(
             "model registered: %s tensor(s), %s values; round %s opened",

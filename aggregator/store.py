@@ -40,6 +40,8 @@ HISTORY_PREFIX = b"history/"
 # A lossy download encoding (aggregator/visible.py): the state edges hold, float32 like KEY_STATE, and
 # the encoded changes that lead to it, b"visible/change/000000000007" (a Change's stored bytes).
 KEY_VISIBLE = b"visible/state"
+# A server optimizer's slots (aggregator/server_opt.py), float32 like KEY_STATE: b"server_opt/m", ...
+SLOT_PREFIX = b"server_opt/"
 CHANGE_PREFIX = b"visible/change/"
 # Secure aggregation's per-edge blobs of one round (SecureRecord.take_blobs), e.g.
 # b"secure/000000000004/dealt/edge-1": written once each, with the round record; gone at its end.
@@ -159,6 +161,7 @@ class Snapshot:
     masked: np.ndarray | None = None
     visible: np.ndarray | None = None  # None: edges see the global state itself
     changes: dict[int, bytes] = field(default_factory=dict)  # visible version -> its stored change
+    slots: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, by name
 
 
 class Store:
@@ -249,6 +252,10 @@ class Store:
                 changes={
                     int(bytes(k)[len(CHANGE_PREFIX) :]): bytes(v) for k, v in _prefix(txn, CHANGE_PREFIX)
                 },
+                slots={
+                    bytes(k)[len(SLOT_PREFIX) :].decode(): _array(v, STATE_DTYPE)
+                    for k, v in _prefix(txn, SLOT_PREFIX)
+                },
             )
 
     def init_model(
@@ -261,6 +268,8 @@ class Store:
             txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             if visible:
                 txn.put(KEY_VISIBLE, _bytes(state, STATE_DTYPE))
+            for key in [bytes(k) for k, _ in _prefix(txn, SLOT_PREFIX)]:
+                txn.delete(key)
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
@@ -334,13 +343,17 @@ class Store:
         version: int,
         following: RoundRecord | None,
         visible: tuple[np.ndarray, bytes, Iterable[int]] | None = None,
+        slots: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Move a closed/failed round to the history, store the new state, open the next round.
 
         ``visible``: the new visible state, the stored change that leads to it (at ``version``) and
-        the versions of older changes to drop, written in the same transaction.
+        the versions of older changes to drop; ``slots``: the server optimizer's new state; both
+        written in the same transaction.
         """
         with self._write() as txn:
+            for name, slot in (slots or {}).items():
+                txn.put(SLOT_PREFIX + name.encode(), _bytes(slot, STATE_DTYPE))
             if visible is not None:
                 state_seen, change, dropped = visible
                 txn.put(KEY_VISIBLE, _bytes(state_seen, STATE_DTYPE))

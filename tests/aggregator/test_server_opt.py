@@ -1,0 +1,85 @@
+"""Server optimizers (FedAvgM, FedAdam, FedYogi): their step, and their slots surviving kill -9."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedclient import Client
+
+from aggregator import server_opt
+from aggregator.config import AggregatorConfig, ConfigError
+from fedocr import harness
+
+LENGTHS = [5_000, 40]  # parameters, then running statistics (exact)
+
+
+def run(kind: str, deltas: list[np.ndarray], exact: np.ndarray, **kw) -> np.ndarray:
+    state, slots = np.zeros(deltas[0].size, np.float32), {}
+    for delta in deltas:
+        slots = server_opt.step(kind, state, delta, slots, exact, **kw)
+    return state
+
+
+def test_each_server_optimizer_moves_the_state_as_its_paper_says() -> None:
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(0, 1e-2, 100).astype(np.float32) for _ in range(3)]
+    exact = np.zeros(100, bool)
+    exact[-10:] = True
+    hyper = {"lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    plain = run("fedavg", deltas, exact, **hyper)
+    np.testing.assert_allclose(plain, sum(deltas), rtol=1e-6)
+    # FedAvgM without momentum is FedAvg; with it, the first round's mean counts 1 + 0.9 + 0.81 times.
+    np.testing.assert_allclose(run("fedavgm", deltas, exact, **{**hyper, "beta1": 0.0}), plain, rtol=1e-6)
+    momentum = run("fedavgm", deltas, exact, **hyper)
+    expected = deltas[0] * 2.71 + deltas[1] * 1.9 + deltas[2]
+    np.testing.assert_allclose(momentum[:-10], expected[:-10], rtol=1e-5)
+    # FedAdam's first step: m = 0.1 mean, v = 0.01 mean^2, so lr x 0.1 mean / (0.1 |mean| + tau).
+    adam = run("fedadam", deltas[:1], exact, **{**hyper, "lr": 0.01})
+    d = deltas[0][:-10].astype(np.float64)
+    np.testing.assert_allclose(adam[:-10], 0.01 * 0.1 * d / (0.1 * np.abs(d) + 1e-3), rtol=1e-4)
+    yogi = run("fedyogi", deltas, exact, **{**hyper, "lr": 0.01})
+    assert np.isfinite(yogi).all() and not np.allclose(yogi, run("fedadam", deltas, exact, **hyper))
+    # The running statistics always take the plain mean.
+    for state, rounds in ((momentum, 3), (adam, 1), (yogi, 3)):
+        np.testing.assert_allclose(state[-10:], sum(deltas[:rounds])[-10:], rtol=1e-6)
+
+
+def test_bad_server_optimizer_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown server_optimizer 'sgd'; choose from fedavg, fedavgm"):
+        AggregatorConfig(server_optimizer="sgd")
+    with pytest.raises(ConfigError, match="server_beta1 and server_beta2 within"):
+        AggregatorConfig(server_optimizer="fedadam", server_beta2=1.0)
+    assert AggregatorConfig(server_optimizer="fedadam").server_step_lr == 0.01
+
+
+def test_a_killed_aggregator_keeps_its_server_optimizer_state(agg_pki, tmp_path) -> None:
+    """Twins take the same uploads under FedAdam; one is killed -9 after round 2 and restarted.
+    Their final states are the same bytes, and not FedAvg's."""
+    flags = ("--log-level", "WARNING", "--quorum", "1", "--min-edges", "1", "--rounds", "4",
+             "--server-optimizer", "fedadam")
+    dirs = [tmp_path / "never-killed", tmp_path / "killed"]
+    twins = [harness.start_aggregator(agg_pki.dir, d, d.with_suffix(".log"), flags=flags) for d in dirs]
+    rng = np.random.default_rng(1)
+    increments = [[rng.normal(0, 1e-2, n).astype(np.float32) for n in LENGTHS] for _ in range(4)]
+    try:
+        for k, increment in enumerate(increments):
+            if k == 2:
+                twins[1].kill()
+                log = dirs[1].with_suffix(".log")
+                twins[1] = harness.start_aggregator(agg_pki.dir, dirs[1], log, flags=flags)
+            for twin in twins:
+                client = Client(twin.port, agg_pki.ca, *agg_pki.pair("edge-0"))
+                client.upload(client.join(LENGTHS).round_id, increment)
+                client.close()
+        finals = []
+        for twin in twins:
+            client = Client(twin.port, agg_pki.ca, *agg_pki.pair("edge-0"))
+            finals.append(np.concatenate(client.download()[1]))
+            client.close()
+    finally:
+        for twin in twins:
+            twin.stop()
+
+    assert finals[0].tobytes() == finals[1].tobytes()
+    fedavg = np.concatenate([sum(inc[i] for inc in increments) for i in range(len(LENGTHS))])
+    assert np.abs(finals[0] - fedavg).max() > 1e-3
