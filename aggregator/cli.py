@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--download-encoding", dest="download_encoding", choices=tuple(encodings.NAMES),
         help="how edges download each round's change of the state (default float32: the whole state)")
+    add("--proximal-mu", dest="proximal_mu", type=float,
+        help="FedProx: edges add mu/2 ||w - w_round||^2 to their local loss (plan; default 0, off)")
     add("--server-optimizer", dest="server_optimizer", choices=SERVER_OPTIMIZERS,
         help="how the round's mean increment moves the global state (default fedavg: added as it is)")
     add("--server-lr", dest="server_lr", type=float, help="the server optimizer's lr (default: its own)")

@@ -31,6 +31,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "optimizer",
         "encoding",
         "error_feedback",
+        "proximal_mu",
     ),
     "transfer": (
         "download_encoding",
@@ -102,6 +103,8 @@ class AggregatorConfig:
     # they carry each round's quantization error into the next upload (error feedback).
     encoding: str = "float32"
     error_feedback: bool = True
+    # FedProx (Li et al. 2020): edges add mu/2 ||w - w_round||^2 to their loss; 0 = off.
+    proximal_mu: float = 0.0
     accept_encodings: tuple[str, ...] = tuple(encodings.NAMES)  # uploads in others are refused
     # How edges download the state (aggregator/visible.py): float32 sends the global state itself; a
     # lossy encoding sends each round's change of the state edges see, with error feedback here.
@@ -141,6 +144,8 @@ class AggregatorConfig:
         unknown = [e for e in (*self.accept_encodings, self.encoding) if e not in encodings.NAMES]
         if unknown:
             raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(encodings.NAMES)}")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise ConfigError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             names = ", ".join(SERVER_OPTIMIZERS)
             raise ConfigError(f"unknown server_optimizer {self.server_optimizer!r}; choose from {names}")

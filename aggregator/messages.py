@@ -47,6 +47,7 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
         encoding=encodings.NAMES[plan.encoding],
         error_feedback=plan.error_feedback,
         optimizer=plan.optimizer,
+        proximal_mu=plan.proximal_mu,
     )
     if secure is not None:
         message.encoding = pb.ENCODING_MASKED_INT

@@ -59,6 +59,7 @@ class TrainingPlan:
     optimizer: str = ""  # "" leaves it to the edge (records written before the field existed)
     encoding: str = "float32"  # fedocr.encodings.NAMES
     error_feedback: bool = False
+    proximal_mu: float = 0.0  # FedProx's mu (0: plain local training)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
             config.optimizer,
             config.encoding,
             config.error_feedback,
+            config.proximal_mu,
         ),
         secure=SecureRecord.new(
             round_id,

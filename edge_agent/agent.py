@@ -154,7 +154,8 @@ class EdgeAgent:
         down = self._sync(reply.state_version)
         val = self._score(self.held_version)
         plan = Plan(
-            reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer
+            reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer,
+            reply.plan.proximal_mu,
         )
         encoding = reply.plan.encoding or pb.ENCODING_FLOAT32
         secure = reply.plan.secure.enabled  # masked upload (edge_agent/secure/protocol.py)
@@ -181,6 +182,7 @@ class EdgeAgent:
                 "optimizer": plan.optimizer,
                 "encoding": encodings.name_of(encoding),
                 "error_feedback": feedback,
+                "proximal_mu": plan.proximal_mu,
             },
             "down": down,
             "val": val,

@@ -33,6 +33,7 @@ class Plan:
     learning_rate: float
     batch_size: int
     optimizer: str = ""  # "" keeps the edge's own (--optimizer)
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_round||^2 joins the loss (0: off)
 
 
 class LocalModel:
@@ -148,6 +149,7 @@ class LocalModel:
             pin_memory=self.device.type == "cuda",
             **self.model.image_options,
         )
+        proximal = train.Proximal.around(self.model, plan.proximal_mu) if plan.proximal_mu > 0 else None
         history = []
         for epoch in range(plan.local_epochs):
             batch_cb = (lambda step, loss, e=epoch: on_batch(e, step, loss)) if on_batch else None
@@ -159,6 +161,7 @@ class LocalModel:
                 on_batch=batch_cb,
                 bf16=self._bf16,
                 device=self.device,
+                proximal=proximal,
             )
             history.append(stats)
             if on_epoch is not None:

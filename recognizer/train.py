@@ -80,6 +80,26 @@ def _autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContex
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's term mu/2 ||w - w_round||^2 (Li et al., MLSys 2020) around the weights a round
+    started from: its gradient mu (w - w_round) joins each parameter's before the optimizer step."""
+
+    mu: float
+    anchor: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def around(cls, model: nn.Module, mu: float) -> Proximal:
+        """The term around ``model``'s weights as they are now."""
+        return cls(mu, tuple(p.detach().clone() for p in model.parameters()))
+
+    def add_gradient(self, model: nn.Module) -> None:
+        """Add mu (w - w_round) to every parameter's gradient."""
+        for p, a in zip(model.parameters(), self.anchor, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=self.mu)
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -88,6 +108,7 @@ def train_step(
     *,
     bf16: bool = False,
     grad_clip: float = 5.0,
+    proximal: Proximal | None = None,
 ) -> float:
     """One optimizer step of teacher-forced training on a batch already on the model's device.
 
@@ -108,6 +129,8 @@ def train_step(
         raise FloatingPointError(f"loss became {value}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if proximal is not None:
+        proximal.add_gradient(model)
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -125,6 +148,7 @@ def train_epoch(
     on_batch: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    proximal: Proximal | None = None,
 ) -> EpochStats:
     """One pass of teacher-forced training (``train_step``) over ``batches`` of (images, targets, labels).
 
@@ -140,7 +164,9 @@ def train_epoch(
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         try:
-            value = train_step(model, images, targets, optimizer, bf16=bf16, grad_clip=grad_clip)
+            value = train_step(
+                model, images, targets, optimizer, bf16=bf16, grad_clip=grad_clip, proximal=proximal
+            )
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc} at epoch {epoch} step {step}") from None
         total += value * images.shape[0]

@@ -43,6 +43,7 @@ class Settings:
     optimizer: str = "adadelta"  # in the aggregator's plan, which the edges follow
     encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
     download_encoding: str = "float32"  # the downloads': float32 is the whole state, else each change
+    proximal_mu: float = 0.0  # FedProx's mu in the plan (0: off)
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
 
@@ -60,6 +61,7 @@ class Settings:
             "--optimizer", self.optimizer,
             "--encoding", self.encoding,
             "--download-encoding", self.download_encoding,
+            "--proximal-mu", str(self.proximal_mu),
             "--lr-decay-rounds", self.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),

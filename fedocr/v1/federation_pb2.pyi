@@ -108,7 +108,7 @@ class ByteCount(_message.Message):
     def __init__(self, raw_up: _Optional[int] = ..., wire_up: _Optional[int] = ..., raw_down: _Optional[int] = ..., wire_down: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure")
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure", "proximal_mu")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class TrainingPlan(_message.Message):
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     learning_rate: float
     batch_size: int
@@ -123,7 +124,8 @@ class TrainingPlan(_message.Message):
     error_feedback: bool
     optimizer: str
     secure: SecurePlan
-    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class SecurePlan(_message.Message):
     __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples")

@@ -1,4 +1,4 @@
-"""Server optimizers (FedAvgM, FedAdam, FedYogi): their step, and their slots surviving kill -9."""
+"""Server optimizers (FedAvgM, FedAdam, FedYogi): their step, their slots surviving kill -9; FedProx's mu."""
 
 from __future__ import annotations
 
@@ -83,3 +83,12 @@ def test_a_killed_aggregator_keeps_its_server_optimizer_state(agg_pki, tmp_path)
     assert finals[0].tobytes() == finals[1].tobytes()
     fedavg = np.concatenate([sum(inc[i] for inc in increments) for i in range(len(LENGTHS))])
     assert np.abs(finals[0] - fedavg).max() > 1e-3
+
+
+def test_the_plan_carries_fedprox_mu_to_the_edges(serve, connect) -> None:
+    running = serve(proximal_mu=0.01, quorum=1, min_edges=1)
+    reply = connect(running).join(LENGTHS)
+    assert reply.plan.proximal_mu == pytest.approx(0.01)
+    assert connect(running, "ops").get_round().plan.proximal_mu == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="proximal_mu must be a finite number >= 0, got -1"):
+        AggregatorConfig(proximal_mu=-1.0)

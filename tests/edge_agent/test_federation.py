@@ -75,11 +75,11 @@ def held_out(model, data: Path) -> tuple[float, float]:
 
 
 def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
-    # Uploads in int8 with error feedback (the plan's), downloads of the state's change in int4; the
-    # other tests here move float32 both ways.
+    # Uploads in int8 with error feedback (the plan's), downloads of the state's change in int4, and
+    # a FedProx term; the other tests here move float32 both ways without one.
     settings = harness.Settings(
         rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8",
-        download_encoding="int4",
+        download_encoding="int4", proximal_mu=0.01,
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
@@ -118,6 +118,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     for name, recs in records.items():
         counted = [r for r in recs if r["event"] == "round"]
         assert all(r["plan"]["encoding"] == "int8" and r["plan"]["error_feedback"] for r in counted)
+        assert all(r["plan"]["proximal_mu"] == 0.01 for r in counted)
         # The parameters in int8 (about a quarter of float32), the running statistics in float32.
         int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length - statistics) + 4 * statistics
         assert all(r["up"]["raw"] == int8_bytes for r in counted)

@@ -10,7 +10,8 @@ from torch import nn
 
 from fedocr.schedule import cosine_lr
 from recognizer import charset
-from recognizer.train import lr_at, make_optimizer, sequence_loss
+from recognizer.model import build_model
+from recognizer.train import Proximal, lr_at, make_optimizer, sequence_loss, train_step
 
 
 def test_optimizers_by_name() -> None:
@@ -44,3 +45,20 @@ def test_sequence_loss_ignores_padding() -> None:
     logits = torch.zeros(1, 3, classes)
     logits[0, 2, 0] = 100.0  # a confident wrong guess at the padded position must not count
     assert sequence_loss(logits, targets).item() == pytest.approx(math.log(classes))
+
+
+def test_a_proximal_term_holds_local_training_near_the_rounds_weights() -> None:
+    """FedProx: with a large mu the weights drift less from where the round started than without."""
+    torch.manual_seed(0)
+    images, targets = torch.rand(8, 3, 32, 100) * 2 - 1, torch.randint(3, 30, (8, 6))
+    drift = {}
+    for mu in (0.0, 10.0):
+        model = build_model("fedocr-tiny", bytes(32), 0.5)
+        optimizer = make_optimizer(model, 0.01, "adam")
+        start = [p.detach().clone() for p in model.parameters()]
+        proximal = Proximal.around(model, mu) if mu else None
+        for _ in range(6):
+            train_step(model, images, targets, optimizer, proximal=proximal)
+        moved = [float((p.detach() - s).norm() ** 2) for p, s in zip(model.parameters(), start, strict=True)]
+        drift[mu] = sum(moved) ** 0.5
+    assert drift[10.0] < 0.5 * drift[0.0], drift
