@@ -18,6 +18,7 @@ from recognizer.device import DEVICES, WORKERS_HELP
 from recognizer.fonts import FONT_SETS
 from recognizer.progress import Progress, add_progress_arguments
 from recognizer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_OPTIMIZER, OPTIMIZERS, RECIPE, RECIPES
+from recognizer.shard import MODES
 from recognizer.vocabulary import LABEL_KINDS
 
 log = logging.getLogger("recognizer")
@@ -89,10 +90,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from recognizer.shard import split_dataset
+    from recognizer.shard import shard_statistics, split_dataset
 
-    for path in split_dataset(Path(args.input), args.parts, Path(args.out), args.split, args.seed):
-        print(path)
+    out = Path(args.out)
+    paths = split_dataset(Path(args.input), args.parts, out, args.split, args.seed, alpha=args.alpha)
+    stats = [shard_statistics(p) for p in paths]
+    for row in stats:
+        styles = " ".join(f"{k}:{v}" for k, v in row["styles"].items())
+        kinds = " ".join(f"{k}:{v}" for k, v in row["label_kinds"].items())
+        print(f"{row['shard']}  {row['size']} samples  styles {styles}  labels {kinds}", file=sys.stderr)
+    print(json.dumps(stats, indent=2))
     return 0
 
 
@@ -273,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--parts", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--split", choices=("iid", "style"), default="iid")
+    p.add_argument("--split", choices=MODES, default="iid",
+                   help="iid, style (each shard dominated by its home style family), or a Dirichlet(alpha) "
+                        "draw over style families or label kinds (words, digits, codes)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; small: skewed shards")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_shard)
 

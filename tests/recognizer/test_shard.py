@@ -1,15 +1,16 @@
-"""Shard splitting: sizes, disjointness and coverage, IID against non-IID by style."""
+"""Shard splitting: sizes, disjointness and coverage, IID against non-IID by style and by Dirichlet draws."""
 
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 
 import pytest
 from PIL import Image
 
 from recognizer.lmdb_data import DatasetError, LmdbReader, LmdbWriter
-from recognizer.shard import iid_assignment, split_dataset, style_assignment
+from recognizer.shard import dirichlet_assignment, iid_assignment, label_kind, split_dataset, style_assignment
 
 FAMILIES = ("clean", "blur", "curved", "noisy")
 
@@ -89,3 +90,40 @@ def test_argument_errors(styled, tmp_path):
     split_dataset(styled, 2, tmp_path / "out")
     with pytest.raises(DatasetError, match="already holds"):
         split_dataset(styled, 2, tmp_path / "out")
+
+
+def test_label_kinds() -> None:
+    assert [label_kind(x) for x in ("0417", "o'clock", "well-known", "A4-2b", "x9", "Paris")] == [
+        "digits", "words", "words", "codes", "codes", "words"]
+
+
+def test_dirichlet_shards_are_skewed_by_alpha_and_fixed_by_seed() -> None:
+    styles = [FAMILIES[i % len(FAMILIES)] for i in range(2000)]
+
+    def top_share(shards) -> float:  # how much of a shard its most common family holds, on average
+        shares = [Counter(styles[i] for i in s).most_common(1)[0][1] / len(s) for s in shards]
+        return sum(shares) / len(shares)
+
+    skewed = dirichlet_assignment(styles, 4, 0.1, seed=0)
+    even = dirichlet_assignment(styles, 4, 100.0, seed=0)
+    assert sorted(int(i) for s in skewed for i in s) == list(range(2000))  # disjoint and complete
+    assert top_share(skewed) > 0.6 and top_share(even) < 0.35, (top_share(skewed), top_share(even))
+    assert [s.tolist() for s in skewed] == [s.tolist() for s in dirichlet_assignment(styles, 4, 0.1, seed=0)]
+    assert [s.tolist() for s in skewed] != [s.tolist() for s in dirichlet_assignment(styles, 4, 0.1, seed=1)]
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        dirichlet_assignment(styles, 4, 0.0, seed=0)
+
+
+def test_shard_command_prints_each_shards_statistics(styled, tmp_path, capsys) -> None:
+    from recognizer import cli
+
+    argv = ["shard", "--input", str(styled), "--parts", "3", "--out", str(tmp_path / "out"),
+            "--split", "dirichlet-style", "--alpha", "0.3", "--seed", "2"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    stats = json.loads(captured.out)
+    assert [s["size"] for s in stats] == [len(LmdbReader(tmp_path / "out" / f"shard{k}")) for k in range(3)]
+    assert sum(s["size"] for s in stats) == 203
+    assert all(sum(s["styles"].values()) == s["size"] == sum(s["label_kinds"].values()) for s in stats)
+    assert all(s["label_kinds"]["codes"] == s["size"] for s in stats)  # labels "w0" ... are codes
+    assert "shard0" in captured.err and "styles" in captured.err
