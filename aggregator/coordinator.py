@@ -26,7 +26,16 @@ from aggregator.transfer import StateCache, StateStream, chain_stream
 from aggregator.upload import read_header, stage
 from aggregator.visible import Change, chain_to_keep, encode_change
 from fedocr import encodings
-from fedocr.errors import Busy, DuplicateUpload, ModelMismatch, NotReady, RoundClosed, StorageUnavailable
+from fedocr.errors import (
+    Busy,
+    DuplicateUpload,
+    MalformedRequest,
+    ModelMismatch,
+    NotReady,
+    RoundClosed,
+    StorageUnavailable,
+    UnknownRound,
+)
 from fedocr.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -319,6 +328,20 @@ class RoundCoordinator:
             stream = self._cache.stream(state, version, specs, unchanged=held_version == version)
         stream.on_done = lambda moved: self._account_download(edge_id, moved)
         return stream
+
+    def report_evaluation(self, edge_id: str, version: int, scores: dict[str, dict | None]) -> int:
+        """Keep an edge's scores of state ``version`` in the record of the round that produced it
+        (durable); a repeat replaces them. Returns that round's id."""
+        if scores.get("generic") is None:
+            raise MalformedRequest("an evaluation report needs the generic model's score")
+        with self._cond:
+            produced = [h for h in self._history if h.state == CLOSED and h.state_version + 1 == version]
+            if not produced:
+                raise UnknownRound(f"no closed round produced state version {version}")
+            record = produced[-1]
+            record.evaluations[edge_id] = scores
+            self._store.save_history(record)
+            return record.round_id
 
     def account(self, edge_id: str, moved: Bytes) -> None:
         """Count bytes sent to an edge outside a download (secure-aggregation replies)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator.rounds import Bytes, JoinResult, Receipt, RoundRecord, TrainingPlan, total_bytes
@@ -145,7 +147,26 @@ def round_status(r: RoundRecord) -> pb.RoundStatus:
             joined_at=timestamp(e.joined_at),
             uploaded_at=timestamp(e.uploaded_at),
         )
+    for edge_id in sorted(r.evaluations):
+        scores = r.evaluations[edge_id]
+        status.evaluations.add(edge_id=edge_id, **{k: pb.Evaluation(**v) for k, v in scores.items() if v})
+    mean = r.mean_evaluation()
+    if mean is not None:
+        status.evaluation.CopyFrom(pb.Evaluation(**mean))
     return status
+
+
+def evaluation_from(message: pb.Evaluation) -> dict | None:
+    """The record of one reported score (None when not set); MalformedRequest when out of range."""
+    if not message.ByteSize():
+        return None
+    score = {"samples": message.samples, "loss": message.loss, "word_accuracy": message.word_accuracy,
+             "char_accuracy": message.char_accuracy}
+    if message.samples < 1 or not 0.0 <= message.loss < math.inf:
+        raise MalformedRequest("an evaluation needs samples >= 1 and a finite loss >= 0")
+    if not (0.0 <= message.word_accuracy <= 1.0 and 0.0 <= message.char_accuracy <= 1.0):
+        raise MalformedRequest("word_accuracy and char_accuracy must be within [0, 1]")
+    return score
 
 
 def secure_note(r: RoundRecord) -> str:

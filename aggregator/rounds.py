@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 OPEN, AGGREGATING, CLOSED, FAILED, FINISHED = "OPEN", "AGGREGATING", "CLOSED", "FAILED", "FINISHED"
 BYTE_FIELDS = ("raw_up", "wire_up", "raw_down", "wire_down")
+EVALUATION_FIELDS = ("samples", "loss", "word_accuracy", "char_accuracy")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class RoundRecord:
     weight: float = 0.0  # sum of the weights committed into the running sum
     edges: dict[str, EdgeRecord] = field(default_factory=dict)
     secure: SecureRecord | None = None  # set when the round runs secure aggregation
+    # Federated evaluation of this round's result: edge id -> {"generic": {...}, "personal": {...}}
+    # with samples, loss, word_accuracy and char_accuracy each (ReportEvaluation).
+    evaluations: dict[str, dict] = field(default_factory=dict)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -150,6 +154,15 @@ class RoundRecord:
         edge.uploaded, edge.uploaded_at, edge.samples, edge.weight = True, now, samples, weight
         edge.bytes.add(moved)
         self.weight += weight
+
+    def mean_evaluation(self) -> dict | None:
+        """The sample-weighted mean of the edges' scores of the generic model, or None."""
+        scores = [e["generic"] for e in self.evaluations.values() if e.get("generic")]
+        total = sum(s["samples"] for s in scores)
+        if not total:
+            return None
+        mean = {k: sum(s[k] * s["samples"] for s in scores) / total for k in EVALUATION_FIELDS[1:]}
+        return {"samples": total, **mean}
 
     def close(self, now: float) -> None:
         """Mark the round aggregated into the global state."""

@@ -102,6 +102,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         return messages.receipt(self._rounds.upload(caller, request_iterator))
 
     @_unary(EDGE_ONLY)
+    def ReportEvaluation(
+        self, caller: str, request: pb.EvaluationReport, context: grpc.ServicerContext
+    ) -> pb.EvaluationReceipt:
+        """Federated evaluation: keep the edge's scores of a round's result in that round's record."""
+        scores = {"generic": messages.evaluation_from(request.generic),
+                  "personal": messages.evaluation_from(request.personal)}
+        round_id = self._rounds.report_evaluation(caller, request.state_version, scores)
+        return pb.EvaluationReceipt(round_id=round_id)
+
+    @_unary(EDGE_ONLY)
     def AdvertiseKeys(
         self, caller: str, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
     ) -> pb.SecureRoundStatus:

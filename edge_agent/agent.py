@@ -42,6 +42,7 @@ class AgentSettings:
     join_wait_s: int = 30
     zstd_level: int = 3
     val: Path | None = None  # a local held-out LMDB: the global model is scored on it each round
+    report_evaluation: bool = True  # send those scores to the aggregator (federated evaluation)
 
 
 class EdgeAgent:
@@ -128,10 +129,16 @@ class EdgeAgent:
         return moved
 
     def _score(self, version: int) -> dict[str, float] | None:
-        """The global model's held-out accuracy and loss, when a validation set was given."""
+        """The global model's held-out accuracy and loss, when a validation set was given; reported
+        to the aggregator (federated evaluation) unless the edge opted out."""
         if self.settings.val is None:
             return None
         result = self.local.evaluate(self.settings.val)
+        if self.settings.report_evaluation and version > 1:  # version 1 is W_0: no round produced it
+            try:
+                self.client.report_evaluation(version, result)
+            except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
+                log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
         self.progress.info(
             "global state v%d on %s: accuracy %.1f%%, 1-NED %.3f, loss %.3f (%d words)",
             version,

@@ -61,6 +61,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
     )
+    p.add_argument("--no-report-evaluation", dest="report_evaluation", action="store_false",
+                   help="keep the --val scores on this edge (default: report them to the aggregator)")
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
     p.add_argument(
         "--init",
@@ -186,6 +188,7 @@ def run(argv: Sequence[str]) -> int:
         join_wait_s=args.join_wait,
         zstd_level=args.zstd_level,
         val=args.val,
+        report_evaluation=args.report_evaluation,
     )
     agent = EdgeAgent(local, client, settings, progress)
     try:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -277,6 +278,14 @@ class FederationClient:
 
     # -- secure aggregation (edge_agent/secure/protocol.py runs them in order) -----------------
 
+    def report_evaluation(self, version: int, generic: Any, personal: Any = None) -> pb.EvaluationReceipt:
+        """Federated evaluation: the scores (``recognizer.train.EvalResult``) of global state
+        ``version`` on this edge's held-out set, and of its personalized model when it has one."""
+        request = pb.EvaluationReport(state_version=version, generic=_evaluation(generic))
+        if personal is not None:
+            request.personal.CopyFrom(_evaluation(personal))
+        return self._invoker.call(self._stub.ReportEvaluation, request, timeout=RPC_TIMEOUT_S)
+
     def advertise(self, round_id: int, cipher_public: bytes, mask_public: bytes) -> pb.SecureRoundStatus:
         """Advertise this round's two public keys (a retry resends the same ones)."""
         request = pb.AdvertiseKeysRequest(
@@ -325,6 +334,12 @@ class FederationClient:
         return self._invoker.call(
             self._stub.GetRound, pb.GetRoundRequest(round_id=round_id), timeout=RPC_TIMEOUT_S
         )
+
+
+def _evaluation(result: Any) -> pb.Evaluation:
+    """The Evaluation message of an EvalResult."""
+    return pb.Evaluation(samples=result.samples, loss=result.loss, word_accuracy=result.accuracy,
+                         char_accuracy=result.char_accuracy)
 
 
 def _lists_upload(status: pb.RoundStatus, edge_id: str) -> bool:

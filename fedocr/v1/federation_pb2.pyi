@@ -262,7 +262,7 @@ class EdgeProgress(_message.Message):
     def __init__(self, edge_id: _Optional[str] = ..., uploaded: _Optional[bool] = ..., samples: _Optional[int] = ..., bytes: _Optional[_Union[ByteCount, _Mapping]] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uploaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "round_index", "total_rounds", "state", "quorum", "min_edges", "opened_at", "deadline", "closed_at", "edges", "bytes", "state_version", "plan", "message", "duration_seconds")
+    __slots__ = ("round_id", "round_index", "total_rounds", "state", "quorum", "min_edges", "opened_at", "deadline", "closed_at", "edges", "bytes", "state_version", "plan", "message", "duration_seconds", "evaluations", "evaluation")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,8 @@ class RoundStatus(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     round_index: int
     total_rounds: int
@@ -293,7 +295,47 @@ class RoundStatus(_message.Message):
     plan: TrainingPlan
     message: str
     duration_seconds: float
-    def __init__(self, round_id: _Optional[int] = ..., round_index: _Optional[int] = ..., total_rounds: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., quorum: _Optional[int] = ..., min_edges: _Optional[int] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., edges: _Optional[_Iterable[_Union[EdgeProgress, _Mapping]]] = ..., bytes: _Optional[_Union[ByteCount, _Mapping]] = ..., state_version: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., message: _Optional[str] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    evaluations: _containers.RepeatedCompositeFieldContainer[EdgeEvaluation]
+    evaluation: Evaluation
+    def __init__(self, round_id: _Optional[int] = ..., round_index: _Optional[int] = ..., total_rounds: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., quorum: _Optional[int] = ..., min_edges: _Optional[int] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., edges: _Optional[_Iterable[_Union[EdgeProgress, _Mapping]]] = ..., bytes: _Optional[_Union[ByteCount, _Mapping]] = ..., state_version: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., message: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., evaluations: _Optional[_Iterable[_Union[EdgeEvaluation, _Mapping]]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("samples", "loss", "word_accuracy", "char_accuracy")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    WORD_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CHAR_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    loss: float
+    word_accuracy: float
+    char_accuracy: float
+    def __init__(self, samples: _Optional[int] = ..., loss: _Optional[float] = ..., word_accuracy: _Optional[float] = ..., char_accuracy: _Optional[float] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("state_version", "generic", "personal")
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERIC_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_FIELD_NUMBER: _ClassVar[int]
+    state_version: int
+    generic: Evaluation
+    personal: Evaluation
+    def __init__(self, state_version: _Optional[int] = ..., generic: _Optional[_Union[Evaluation, _Mapping]] = ..., personal: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class EvaluationReceipt(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    def __init__(self, round_id: _Optional[int] = ...) -> None: ...
+
+class EdgeEvaluation(_message.Message):
+    __slots__ = ("edge_id", "generic", "personal")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERIC_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    generic: Evaluation
+    personal: Evaluation
+    def __init__(self, edge_id: _Optional[str] = ..., generic: _Optional[_Union[Evaluation, _Mapping]] = ..., personal: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round_id",)

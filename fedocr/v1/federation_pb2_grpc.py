@@ -61,6 +61,11 @@ class FederationStub:
                 request_serializer=fedocr_dot_v1_dot_federation__pb2.UploadMessage.SerializeToString,
                 response_deserializer=fedocr_dot_v1_dot_federation__pb2.UploadReceipt.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/fedocr.v1.Federation/ReportEvaluation',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.EvaluationReceipt.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/fedocr.v1.Federation/AdvertiseKeys',
                 request_serializer=fedocr_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -124,6 +129,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """Federated evaluation: an edge's score of a round's new global state on its own held-out set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AdvertiseKeys(self, request, context):
         """Secure aggregation (TrainingPlan.secure.enabled): the phases around the masked upload.
         Advertise this round's two X25519 public keys, once per round.
@@ -180,6 +192,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.UploadIncrement,
                     request_deserializer=fedocr_dot_v1_dot_federation__pb2.UploadMessage.FromString,
                     response_serializer=fedocr_dot_v1_dot_federation__pb2.UploadReceipt.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.EvaluationReport.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.EvaluationReceipt.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -339,6 +356,33 @@ class Federation:
             '/fedocr.v1.Federation/UploadIncrement',
             fedocr_dot_v1_dot_federation__pb2.UploadMessage.SerializeToString,
             fedocr_dot_v1_dot_federation__pb2.UploadReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/ReportEvaluation',
+            fedocr_dot_v1_dot_federation__pb2.EvaluationReport.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.EvaluationReceipt.FromString,
             options,
             channel_credentials,
             insecure,

@@ -128,6 +128,16 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]
         assert residual.shape == (length,) and 0 < np.abs(residual).max() < 1e-2
 
+    # Federated evaluation: each round's result, scored by both edges on their held-out sets, is in
+    # the aggregator's round record with the sample-weighted mean, as the edges' journals have it.
+    for k, r in enumerate(rounds):
+        scored = {e["edge_id"]: e["generic"] for e in r["evaluations"]}
+        assert set(scored) == {"edge-0", "edge-1"}, r
+        journaled = [[x["val"] for x in recs if x.get("val")][k + 1] for recs in records.values()]
+        assert sorted(s["word_accuracy"] for s in scored.values()) == sorted(j["accuracy"] for j in journaled)
+        mean = sum(j["accuracy"] * j["samples"] for j in journaled) / sum(j["samples"] for j in journaled)
+        assert abs(r["evaluation"].get("word_accuracy", 0.0) - mean) < 1e-9
+
     # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
     first = records["edge-0"][0]["val"]
     final = records["edge-0"][-1]
