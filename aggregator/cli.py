@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         help="how edges download each round's change of the state (default float32: the whole state)")
     add("--proximal-mu", dest="proximal_mu", type=float,
         help="FedProx: edges add mu/2 ||w - w_round||^2 to their local loss (plan; default 0, off)")
+    add("--warmup-rounds", dest="warmup_rounds", type=int,
+        help="first rounds in which edges train on words they render themselves (plan; default 0)")
+    add("--warmup-words", dest="warmup_words", type=int, help="words each edge renders for warm-up")
+    add("--warmup-styles", dest="warmup_styles", help="their styles (recognizer synth --styles)")
+    add("--warmup-labels", dest="warmup_labels", help="their label kind (recognizer synth --labels)")
     add("--server-optimizer", dest="server_optimizer", choices=SERVER_OPTIMIZERS,
         help="how the round's mean increment moves the global state (default fedavg: added as it is)")
     add("--server-lr", dest="server_lr", type=float, help="the server optimizer's lr (default: its own)")

@@ -32,6 +32,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "encoding",
         "error_feedback",
         "proximal_mu",
+        "warmup_rounds",
+        "warmup_words",
+        "warmup_styles",
+        "warmup_labels",
+        "warmup_seed",
     ),
     "transfer": (
         "download_encoding",
@@ -105,6 +110,14 @@ class AggregatorConfig:
     error_feedback: bool = True
     # FedProx (Li et al. 2020): edges add mu/2 ||w - w_round||^2 to their loss; 0 = off.
     proximal_mu: float = 0.0
+    # Warm-up (the paper's synthetic pre-training, on the edges): in the first warmup_rounds rounds
+    # each edge renders warmup_words words itself (these styles and label kind, from warmup_seed and
+    # its identity) and trains on them; from the next round on, on its own shard.
+    warmup_rounds: int = 0
+    warmup_words: int = 2000
+    warmup_styles: str = "varied"
+    warmup_labels: str = "words"
+    warmup_seed: int = 0
     accept_encodings: tuple[str, ...] = tuple(encodings.NAMES)  # uploads in others are refused
     # How edges download the state (aggregator/visible.py): float32 sends the global state itself; a
     # lossy encoding sends each round's change of the state edges see, with error feedback here.
@@ -144,6 +157,10 @@ class AggregatorConfig:
         unknown = [e for e in (*self.accept_encodings, self.encoding) if e not in encodings.NAMES]
         if unknown:
             raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(encodings.NAMES)}")
+        if self.warmup_rounds and not (0 <= self.warmup_rounds <= self.total_rounds and self.warmup_words >= 1
+                                       and self.warmup_styles and self.warmup_labels):
+            raise ConfigError("warmup_rounds must be within 0..total_rounds, with warmup_words >= 1 and "
+                              "warmup_styles and warmup_labels named")
         if not 0 <= self.proximal_mu < math.inf:
             raise ConfigError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
@@ -229,6 +246,12 @@ class AggregatorConfig:
             secagg.check_headroom(self.secagg_max_weight_sum, self.secagg_clip, self.secagg_bits)
         except secagg.SecAggError as exc:
             raise ConfigError(f"secure_aggregation: {exc}") from None
+
+    def warmup_for(self, round_index: int) -> tuple[int, str, str, int]:
+        """The warm-up of a 0-based round index: (words, styles, labels, seed), or no words."""
+        if round_index < self.warmup_rounds:
+            return self.warmup_words, self.warmup_styles, self.warmup_labels, self.warmup_seed
+        return 0, "", "", 0
 
     @property
     def server_step_lr(self) -> float:

@@ -51,6 +51,9 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
         optimizer=plan.optimizer,
         proximal_mu=plan.proximal_mu,
     )
+    if plan.warmup_words:
+        message.warmup.CopyFrom(pb.WarmUp(words=plan.warmup_words, styles=plan.warmup_styles,
+                                          labels=plan.warmup_labels, seed=plan.warmup_seed))
     if secure is not None:
         message.encoding = pb.ENCODING_MASKED_INT
         message.error_feedback = False

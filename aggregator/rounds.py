@@ -61,6 +61,12 @@ class TrainingPlan:
     encoding: str = "float32"  # fedocr.encodings.NAMES
     error_feedback: bool = False
     proximal_mu: float = 0.0  # FedProx's mu (0: plain local training)
+    # A warm-up round: edges render this many words of these styles and label kind, and train on
+    # them instead of their shard (0: an ordinary round).
+    warmup_words: int = 0
+    warmup_styles: str = ""
+    warmup_labels: str = ""
+    warmup_seed: int = 0
 
 
 @dataclass
@@ -272,6 +278,7 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
             config.encoding,
             config.error_feedback,
             config.proximal_mu,
+            *config.warmup_for(index),
         ),
         secure=SecureRecord.new(
             round_id,

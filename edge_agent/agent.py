@@ -17,6 +17,7 @@ from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
 from edge_agent.secure import protocol
+from edge_agent.warmup import warmup_data
 from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
@@ -174,14 +175,27 @@ class EdgeAgent:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:
             raise AgentError(f"{where}: the round's plan cannot be followed: {exc}") from exc
-        steps = -(-self.local.samples // max(1, plan.batch_size))
+        data, samples = self.local.shard, self.local.samples
+        warmup = reply.plan.warmup if reply.plan.warmup.words else None
+        if warmup is not None:
+            try:
+                said = "%s: rendering warm-up words: %d/%d"
+                data = warmup_data(
+                    self.settings.work_dir, reply.edge_id, warmup,
+                    lambda done, total: self.progress.info(said, where, done, total),
+                )
+            except ValueError as exc:
+                raise AgentError(f"{where}: the round's warm-up cannot be followed: {exc}") from exc
+            samples = warmup.words
+        steps = -(-samples // max(1, plan.batch_size))
         record: dict[str, Any] = {
             "event": "round",
             "round_id": reply.round_id,
             "round_index": reply.round_index,
             "edge_id": reply.edge_id,
             "state_version": self.held_version,
-            "samples": self.local.samples,
+            "samples": samples,
+            "warmup": warmup is not None,
             "plan": {
                 "local_epochs": plan.local_epochs,
                 "learning_rate": plan.learning_rate,
@@ -197,11 +211,12 @@ class EdgeAgent:
             "epochs": [],
         }
         self.progress.info(
-            "%s: training %d epoch(s) at lr %g on %d words",
+            "%s: training %d epoch(s) at lr %g on %d %swords",
             where,
             plan.local_epochs,
             plan.learning_rate,
-            self.local.samples,
+            samples,
+            "rendered warm-up " if warmup is not None else "",
         )
         try:
             history = self.local.train_round(
@@ -218,6 +233,7 @@ class EdgeAgent:
                 on_batch=lambda e, step, loss: self.progress.batch(
                     f"{where} epoch {e + 1}/{plan.local_epochs}", step, steps, loss
                 ),
+                data=data,
             )
         except FloatingPointError as exc:
             # A diverged model is never uploaded; the next round starts again from the global state.
@@ -238,14 +254,14 @@ class EdgeAgent:
         seed = int.from_bytes(hashlib.sha256(f"{reply.edge_id}/{reply.round_id}".encode()).digest()[:8])
         try:
             if secure:
-                upload = self._call(self._secure_upload, reply, sent)
+                upload = self._call(self._secure_upload, reply, sent, samples)
             else:
                 upload = self._call(
                     self.client.upload,
                     reply.round_id,
                     reply.edge_id,
                     sent,
-                    self.local.samples,
+                    samples,
                     self.local.fingerprint,
                     self.held_version,
                     self.settings.zstd_level,
@@ -308,13 +324,13 @@ class EdgeAgent:
             record["seconds"],
         )
 
-    def _secure_upload(self, reply: pb.JoinResponse, increment: np.ndarray) -> Upload:
+    def _secure_upload(self, reply: pb.JoinResponse, increment: np.ndarray, samples: int) -> Upload:
         """The round's masked upload and the phases around it; the counted upload."""
         result = protocol.run(
             self.client,
             reply,
             increment,
-            self.local.samples,
+            samples,
             self.local.fingerprint,
             self.held_version,
             self.local.statistics,

@@ -123,8 +123,10 @@ class LocalModel:
         plan: Plan,
         on_epoch: Callable[[train.EpochStats], None] | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
+        data: Path | None = None,
     ) -> list[train.EpochStats]:
-        """Run ``plan.local_epochs`` epochs over the shard (Algorithm 1's ClientUpdate).
+        """Run ``plan.local_epochs`` epochs over the shard, or over ``data`` (a warm-up round's
+        words), as Algorithm 1's ClientUpdate.
 
         ``on_batch(epoch, step, loss)`` and ``on_epoch(stats)`` report progress.
         """
@@ -141,7 +143,7 @@ class LocalModel:
             self._warned_lr = True
         train.set_lr(self._optimizer, plan.learning_rate)
         loader = make_loader(
-            self.shard,
+            data or self.shard,
             plan.batch_size,
             shuffle=True,
             workers=self._workers,

@@ -44,6 +44,10 @@ class Settings:
     encoding: str = "float32"  # the uploads' encoding (fedocr.encodings), in the plan too
     download_encoding: str = "float32"  # the downloads': float32 is the whole state, else each change
     proximal_mu: float = 0.0  # FedProx's mu in the plan (0: off)
+    warmup_rounds: int = 0  # first rounds in which edges train on words they render themselves
+    warmup_words: int = 2000
+    warmup_styles: str = "varied"
+    warmup_labels: str = "words"
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
 
@@ -62,6 +66,10 @@ class Settings:
             "--encoding", self.encoding,
             "--download-encoding", self.download_encoding,
             "--proximal-mu", str(self.proximal_mu),
+            "--warmup-rounds", str(self.warmup_rounds),
+            "--warmup-words", str(self.warmup_words),
+            "--warmup-styles", self.warmup_styles,
+            "--warmup-labels", self.warmup_labels,
             "--lr-decay-rounds", self.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),

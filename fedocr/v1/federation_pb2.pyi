@@ -108,7 +108,7 @@ class ByteCount(_message.Message):
     def __init__(self, raw_up: _Optional[int] = ..., wire_up: _Optional[int] = ..., raw_down: _Optional[int] = ..., wire_down: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure", "proximal_mu")
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure", "proximal_mu", "warmup")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class TrainingPlan(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     learning_rate: float
     batch_size: int
@@ -125,7 +126,20 @@ class TrainingPlan(_message.Message):
     optimizer: str
     secure: SecurePlan
     proximal_mu: float
-    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    warmup: WarmUp
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., warmup: _Optional[_Union[WarmUp, _Mapping]] = ...) -> None: ...
+
+class WarmUp(_message.Message):
+    __slots__ = ("words", "styles", "labels", "seed")
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    STYLES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    words: int
+    styles: str
+    labels: str
+    seed: int
+    def __init__(self, words: _Optional[int] = ..., styles: _Optional[str] = ..., labels: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SecurePlan(_message.Message):
     __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples")

@@ -19,6 +19,7 @@ from fedocr.v1 import federation_pb2 as pb
 from recognizer import state
 from recognizer.dataset import make_loader
 from recognizer.keys import load_key
+from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import load_model, model_from_packed, read_model_file
 from recognizer.train import evaluate
@@ -197,6 +198,36 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
     first = read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1]
     np.testing.assert_array_equal(first, read_model_file(fed.work / "edges" / "edge-1" / "final.npz")[1])
     assert np.abs(first).max() > 0
+
+
+def test_warm_up_rounds_train_on_words_each_edge_renders(launch, edge_data, test_pki) -> None:
+    settings = harness.Settings(
+        rounds=2, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, warmup_rounds=1,
+        warmup_words=48, warmup_styles="clean,rotated", warmup_labels="digits",
+    )
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    for k, shard in enumerate(edge_data.shards):
+        fed.start_edge(f"edge-{k}", shard)
+    fed.wait_edges(timeout_s=300)
+    rounds = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
+    fed.stop()
+
+    assert rounds[0]["plan"]["warmup"] == {"words": 48, "styles": "clean,rotated", "labels": "digits",
+                                           "seed": "0"}
+    assert "warmup" not in rounds[1]["plan"]  # unset: an ordinary round
+    rendered = []
+    for k, shard in enumerate(edge_data.shards):
+        counted = [r for r in journal(fed, f"edge-{k}") if r["event"] == "round"]
+        assert [(r["warmup"], r["samples"]) for r in counted] == [(True, 48), (False, len(LmdbReader(shard)))]
+        (data,) = (fed.work / "edges" / f"edge-{k}").glob("warmup-*")
+        reader = LmdbReader(data)
+        rendered.append([reader.get_label(i) for i in range(len(reader))])
+        assert log_says(fed, f"edge-{k}", "rendering warm-up words: 48/48")
+    assert all(len(labels) == 48 and all(x.isdigit() for x in labels) for labels in rendered)
+    assert rendered[0] != rendered[1]  # each edge renders its own words
+    # The warm-up round counted each edge at its rendered words' weight.
+    assert {e["edge_id"]: int(e["samples"]) for e in rounds[0]["edges"]} == {"edge-0": 48, "edge-1": 48}
 
 
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
