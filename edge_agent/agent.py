@@ -28,6 +28,7 @@ ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT
 
 JOURNAL_FILE = "rounds.jsonl"
 FINAL_MODEL_FILE = "final.npz"
+PERSONAL_MODEL_FILE = "personal.npz"
 
 
 class AgentError(RuntimeError):
@@ -44,6 +45,9 @@ class AgentSettings:
     zstd_level: int = 3
     val: Path | None = None  # a local held-out LMDB: the global model is scored on it each round
     report_evaluation: bool = True  # send those scores to the aggregator (federated evaluation)
+    # A personalized model beside the generic one, never uploaded: each round's local fine-tune of
+    # the global model on this edge's shard, written here (FedAvg with local adaptation).
+    personal_model: Path | None = None
 
 
 class EdgeAgent:
@@ -66,6 +70,7 @@ class EdgeAgent:
         self.held_version = 0
         self._global = np.zeros(local.length, dtype=np.float32)
         self._waiting_after: int | None = None
+        self._last_plan: Plan | None = None  # the last round's plan: the personal model's fine-tune
 
     def run(self) -> Path:
         """Take part in rounds until the federation finishes; returns the final model's path.
@@ -129,38 +134,47 @@ class EdgeAgent:
         self.local.apply_global(self._global)
         return moved
 
-    def _score(self, version: int) -> dict[str, float] | None:
-        """The global model's held-out accuracy and loss, when a validation set was given; reported
-        to the aggregator (federated evaluation) unless the edge opted out."""
+    def _score(self, what: str) -> Any:
+        """The model as it is now scored on the held-out set (an EvalResult), when one was given."""
         if self.settings.val is None:
             return None
         result = self.local.evaluate(self.settings.val)
-        if self.settings.report_evaluation and version > 1:  # version 1 is W_0: no round produced it
-            try:
-                self.client.report_evaluation(version, result)
-            except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
-                log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
         self.progress.info(
-            "global state v%d on %s: accuracy %.1f%%, 1-NED %.3f, loss %.3f (%d words)",
-            version,
+            "%s on %s: accuracy %.1f%%, 1-NED %.3f, loss %.3f (%d words)",
+            what,
             self.settings.val,
             100 * result.accuracy,
             result.char_accuracy,
             result.loss,
             result.samples,
         )
-        return {
-            "accuracy": result.accuracy,
-            "char_accuracy": result.char_accuracy,
-            "loss": result.loss,
-            "samples": result.samples,
-        }
+        return result
+
+    def _report(self, version: int, generic: Any, personal: Any = None) -> None:
+        """Send the scores of global state ``version`` (and of the personal model made from it) to the
+        aggregator, unless the edge opted out (federated evaluation)."""
+        if generic is None or not self.settings.report_evaluation or version <= 1:  # v1 is W_0
+            return
+        try:
+            self.client.report_evaluation(version, generic, personal)
+        except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
+            log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
+
+    def _personalize(self) -> Any:
+        """Keep the model as trained now (a local fine-tune of the global one) as the personal model;
+        its score, when a held-out set was given."""
+        path = self.settings.personal_model
+        if path is None:
+            return None
+        self.local.save(path)
+        return self._score(f"personal model ({path.name})")
 
     def _train_round(self, reply: pb.JoinResponse) -> None:
         where = f"round {reply.round_id} ({_position(reply)})"
         started = time.perf_counter()
         down = self._sync(reply.state_version)
-        val = self._score(self.held_version)
+        version = self.held_version
+        generic = self._score(f"global state v{version}")
         plan = Plan(
             reply.plan.local_epochs, reply.plan.learning_rate, reply.plan.batch_size, reply.plan.optimizer,
             reply.plan.proximal_mu,
@@ -206,7 +220,7 @@ class EdgeAgent:
                 "proximal_mu": plan.proximal_mu,
             },
             "down": down,
-            "val": val,
+            "val": _scores(generic),
             "up": {"raw": 0, "wire": 0},
             "epochs": [],
         }
@@ -249,6 +263,12 @@ class EdgeAgent:
             }
             for s in history
         ]
+        personal = None
+        if warmup is None:  # a personal model learns this edge's own words
+            self._last_plan = plan
+            personal = self._personalize()
+            record["personal_val"] = _scores(personal)
+        self._report(version, generic, personal)
         increment = self.local.increment()
         sent = self.residual.add_to(increment) if feedback else increment
         seed = int.from_bytes(hashlib.sha256(f"{reply.edge_id}/{reply.round_id}".encode()).digest()[:8])
@@ -343,14 +363,22 @@ class EdgeAgent:
         down = self._sync(reply.state_version)
         path = self.settings.final_model
         self.local.save(path)
-        val = self._score(self.held_version)
+        generic = self._score(f"global state v{self.held_version}")
+        personal = None
+        if self.settings.personal_model is not None and self._last_plan is not None:
+            self.progress.info("fine-tuning the final global model on this edge's shard: the personal model")
+            self.local.train_round(self._last_plan)
+            personal = self._personalize()
+        self._report(self.held_version, generic, personal)
         self.journal.write(
             {
                 "event": "finished",
                 "state_version": self.held_version,
                 "down": down,
-                "val": val,
+                "val": _scores(generic),
+                "personal_val": _scores(personal),
                 "model": str(path),
+                "personal_model": str(self.settings.personal_model) if personal is not None else None,
             }
         )
         p = self.progress
@@ -362,6 +390,14 @@ class EdgeAgent:
             megabytes(p.down_wire),
         )
         return path
+
+
+def _scores(result: Any) -> dict[str, float] | None:
+    """The journal's record of an EvalResult (None stays None)."""
+    if result is None:
+        return None
+    return {"accuracy": result.accuracy, "char_accuracy": result.char_accuracy, "loss": result.loss,
+            "samples": result.samples}
 
 
 def _position(reply: pb.JoinResponse) -> str:

@@ -61,6 +61,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--val", type=Path, help="a local held-out LMDB; the global model is scored on it each round"
     )
+    p.add_argument("--personalize", action="store_true",
+                   help="keep a personalized model beside the generic one (WORK_DIR/personal.npz): each "
+                        "round's local fine-tune of the global model, never uploaded; scored on --val too")
     p.add_argument("--no-report-evaluation", dest="report_evaluation", action="store_false",
                    help="keep the --val scores on this edge (default: report them to the aggregator)")
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
@@ -134,7 +137,7 @@ def run(argv: Sequence[str]) -> int:
 
     import grpc
 
-    from edge_agent.agent import FINAL_MODEL_FILE, AgentError, AgentSettings, EdgeAgent
+    from edge_agent.agent import FINAL_MODEL_FILE, PERSONAL_MODEL_FILE, AgentError, AgentSettings, EdgeAgent
     from edge_agent.client import Endpoint, FederationClient
     from edge_agent.local import LocalModel, set_threads
     from edge_agent.report import Progress, megabytes
@@ -189,6 +192,7 @@ def run(argv: Sequence[str]) -> int:
         zstd_level=args.zstd_level,
         val=args.val,
         report_evaluation=args.report_evaluation,
+        personal_model=args.work_dir / PERSONAL_MODEL_FILE if args.personalize else None,
     )
     agent = EdgeAgent(local, client, settings, progress)
     try:

@@ -76,11 +76,12 @@ def held_out(model, data: Path) -> tuple[float, float]:
 
 
 def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki) -> None:
-    # Uploads in int8 with error feedback (the plan's), downloads of the state's change in int4, and
-    # a FedProx term; the other tests here move float32 both ways without one.
+    # Uploads in int8 with error feedback (the plan's), downloads of the state's change in int4, a
+    # FedProx term and a personal model on each edge; the other tests here move float32 both ways
+    # without either.
     settings = harness.Settings(
         rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8",
-        download_encoding="int4", proximal_mu=0.01,
+        download_encoding="int4", proximal_mu=0.01, extra_edge_args=("--personalize",),
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
@@ -138,6 +139,16 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         assert sorted(s["word_accuracy"] for s in scored.values()) == sorted(j["accuracy"] for j in journaled)
         mean = sum(j["accuracy"] * j["samples"] for j in journaled) / sum(j["samples"] for j in journaled)
         assert abs(r["evaluation"].get("word_accuracy", 0.0) - mean) < 1e-9
+        assert all(e["personal"]["samples"] == e["generic"]["samples"] for e in r["evaluations"])
+
+    # Each edge kept a personal model, never uploaded, scored every round beside the generic one;
+    # at the end it is the final global model fine-tuned on the edge's shard, a model file like it.
+    for name, recs in records.items():
+        assert all(r["personal_val"]["samples"] > 0 for r in recs if r["event"] in ("round", "finished"))
+        personal, _ = load_model(fed.work / "edges" / name / "personal.npz", load_key(federation_key))
+        assert recs[-1]["personal_model"].endswith("personal.npz")
+    assert read_model_file(fed.work / "edges" / "edge-0" / "personal.npz")[1].tobytes() != \
+        read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1].tobytes()
 
     # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
     first = records["edge-0"][0]["val"]
