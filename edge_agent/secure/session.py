@@ -43,6 +43,8 @@ class EdgeSession:
         self.mask_keys: dict[str, bytes] = {}  # roster edge -> its mask public key
         self.held: dict[str, tuple[bytes, bytes]] = {self.edge_id: (b"", b"")}  # dealer -> (b, s) share
         self.dealers: frozenset[str] = frozenset()
+        self.graph: dict[str, frozenset[str]] = {}  # the round's neighbour graph, from the roster and seed
+        self.threshold = 0
         self._revealed: tuple[frozenset[str], frozenset[str], list] | None = None
 
     def advertisement(self) -> tuple[bytes, bytes]:
@@ -63,10 +65,16 @@ class EdgeSession:
         mine = dict(zip(ids, ((c, s) for _, _, c, s in roster), strict=True))
         if mine[self.edge_id] != self.advertisement():
             raise SecureProtocolError("the roster does not carry the keys this edge advertised")
-        self.peers = secagg.neighbours(ids, neighbours, self.settings.round_seed)[self.edge_id]
+        self.graph = secagg.neighbours(ids, neighbours, self.settings.round_seed)
+        self.peers = self.graph[self.edge_id]
         holders = sorted(self.peers | {self.edge_id})
-        if not 2 <= threshold <= len(holders):
-            raise SecureProtocolError(f"threshold {threshold} is not within 2..{len(holders)} holders")
+        # A strict majority: a server that shows different survivor lists to disjoint halves of the
+        # holders can then never collect both kinds of shares of one edge.
+        if not (2 <= threshold <= len(holders) and 2 * threshold > len(holders)):
+            raise SecureProtocolError(
+                f"threshold {threshold} is not a majority of this edge's {len(holders)} share holders"
+            )
+        self.threshold = threshold
         xs = {e: x for e, x, _, _ in roster}
         self.mask_keys = {e: s for e, (_, s) in mine.items()}
         b_shares = shamir.split(self.self_seed, threshold, [xs[h] for h in holders])
@@ -103,6 +111,13 @@ class EdgeSession:
             key = secagg.agree(self.cipher.private, cipher_keys[dealer], info)
             plain = secagg.open_sealed(key, ct, secagg.share_aad(self.round_id, dealer, self.edge_id))
             self.held[dealer] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+        live = (self.peers & self.dealers) | {self.edge_id}
+        if len(live) < self.threshold:
+            # Too few neighbours to mask with or to rebuild this edge's secrets: refuse to upload.
+            raise SecureProtocolError(
+                f"only {len(live) - 1} of {self.edge_id}'s {len(self.peers)} neighbours dealt; "
+                f"{self.threshold} share holders are needed"
+            )
 
     def weight(self, samples: int) -> int:
         """This edge's FedAvg weight: its sample count, or 1 for the uniform mean."""
@@ -132,6 +147,16 @@ class EdgeSession:
         alive, gone = frozenset(survivors), frozenset(dropped)
         if alive & gone or self.edge_id not in alive:
             raise SecureProtocolError("survivors and dropped overlap, or this edge is not a survivor")
+        if not (alive | gone) <= self.dealers:
+            raise SecureProtocolError("survivors or dropped edges that never dealt shares")
+        if len(alive & (self.peers | {self.edge_id})) < self.threshold:
+            raise SecureProtocolError(
+                f"fewer than {self.threshold} of {self.edge_id}'s share holders survive: it cannot be "
+                "unmasked"
+            )
+        if not _connected(alive, self.graph):
+            # A split graph would let the server unmask each part's sum: a partial sum of few edges.
+            raise SecureProtocolError("the survivors' neighbour graph is split; this edge reveals nothing")
         if self._revealed is not None:
             if self._revealed[:2] != (alive, gone):
                 raise SecureProtocolError(f"{self.edge_id} already revealed shares for other survivors")
@@ -144,3 +169,17 @@ class EdgeSession:
                 out.append((dealer, MASK_KEY, s))
         self._revealed = (alive, gone, out)
         return out
+
+
+def _connected(nodes: frozenset[str], graph: dict[str, frozenset[str]]) -> bool:
+    """Whether ``nodes`` form one connected part of ``graph`` restricted to them."""
+    if not nodes:
+        return False
+    start = next(iter(nodes))
+    seen, todo = {start}, [start]
+    while todo:
+        for v in graph.get(todo.pop(), frozenset()) & nodes:
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen == nodes
