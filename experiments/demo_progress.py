@@ -165,9 +165,19 @@ def _proto_time(stamp: str | None) -> float:
     return datetime.fromisoformat(stamp).timestamp() if stamp else time.time()
 
 
+def round_score(r: dict, scores: dict[int, dict]) -> dict:
+    """The held-out score of the global model round ``r`` (ListRounds JSON) produced: the aggregator's
+    federated evaluation when edges reported one, else ``scores`` by state version; {} if unknown."""
+    reported = r.get("evaluation") or {}
+    if int(reported.get("samples", 0)):
+        return {"accuracy": reported.get("word_accuracy", 0.0),
+                "char_accuracy": reported.get("char_accuracy", 0.0), "loss": reported.get("loss", 0.0)}
+    return scores.get(int(r.get("state_version", 0)) + 1, {})
+
+
 def round_table(rounds: dict, scores: dict[int, dict] | None = None) -> str:
     """A table per round: edges counted, bytes up and down (wire and raw), duration, and the held-out
-    score of the global model the round produced (from ``fedocr.harness.scores_by_version``), when known."""
+    score of the global model the round produced (``round_score``), when known."""
     scores = scores or {}
     mb = lambda n: f"{int(n) / 1e6:.2f}"  # noqa: E731
     head = ("round", "state", "edges", "up wire MB", "up raw MB", "down wire MB", "down raw MB", "seconds",
@@ -176,7 +186,7 @@ def round_table(rounds: dict, scores: dict[int, dict] | None = None) -> str:
     for r in rounds.get("rounds", []):
         b = r["bytes"]
         uploaded = sum(1 for e in r.get("edges", []) if e.get("uploaded"))
-        after = scores.get(int(r.get("state_version", 0)) + 1, {})
+        after = round_score(r, scores)
         rows.append((
             str(r["round_index"] + 1), r["state"].removeprefix("ROUND_STATE_"), str(uploaded),
             mb(b["wire_up"]), mb(b["raw_up"]), mb(b["wire_down"]), mb(b["raw_down"]),
