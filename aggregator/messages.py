@@ -91,7 +91,8 @@ def secure_status(view: SecureView) -> pb.SecureRoundStatus:
         threshold=view.threshold,
         neighbours=view.neighbours,
         roster=[
-            pb.EdgeKeys(edge_id=e, index=x, cipher_public=c, mask_public=s) for e, x, c, s in view.roster
+            pb.EdgeKeys(edge_id=e, index=x, cipher_public=c, mask_public=s, signature=sig, certificate=cert)
+            for e, x, c, s, sig, cert in view.roster
         ],
         dealers=view.dealers,
         sealed=[pb.SealedShare(dealer=d, holder="", ciphertext=ct) for d, ct in view.sealed],

@@ -117,7 +117,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: the edge's two public keys for the round."""
         keys = bytes(request.cipher_public), bytes(request.mask_public)
-        view = self._rounds.secure.advertise(caller, request.round_id, *keys, _sent(request))
+        signed = bytes(request.signature), bytes(request.certificate)
+        view = self._rounds.secure.advertise(caller, request.round_id, *keys, _sent(request), signed)
         return self._answer(caller, view)
 
     @_unary(EDGE_ONLY)

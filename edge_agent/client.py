@@ -286,10 +286,19 @@ class FederationClient:
             request.personal.CopyFrom(_evaluation(personal))
         return self._invoker.call(self._stub.ReportEvaluation, request, timeout=RPC_TIMEOUT_S)
 
-    def advertise(self, round_id: int, cipher_public: bytes, mask_public: bytes) -> pb.SecureRoundStatus:
-        """Advertise this round's two public keys (a retry resends the same ones)."""
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where the aggregator is, and this edge's certificate, key and CA."""
+        return self._endpoint
+
+    def advertise(
+        self, round_id: int, cipher_public: bytes, mask_public: bytes, signature: bytes = b"",
+        certificate: bytes = b"",
+    ) -> pb.SecureRoundStatus:
+        """Advertise this round's two public keys, signed (a retry resends the same ones)."""
         request = pb.AdvertiseKeysRequest(
-            round_id=round_id, cipher_public=cipher_public, mask_public=mask_public
+            round_id=round_id, cipher_public=cipher_public, mask_public=mask_public, signature=signature,
+            certificate=certificate,
         )
         return self._invoker.call(self._stub.AdvertiseKeys, request, timeout=RPC_TIMEOUT_S)
 

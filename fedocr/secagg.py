@@ -31,12 +31,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedocr import pki
 
 DOMAIN = b"fedocr/secagg/v1"  # prefixes every hash, KDF info and aad, so no two uses collide
 KEY_BYTES = 32  # X25519 keys, agreed keys, mask seeds and Shamir secrets (fedocr.shamir)
@@ -59,6 +63,10 @@ class BadCiphertext(SecAggError):
 
 class NotEnoughShares(SecAggError):
     """Fewer shares than the threshold: the secret cannot be rebuilt."""
+
+
+class BadSignature(SecAggError):
+    """An advertisement whose signature or certificate does not check out against the CA."""
 
 
 class BadShare(SecAggError):
@@ -118,6 +126,43 @@ def generate_keypair() -> KeyPair:
     """A fresh X25519 key pair from the operating system's randomness."""
     private = X25519PrivateKey.generate()
     return KeyPair(private, private.public_key().public_bytes_raw())
+
+
+def advertisement_bytes(round_id: int, edge_id: str, cipher_public: bytes, mask_public: bytes) -> bytes:
+    """What an edge signs when it advertises its keys: the round, its id and both public keys."""
+    head = b"fedocr-secagg-advertise/v1"
+    return _frame(head, _round(round_id), edge_id.encode(), cipher_public, mask_public)
+
+
+def sign_advertisement(key_pem: bytes, message: bytes) -> bytes:
+    """ECDSA (SHA-256) signature of ``message`` with an edge's certificate key (PEM)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SecAggError("an edge's certificate key must be an elliptic-curve key")
+    return key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_advertisement(
+    ca: x509.Certificate, cert_der: bytes, edge_id: str, message: bytes, signature: bytes
+) -> None:
+    """Check that ``cert_der`` is an edge certificate the federation's CA issued to ``edge_id``, and
+    that it signed ``message``. Raises BadSignature naming the edge otherwise."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        cert.verify_directly_issued_by(ca)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = {pki.parse_role_uri(u) for u in uris.get_values_for_type(x509.UniformResourceIdentifier)}
+        if names != {(pki.ROLE_EDGE, edge_id)}:
+            raise BadSignature(f"the certificate sent for {edge_id!r} names {sorted(n for n in names if n)}")
+        public = cert.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise BadSignature(f"the certificate of {edge_id!r} holds no elliptic-curve key")
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except BadSignature:
+        raise
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound) as exc:
+        raise BadSignature(f"the advertisement of {edge_id!r} is not signed by its certificate from the "
+                           f"federation's CA ({type(exc).__name__}: {exc})") from None
 
 
 def pair_info(purpose: str, round_id: int, a: str, b: str) -> bytes:

@@ -50,7 +50,8 @@ class SecureView:
     phase: str
     threshold: int = 0
     neighbours: int = 0
-    roster: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)  # id, x, c_u, s_u
+    # id, x, c_u, s_u, and the advertisement's signature and certificate (empty when unsigned)
+    roster: list[tuple[str, int, bytes, bytes, bytes, bytes]] = field(default_factory=list)
     dealers: list[str] = field(default_factory=list)
     sealed: list[tuple[str, bytes]] = field(default_factory=list)  # (dealer, ciphertext) for the caller
     survivors: list[str] = field(default_factory=list)
@@ -72,7 +73,8 @@ def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureVie
     view = SecureView(r.round_id, sec.phase, sec.threshold, sec.neighbours)
     if after == ADVERTISE and sec.phase != ADVERTISE:
         view.roster.extend(
-            (e, sec.index(e), bytes.fromhex(sec.keys[e][0]), bytes.fromhex(sec.keys[e][1]))
+            (e, sec.index(e), bytes.fromhex(sec.keys[e][0]), bytes.fromhex(sec.keys[e][1]),
+             *(bytes.fromhex(x) for x in sec.signed.get(e, ["", ""])))
             for e in sec.roster
         )
     if after == SHARE and sec.phase not in (ADVERTISE, SHARE):
@@ -158,14 +160,15 @@ class SecureRounds:
     # -- RPCs ------------------------------------------------------------------------------
 
     def advertise(
-        self, edge_id: str, round_id: int, cipher_public: bytes, mask_public: bytes, moved: Bytes
+        self, edge_id: str, round_id: int, cipher_public: bytes, mask_public: bytes, moved: Bytes,
+        signed: tuple[bytes, bytes] = (b"", b""),
     ) -> SecureView:
         """Record the edge's two public keys for the round (once; a different second set is refused)."""
         with self._w.cond:
             r = self._secure_round(round_id)
             earlier = [h.secure for h in self._w.history() if h.secure is not None]
             used = {k for sec in earlier for ks in sec.keys.values() for k in ks}
-            r.secure.advertise(edge_id, cipher_public, mask_public, used)
+            r.secure.advertise(edge_id, cipher_public, mask_public, used, *signed)
             return self._durable(r, edge_id, moved)
 
     def share(

@@ -71,6 +71,8 @@ class SecureRecord:
     threshold: int = 0  # resolved with the roster
     neighbours: int = 0
     keys: dict[str, list[str]] = field(default_factory=dict)  # edge -> [cipher public, mask public]
+    # edge -> [signature, certificate] of its advertisement, relayed for the edges to check
+    signed: dict[str, list[str]] = field(default_factory=dict, metadata={"blob": True})
     roster: list[str] = field(default_factory=list)  # sorted; Shamir x of an edge = position + 1
     commitments: dict[str, dict[str, list[str]]] = field(default_factory=dict, metadata={"blob": True})
     sealed: dict[str, dict[str, str]] = field(default_factory=dict, metadata={"blob": True})
@@ -105,7 +107,7 @@ class SecureRecord:
 
     def drop_blobs(self) -> None:
         """Forget the per-edge blobs (a finished round's record keeps its core only)."""
-        self.commitments, self.sealed, self.revealed = {}, {}, {}
+        self.commitments, self.sealed, self.revealed, self.signed = {}, {}, {}, {}
         self.__dict__.pop("_blobs", None)
 
     def add_blob(self, name: str, data: bytes) -> None:
@@ -116,6 +118,8 @@ class SecureRecord:
             for holder, ct in doc["sealed"].items():
                 self.sealed.setdefault(holder, {})[edge_id] = ct
             self.commitments[edge_id] = doc["commitments"]
+        elif kind == "signed":
+            self.signed[edge_id] = doc
         elif kind == "revealed":
             for secret, dealer, share in doc:
                 self.revealed.setdefault(secret, {}).setdefault(dealer, {})[edge_id] = share
@@ -149,8 +153,12 @@ class SecureRecord:
 
     # -- ADVERTISE -------------------------------------------------------------------------
 
-    def advertise(self, edge_id: str, cipher_public: bytes, mask_public: bytes, used: set[str]) -> None:
+    def advertise(
+        self, edge_id: str, cipher_public: bytes, mask_public: bytes, used: set[str],
+        signature: bytes = b"", certificate: bytes = b"",
+    ) -> None:
         """Record an edge's two public keys; ``used``: hex keys of earlier rounds (never reused).
+        ``signature`` and ``certificate`` are relayed to the other edges, which check them.
 
         Raises SecureRefused for a second, different advertisement, a key seen before (in this
         round or an earlier one), equal keys or a key that is not a valid X25519 point.
@@ -181,6 +189,9 @@ class SecureRecord:
                     f"edge {edge_id!r} advertised a key already used by {where}: a replayed key is refused"
                 )
         self.keys[edge_id] = pair
+        if signature or certificate:
+            self.signed[edge_id] = [bytes(signature).hex(), bytes(certificate).hex()]
+            self._blob(f"signed/{edge_id}", self.signed[edge_id])
 
     def fix_roster(self, now: float, phase_s: float) -> str:
         """Fix the roster to the edges that advertised; '' or why the round cannot go on."""

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.client import FederationClient, Upload
 from edge_agent.secure.session import EdgeSession, SecureSettings
-from fedocr import retry
+from fedocr import retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,19 @@ def run(
     step = on_step or (lambda _: None)
     round_id, me = reply.round_id, reply.edge_id
     session = EdgeSession(me, round_id, settings_of(reply.plan))
-    client.advertise(round_id, *session.advertisement())
+    keys = session.advertisement()
+    endpoint = client.endpoint
+    message = secagg.advertisement_bytes(round_id, me, *keys)
+    certificate = x509.load_pem_x509_certificate(endpoint.cert.read_bytes()).public_bytes(Encoding.DER)
+    signature = secagg.sign_advertisement(endpoint.key.read_bytes(), message)
+    client.advertise(round_id, *keys, signature, certificate)
     step("advertised")
 
     status = _wait(client, round_id, pb.SECURE_PHASE_ADVERTISE, patience_s)
     roster = [(k.edge_id, k.index, bytes(k.cipher_public), bytes(k.mask_public)) for k in status.roster]
     if me not in {e for e, _, _, _ in roster}:
         raise RoundLeft(f"round {round_id}: the roster was fixed without this edge")
+    check_roster(round_id, status.roster, x509.load_pem_x509_certificate(endpoint.ca.read_bytes()))
     sealed, commitments = session.deal(roster, status.neighbours, status.threshold)
     client.share(round_id, sealed, commitments)
     step("shared")
@@ -103,6 +111,21 @@ def run(
     step("revealed")
     log.info("round %s: revealed %d share(s) for unmasking", round_id, len(shares))
     return SecureResult(upload, True, status)
+
+
+def check_roster(round_id: int, roster: Iterable[pb.EdgeKeys], ca: x509.Certificate) -> None:
+    """Check that every roster entry's keys were signed by that edge's certificate from the
+    federation's CA: a server that substitutes keys to sit between two edges is caught here.
+
+    Raises secagg.BadSignature naming the edge (before this edge deals or masks anything).
+    """
+    for k in roster:
+        if not k.signature or not k.certificate:
+            raise secagg.BadSignature(f"round {round_id}: the roster carries an unsigned advertisement of "
+                                      f"{k.edge_id!r}")
+        keys = bytes(k.cipher_public), bytes(k.mask_public)
+        message = secagg.advertisement_bytes(round_id, k.edge_id, *keys)
+        secagg.verify_advertisement(ca, bytes(k.certificate), k.edge_id, message, bytes(k.signature))
 
 
 def _wait(

@@ -156,26 +156,34 @@ class SecurePlan(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ...) -> None: ...
 
 class EdgeKeys(_message.Message):
-    __slots__ = ("edge_id", "index", "cipher_public", "mask_public")
+    __slots__ = ("edge_id", "index", "cipher_public", "mask_public", "signature", "certificate")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     index: int
     cipher_public: bytes
     mask_public: bytes
-    def __init__(self, edge_id: _Optional[str] = ..., index: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    certificate: bytes
+    def __init__(self, edge_id: _Optional[str] = ..., index: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
-    __slots__ = ("round_id", "cipher_public", "mask_public")
+    __slots__ = ("round_id", "cipher_public", "mask_public", "signature", "certificate")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     cipher_public: bytes
     mask_public: bytes
-    def __init__(self, round_id: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    certificate: bytes
+    def __init__(self, round_id: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class SealedShare(_message.Message):
     __slots__ = ("dealer", "holder", "ciphertext")

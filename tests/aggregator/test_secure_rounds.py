@@ -78,8 +78,8 @@ class Sim:
         for e in edges:
             s = self.sessions[e]
             view = self.fed.secure.secure_round(e, s.round_id, "ADVERTISE", 0)
-            sealed, commits = s.deal(view.roster, view.neighbours, view.threshold)
-            self.cipher_keys = {x: c for x, _, c, _ in view.roster}
+            sealed, commits = s.deal([k[:4] for k in view.roster], view.neighbours, view.threshold)
+            self.cipher_keys = {k[0]: k[2] for k in view.roster}
             self.fed.secure.share(e, s.round_id, sealed, commits, Bytes())
         self.tick()
 

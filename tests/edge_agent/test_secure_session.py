@@ -1,12 +1,17 @@
-"""An edge's checks on what the server tells it in a secure round: each lie is refused before the
-edge masks or reveals anything."""
+"""An edge's checks on what the server tells it in a secure round: each lie (a substituted or
+unsigned key, a weak threshold, too few dealers, a split graph) is refused before the edge deals,
+masks or reveals anything."""
 
 from __future__ import annotations
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from edge_agent.secure.protocol import check_roster
 from edge_agent.secure.session import EdgeSession, SecureProtocolError, SecureSettings
 from fedocr import secagg
+from fedocr.v1 import federation_pb2 as pb
 
 SETTINGS = SecureSettings(clip=8.0, frac_bits=16, round_seed=b"\x07" * 16, weight_by_samples=True)
 
@@ -50,3 +55,49 @@ def test_an_edge_reveals_nothing_to_survivors_it_cannot_trust() -> None:
         me.reveal(alive, [e for e in everyone if e not in alive])
     # The whole ring alive is connected: the edge reveals its survivors' self-mask shares.
     assert [kind for _, kind, _ in me.reveal(everyone, [])] == ["self_seed"]
+
+
+def signed_roster(test_pki, round_id: int = 4) -> tuple[list[pb.EdgeKeys], x509.Certificate]:
+    """Two edges' advertisements as a roster relays them, each signed with its certificate's key."""
+    entries = []
+    for k in range(2):
+        name, session = f"edge-{k}", EdgeSession(f"edge-{k}", round_id, SETTINGS)
+        cipher, mask = session.advertisement()
+        signature = secagg.sign_advertisement(
+            test_pki.key(name).read_bytes(), secagg.advertisement_bytes(round_id, name, cipher, mask)
+        )
+        der = x509.load_pem_x509_certificate(test_pki.cert(name).read_bytes()).public_bytes(Encoding.DER)
+        entries.append(pb.EdgeKeys(edge_id=name, index=k + 1, cipher_public=cipher, mask_public=mask,
+                                   signature=signature, certificate=der))
+    return entries, x509.load_pem_x509_certificate(test_pki.ca.read_bytes())
+
+
+def test_signed_advertisements_pass_and_every_substitution_is_caught(test_pki) -> None:
+    entries, ca = signed_roster(test_pki)
+    check_roster(4, entries, ca)
+
+    swapped = [pb.EdgeKeys(), *entries[1:]]
+    swapped[0].CopyFrom(entries[0])
+    swapped[0].mask_public = EdgeSession("edge-0", 4, SETTINGS).advertisement()[1]  # the server's own key
+    with pytest.raises(secagg.BadSignature, match="advertisement of 'edge-0' is not signed"):
+        check_roster(4, swapped, ca)
+    with pytest.raises(secagg.BadSignature, match="is not signed"):
+        check_roster(5, entries, ca)  # replayed into another round
+    renamed = [pb.EdgeKeys(), *entries[1:]]
+    renamed[0].CopyFrom(entries[1])
+    renamed[0].edge_id = "edge-0"  # edge-1's signed keys passed off as edge-0's
+    with pytest.raises(secagg.BadSignature, match="certificate sent for 'edge-0' names"):
+        check_roster(4, renamed, ca)
+    foreign_cert, foreign_key = test_pki.foreign_pair
+    forged = [pb.EdgeKeys(), *entries[1:]]
+    forged[0].CopyFrom(entries[0])
+    foreign = x509.load_pem_x509_certificate(foreign_cert.read_bytes())
+    forged[0].certificate = foreign.public_bytes(Encoding.DER)
+    forged[0].signature = secagg.sign_advertisement(foreign_key.read_bytes(), secagg.advertisement_bytes(
+        4, "edge-0", forged[0].cipher_public, forged[0].mask_public))
+    with pytest.raises(secagg.BadSignature, match="not signed by its certificate from the federation's CA"):
+        check_roster(4, forged, ca)  # a certificate of another CA, with the same name
+    unsigned = [pb.EdgeKeys(edge_id="edge-0", index=1, cipher_public=entries[0].cipher_public,
+                            mask_public=entries[0].mask_public), *entries[1:]]
+    with pytest.raises(secagg.BadSignature, match="unsigned advertisement of 'edge-0'"):
+        check_roster(4, unsigned, ca)
