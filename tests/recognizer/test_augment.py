@@ -96,11 +96,12 @@ def test_recipe_fills_only_the_train_options_not_given() -> None:
     cli._apply_recipe(plain)
     assert (plain.augment, plain.epochs, plain.lr, plain.cosine_from) == ("none", 1, None, None)
 
-    general = parse([*base, "--recipe", "general", "--epochs", "2", "--augment-magnitude", "0.3"])
+    general = parse([*base, "--recipe", "general", "--epochs", "3", "--augment-magnitude", "0.3"])
     cli._apply_recipe(general)
-    assert (general.epochs, general.augment_magnitude) == (2, 0.3)  # given: kept, even at the default
-    assert (general.augment, general.lr, general.cosine_from, general.preset) == (
-        GENERAL.augment, GENERAL.lr, GENERAL.cosine_from, GENERAL.preset) == ("straug", 2e-3, 0, "fedocr-cpu")
+    assert (general.epochs, general.augment_magnitude) == (3, 0.3)  # given: kept, even at the default
+    filled = (general.augment, general.lr, general.cosine_from, general.preset, general.batch_size)
+    assert filled == (GENERAL.augment, GENERAL.lr, GENERAL.cosine_from, GENERAL.preset, GENERAL.batch_size)
+    assert filled == ("straug", 3e-3, 0, "fedocr-cpu-wide", 64)
 
 
 # The model that reads: the session's digit reader (conftest.py), trained until it reads MIN_CLEAN of
