@@ -76,8 +76,8 @@ class NamedRecipe:
 # already reads the classic styles. From scratch, the varied data and augmentation hold fedocr-cpu on
 # its initial plateau for about a whole epoch; warm-started, the same CPU seconds read more of every
 # held-out row (docs/results/generalization.md). Its model reads 32x160 (fedocr-cpu-wide: a column per
-# letter of words up to 25 long); batches of 64 on two threads process 1.8x the images per second of
-# batches of 16 on one. Its data: the rich renderer's varied style over the training font families and
+# letter of words up to 25 long); batches of 64 on two threads process about twice the images per second
+# of batches of 16 on one. Its data: the rich renderer's varied style over the training font families and
 # backgrounds, realistic labels of up to 25 characters; STRAug-style augmentation; two epochs at lr
 # 0.003 decayed along a cosine from the start.
 GENERAL = NamedRecipe(
