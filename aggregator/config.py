@@ -243,7 +243,7 @@ class AggregatorConfig:
         if self.secure_aggregation and not 0 < self.secagg_phase_s < math.inf:
             raise ConfigError(f"secure_aggregation.phase_s must be positive, got {self.secagg_phase_s}")
         try:
-            secagg.check_headroom(self.secagg_max_weight_sum, self.secagg_clip, self.secagg_bits)
+            secagg.check_headroom(self.secagg_weight_limit, self.secagg_clip, self.secagg_bits)
         except secagg.SecAggError as exc:
             raise ConfigError(f"secure_aggregation: {exc}") from None
 
@@ -259,14 +259,20 @@ class AggregatorConfig:
         return self.server_lr or DEFAULT_SERVER_LR[self.server_optimizer]
 
     @property
+    def secagg_weight_limit(self) -> float:
+        """The most a secure round's weights may sum to: max_weight_sum, and with uniform weighting
+        (weight 1 an upload) also the quorum, as a round takes no more edges than it waits for."""
+        if self.weighting == "uniform":
+            return float(min(self.secagg_max_weight_sum, self.quorum))
+        return float(self.secagg_max_weight_sum)
+
+    @property
     def secagg_bits(self) -> int:
-        """The fixed-point fraction bits: as set, or the most that max_weight_sum and clip allow."""
+        """The fixed-point fraction bits: as set, or the most that the weight limit and clip allow
+        (secagg.most_frac_bits; uniform weighting leaves far more than weighting by samples)."""
         if self.secagg_frac_bits:
             return self.secagg_frac_bits
-        bits = 0
-        while bits < 30 and self.secagg_max_weight_sum * (self.secagg_clip * 2.0 ** (bits + 1) + 0.5) < 2**31:
-            bits += 1
-        return bits
+        return secagg.most_frac_bits(self.secagg_weight_limit, self.secagg_clip)
 
     def learning_rate_for(self, round_index: int) -> float:
         """The lr of a 0-based round index: base lr times the factor of the last decay reached, then

@@ -255,9 +255,9 @@ def remove_masks(
 def check_headroom(max_weight_sum: float, clip: float, frac_bits: int) -> None:
     """Raise SecAggError if a sum of encoded uploads could wrap around the int32 range.
 
-    Each upload encodes |w·x·2^f| ≤ w·clip·2^f, plus at most ½ of rounding; weights are sample
-    counts (≥ 1), so at most W uploads are summed and |sum| ≤ W·(clip·2^f + ½), which must stay
-    below 2^31.
+    Each upload encodes |w·x·2^f| ≤ w·clip·2^f, plus less than 1 of rounding (½ to nearest, < 1
+    stochastic); weights are sample counts (≥ 1), so at most W uploads are summed and
+    |sum| < W·(clip·2^f + 1), which must stay below 2^31.
     """
     if not math.isfinite(max_weight_sum) or max_weight_sum <= 0:
         raise SecAggError(f"max weight sum must be positive and finite, got {max_weight_sum!r}")
@@ -265,7 +265,7 @@ def check_headroom(max_weight_sum: float, clip: float, frac_bits: int) -> None:
         raise SecAggError(f"clip must be positive and finite, got {clip!r}")
     if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 31:
         raise SecAggError(f"frac_bits must be an integer in [0, 31], got {frac_bits!r}")
-    per_weight = clip * 2.0**frac_bits + 0.5
+    per_weight = clip * 2.0**frac_bits + 1.0
     if max_weight_sum * per_weight >= WRAP:
         raise SecAggError(
             f"sums could reach {max_weight_sum * per_weight:.6g} >= 2**31 and wrap: with clip={clip} and "
@@ -273,10 +273,23 @@ def check_headroom(max_weight_sum: float, clip: float, frac_bits: int) -> None:
         )
 
 
-def encode_fixed(values: np.ndarray, weight: float, clip: float, frac_bits: int) -> np.ndarray:
-    """round(clip(x, ±clip)·weight·2^f) in two's complement mod 2^32.
+def most_frac_bits(max_weight_sum: float, clip: float) -> int:
+    """The most fraction bits (≤ 30) that ``check_headroom`` allows for this weight sum and clip."""
+    bits = 0
+    while bits < 30 and max_weight_sum * (clip * 2.0 ** (bits + 1) + 1.0) < WRAP:
+        bits += 1
+    return bits
 
-    ``values``: float32, shape (n,); ``weight``: the edge's sample count (≥ 1). Returns uint32 (n,).
+
+def encode_fixed(
+    values: np.ndarray, weight: float, clip: float, frac_bits: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """clip(x, ±clip)·weight·2^f rounded to an integer, in two's complement mod 2^32.
+
+    ``values``: float32, shape (n,); ``weight``: the edge's sample count (≥ 1). With ``rng`` the
+    rounding is stochastic (down or up with the odds that make it unbiased: E[encoded] = the exact
+    product, so increments smaller than 2^-f still move the mean); without it, to nearest.
+    Returns uint32 (n,).
     """
     if not math.isfinite(weight) or weight < 1:
         raise SecAggError(f"weight is a sample count and must be at least 1, got {weight!r}")
@@ -289,17 +302,19 @@ def encode_fixed(values: np.ndarray, weight: float, clip: float, frac_bits: int)
     # float64 throughout: clip stays exactly as given, and x·w·2^f is exact for a float32 x and an
     # integer weight below 2^29 (24 + 29 significant bits fit in 53).
     scaled = np.clip(x.astype(np.float64), -clip, clip) * float(weight) * 2.0**frac_bits
-    return np.rint(scaled).astype(np.int64).astype(np.uint32)  # int64 -> uint32 keeps the low 32 bits
+    rounded = np.rint(scaled) if rng is None else np.floor(scaled + rng.random(scaled.shape))
+    return rounded.astype(np.int64).astype(np.uint32)  # int64 -> uint32 keeps the low 32 bits
 
 
 def decode_fixed(total: np.ndarray, total_weight: float, frac_bits: int) -> np.ndarray:
     """The weighted mean Σ w·x / W from the sum of encoded updates: signed int32 / (2^f·W).
 
     ``total``: uint32 (n,); returns float32 (n,). Precision: each upload is w·x·2^f + e with
-    |e| ≤ ½ (round to nearest; the product is exact, see ``encode_fixed``), and without wrap
-    (``check_headroom``) the int32 sum is exact, so the result differs from the weighted mean of the
-    clipped values by Σe/(2^f·W): at most n·½/(2^f·W) for n uploads (≤ 2^-(f+1), as W ≥ n), plus
-    at most 2^-23·|mean| for the division and the float32 rounding.
+    |e| ≤ ½ to nearest or |e| < 1 stochastic (the product is exact, see ``encode_fixed``), and
+    without wrap (``check_headroom``) the int32 sum is exact, so the result differs from the weighted
+    mean of the clipped values by Σe/(2^f·W): less than n/(2^f·W) for n uploads (≤ 2^-f, as
+    W ≥ n; stochastic rounding makes it zero in expectation), plus at most 2^-23·|mean| for the
+    division and the float32 rounding.
     """
     total = _flat_u32(total, "sum of encoded updates")
     if not math.isfinite(total_weight) or total_weight <= 0:

@@ -141,11 +141,12 @@ class SecureRounds:
         Called when the stream has been read: the phase is checked again (SecureRecord.check_commit).
         """
         r.secure.check_commit(edge_id)
-        limit = self._config.secagg_max_weight_sum
+        limit = self._config.secagg_weight_limit
         if r.weight + weight > limit:
             raise OverWeight(
                 f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
-                f"secure_aggregation.max_weight_sum {limit:g}: the masked sum could wrap"
+                f"{limit:g} (secure_aggregation.max_weight_sum, and the quorum with uniform weighting): "
+                "the masked sum could wrap"
             )
         offset = 0
         for values in arrays:

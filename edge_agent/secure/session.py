@@ -46,6 +46,8 @@ class EdgeSession:
         self.graph: dict[str, frozenset[str]] = {}  # the round's neighbour graph, from the roster and seed
         self.threshold = 0
         self._revealed: tuple[frozenset[str], frozenset[str], list] | None = None
+        # Unbiased (stochastic) rounding of the fixed-point upload, from a fresh OS seed per round.
+        self._rounding = np.random.default_rng(secrets.randbits(128))
 
     def advertisement(self) -> tuple[bytes, bytes]:
         """The two public keys to advertise: (cipher, mask)."""
@@ -129,7 +131,7 @@ class EdgeSession:
         ``increment``: float32 (n,), the flat increment. Returns uint32 (n,).
         """
         s = self.settings
-        encoded = secagg.encode_fixed(increment, self.weight(samples), s.clip, s.frac_bits)
+        encoded = secagg.encode_fixed(increment, self.weight(samples), s.clip, s.frac_bits, self._rounding)
         pair_seeds = {
             v: secagg.agree(self.mask.private, self.mask_keys[v], self._mask_info(v))
             for v in sorted(self.peers & self.dealers)

@@ -29,7 +29,7 @@ def test_the_toml_table_turns_it_on(tmp_path: Path) -> None:
     config = AggregatorConfig.load(path)
     assert config.secure_aggregation and config.secagg_threshold == 3 and config.secagg_neighbours == 4
     assert config.secagg_clip == 2.0 and config.secagg_phase_s == 30.0
-    assert config.secagg_bits == 9  # 2e6 x (2 x 2^9 + 1/2) < 2^31 <= 2e6 x (2 x 2^10 + 1/2)
+    assert config.secagg_bits == 9  # 2e6 x (2 x 2^9 + 1) < 2^31 <= 2e6 x (2 x 2^10 + 1)
     secagg.check_headroom(config.secagg_max_weight_sum, config.secagg_clip, config.secagg_bits)
     with pytest.raises(secagg.SecAggError):
         secagg.check_headroom(config.secagg_max_weight_sum, config.secagg_clip, config.secagg_bits + 1)
@@ -38,6 +38,18 @@ def test_the_toml_table_turns_it_on(tmp_path: Path) -> None:
 def test_default_precision_for_200_edges_of_10000_samples() -> None:
     config = AggregatorConfig(secure_aggregation=True)
     assert (config.secagg_clip, config.secagg_max_weight_sum, config.secagg_bits) == (8.0, 2e6, 7)
+
+
+def test_uniform_weighting_takes_its_fraction_bits_from_the_quorum() -> None:
+    # Weight 1 an upload: a round's weights sum to at most its quorum, not to max_weight_sum.
+    config = AggregatorConfig(secure_aggregation=True, weighting="uniform", quorum=5, min_edges=3)
+    assert config.secagg_weight_limit == 5.0
+    assert config.secagg_bits == 25  # 5 x (8 x 2^25 + 1) < 2^31 <= 5 x (8 x 2^26 + 1)
+    secagg.check_headroom(config.secagg_weight_limit, config.secagg_clip, config.secagg_bits)
+    with pytest.raises(secagg.SecAggError):
+        secagg.check_headroom(config.secagg_weight_limit, config.secagg_clip, config.secagg_bits + 1)
+    by_samples = AggregatorConfig(secure_aggregation=True, quorum=5, min_edges=3)
+    assert by_samples.secagg_weight_limit == 2e6 and by_samples.secagg_bits == 7
 
 
 @pytest.mark.parametrize(

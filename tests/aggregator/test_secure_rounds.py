@@ -110,9 +110,9 @@ class Sim:
         return (w[:, None] * xs).sum(axis=0) / w.sum()
 
     def bound(self, edges: list[str], mean: np.ndarray) -> np.ndarray:
-        """The stated precision of the unmasked mean (secagg.decode_fixed)."""
-        weight = sum(self.samples[e] for e in edges)
-        return len(edges) * 0.5 / (2.0**self.config.secagg_bits * weight) + 2.0**-23 * np.abs(mean) + 1e-12
+        """The stated precision of the unmasked mean (secagg.decode_fixed: edges round stochastically)."""
+        weight = sum(self.samples[e] for e in edges) if self.config.weighting == "samples" else len(edges)
+        return len(edges) / (2.0**self.config.secagg_bits * weight) + 2.0**-23 * np.abs(mean) + 1e-12
 
     def check_no_unmasked_vector(self) -> None:
         """No value in the state directory is, or holds, one edge's unmasked vector in any form."""
@@ -121,7 +121,8 @@ class Sim:
             x = self.increments[e]
             forms.append(x.tobytes()[:64])
             forms.append(x.astype("<f8").tobytes()[:64])
-            enc = secagg.encode_fixed(x, self.samples[e], self.config.secagg_clip, self.config.secagg_bits)
+            w = self.samples[e] if self.config.weighting == "samples" else 1
+            enc = secagg.encode_fixed(x, w, self.config.secagg_clip, self.config.secagg_bits)
             forms.append(enc.astype("<u4").tobytes()[:64])
             forms.append((x.astype(np.float64) * self.samples[e]).astype("<f8").tobytes()[:64])
         with self.store._env.begin() as txn:  # every key and value the state directory holds
@@ -191,6 +192,25 @@ def test_a_sparse_graph_closes_with_the_same_mean(sim) -> None:
     s.tick()
     got, want = closed_mean(s), s.expected(s.ids)
     assert np.all(np.abs(got - want) <= s.bound(s.ids, want))
+
+
+def test_uniform_weighting_keeps_increments_that_the_by_samples_precision_would_round_away(sim) -> None:
+    # Weight 1 an upload: 25 fraction bits (from the quorum), where weighting by samples leaves 7,
+    # at which every one of these increments (|x| < 2^-12) would encode as 0.
+    s = sim(5, weighting="uniform")
+    s.increments = {e: (x * 1e-4).astype(np.float32) for e, x in s.increments.items()}
+    s.join_and_advertise(s.ids)
+    assert s.config.secagg_bits == 25 and s.round.secure.frac_bits == 25
+    s.deal(s.ids)
+    s.upload(s.ids)
+    s.tick()
+    s.reveal(s.ids)
+    s.tick()
+    got = closed_mean(s)
+    want = np.mean([s.increments[e].astype(np.float64) for e in s.ids], axis=0)
+    assert np.abs(want).max() < 2.0**-12 and np.abs(want).mean() > 2.0**-16
+    assert np.all(np.abs(got - want) <= s.bound(s.ids, want))
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 
 def test_n_minus_t_edges_dropping_after_upload_still_close_the_round(sim) -> None:
@@ -362,7 +382,7 @@ def test_an_upload_past_max_weight_sum_is_refused_so_the_sum_cannot_wrap(sim) ->
     s.join_and_advertise(s.ids)
     s.deal(s.ids)
     s.upload(s.ids[:2])
-    with pytest.raises(errors.OverWeight, match="edge-2.*6500.*max_weight_sum 6000"):
+    with pytest.raises(errors.OverWeight, match="edge-2.*6500, above 6000 .*max_weight_sum"):
         s.upload(s.ids[2:])
     assert s.round.weight == 5500.0
 

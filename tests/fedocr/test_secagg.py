@@ -169,6 +169,19 @@ def test_encode_fixed_clips_scales_rounds_and_wraps():
     assert encoded.tolist() == [16, 2**32 - 8, 32, 2**32 - 32, 0]
 
 
+def test_stochastic_rounding_keeps_what_rounding_to_nearest_loses():
+    # 0.3 of the last fraction bit: to nearest it is always 0; stochastic, it is 0 or 1 and 0.3 on average.
+    x = np.full(200_000, 0.3 * 2.0**-8, np.float32)
+    assert not S.encode_fixed(x, 1, 8.0, 8).any()
+    got = S.encode_fixed(x, 1, 8.0, 8, np.random.default_rng(0))
+    assert set(np.unique(got).tolist()) == {0, 1}
+    mean = S.decode_fixed(np.array([got.astype(np.int64).sum() % 2**32], np.uint32), len(x), 8)[0]
+    assert abs(mean - 0.3 * 2.0**-8) < 4 * np.sqrt(0.21 / len(x)) * 2.0**-8  # four standard errors
+    # Negative values round down or up around the exact product too (two's complement).
+    neg = S.encode_fixed(np.array([-0.5 * 2.0**-8] * 1000, np.float32), 1, 8.0, 8, np.random.default_rng(1))
+    assert set(neg.view(np.int32).tolist()) == {-1, 0}
+
+
 def test_decode_fixed_reads_the_sum_as_signed_and_divides_by_weight():
     a = S.encode_fixed(np.array([0.5, -1.0], np.float32), 1, 1.0, 8)
     b = S.encode_fixed(np.array([-0.25, 0.5], np.float32), 3, 1.0, 8)
