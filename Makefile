@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator demo experiment bench learning generalization soak clean
+.PHONY: install test lint proto run-aggregator demo experiment owners bench learning generalization soak clean
 
 install: $(STAMP)
 
@@ -64,6 +64,13 @@ demo: install
 SCALE ?= mini-pre
 experiment: install
 	$(BIN)/python -m experiments --scale $(SCALE)
+
+# Four owners who differ (receipts, signs, meters, tags), alone and federated, with warm-up, server
+# optimizers, FedProx and personalization; and the mini data split Dirichlet(0.1) (experiments/owners.py,
+# docs/results/owners.md). Resumable: results/owners/RUN.json per finished run. OWNERS_SCALE=smoke: minutes.
+OWNERS_SCALE ?= owners
+owners: install
+	$(BIN)/python -m experiments.owners --scale $(OWNERS_SCALE)
 
 # The aggregator SIGKILLed at random points of rounds, SOAK_KILLS times (the test suite does 20),
 # restarted each time on the same port and state; SOAK_SEED picks the kill timing.

@@ -48,6 +48,8 @@ class Settings:
     warmup_words: int = 2000
     warmup_styles: str = "varied"
     warmup_labels: str = "words"
+    server_optimizer: str = "fedavg"  # how the mean increment moves the state (aggregator.server_opt)
+    server_lr: float = 0.0  # the server optimizer's lr (0: its default)
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
 
@@ -73,6 +75,8 @@ class Settings:
             "--lr-decay-rounds", self.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),
+            "--server-optimizer", self.server_optimizer,
+            *(["--server-lr", str(self.server_lr)] if self.server_lr else []),
             *(["--secure-aggregation"] if self.secure_aggregation else []),
         ]  # fmt: skip
 

@@ -1,0 +1,525 @@
+"""`python -m experiments.owners` (`make owners`): four owners who differ, alone and federated.
+
+Each owner holds a small shard of its own kind of text (receipts: digits and codes at low
+resolution; signs: curved words in perspective; meters: blurred, noisy digits; tags: outlined codes
+in perspective) and a held-out set of the same kind. Warm-up data are clean and rotated dictionary
+words, which no owner holds. Every run has the same total rounds and local epochs:
+
+- alone, from scratch and from the warm-up model (trained on one edge's warm-up words, as an owner
+  alone could do);
+- federated FedAvg without warm-up and with it; with warm-up: FedAvgM, FedAdam, FedProx, and
+  personalization (each edge's personal model beside the generic one);
+- the `mini` data (digits of every style) split IID and Dirichlet(alpha) over style families:
+  FedAvg on both, and the better of FedAvgM and FedAdam on the Dirichlet split.
+
+Federations are real processes (one aggregator and an edge agent per owner over mutual TLS on
+127.0.0.1). Each finished run leaves results/owners/RUN.json and is not repeated, so an interrupted
+run goes on where it stopped; `--report-only` prints the tables from the files.
+
+    python -m experiments.owners [--scale owners|smoke] [--runs fedavg-warmup,...] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fedocr.harness import PY, LocalFederation, Settings, list_rounds, make_key, make_pki, spawn
+from fedocr.harness.processes import stop_on_signals
+from recognizer.dataset import make_loader
+from recognizer.keys import load_key
+from recognizer.lmdb_data import LmdbReader, LmdbWriter
+from recognizer.model_io import load_model
+from recognizer.shard import split_dataset
+from recognizer.synth import STYLES, render_dataset
+from recognizer.train import evaluate
+
+log = logging.getLogger("experiments.owners")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A share of an owner's words: a label kind (recognizer.synth.LABEL_KINDS) in some styles."""
+
+    labels: str
+    styles: str  # comma-separated style families
+    share: float
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One data owner: its kind of text and how many labelled crops it holds."""
+
+    name: str
+    kind: str
+    words: int
+    parts: tuple[Part, ...]
+
+
+OWNERS: tuple[Owner, ...] = (
+    Owner("receipts", "digits and codes, low resolution", 1200,
+          (Part("digits", "lowres", 0.6), Part("mixed", "lowres,noisy", 0.4))),
+    Owner("signs", "words, curved and in perspective", 600, (Part("words", "curved,perspective", 1.0),)),
+    Owner("meters", "digits, blur and noise", 1500, (Part("digits", "blur,noisy", 1.0),)),
+    Owner("tags", "codes and words, outlined, in perspective", 400,
+          (Part("mixed", "outlined,perspective", 0.7), Part("digits", "outlined", 0.3))),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OwnersScale:
+    """Sizes and schedule of one owners experiment; every run trains rounds x local_epochs epochs."""
+
+    name: str
+    rounds: int = 8
+    local_epochs: int = 2
+    warmup_rounds: int = 3
+    warmup_words: int = 2000  # per edge (and for the warm-up model of the owners alone)
+    warmup_styles: str = "clean,rotated"
+    warmup_labels: str = "words"
+    cosine_from_round: int = 6  # 1-based round from which the lr falls along a cosine (0: constant)
+    size: float = 1.0  # owners' shards are Owner.words x size
+    test_words: int = 300  # per owner
+    mini_words: int = 3000  # the mini data: digits of every style, split among mini_edges
+    mini_edges: int = 3
+    mini_test_words: int = 600
+    alpha: float = 0.1
+    preset: str = "fedocr-cpu"
+    gamma: str = "1/2"
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    batch_size: int = 16
+    proximal_mu: float = 0.01
+    seed: int = 20261204
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of every run: rounds x local epochs."""
+        return self.rounds * self.local_epochs
+
+
+SCALES = {
+    "owners": OwnersScale("owners"),
+    # Checks the whole pipeline in about a minute a run (a test runs some of it): not a result.
+    "smoke": OwnersScale("owners-smoke", rounds=2, local_epochs=1, warmup_rounds=1, warmup_words=32,
+                         cosine_from_round=0, size=0.04, test_words=16, mini_words=48, mini_edges=2,
+                         mini_test_words=16, preset="fedocr-tiny", batch_size=8),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the experiment."""
+
+    name: str
+    label: str
+    kind: str  # "alone" or "federated"
+    warmup: bool = False
+    server_optimizer: str = "fedavg"
+    proximal: bool = False
+    personalize: bool = False
+    data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
+
+
+RUNS: tuple[Run, ...] = (
+    Run("alone-scratch", "each owner alone, from scratch", "alone"),
+    Run("alone-warmup", "each owner alone, from the warm-up model", "alone", warmup=True),
+    Run("fedavg", "federated FedAvg, no warm-up", "federated"),
+    Run("fedavg-warmup", "federated FedAvg, warm-up", "federated", warmup=True),
+    Run("fedavgm-warmup", "FedAvgM, warm-up", "federated", warmup=True, server_optimizer="fedavgm"),
+    Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam"),
+    Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True),
+    Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True),
+    Run("mini-iid", "mini data, IID, FedAvg", "federated", warmup=True, data="iid"),
+    Run("mini-dirichlet", "mini data, Dirichlet, FedAvg", "federated", warmup=True, data="dirichlet"),
+    Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", warmup=True,
+        data="dirichlet"),
+)  # fmt: skip
+RUN_NAMES = tuple(r.name for r in RUNS)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _render_owner(path: Path, owner: Owner, count: int, seed: int) -> None:
+    """Render ``count`` words of ``owner``'s kind into one LMDB (its parts in their shares)."""
+    if (path / "data.mdb").exists():
+        return
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pieces = []
+    left = count
+    for k, part in enumerate(owner.parts):
+        n = left if k == len(owner.parts) - 1 else round(count * part.share)
+        left -= n
+        piece = partial.with_name(f"{partial.name}.{k}")
+        shutil.rmtree(piece, ignore_errors=True)
+        render_dataset(piece, n, seed + k, part.styles.split(","), labels=part.labels, progress=None)
+        pieces.append(piece)
+    with LmdbWriter(partial) as writer:  # parts interleaved, so any prefix holds every part
+        readers = [LmdbReader(p) for p in pieces]
+        order = sorted((i / len(r), j, i) for j, r in enumerate(readers) for i in range(len(r)))
+        for _, j, i in order:
+            writer.add(*readers[j].get_raw(i))
+    for piece in pieces:
+        shutil.rmtree(piece)
+    partial.rename(path)
+
+
+def _render(path: Path, count: int, seed: int, styles: str, labels: str) -> None:
+    if (path / "data.mdb").exists():
+        return
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    render_dataset(partial, count, seed, styles.split(","), labels=labels, progress=None)
+    partial.rename(path)
+
+
+@dataclass(frozen=True)
+class OwnersData:
+    """Paths of the rendered data."""
+
+    shards: dict[str, Path]  # owner -> training shard
+    tests: dict[str, Path]  # owner -> held-out set of its kind
+    warmup: Path  # one edge's worth of warm-up words, for the owners alone
+    mini_shards: dict[str, tuple[Path, ...]]  # "iid" / "dirichlet" -> shards of the mini data
+    mini_test: Path
+
+
+def make_data(root: Path, scale: OwnersScale) -> OwnersData:
+    """Render (or find) every owner's shard and held-out set, the warm-up words and the mini data."""
+    decisive = ("size", "test_words", "warmup_words", "warmup_styles", "warmup_labels", "mini_words",
+                "mini_edges", "mini_test_words", "alpha", "seed")  # fmt: skip
+    settings = {k: v for k, v in asdict(scale).items() if k in decisive}
+    settings = json.loads(json.dumps({**settings, "owners": [asdict(o) for o in OWNERS]}))  # as read back
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = root / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        raise ValueError(
+            f"{root} holds data of other settings (settings.json): delete it or use another --work"
+        )
+    stamp.write_text(json.dumps(settings) + "\n")
+    shards, tests = {}, {}
+    for k, owner in enumerate(OWNERS):
+        shards[owner.name] = root / "shards" / owner.name
+        tests[owner.name] = root / "test" / owner.name
+        _render_owner(shards[owner.name], owner, max(8, round(owner.words * scale.size)), scale.seed + 10 * k)
+        _render_owner(tests[owner.name], owner, scale.test_words, scale.seed + 1000 + 10 * k)
+    warmup = root / "warmup"
+    _render(warmup, scale.warmup_words, scale.seed + 2000, scale.warmup_styles, scale.warmup_labels)
+    mini = root / "mini" / "train"
+    _render(mini, scale.mini_words, scale.seed + 3000, ",".join(STYLES), "digits")
+    mini_test = root / "mini" / "test"
+    _render(mini_test, scale.mini_test_words, scale.seed + 4000, ",".join(STYLES), "digits")
+    mini_shards = {}
+    for split, mode in (("iid", "iid"), ("dirichlet", "dirichlet-style")):
+        out = root / "mini" / split
+        if not (out / "shard0" / "data.mdb").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            split_dataset(mini, scale.mini_edges, out, mode, scale.seed, alpha=scale.alpha)
+        mini_shards[split] = tuple(out / f"shard{k}" for k in range(scale.mini_edges))
+    return OwnersData(shards, tests, warmup, mini_shards, mini_test)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def score(model_file: Path, key: Path, sets: dict[str, Path]) -> dict[str, dict]:
+    """Word accuracy, 1-NED and loss of a model file on each named set (greedy decoding)."""
+    model, _ = load_model(model_file, load_key(key))
+    out = {}
+    for name, path in sets.items():
+        r = evaluate(model, make_loader(path, 64, shuffle=False, **model.image_options), beam_width=1)
+        out[name] = {
+            "accuracy": r.accuracy,
+            "char_accuracy": r.char_accuracy,
+            "loss": r.loss,
+            "samples": r.samples,
+        }
+    return out
+
+
+def _train_command(scale: OwnersScale, data: Path, out: Path, key: Path, epochs: int, cosine_from: int | None,
+                   init: Path | None = None) -> list[str]:  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "recognizer.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--key",
+        str(key),
+        "--preset",
+        scale.preset,
+        "--gamma",
+        scale.gamma,
+        "--epochs",
+        str(epochs),
+        "--optimizer",
+        scale.optimizer,
+        "--lr",
+        str(scale.lr),
+        "--batch-size",
+        str(scale.batch_size),
+        "--threads",
+        "1",
+    ]
+    if cosine_from is not None:
+        cmd += ["--cosine-from", str(cosine_from)]
+    return cmd + (["--init", str(init)] if init is not None else [])
+
+
+def _cosine_from(scale: OwnersScale, skipped_rounds: int = 0) -> int | None:
+    """The federation's cosine round as an epoch of a run that starts ``skipped_rounds`` rounds in."""
+    if not scale.cosine_from_round:
+        return None
+    return (scale.cosine_from_round - 1 - skipped_rounds) * scale.local_epochs
+
+
+def _parallel(jobs: dict[str, list[str]], logs: Path, parallel: int = 2) -> dict[str, float]:
+    """Run commands two at a time (one thread each on two cores); returns each one's wall seconds."""
+    pending, running, seconds = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, cmd = pending.pop(0)
+            running[name] = (spawn(cmd, logs / f"{name}.log"), time.monotonic())
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {logs / f'{name}.log'}")
+                seconds[name] = time.monotonic() - started
+                del running[name]
+        time.sleep(1.0)
+    return seconds
+
+
+def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: Path) -> dict:
+    """Every owner trains alone on its shard, from scratch or from a model of the warm-up words."""
+    home.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    init, seconds = None, {}
+    epochs, skipped = scale.epochs, 0
+    if run.warmup:
+        init, skipped = home / "warmup.npz", scale.warmup_rounds
+        warmup_epochs = scale.warmup_rounds * scale.local_epochs
+        cmd = _train_command(scale, data.warmup, init, key, warmup_epochs, None)
+        seconds.update(_parallel({"warmup": cmd}, home))
+        epochs -= warmup_epochs
+    jobs = {o.name: _train_command(scale, data.shards[o.name], home / f"{o.name}.npz", key, epochs,
+                                   _cosine_from(scale, skipped), init) for o in OWNERS}  # fmt: skip
+    seconds.update(_parallel(jobs, home))
+    own = {o.name: score(home / f"{o.name}.npz", key, {o.name: data.tests[o.name]})[o.name] for o in OWNERS}
+    return {"own": own, "seconds": seconds, "wall_s": time.monotonic() - started}
+
+
+def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
+    optimizer = best if run.name == "mini-dirichlet-best" else run.server_optimizer
+    edge_args = ("--personalize",) if run.personalize else ()
+    return Settings(
+        rounds=scale.rounds, local_epochs=scale.local_epochs, preset=scale.preset, gamma=scale.gamma,
+        lr=scale.lr, batch_size=scale.batch_size, optimizer=scale.optimizer,
+        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=optimizer,
+        proximal_mu=scale.proximal_mu if run.proximal else 0.0,
+        warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
+        warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels, extra_edge_args=edge_args,
+    )  # fmt: skip
+
+
+def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki: Path, home: Path,
+                  best: str = "fedavgm") -> dict:  # fmt: skip
+    """One aggregator and an edge per owner (or per mini shard), real processes over mutual TLS."""
+    if run.data == "owners":
+        edges = {o.name: (data.shards[o.name], data.tests[o.name]) for o in OWNERS}
+        sets = dict(data.tests)
+    else:
+        edges = {f"mini-{k}": (s, data.mini_test) for k, s in enumerate(data.mini_shards[run.data])}
+        sets = {"mini": data.mini_test}
+    shutil.rmtree(home, ignore_errors=True)
+    settings = _settings(run, scale, best)
+    started = time.monotonic()
+    with LocalFederation(home, pki, key, settings) as fed:
+        fed.start_aggregator(len(edges))
+        for name, (shard, val) in edges.items():
+            fed.start_edge(name, shard, val=val)
+        fed.wait_edges(timeout_s=scale.rounds * settings.deadline_s)
+        rounds = list_rounds(pki, fed.port)
+    wall = time.monotonic() - started
+    first = next(iter(edges))
+    generic = score(home / "edges" / first / "final.npz", key, sets)
+    record = {
+        "generic": generic,
+        "wall_s": wall,
+        "server_optimizer": settings.server_optimizer,
+        "bytes_per_edge": _bytes_per_edge(rounds, len(edges)),
+        "rounds": _round_evaluations(rounds),
+    }
+    if run.data == "owners":
+        record["own"] = {name: generic[name] for name in edges}
+    if run.personalize:
+        record["personal"] = {name: score(home / "edges" / name / "personal.npz", key, {name: val})[name]
+                              for name, (_, val) in edges.items()}  # fmt: skip
+    return record
+
+
+def _bytes_per_edge(rounds: dict, edges: int) -> dict[str, float]:
+    """Bytes each edge sent and received over the whole run, from the aggregator's round records."""
+    totals: dict[str, float] = {}
+    for r in rounds.get("rounds", []):
+        for name, value in r.get("bytes", {}).items():
+            totals[name] = totals.get(name, 0.0) + int(value) / edges
+    return totals
+
+
+def _round_evaluations(rounds: dict) -> list[dict]:
+    """Each round's federated evaluation as the aggregator keeps it: the edges' weighted mean word
+    accuracy and loss of the new global model, and each edge's word accuracy (generic, personal)."""
+    out = []
+    for r in rounds.get("rounds", []):
+        mean = r.get("evaluation") or {}
+        if not int(mean.get("samples", 0)):
+            continue
+        edges = {e["edge_id"]: {k: e[k]["word_accuracy"] for k in ("generic", "personal")
+                                if int((e.get(k) or {}).get("samples", 0))}
+                 for e in r.get("evaluations", [])}  # fmt: skip
+        out.append({"round": r["round_index"] + 1, "accuracy": mean.get("word_accuracy"),
+                    "loss": mean.get("loss"), "edges": edges})  # fmt: skip
+    return out
+
+
+def _mb(record: dict) -> float:
+    """Megabytes each edge sent and received on the wire over the run."""
+    b = record.get("bytes_per_edge", {})
+    return (b.get("wire_up", 0) + b.get("wire_down", 0)) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _mean(scores: dict[str, dict]) -> float:
+    return sum(s["accuracy"] for s in scores.values()) / len(scores)
+
+
+def best_server_optimizer(results: dict[str, dict]) -> str:
+    """fedavgm or fedadam, whichever generic model read more of the owners' sets (fedavgm if neither ran)."""
+    means = {opt: _mean(results[f"{opt}-warmup"]["generic"]) for opt in ("fedavgm", "fedadam")
+             if f"{opt}-warmup" in results}  # fmt: skip
+    return max(means, key=means.get) if means else "fedavgm"
+
+
+def tables(results: dict[str, dict]) -> str:
+    """The owners table (each run on each owner's held-out set) and the mini data table, as Markdown."""
+    names = [o.name for o in OWNERS]
+    lines = [
+        "| run | " + " | ".join(names) + " | mean own | generic mean | wire MB per edge | wall |",
+        "|---" * (len(names) + 5) + "|",
+    ]
+    for run in RUNS:
+        r = results.get(run.name)
+        if r is None or run.data != "owners":
+            continue
+        mb = _mb(r)
+        generic = _pct(_mean(r["generic"])) if "generic" in r else "-"
+        cells = [_pct(r["own"][n]["accuracy"]) for n in names]
+        lines.append(
+            f"| {run.label} | " + " | ".join(cells) + f" | {_pct(_mean(r['own']))} | {generic} | "
+            f"{mb:.1f} | {r['wall_s'] / 60:.1f} min |"
+        )
+        if "personal" in r:
+            cells = [_pct(r["personal"][n]["accuracy"]) for n in names]
+            lines.append(
+                "| ... its personal models | " + " | ".join(cells) + f" | {_pct(_mean(r['personal']))} "
+                "| - | - | - |"
+            )
+    lines += [
+        "",
+        "| run | server optimizer | mini test set | wire MB per edge | wall |",
+        "|---|---|---|---|---|",
+    ]
+    for run in RUNS:
+        r = results.get(run.name)
+        if r is not None and run.data != "owners":
+            mb = _mb(r)
+            lines.append(
+                f"| {run.label} | {r['server_optimizer']} | {_pct(r['generic']['mini']['accuracy'])} | "
+                f"{mb:.1f} | {r['wall_s'] / 60:.1f} min |"
+            )
+    return "\n".join(lines)
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """Every finished run's record, by run name."""
+    return {
+        p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if p.stem in RUN_NAMES
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.owners", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="owners")
+    p.add_argument("--runs", help=f"comma-separated runs (default: all): {', '.join(RUN_NAMES)}")
+    p.add_argument("--work", type=Path, help="data, PKI, key and run directories (default: runs/owners, or "
+                   "runs/owners-smoke)")  # fmt: skip
+    p.add_argument("--results", type=Path, help="one JSON per run (default: results/owners, or "
+                   "results/owners-smoke)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true", help="print the tables from existing results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the missing runs, then print the tables; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    scale = SCALES[args.scale]
+    work = (args.work or Path("runs") / scale.name).resolve()
+    results_dir = args.results or Path("results") / scale.name
+    chosen = args.runs.split(",") if args.runs else list(RUN_NAMES)
+    unknown = [n for n in chosen if n not in RUN_NAMES]
+    if unknown:
+        print(f"owners: unknown runs {unknown}; choose from {', '.join(RUN_NAMES)}", file=sys.stderr)
+        return 2
+    if not args.report_only:
+        stop_on_signals()
+        torch.set_num_threads(2)
+        data = make_data(work / "data", scale)
+        names = [o.name for o in OWNERS] + [f"mini-{k}" for k in range(scale.mini_edges)]
+        pki, key = make_pki(work / "pki", names), make_key(work)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for run in (r for r in RUNS if r.name in chosen):
+            out = results_dir / f"{run.name}.json"
+            if out.exists():
+                continue
+            log.info("run %s: %s", run.name, run.label)
+            home = work / "runs" / run.name
+            if run.kind == "alone":
+                record = run_alone(run, scale, data, key, home)
+            else:
+                best = best_server_optimizer(load_results(results_dir))
+                record = run_federated(run, scale, data, key, pki, home, best)
+            record.update(run=asdict(run), scale=asdict(scale), date=time.strftime("%Y-%m-%d"))
+            out.write_text(json.dumps(record, indent=2) + "\n")
+            log.info("run %s done in %.0f s", run.name, record["wall_s"])
+    print(tables(load_results(results_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

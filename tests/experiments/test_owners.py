@@ -1,0 +1,83 @@
+"""`python -m experiments.owners --scale smoke`: real data of four owners who differ, real `recognizer
+train` processes and real federations (an aggregator and an edge agent per owner over mutual TLS),
+for a few of the runs: alone from the warm-up model, federated with warm-up and personalization, and
+the mini data split Dirichlet(alpha). A rerun repeats nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.owners import OWNERS, SCALES
+from recognizer.lmdb_data import LmdbReader
+from recognizer.shard import label_kind
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = SCALES["smoke"]
+RUNS = ("alone-warmup", "personal-warmup", "mini-dirichlet")
+
+
+def _owners(tmp: Path, *runs: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.owners", "--scale", "smoke", "--work", str(tmp / "work"),
+           "--results", str(tmp / "results"), "--runs", ",".join(runs)]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("owners")
+    proc = _owners(tmp, *RUNS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def _result(tmp: Path, run: str) -> dict:
+    return json.loads((tmp / "results" / f"{run}.json").read_text())
+
+
+@pytest.mark.timeout(600)
+def test_each_owner_holds_its_own_kind_and_a_held_out_set_of_it(smoke: Path) -> None:
+    data = smoke / "work" / "data"
+    for owner in OWNERS:
+        shard, test = LmdbReader(data / "shards" / owner.name), LmdbReader(data / "test" / owner.name)
+        assert len(shard) == max(8, round(owner.words * SMOKE.size)) and len(test) == SMOKE.test_words
+        styles = {shard.get_raw(i)[2] for i in range(len(shard))}
+        assert styles <= {s for part in owner.parts for s in part.styles.split(",")}, owner.name
+        if all(part.labels == "digits" for part in owner.parts):
+            assert {label_kind(shard.get_label(i)) for i in range(len(shard))} == {"digits"}
+    dirichlet = [LmdbReader(data / "mini" / "dirichlet" / f"shard{k}") for k in range(SMOKE.mini_edges)]
+    assert sum(len(r) for r in dirichlet) == SMOKE.mini_words
+
+
+def test_alone_runs_score_every_owner_on_its_own_held_out_set(smoke: Path) -> None:
+    r = _result(smoke, "alone-warmup")
+    assert set(r["own"]) == {o.name for o in OWNERS}
+    assert all(s["samples"] == SMOKE.test_words and 0 <= s["accuracy"] <= 1 for s in r["own"].values())
+    assert set(r["seconds"]) == {"warmup", *(o.name for o in OWNERS)}  # the warm-up model, then each owner
+
+
+def test_a_personalized_federation_scores_both_models_and_the_aggregator_keeps_the_evaluations(smoke) -> None:
+    r = _result(smoke, "personal-warmup")
+    names = {o.name for o in OWNERS}
+    assert set(r["generic"]) == set(r["own"]) == set(r["personal"]) == names
+    assert all(s["samples"] == SMOKE.test_words for s in r["personal"].values())
+    assert r["bytes_per_edge"]["wire_up"] > 0 and r["bytes_per_edge"]["wire_down"] > 0
+    assert [e["round"] for e in r["rounds"]] == list(range(1, SMOKE.rounds + 1))
+    last = r["rounds"][-1]["edges"]
+    assert set(last) == names and all({"generic", "personal"} <= set(v) for v in last.values())
+    for owner in OWNERS:  # the personal models stay on the edges: each wrote its own file
+        assert (smoke / "work" / "runs" / "personal-warmup" / "edges" / owner.name / "personal.npz").is_file()
+
+
+def test_the_dirichlet_run_scores_the_mini_test_set_and_a_rerun_repeats_nothing(smoke: Path) -> None:
+    r = _result(smoke, "mini-dirichlet")
+    assert r["generic"]["mini"]["samples"] == SMOKE.mini_test_words and r["server_optimizer"] == "fedavg"
+    before = {p.name: p.stat().st_mtime_ns for p in (smoke / "results").glob("*.json")}
+    proc = _owners(smoke, *RUNS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (smoke / "results").glob("*.json")} == before
+    assert "each owner alone, from the warm-up model" in proc.stdout and "mini data, Dirichlet" in proc.stdout
