@@ -72,7 +72,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from recognizer.keys import generate_key
 
     generate_key(Path(args.out))
-    print(f"wrote a new federation key to {args.out}")
+    print(f"wrote a new 32-byte key to {args.out} (a federation key, or an image key)")
     return 0
 
 
@@ -221,10 +221,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
     key = load_key(_key_path(args))
     model, _ = load_model(Path(args.model), key, device=device)
     c = model.config
-    images = torch.stack([load_image_file(Path(p), c.input_hw, c.keep_aspect) for p in args.images])
+    if args.image_key:  # encrypted here, as a client does before it sends an image to a service
+        from recognizer.dataset import array_to_tensor, load_image_array
+        from recognizer.image_crypt import BlockCipher, EncryptionOptions
+
+        options = EncryptionOptions.parse(args.transforms)
+        cipher = BlockCipher.for_model(load_key(Path(args.image_key)), model, options)
+        arrays = [load_image_array(Path(p), c.input_hw, c.keep_aspect) for p in args.images]
+        images = torch.stack([array_to_tensor(cipher.encrypt(a)) for a in arrays])
+    else:
+        images = torch.stack([load_image_file(Path(p), c.input_hw, c.keep_aspect) for p in args.images])
     images = images.to(device)
     for path, ids in zip(args.images, model.predict(images, beam_width=args.beam), strict=True):
         print(f"{path}\t{model.alphabet.decode(ids)}")
+    return 0
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    from recognizer.image_crypt import EncryptionOptions, cipher_for_preset, encrypt_dataset
+    from recognizer.keys import load_key
+    from recognizer.lmdb_data import LmdbReader
+    from recognizer.model import resolve_preset
+
+    config = resolve_preset(args.preset)
+    options = EncryptionOptions.parse(args.transforms)
+    cipher = cipher_for_preset(load_key(Path(args.image_key)), args.preset, options)
+    count = len(LmdbReader(Path(args.data)))
+    with Progress(count, "encrypting", unit="image", rate_unit="images", mode=args.progress,
+                  every=args.progress_every) as progress:
+        written = encrypt_dataset(Path(args.data), Path(args.out), cipher, config.input_hw,
+                                  config.keep_aspect, progress.update_to)  # fmt: skip
+    print(json.dumps({"data": args.data, "out": args.out, "samples": written, "preset": config.name,
+                      "transforms": options.describe()}))  # fmt: skip
+    return 0
+
+
+def cmd_encrypt_model(args: argparse.Namespace) -> int:
+    from recognizer import state
+    from recognizer.image_crypt import EncryptionOptions, encrypt_model, image_key_fingerprint
+    from recognizer.keys import load_key
+    from recognizer.model import build_model
+    from recognizer.model_io import load_model, save_model
+
+    key, image_key = load_key(_key_path(args)), load_key(Path(args.image_key))
+    model, meta = load_model(Path(args.model), key)
+    options = EncryptionOptions.parse(args.transforms)
+    encrypted = encrypt_model(model, image_key, options)
+    fingerprint = state.fingerprint(build_model(meta["preset"], key, None, meta["alphabet"]), key)
+    extra = {"image_key": image_key_fingerprint(image_key), "transforms": options.describe()}
+    save_model(Path(args.out), encrypted, key, meta["preset"], fingerprint, extra=extra)
+    print(f"wrote {args.out}: {meta['preset']} reading images encrypted with image key "
+          f"{extra['image_key']} ({extra['transforms']}); unhashed, for serving")
     return 0
 
 
@@ -240,6 +287,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for layer in info["layers"]:
         print(f"  {layer['name']:<48} {layer['virtual']:>10,} -> {layer['real']:>10,} ({layer['ratio']:.3f})")
     return 0
+
+
+TRANSFORMS_HELP = ("image encryption transforms, comma-separated: blocks (scrambling), pixels (shuffling "
+                   "within blocks), negate (negative-positive), channels (shuffling); default all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,9 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--key", help="federation key file (default: MODEL with .key)")
     p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--image-key", help="encrypt each image with this image key before reading it (a model "
+                   "made by encrypt-model)")  # fmt: skip
+    p.add_argument("--transforms", default="all", help=TRANSFORMS_HELP)
     _add_device_argument(p)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("encrypt", help="encrypt an LMDB's images with an image key (vit presets)")
+    p.add_argument("--data", required=True, help="the LMDB to encrypt")
+    p.add_argument("--out", required=True, help="the encrypted LMDB to write (PNG, the model's input size)")
+    p.add_argument("--image-key", required=True, help="a 32-byte key file (recognizer keygen)")
+    p.add_argument("--preset", default="vitstr-tiny", help="the vit preset that will read the images")
+    p.add_argument("--transforms", default="all", help=TRANSFORMS_HELP)
+    add_progress_arguments(p)
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("encrypt-model", help="turn a model into one that reads images encrypted with a key")
+    p.add_argument("--model", required=True, help="a model file of a vit preset, trained on plain images")
+    p.add_argument("--key", help="federation key file (default: MODEL with .key)")
+    p.add_argument("--image-key", required=True, help="the image key the images are encrypted with")
+    p.add_argument("--transforms", default="all", help=TRANSFORMS_HELP)
+    p.add_argument("--out", required=True, help="the transformed (unhashed) model file to write")
+    p.set_defaults(func=cmd_encrypt_model)
 
     p = sub.add_parser("info", help="parameter counts of a preset")
     p.add_argument("--preset", required=True)

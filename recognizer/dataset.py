@@ -170,17 +170,25 @@ def array_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return tensor.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def load_image_file(
+def load_image_array(
     path: Path, input_hw: tuple[int, int] = (64, 256), keep_aspect: bool = False
-) -> torch.Tensor:
-    """An image file as the model's input tensor. Raises DatasetError naming the file."""
+) -> np.ndarray:
+    """An image file resized as the model reads it, uint8 [H, W, 3] (``image_to_array``). Raises
+    DatasetError naming the file."""
     try:
         with Image.open(path) as image:
-            return image_to_tensor(image, input_hw, keep_aspect)
+            return image_to_array(image, input_hw, keep_aspect)
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: no such image file") from exc
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: not a readable image ({exc})") from exc
+
+
+def load_image_file(
+    path: Path, input_hw: tuple[int, int] = (64, 256), keep_aspect: bool = False
+) -> torch.Tensor:
+    """An image file as the model's input tensor. Raises DatasetError naming the file."""
+    return array_to_tensor(load_image_array(path, input_hw, keep_aspect))
 
 
 def collate(samples: list[Sample]) -> Batch:

@@ -20,6 +20,7 @@ from recognizer.decoder import AttentionDecoder, sequence_loss
 from recognizer.keys import derive_seed
 from recognizer.state import state_lengths
 from recognizer.tps import Rectifier
+from recognizer.vit import ViTEncoder
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ class ModelConfig:
     """Architecture of one recognizer; every preset is the same network at a different width."""
 
     name: str
-    encoder: Literal["resnet", "shufflenet"]
-    # resnet: stem + 5 stages; shufflenet: stem + 3 stages + final 1x1 conv (see blocks.py).
+    encoder: Literal["resnet", "shufflenet", "vit"]
+    # resnet: stem + 5 stages; shufflenet: stem + 3 stages + final 1x1 conv (see blocks.py); vit:
+    # unused (the vit_* fields below; recognizer/vit.py).
     encoder_widths: tuple[int, ...]
     encoder_depths: tuple[int, ...]
     lstm_hidden: int = 256  # per direction; the decoder reads 2x this
@@ -52,6 +54,11 @@ class ModelConfig:
     stn_widths: tuple[int, ...] = (32, 64, 128, 256, 256, 256)
     stn_fc: int = 512
     alphabet: str = DEFAULT_ALPHABET  # recognizer.charset.ALPHABETS; part of the fingerprint
+    # The vit encoder: P x P blocks of the tps_output_hw image as tokens, their width, blocks, heads.
+    vit_patch: int = 8
+    vit_dim: int = 96
+    vit_depth: int = 4
+    vit_heads: int = 3
 
 
 _RESNET45 = (3, 4, 6, 6, 3)
@@ -112,6 +119,14 @@ PRESETS: dict[str, ModelConfig] = {
     "fedocr-cpu-wide": ModelConfig(
         "fedocr-cpu-wide", "shufflenet", (24, 96, 192, 384, 128), _SHUFFLE,
         **{**_TINY, "input_hw": (32, 160), "tps_output_hw": (32, 160)}),
+    # A transformer recognizer (after ViTSTR): 8x8 blocks of a 32x128 image as 64 tokens of width 96,
+    # four pre-norm blocks of 3 heads, and the attention decoder of the tiny presets reading the tokens
+    # with content-only attention (no BiLSTM, no CTC head, no location filters, no polarity norm), so
+    # that image encryption with a key maps to a transformation of its weights (recognizer/image_crypt.py).
+    "vitstr-tiny": ModelConfig(
+        "vitstr-tiny", "vit", (), (),
+        **{**_TINY, "input_hw": (32, 128), "tps_output_hw": (32, 128), "polarity_norm": False,
+           "dec_location": 0, "lstm_skip": False, "ctc_weight": 0.0}),
 }  # fmt: skip
 
 
@@ -130,23 +145,33 @@ class Recognizer(nn.Module):
             if c.tps
             else None
         )
-        if c.encoder == "resnet":
-            self.encoder: ResNetEncoder | ShuffleNetEncoder = ResNetEncoder(
-                c.encoder_widths, c.encoder_depths
+        self.sequence: SequenceEncoder | None = None
+        if c.encoder == "vit":
+            if c.ctc_weight or c.dec_location or c.polarity_norm or c.tps:
+                raise ValueError(f"{c.name}: a vit encoder reads tokens in any order: no CTC head, location "
+                                 "filters, polarity norm or rectifier")  # fmt: skip
+            self.encoder: ResNetEncoder | ShuffleNetEncoder | ViTEncoder = ViTEncoder(
+                c.tps_output_hw, c.vit_patch, c.vit_dim, c.vit_depth, c.vit_heads
             )
-        elif c.encoder == "shufflenet":
-            self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths)
+            features = self.encoder.out_channels
         else:
-            raise ValueError(f"unknown encoder kind {c.encoder!r}; expected 'resnet' or 'shufflenet'")
-        self.sequence = SequenceEncoder(self.encoder.out_channels, c.lstm_hidden, c.lstm_layers, c.lstm_skip)
+            if c.encoder == "resnet":
+                self.encoder = ResNetEncoder(c.encoder_widths, c.encoder_depths)
+            elif c.encoder == "shufflenet":
+                self.encoder = ShuffleNetEncoder(c.encoder_widths, c.encoder_depths)
+            else:
+                raise ValueError(f"unknown encoder kind {c.encoder!r}: resnet, shufflenet or vit")
+            channels = self.encoder.out_channels
+            self.sequence = SequenceEncoder(channels, c.lstm_hidden, c.lstm_layers, c.lstm_skip)
+            features = self.sequence.out_channels
+        classes = self.alphabet.num_classes
         self.decoder = AttentionDecoder(
-            self.sequence.out_channels, c.dec_hidden, c.dec_attention, c.dec_embedding,
-            self.alphabet.num_classes, c.dec_location,
+            features, c.dec_hidden, c.dec_attention, c.dec_embedding, classes, c.dec_location
         )
         # The auxiliary CTC head reads the BiLSTM's sequence; PAD, never a target, is its blank.
         self.ctc_head: nn.Linear | None = None
         if c.ctc_weight:
-            self.ctc_head = nn.Linear(self.sequence.out_channels, self.alphabet.num_classes)
+            self.ctc_head = nn.Linear(features, self.alphabet.num_classes)
         self.rectify = True  # False bypasses the rectifier (training may switch it on later)
 
     def reset_parameters(self) -> None:
@@ -154,9 +179,10 @@ class Recognizer(nn.Module):
         if self.rectifier is not None:
             self.rectifier.localization.reset_parameters()
         self.encoder.reset_parameters()
-        self.sequence.rnn.reset_parameters()
-        if self.sequence.skip is not None:
-            self.sequence.skip.reset_parameters()
+        if self.sequence is not None:
+            self.sequence.rnn.reset_parameters()
+            if self.sequence.skip is not None:
+                self.sequence.skip.reset_parameters()
         self.decoder.reset_parameters()
         if self.ctc_head is not None:
             self.ctc_head.reset_parameters()
@@ -182,7 +208,8 @@ class Recognizer(nn.Module):
             x = nn.functional.interpolate(images, size=self.config.tps_output_hw, mode="bilinear")
         else:
             x = images
-        return self.sequence(self.encoder(x))
+        features = self.encoder(x)
+        return features if self.sequence is None else self.sequence(features)
 
     def forward(self, images: Tensor, targets: Tensor) -> Tensor:
         """Teacher-forced logits.

@@ -25,11 +25,14 @@ class ModelFileError(ValueError):
     """A model file is missing, malformed, or belongs to another federation key."""
 
 
-def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerprint: bytes) -> None:
+def save_model(
+    path: Path, model: Recognizer, key: bytes, preset: str, fingerprint: bytes, extra: dict | None = None
+) -> None:
     """Write ``model``'s packed state and the settings that rebuild it to ``path`` (.npz).
 
     ``fingerprint`` is ``state.fingerprint`` of the model as built (W_0), taken by the caller
-    before training so that saving never rebuilds the network.
+    before training so that saving never rebuilds the network. ``extra``: more metadata (for
+    instance the image key a transformed model reads), kept beside the settings.
     """
     path = Path(path)
     meta = {
@@ -38,6 +41,7 @@ def save_model(path: Path, model: Recognizer, key: bytes, preset: str, fingerpri
         "gamma": model.gamma,
         "alphabet": model.alphabet.name,
         "fingerprint": fingerprint.hex(),
+        **(extra or {}),
     }
     packed = state.pack_model(model, key)
     path.parent.mkdir(parents=True, exist_ok=True)

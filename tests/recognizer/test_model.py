@@ -47,8 +47,13 @@ def test_forward_shapes_and_sequence_length(preset):
     seq = model._encode(images)
 
     assert logits.shape == (2, 7, NUM_CLASSES)
-    columns = PRESETS[preset].tps_output_hw[1] // 4  # 25 at 32x100, 40 at fedocr-cpu-wide's 32x160
-    assert seq.shape == (2, columns, 2 * PRESETS[preset].lstm_hidden)
+    c = PRESETS[preset]
+    if c.encoder == "vit":  # one token of width vit_dim per patch
+        (h, w), patch = c.tps_output_hw, c.vit_patch
+        assert seq.shape == (2, (h // patch) * (w // patch), c.vit_dim)
+    else:
+        columns = c.tps_output_hw[1] // 4  # 25 at 32x100, 40 at fedocr-cpu-wide's 32x160
+        assert seq.shape == (2, columns, 2 * c.lstm_hidden)
     assert torch.isfinite(logits).all()
 
 
