@@ -48,6 +48,8 @@ class AgentSettings:
     # A personalized model beside the generic one, never uploaded: each round's local fine-tune of
     # the global model on this edge's shard, written here (FedAvg with local adaptation).
     personal_model: Path | None = None
+    # The common image key's encryption (edge_agent/encrypted.py): warm-up words are encrypted too.
+    encryption: Any = None
 
 
 class EdgeAgent:
@@ -198,6 +200,8 @@ class EdgeAgent:
                     self.settings.work_dir, reply.edge_id, warmup,
                     lambda done, total: self.progress.info(said, where, done, total),
                 )
+                if self.settings.encryption is not None:
+                    data = self.settings.encryption.copy_of(data, self.settings.work_dir)
             except ValueError as exc:
                 raise AgentError(f"{where}: the round's warm-up cannot be followed: {exc}") from exc
             samples = warmup.words

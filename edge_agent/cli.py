@@ -66,6 +66,11 @@ def _run_parser() -> argparse.ArgumentParser:
                         "round's local fine-tune of the global model, never uploaded; scored on --val too")
     p.add_argument("--no-report-evaluation", dest="report_evaluation", action="store_false",
                    help="keep the --val scores on this edge (default: report them to the aggregator)")
+    p.add_argument("--image-key", type=Path,
+                   help="the federation's common image key: the shard, --val and warm-up words are encrypted "
+                        "with it before training (a vit preset; the model then reads only encrypted images)")
+    p.add_argument("--image-transforms", default="all",
+                   help="which encryption transforms: blocks, pixels, negate, channels (default all)")
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
     p.add_argument(
         "--init",
@@ -151,6 +156,17 @@ def run(argv: Sequence[str]) -> int:
     try:
         device = resolve_device(args.device)
         key = load_key(args.key)
+        encryption = None
+        if args.image_key is not None:
+            from edge_agent.encrypted import ImageEncryption
+
+            encryption = ImageEncryption.load(load_key(args.image_key), args.preset, args.image_transforms)
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            progress.summary("encrypting %s with image key %s (%s)", args.shard, encryption.key_name,
+                             encryption.transforms)  # fmt: skip
+            args.shard = encryption.copy_of(args.shard, args.work_dir)
+            if args.val is not None:
+                args.val = encryption.copy_of(args.val, args.work_dir)
         local = LocalModel(
             args.shard,
             key,
@@ -193,6 +209,7 @@ def run(argv: Sequence[str]) -> int:
         val=args.val,
         report_evaluation=args.report_evaluation,
         personal_model=args.work_dir / PERSONAL_MODEL_FILE if args.personalize else None,
+        encryption=encryption,
     )
     agent = EdgeAgent(local, client, settings, progress)
     try:

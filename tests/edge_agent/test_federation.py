@@ -241,6 +241,47 @@ def test_warm_up_rounds_train_on_words_each_edge_renders(launch, edge_data, test
     assert {e["edge_id"]: int(e["samples"]) for e in rounds[0]["edges"]} == {"edge-0": 48, "edge-1": 48}
 
 
+def test_edges_train_on_data_encrypted_with_the_common_image_key(launch, edge_data, test_pki, tmp_path):
+    from recognizer.dataset import image_to_array
+    from recognizer.image_crypt import cipher_for_preset
+    from recognizer.keys import generate_key
+    from recognizer.model import PRESETS
+
+    image_key = tmp_path / "image.key"
+    generate_key(image_key)
+    settings = harness.Settings(
+        rounds=2, local_epochs=1, preset="vitstr-tiny", gamma=GAMMA, batch_size=24, warmup_rounds=1,
+        warmup_words=24, warmup_styles="clean", warmup_labels="digits",
+        extra_edge_args=("--image-key", str(image_key)),
+    )
+    fed = launch(settings)
+    fed.start_aggregator(n_edges=2)
+    for k, shard in enumerate(edge_data.shards):
+        fed.start_edge(f"edge-{k}", shard, val=edge_data.test)
+    fed.wait_edges(timeout_s=300)
+    rounds = harness.list_rounds(test_pki.dir, fed.port)["rounds"]
+    fed.stop()
+
+    assert [r["state"] for r in rounds][-1] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED")
+    assert all(uploaded(r) == {"edge-0", "edge-1"} for r in rounds)
+    cipher, config = cipher_for_preset(load_key(image_key), "vitstr-tiny"), PRESETS["vitstr-tiny"]
+    for k, shard in enumerate(edge_data.shards):
+        home = fed.work / "edges" / f"edge-{k}"
+        (encrypted,) = home.glob(f"encrypted-{shard.name}-*")
+        assert [len(list(home.glob(f"encrypted-{name}-*"))) for name in ("warmup", "test")] == [1, 1]
+        plain, secret = LmdbReader(shard), LmdbReader(encrypted)
+        assert len(secret) == len(plain)
+        for i in (0, len(plain) - 1):  # stored encrypted: decrypted, the image as the model reads it
+            assert secret.get_label(i) == plain.get_label(i)
+            stored = np.asarray(secret.get(i)[0])
+            want = image_to_array(plain.get(i)[0], config.input_hw, config.keep_aspect)
+            assert not np.array_equal(stored, want)
+            np.testing.assert_array_equal(cipher.decrypt(stored), want)
+        counted = [r for r in journal(fed, f"edge-{k}") if r["event"] == "round"]
+        assert [r["warmup"] for r in counted] == [True, False] and all(r["val"] for r in counted)
+        assert log_says(fed, f"edge-{k}", "encrypting")
+
+
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:
     settings = harness.Settings(
         rounds=2,
