@@ -165,6 +165,12 @@ class AttentionDecoder(nn.Module):
         feats: [B, L, D] float. Returns class ids per image, cut before the first EOS. PAD is never
         emitted: it is a padding label, not a prediction.
         """
+        return self.decode_scored(feats, beam_width, max_len)[0]
+
+    def decode_scored(
+        self, feats: Tensor, beam_width: int, max_len: int
+    ) -> tuple[list[list[int]], list[float]]:
+        """``decode`` and, per image, the log-probability of the sequence it returns (EOS included)."""
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         if max_len < 1:
@@ -204,8 +210,9 @@ class AttentionDecoder(nn.Module):
             prev = sym.view(-1)
             if bool(finished.all()):
                 break
-        best = tokens[torch.arange(b), scores.argmax(1)].tolist()
+        top = scores.argmax(1)
+        best = tokens[torch.arange(b), top].tolist()
         out = []
         for seq in best:
             out.append(seq[: seq.index(EOS)] if EOS in seq else seq)
-        return out
+        return out, scores[torch.arange(b), top].tolist()

@@ -251,6 +251,19 @@ class Recognizer(nn.Module):
                 "alphabet": self.alphabet}
 
     @torch.no_grad()
+    def predict_scored(
+        self, images: Tensor, beam_width: int = 1, max_len: int = MAX_SEQ_LEN
+    ) -> tuple[list[list[int]], list[float]]:
+        """``predict`` and each sequence's log-probability (EOS included): its confidence's log."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self._weights_cached():
+                return self.decoder.decode_scored(self._encode(images), beam_width, max_len)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
     def predict(self, images: Tensor, beam_width: int = 5, max_len: int = MAX_SEQ_LEN) -> list[list[int]]:
         """Class ids per image, without EOS; beam_width=1 is greedy. Runs in eval mode, then restores it.
 
