@@ -99,6 +99,12 @@ ROWS: tuple[Row, ...] = (
         labels="mixed", budget_factor=2.0),
     Row("mixed-lr-3e-3-cosine-2500", "mixed labels, Adam 3e-3 held to step 2,500, cosine to 1% at 6,500",
         labels="mixed", budget_factor=2.0, train={"lr": 3e-3, "cosine": (2500, 6500)}),
+    # The transformer recognizer (8x8 patches as tokens; recognizer/vit.py): the default recipe, and the
+    # usual transformer one (AdamW at a lower lr after a linear warm-up).
+    Row("vitstr-tiny", "vitstr-tiny (a transformer encoder), the default recipe",
+        train={"preset": "vitstr-tiny"}),
+    Row("vitstr-tiny-adamw", "vitstr-tiny, AdamW lr 1e-3, 500 warm-up steps",
+        train={"preset": "vitstr-tiny", "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 500}),
 )  # fmt: skip
 
 
@@ -113,8 +119,11 @@ def make_data(data_dir: Path, labels: str) -> tuple[Path, Path]:
     return train, held_out
 
 
-def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> dict:
-    """Train ``row``'s recipe until 90% held-out word accuracy or ``budget_s`` CPU seconds."""
+def train_until(
+    row: Row, train_path: Path, held_out: Path, budget_s: float, save: Path | None = None
+) -> dict:
+    """Train ``row``'s recipe until 90% held-out word accuracy or ``budget_s`` CPU seconds; with ``save``,
+    write the model it ends with there (the key, KEY, beside it as .key)."""
     import torch
 
     from fedocr.schedule import cosine_lr
@@ -160,9 +169,25 @@ def train_until(row: Row, train_path: Path, held_out: Path, budget_s: float) -> 
                 if level not in reached and result.accuracy >= int(level) / 100:
                     reached[level] = point
             if "90" in reached or cpu >= budget_s:
+                if save is not None:
+                    _save(model, config, save)
                 return {"row": row.name, "what": row.what, **identity(row, budget_s),
                         "reached": reached, "curve": curve, "steps_per_cpu_s": round(step / cpu, 2)}
             started = time.process_time()
+
+
+def _save(model, config, path: Path) -> None:
+    from recognizer import state
+    from recognizer.keys import write_key
+    from recognizer.model import build_model, resolve_preset
+    from recognizer.model_io import save_model
+
+    if config != resolve_preset(config.name):
+        raise ValueError(f"{path}: a row that changes the model is no preset; its model cannot be saved")
+    if not path.with_suffix(".key").exists():
+        write_key(path.with_suffix(".key"), KEY)
+    fingerprint = state.fingerprint(build_model(config.name, KEY, model.gamma), KEY)
+    save_model(path, model, KEY, config.name, fingerprint)
 
 
 def identity(row: Row, budget_s: float) -> dict:
@@ -226,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("results/learning"))
     p.add_argument("--labels", choices=("words", "mixed", "digits"),
                    help="train and score every row on this label kind instead of the row's own")
+    p.add_argument("--models", type=Path, help="write each row's final model here as ROW.npz (and ROW.key)")
     p.add_argument("--run-row", help=argparse.SUPPRESS)  # internal: train one row in this process
     args = p.parse_args(argv)
     rows = ROWS if args.labels is None else tuple(dataclasses.replace(r, labels=args.labels) for r in ROWS)
@@ -237,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_row:
         row = by_name[args.run_row]
         train_path, held_out = make_data(args.data_dir, row.labels)
-        result = train_until(row, train_path, held_out, args.budget * row.budget_factor)
+        save = args.models / f"{row.name}.npz" if args.models else None
+        result = train_until(row, train_path, held_out, args.budget * row.budget_factor, save)
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{row.name}.json").write_text(json.dumps(result, indent=1))
         return 0
@@ -253,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "benchmarks.learning", "--run-row", name, "--budget",
                    str(args.budget), "--data-dir", str(args.data_dir), "--results", str(args.results)]
             cmd += ["--labels", args.labels] if args.labels else []
+            cmd += ["--models", str(args.models)] if args.models else []
             running.append((by_name[name], subprocess.Popen(cmd)))
             continue
         time.sleep(2)
