@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.install-stamp
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint proto run-aggregator demo experiment owners bench learning generalization soak clean
+.PHONY: install test lint proto run-aggregator demo experiment owners bench learning generalization general-recipe soak clean
 
 install: $(STAMP)
 
@@ -112,6 +112,12 @@ GEN_NAME   ?= generalization
 generalization: install
 	$(BIN)/python -m benchmarks.generalization $(foreach m,$(GEN_MODELS),--model $(m)) \
 		--count $(GEN_COUNT) --work-dir $(GEN_WORK) --name $(GEN_NAME)
+
+# The general-purpose recipe end to end, each stage timed (experiments/general_recipe.py): the first
+# stage with the recipe's data rendered beside it, then the recipe; resumable. Its model is then
+# scored with `make generalization GEN_MODELS=runs/general-recipe/general.npz`.
+general-recipe: install
+	$(BIN)/python -m experiments.general_recipe
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
