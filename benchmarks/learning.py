@@ -105,6 +105,8 @@ ROWS: tuple[Row, ...] = (
         train={"preset": "vitstr-tiny"}),
     Row("vitstr-tiny-adamw", "vitstr-tiny, AdamW lr 1e-3, 500 warm-up steps",
         train={"preset": "vitstr-tiny", "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 500}),
+    Row("vitstr-tiny-seq", "vitstr-tiny-seq (its columns of tokens read by the CPU presets' head)",
+        train={"preset": "vitstr-tiny-seq"}),
 )  # fmt: skip
 
 

@@ -258,7 +258,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 def cmd_encrypt_model(args: argparse.Namespace) -> int:
     from recognizer import state
-    from recognizer.image_crypt import EncryptionOptions, encrypt_model, image_key_fingerprint
+    from recognizer.image_crypt import EncryptionOptions, encrypt_model, image_key_fingerprint, token_order_of
     from recognizer.keys import load_key
     from recognizer.model import build_model
     from recognizer.model_io import load_model, save_model
@@ -268,7 +268,8 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
     options = EncryptionOptions.parse(args.transforms)
     encrypted = encrypt_model(model, image_key, options)
     fingerprint = state.fingerprint(build_model(meta["preset"], key, None, meta["alphabet"]), key)
-    extra = {"image_key": image_key_fingerprint(image_key), "transforms": options.describe()}
+    extra = {"image_key": image_key_fingerprint(image_key), "transforms": options.describe(),
+             "token_order": token_order_of(encrypted)}
     save_model(Path(args.out), encrypted, key, meta["preset"], fingerprint, extra=extra)
     print(f"wrote {args.out}: {meta['preset']} reading images encrypted with image key "
           f"{extra['image_key']} ({extra['transforms']}); unhashed, for serving")

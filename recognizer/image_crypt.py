@@ -128,6 +128,14 @@ class BlockCipher:
         return np.ascontiguousarray(self._image(plain))
 
 
+def token_order_of(model: Recognizer) -> list[int] | None:
+    """A transformed model's output token order (model-file metadata; None: the identity)."""
+    order = getattr(model.encoder, "token_order", None)
+    if order is None or torch.equal(order, torch.arange(len(order))):
+        return None
+    return order.tolist()
+
+
 def image_key_fingerprint(key: bytes) -> str:
     """A short public name of an image key (recorded in transformed model files; not the key)."""
     return hashlib.sha256(b"fedocr/image-key/" + key).hexdigest()[:16]
@@ -148,7 +156,8 @@ def encrypt_model(
     model: Recognizer, key: bytes, options: EncryptionOptions = EncryptionOptions()
 ) -> Recognizer:
     """A plain (unhashed) copy of ``model`` that reads images encrypted with ``key`` as ``model`` reads
-    the plain ones: the patch embedding's columns permuted and signed, the position table's rows permuted.
+    the plain ones: the patch embedding's columns permuted and signed, the position table's rows permuted
+    and the output tokens read back in the plain order (``token_order``: save it with ``token_order_of``).
 
     Raises:
         ValueError: the model has no patch embedding.
@@ -162,6 +171,7 @@ def encrypt_model(
         weight.copy_(weight[:, torch.from_numpy(cipher.value_order)] * signs)
         table = encoder.position.weight
         table.copy_(table[torch.from_numpy(cipher.block_order)])
+        encoder.token_order.copy_(torch.from_numpy(np.argsort(cipher.block_order)))
     return plain
 
 
@@ -210,4 +220,4 @@ def encrypt_dataset(
 
 
 __all__ = ["BlockCipher", "EncryptionOptions", "cipher_for_preset", "encrypt_dataset", "encrypt_model",
-           "image_key_fingerprint", "plain_copy"]  # fmt: skip
+           "image_key_fingerprint", "plain_copy", "token_order_of"]  # fmt: skip

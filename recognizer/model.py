@@ -59,6 +59,9 @@ class ModelConfig:
     vit_dim: int = 96
     vit_depth: int = 4
     vit_heads: int = 3
+    # vit: average each column of blocks and read the columns with the BiLSTM, the CTC head and the
+    # location-aware decoder of the CPU presets (False: the decoder reads the tokens, content-only).
+    vit_columns: bool = False
 
 
 _RESNET45 = (3, 4, 6, 6, 3)
@@ -127,6 +130,13 @@ PRESETS: dict[str, ModelConfig] = {
         "vitstr-tiny", "vit", (), (),
         **{**_TINY, "input_hw": (32, 128), "tps_output_hw": (32, 128), "polarity_norm": False,
            "dec_location": 0, "lstm_skip": False, "ctc_weight": 0.0}),
+    # vitstr-tiny's encoder with the CPU presets' head: each column of blocks averaged (16 columns),
+    # the BiLSTM with its skip, the auxiliary CTC loss and location-aware attention. A model transformed
+    # for scrambled blocks reads its tokens back in the plain order first, so it stays exact.
+    "vitstr-tiny-seq": ModelConfig(
+        "vitstr-tiny-seq", "vit", (), (),
+        **{**_TINY, "input_hw": (32, 128), "tps_output_hw": (32, 128), "polarity_norm": False,
+           "vit_columns": True}),
 }  # fmt: skip
 
 
@@ -147,13 +157,16 @@ class Recognizer(nn.Module):
         )
         self.sequence: SequenceEncoder | None = None
         if c.encoder == "vit":
-            if c.ctc_weight or c.dec_location or c.polarity_norm or c.tps:
-                raise ValueError(f"{c.name}: a vit encoder reads tokens in any order: no CTC head, location "
-                                 "filters, polarity norm or rectifier")  # fmt: skip
+            if c.polarity_norm or c.tps or (not c.vit_columns and (c.ctc_weight or c.dec_location)):
+                raise ValueError(f"{c.name}: a vit encoder takes no polarity norm or rectifier (they read "
+                                 "the whole image); reading tokens, no CTC head or location filter")
             self.encoder: ResNetEncoder | ShuffleNetEncoder | ViTEncoder = ViTEncoder(
                 c.tps_output_hw, c.vit_patch, c.vit_dim, c.vit_depth, c.vit_heads
             )
             features = self.encoder.out_channels
+            if c.vit_columns:
+                self.sequence = SequenceEncoder(features, c.lstm_hidden, c.lstm_layers, c.lstm_skip)
+                features = self.sequence.out_channels
         else:
             if c.encoder == "resnet":
                 self.encoder = ResNetEncoder(c.encoder_widths, c.encoder_depths)
@@ -209,7 +222,9 @@ class Recognizer(nn.Module):
         else:
             x = images
         features = self.encoder(x)
-        return features if self.sequence is None else self.sequence(features)
+        if isinstance(self.encoder, ViTEncoder):
+            return features if self.sequence is None else self.sequence(self.encoder.columns(features))
+        return self.sequence(features)
 
     def forward(self, images: Tensor, targets: Tensor) -> Tensor:
         """Teacher-forced logits.

@@ -139,6 +139,13 @@ def load_model(
         raise ModelFileError(f"{path}: {exc}") from exc
     if verify_key and fingerprint.hex() != meta["fingerprint"]:
         raise ModelFileError(f"{path}: made under another federation key (fingerprint mismatch)")
+    if meta.get("token_order") is not None:  # a model transformed for scrambled blocks (image_crypt.py)
+        order = torch.tensor(meta["token_order"], dtype=torch.long)
+        own = getattr(model.encoder, "token_order", None)
+        is_permutation = own is not None and torch.equal(order.sort().values, torch.arange(len(own)))
+        if not is_permutation:
+            raise ModelFileError(f"{path}: malformed token_order for preset {meta['preset']}")
+        own.copy_(order)
     if device is not None:
         model.to(device)
     model.eval()

@@ -9,13 +9,15 @@ Because the patch embedding is linear in the block's pixels and the position emb
 row per block, a key-dependent shuffle of pixels within blocks, a sign flip of pixels and a shuffle of
 blocks act on the model exactly as a permutation and sign change of the patch embedding's columns and
 of the position table's rows (recognizer/image_crypt.py). The decoder that reads these tokens must not
-depend on their order (content-only attention, no BiLSTM, no CTC head): the presets see to that.
+depend on their order (content-only attention), or the transformed model reads its output tokens
+back in the plain order (``token_order``) before a head that does (columns, a BiLSTM, CTC).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,6 +78,10 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out_channels = dim
+        # The order the output tokens are read in: the identity, except in a model transformed for
+        # scrambled blocks (recognizer/image_crypt.py), where it puts every token back at its block's
+        # place, so that heads that depend on the order (columns, a BiLSTM, CTC) read as before.
+        self.register_buffer("token_order", torch.arange(self.grid[0] * self.grid[1]), persistent=False)
 
     def reset_parameters(self) -> None:
         """Truncated-normal linear weights (std 0.02) and zero biases, as ViT; position table N(0, 0.02)."""
@@ -98,4 +104,11 @@ class ViTEncoder(nn.Module):
         x = tokens + self.position.weight.unsqueeze(0)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.norm(x)[:, self.token_order]
+
+    def columns(self, tokens: Tensor) -> Tensor:
+        """[B, L, dim] tokens (row-major) -> [B, dim, 1, W/P]: each column of blocks averaged, as a CNN's
+        1-high feature map that a BiLSTM reads left to right."""
+        b, _, d = tokens.shape
+        gh, gw = self.grid
+        return tokens.view(b, gh, gw, d).mean(1).transpose(1, 2).unsqueeze(2)

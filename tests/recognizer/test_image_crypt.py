@@ -17,10 +17,16 @@ from PIL import Image
 
 from recognizer import state
 from recognizer.dataset import array_to_tensor
-from recognizer.image_crypt import BlockCipher, EncryptionOptions, cipher_for_preset, encrypt_model
+from recognizer.image_crypt import (
+    BlockCipher,
+    EncryptionOptions,
+    cipher_for_preset,
+    encrypt_model,
+    token_order_of,
+)
 from recognizer.keys import generate_key, load_key
 from recognizer.model import PRESETS, build_model
-from recognizer.model_io import read_model_file, save_model
+from recognizer.model_io import load_model, read_model_file, save_model
 from recognizer.synth import render_dataset
 
 VIT_PRESETS = sorted(name for name, c in PRESETS.items() if c.encoder == "vit")
@@ -86,6 +92,31 @@ def test_the_transformed_model_reads_encrypted_images_with_the_plain_models_logi
     assert (got - want).abs().max().item() <= 1e-4
     assert (blind - want).abs().max().item() > 1e-2  # the original does not read encrypted images alike
     assert transformed.predict(encrypted, beam_width=1) == model.predict(plain, beam_width=1)
+
+
+def test_a_transformed_model_file_keeps_the_order_its_columns_are_read_in(tmp_path: Path) -> None:
+    # vitstr-tiny-seq reads columns of tokens with a BiLSTM: its transformed model must put the tokens of
+    # scrambled blocks back in place, and its file must say how.
+    key = b"\x07" * 32
+    torch.manual_seed(3)
+    model = build_model("vitstr-tiny-seq", key, 0.5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    transformed = encrypt_model(model, KEY)
+    order = token_order_of(transformed)
+    assert order is not None and sorted(order) == list(range(64)) and token_order_of(model) is None
+    fingerprint = state.fingerprint(build_model("vitstr-tiny-seq", key, None), key)
+    save_model(tmp_path / "t.npz", transformed, key, "vitstr-tiny-seq", fingerprint, {"token_order": order})
+    save_model(tmp_path / "lost.npz", transformed, key, "vitstr-tiny-seq", fingerprint)
+    cipher = BlockCipher.for_model(KEY, model)
+    images = torch.stack([array_to_tensor(cipher.encrypt(x)) for x in _images(3)])
+    targets = torch.randint(1, 30, (3, 6))
+    loaded, lost = load_model(tmp_path / "t.npz", key)[0], load_model(tmp_path / "lost.npz", key)[0]
+    with torch.no_grad():
+        want = transformed(images, targets)
+        assert (loaded(images, targets) - want).abs().max().item() <= 1e-6
+        assert (lost(images, targets) - want).abs().max().item() > 1e-2
 
 
 def test_presets_without_a_patch_embedding_are_refused_by_name() -> None:

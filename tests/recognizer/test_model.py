@@ -48,8 +48,10 @@ def test_forward_shapes_and_sequence_length(preset):
 
     assert logits.shape == (2, 7, NUM_CLASSES)
     c = PRESETS[preset]
-    if c.encoder == "vit":  # one token of width vit_dim per patch
-        (h, w), patch = c.tps_output_hw, c.vit_patch
+    (h, w), patch = c.tps_output_hw, c.vit_patch
+    if c.encoder == "vit" and c.vit_columns:  # a BiLSTM step per column of patches
+        assert seq.shape == (2, w // patch, 2 * c.lstm_hidden)
+    elif c.encoder == "vit":  # one token of width vit_dim per patch
         assert seq.shape == (2, (h // patch) * (w // patch), c.vit_dim)
     else:
         columns = c.tps_output_hw[1] // 4  # 25 at 32x100, 40 at fedocr-cpu-wide's 32x160
