@@ -186,6 +186,7 @@ def _save(model, config, path: Path) -> None:
 
     if config != resolve_preset(config.name):
         raise ValueError(f"{path}: a row that changes the model is no preset; its model cannot be saved")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.with_suffix(".key").exists():
         write_key(path.with_suffix(".key"), KEY)
     fingerprint = state.fingerprint(build_model(config.name, KEY, model.gamma), KEY)
