@@ -140,16 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     reassembled: dict[str, list[np.ndarray]] = {}
     for name, cipher in (("block scrambling alone", blocks_only), ("all four transforms", full)):
         started = time.process_time()
-        in_place, rebuilt = [], []
+        in_place, neighbours, rebuilt = [], [], []
         for x in plain:
             scrambled = cipher.encrypt(x)
             order = jigsaw(scrambled, patch, grid)
             # Where each block truly belongs: the scrambled image's block i is the plain block block_order[i].
-            in_place.append(float(np.mean(cipher.block_order[order] == np.arange(len(order)))))
+            truth = cipher.block_order[order]  # the true place of the block put at each place
+            in_place.append(float(np.mean(truth == np.arange(len(order)))))
+            pairs = truth.reshape(grid)  # left-right pairs put side by side that truly are
+            beside = (pairs[:, 1:] == pairs[:, :-1] + 1) & (pairs[:, 1:] % grid[1] != 0)
+            neighbours.append(float(np.mean(beside)))
             rebuilt.append(_image(_blocks(scrambled, patch)[order], grid))
         reassembled[name] = rebuilt
         rows[f"jigsaw attack on {name}"] = {
             "blocks_in_place": float(np.mean(in_place)), "chance": 1 / (grid[0] * grid[1]),
+            "right_neighbours_right": float(np.mean(neighbours)),
             "accuracy_of_plain_model_on_reassembled": _accuracy(model, rebuilt, labels)[0],
             "cpu_s_per_image": (time.process_time() - started) / count,
         }
