@@ -4,7 +4,7 @@ Run: .venv/bin/python -m benchmarks.recognition_service --model MODEL.npz [--key
      [--count 200] [--clients 8] [--name NAME]
 
 MODEL is a vit-preset model; it is transformed with a fixed image key (encrypt-model) and served by a
-real `recognizer serve` process (two torch threads, mutual TLS on 127.0.0.1, a throwaway PKI). The
+real `recognition_service` process (two torch threads, mutual TLS on 127.0.0.1, a throwaway PKI). The
 client encrypts --count images of --data beforehand (PNG bytes, as a client sends them), then measures:
 
 - batch 1: one client, one call at a time: images/s and p50 / p99 latency;
@@ -33,6 +33,7 @@ import torch
 from fedocr import harness, pki, tls
 from fedocr.v1 import recognition_pb2 as pb
 from fedocr.v1 import recognition_pb2_grpc as pb_grpc
+from recognition_service.server import encrypted_input
 from recognizer import state
 from recognizer.dataset import array_to_tensor, image_to_array
 from recognizer.image_crypt import BlockCipher, encrypt_model, image_key_fingerprint
@@ -40,7 +41,6 @@ from recognizer.keys import load_key
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import load_model, save_model
-from recognizer.serve import encrypted_input
 
 IMAGE_KEY = bytes(range(100, 132))
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = state.fingerprint(build_model(meta["preset"], key, None, meta["alphabet"]), key)
         save_model(work / "enc.npz", transformed, key, meta["preset"], fingerprint,
                    extra={"image_key": image_key_fingerprint(IMAGE_KEY), "transforms": "all"})  # fmt: skip
-        cmd = [sys.executable, "-m", "recognizer.cli", "serve", "--model", str(work / "enc.npz"), "--key",
+        cmd = [sys.executable, "-m", "recognition_service.cli", "--model", str(work / "enc.npz"), "--key",
                str(key_path), "--listen", "127.0.0.1:0", "--cert", str(pki.cert_path(work, "service")),
                "--cert-key", str(pki.key_path(work, "service")), "--ca", str(work / pki.CA_CERT_FILE),
                "--threads", "2"]  # fmt: skip

@@ -276,32 +276,6 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    import torch
-
-    from recognizer import serve
-    from recognizer.keys import load_key
-    from recognizer.model_io import load_model
-
-    torch.set_num_threads(args.threads)
-    model, meta = load_model(Path(args.model), load_key(_key_path(args)))
-    encrypted = "image_key" in meta
-    serving = serve.start(model, serve.model_file_fingerprint(Path(args.model)), args.listen, Path(args.cert),
-                          Path(args.cert_key), Path(args.ca), encrypted=encrypted, max_batch=args.max_batch,
-                          max_wait_s=args.max_wait_ms / 1000)  # fmt: skip
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    what = f"images encrypted with image key {meta['image_key']}" if encrypted else "plain images"
-    print(f"recognizer serving {meta['preset']} ({what}); listening on port {serving.port}", flush=True)
-    stop.wait()
-    serving.stop()
-    return 0
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from recognizer.model import model_info
 
@@ -457,19 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transforms", default="all", help=TRANSFORMS_HELP)
     p.add_argument("--out", required=True, help="the transformed (unhashed) model file to write")
     p.set_defaults(func=cmd_encrypt_model)
-
-    p = sub.add_parser("serve", help="a recognition service over mutual TLS (gRPC, health, reflection)")
-    p.add_argument("--model", required=True, help="a model file (by encrypt-model: encrypted images)")
-    p.add_argument("--key", help="federation key file (default: MODEL with .key)")
-    p.add_argument("--listen", default="127.0.0.1:50052", help="host:port (port 0: any free port)")
-    p.add_argument("--cert", required=True, help="the service's certificate (PEM)")
-    p.add_argument("--cert-key", required=True, help="its private key (PEM)")
-    p.add_argument("--ca", required=True, help="the CA whose client certificates may call (PEM)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--max-batch", type=int, default=16, help="requests read together at most")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others")  # fmt: skip
-    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="parameter counts of a preset")
     p.add_argument("--preset", required=True)

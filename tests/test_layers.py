@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
     "fedocr": ("aggregator", "edge_agent", "recognizer", "experiments", "benchmarks", "torch"),
-    "recognizer": ("aggregator", "edge_agent", "experiments", "benchmarks", "grpc", "fedocr.v1"),
+    "recognizer": ("aggregator", "edge_agent", "recognition_service", "experiments", "benchmarks", "grpc",
+                   "fedocr.v1"),
     "aggregator": ("edge_agent", "recognizer", "torch", "experiments", "benchmarks"),
     "edge_agent": ("aggregator", "experiments", "benchmarks"),
 }

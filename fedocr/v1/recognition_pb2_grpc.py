@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RecognitionStub:
-    """Recognition is served by `recognizer serve` over mutual TLS; any client certificate of the CA may call.
+    """Recognition is served by `recognition_service` over mutual TLS; any client certificate of the CA may call.
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class RecognitionStub:
 
 
 class RecognitionServicer:
-    """Recognition is served by `recognizer serve` over mutual TLS; any client certificate of the CA may call.
+    """Recognition is served by `recognition_service` over mutual TLS; any client certificate of the CA may call.
     """
 
     def Recognize(self, request, context):
@@ -70,7 +70,7 @@ def add_RecognitionServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Recognition:
-    """Recognition is served by `recognizer serve` over mutual TLS; any client certificate of the CA may call.
+    """Recognition is served by `recognition_service` over mutual TLS; any client certificate of the CA may call.
     """
 
     @staticmethod

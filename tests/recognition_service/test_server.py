@@ -1,4 +1,4 @@
-"""`recognizer serve` as a real process over mutual TLS: it reads images encrypted with the image key as
+"""`recognition_service` as a real process over mutual TLS: it reads images encrypted with the image key as
 the plain model reads the plain ones, batches concurrent callers, refuses bad images with
 INVALID_ARGUMENT and keeps serving, refuses clients without a certificate of the CA, and answers
 grpcurl through reflection and health."""
@@ -23,6 +23,7 @@ from PIL import Image
 from fedocr import harness, tls
 from fedocr.v1 import recognition_pb2 as pb
 from fedocr.v1 import recognition_pb2_grpc as pb_grpc
+from recognition_service.server import encrypted_input
 from recognizer import state
 from recognizer.dataset import array_to_tensor, image_to_array
 from recognizer.image_crypt import BlockCipher, encrypt_model, image_key_fingerprint
@@ -30,7 +31,6 @@ from recognizer.keys import generate_key, load_key
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import save_model
-from recognizer.serve import encrypted_input
 from recognizer.synth import render_dataset
 
 VENV_BIN = Path(sys.executable).parent
@@ -66,7 +66,7 @@ def service(test_pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
     reader, c = LmdbReader(tmp / "words"), model.config
     words = [image_to_array(reader.get(i)[0], c.input_hw, c.keep_aspect) for i in range(len(reader))]
     cert, cert_key = test_pki.pair("aggregator")  # a server certificate for 127.0.0.1
-    cmd = [sys.executable, "-m", "recognizer.cli", "serve", "--model", str(tmp / "enc.npz"), "--key",
+    cmd = [sys.executable, "-m", "recognition_service.cli", "--model", str(tmp / "enc.npz"), "--key",
            str(fed_key), "--listen", "127.0.0.1:0", "--cert", str(cert), "--cert-key", str(cert_key),
            "--ca", str(test_pki.ca), "--threads", "1"]  # fmt: skip
     running = harness.start_service(cmd, tmp / "serve.log")
@@ -152,3 +152,12 @@ def test_grpcurl_lists_the_service_and_its_health(service: Service, test_pki) ->
     health = subprocess.run([*base, "grpc.health.v1.Health/Check"], capture_output=True, text=True,
                             timeout=30)  # fmt: skip
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+
+
+def test_a_missing_model_file_is_named_and_nothing_starts(tmp_path: Path, test_pki) -> None:
+    cert, cert_key = test_pki.pair("aggregator")
+    missing = tmp_path / "no-model.npz"
+    run = subprocess.run([str(VENV_BIN / "recognition_service"), "--model", str(missing), "--cert", str(cert),
+                          "--cert-key", str(cert_key), "--ca", str(test_pki.ca)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and f"--model {missing}: no such file" in run.stderr, run.stderr

@@ -1,0 +1,1 @@
+"""The recognition service: a trained (or encrypted) recognizer read over gRPC and mutual TLS."""
