@@ -128,6 +128,7 @@ class Run:
     kind: str  # "alone" or "federated"
     warmup: bool = False
     server_optimizer: str = "fedavg"
+    server_lr: float = 0.0  # 0: the aggregator's default for that optimizer
     proximal: bool = False
     personalize: bool = False
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
@@ -139,6 +140,9 @@ RUNS: tuple[Run, ...] = (
     Run("fedavg", "federated FedAvg, no warm-up", "federated"),
     Run("fedavg-warmup", "federated FedAvg, warm-up", "federated", warmup=True),
     Run("fedavgm-warmup", "FedAvgM, warm-up", "federated", warmup=True, server_optimizer="fedavgm"),
+    # lr 1 - momentum: in a steady state the same step as FedAvg, the momentum only smoothing it
+    Run("fedavgm-damped-warmup", "FedAvgM, server lr 0.1, warm-up", "federated", warmup=True,
+        server_optimizer="fedavgm", server_lr=0.1),
     Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam"),
     Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True),
     Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True),
@@ -147,6 +151,7 @@ RUNS: tuple[Run, ...] = (
     Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet"),
 )  # fmt: skip
 RUN_NAMES = tuple(r.name for r in RUNS)
+SERVER_OPTIMIZER_RUNS = ("fedavgm-warmup", "fedavgm-damped-warmup", "fedadam-warmup")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -327,12 +332,16 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 
 
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
-    optimizer = best if run.name == "mini-dirichlet-best" else run.server_optimizer
+    if run.name == "mini-dirichlet-best":
+        best_run = next(r for r in RUNS if r.name == best)
+        optimizer, server_lr = best_run.server_optimizer, best_run.server_lr
+    else:
+        optimizer, server_lr = run.server_optimizer, run.server_lr
     edge_args = ("--personalize",) if run.personalize else ()
     return Settings(
         rounds=scale.rounds, local_epochs=scale.local_epochs, preset=scale.preset, gamma=scale.gamma,
         lr=scale.lr, batch_size=scale.batch_size, optimizer=scale.optimizer,
-        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=optimizer,
+        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=optimizer, server_lr=server_lr,
         proximal_mu=scale.proximal_mu if run.proximal else 0.0,
         warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
         warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels, extra_edge_args=edge_args,
@@ -340,7 +349,7 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
 
 
 def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki: Path, home: Path,
-                  best: str = "fedavgm") -> dict:  # fmt: skip
+                  best: str = SERVER_OPTIMIZER_RUNS[0]) -> dict:  # fmt: skip
     """One aggregator and an edge per owner (or per mini shard), real processes over mutual TLS."""
     if run.data == "owners":
         edges = {o.name: (data.shards[o.name], data.tests[o.name]) for o in OWNERS}
@@ -364,6 +373,7 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
         "generic": generic,
         "wall_s": wall,
         "server_optimizer": settings.server_optimizer,
+        "server_lr": settings.server_lr,
         "bytes_per_edge": _bytes_per_edge(rounds, len(edges)),
         "rounds": _round_evaluations(rounds),
     }
@@ -418,10 +428,9 @@ def _mean(scores: dict[str, dict]) -> float:
 
 
 def best_server_optimizer(results: dict[str, dict]) -> str:
-    """fedavgm or fedadam, whichever generic model read more of the owners' sets (fedavgm if neither ran)."""
-    means = {opt: _mean(results[f"{opt}-warmup"]["generic"]) for opt in ("fedavgm", "fedadam")
-             if f"{opt}-warmup" in results}  # fmt: skip
-    return max(means, key=means.get) if means else "fedavgm"
+    """The server-optimizer run whose generic model read most of the owners' sets (the first if none ran)."""
+    means = {name: _mean(results[name]["generic"]) for name in SERVER_OPTIMIZER_RUNS if name in results}
+    return max(means, key=means.get) if means else SERVER_OPTIMIZER_RUNS[0]
 
 
 def tables(results: dict[str, dict]) -> str:
@@ -458,7 +467,9 @@ def tables(results: dict[str, dict]) -> str:
         if r is not None and run.data != "owners":
             mb = _mb(r)
             lines.append(
-                f"| {run.label} | {r['server_optimizer']} | {_pct(r['generic']['mini']['accuracy'])} | "
+                f"| {run.label} | {r['server_optimizer']}"
+                + (f" (lr {r['server_lr']:g})" if r.get("server_lr") else "")
+                + f" | {_pct(r['generic']['mini']['accuracy'])} | "
                 f"{mb:.1f} | {r['wall_s'] / 60:.1f} min |"
             )
     return "\n".join(lines)

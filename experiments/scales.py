@@ -116,6 +116,7 @@ SCALES: dict[str, Scale] = {
         "smoke", {"aster-fl": "aster-fl-tiny", "fedocr": "fedocr-tiny"},
         train_words=100, test_words=12, rounds=2, local_epochs=1, batch_size=10, decay_rounds=(2,),
         labels="digits", optimizer="adam", lr=2e-3, deadline_s=600.0, pretrain_words=40, pretrain_epochs=1,
+        edges=2,
     ),
     # The first CPU run (docs/results/experiment-mini.md; 2 cores, 2 h 32 min): the CPU presets' recipe
     # (recognizer.recipe: Adam 2e-3, batch 16, no decay) on digit strings of every style, three

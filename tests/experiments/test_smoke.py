@@ -1,5 +1,5 @@
 """`python -m experiments --scale smoke` end to end: real data, real `recognizer train` processes and
-real federations (aggregator + 5 edge agents over mutual TLS) for all 5 models x 3 manners, then
+real federations (aggregator + 2 edge agents over mutual TLS) for all 5 models x 3 manners, then
 the report; and a rerun repeats only the runs whose result file is missing."""
 
 from __future__ import annotations
