@@ -88,7 +88,7 @@ class AggregatorConfig:
     ca: Path | None = None
     total_rounds: int = 40
     quorum: int = 2  # a round closes as soon as this many edges uploaded
-    min_edges: int = 1  # at the deadline, enough to aggregate; below it the round fails
+    min_edges: int = 1  # at the deadline, enough to aggregate; below it the round fails (see round_min_edges)
     deadline_s: float = 600.0
     weighting: str = "samples"  # "samples" (FedAvg) or "uniform" (the paper's Algorithm 2)
     local_epochs: int = RECIPE.epochs
@@ -219,10 +219,15 @@ class AggregatorConfig:
                 f"secure_aggregation.threshold must be 0 (a majority of holders) or at least 2, "
                 f"got {self.secagg_threshold}"
             )
-        if self.secure_aggregation and self.secagg_threshold > self.min_edges:
+        if self.secure_aggregation and self.quorum < secagg.MIN_SURVIVORS:
             raise ConfigError(
-                f"secure_aggregation.threshold {self.secagg_threshold} exceeds min_edges {self.min_edges}: "
-                "a round of min_edges edges could never rebuild a secret"
+                f"secure rounds need a quorum of at least {secagg.MIN_SURVIVORS}, got {self.quorum}: with "
+                "two uploads each edge would learn the other's update from the published model"
+            )
+        if self.secure_aggregation and self.secagg_threshold > self.round_min_edges:
+            raise ConfigError(
+                f"secure_aggregation.threshold {self.secagg_threshold} exceeds min_edges "
+                f"{self.round_min_edges}: a round of min_edges edges could never rebuild a secret"
             )
         k = self.secagg_neighbours
         if k < 0 or k % 2 or (k and self.secagg_threshold > k + 1):
@@ -257,6 +262,14 @@ class AggregatorConfig:
     def server_step_lr(self) -> float:
         """The server optimizer's lr: as set, or its default."""
         return self.server_lr or DEFAULT_SERVER_LR[self.server_optimizer]
+
+    @property
+    def round_min_edges(self) -> int:
+        """The uploads a round needs at its deadline: min_edges, and for secure rounds at least
+        secagg.MIN_SURVIVORS (3), which min_edges can raise but not lower."""
+        if self.secure_aggregation:
+            return max(self.min_edges, secagg.MIN_SURVIVORS)
+        return self.min_edges
 
     @property
     def secagg_weight_limit(self) -> float:

@@ -266,7 +266,7 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
         round_index=index,
         total_rounds=config.total_rounds,
         quorum=config.quorum,
-        min_edges=config.min_edges,
+        min_edges=config.round_min_edges,
         opened_at=now,
         deadline=now + config.deadline_s,
         state_version=version,

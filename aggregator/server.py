@@ -128,7 +128,7 @@ def start(config: AggregatorConfig) -> Running:
         config.state_dir,
         config.total_rounds,
         config.quorum,
-        config.min_edges,
+        config.round_min_edges,
         config.deadline_s,
     )
     return Running(server, port, federation, store, health_servicer)

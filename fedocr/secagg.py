@@ -47,6 +47,10 @@ KEY_BYTES = 32  # X25519 keys, agreed keys, mask seeds and Shamir secrets (fedoc
 NONCE_BYTES = 12  # ChaCha20-Poly1305
 TAG_BYTES = 16
 WRAP = 2**31  # an int32 sum must stay below this in magnitude
+# A secure round unmasks no fewer uploads than this: with two, each edge would learn the other's
+# update from the published model (the mean less its own). The aggregator never closes a secure
+# round below it and an edge reveals nothing for fewer survivors.
+MIN_SURVIVORS = 3
 
 
 class SecAggError(ValueError):

@@ -51,7 +51,7 @@ class Pki:
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """CA; server ``aggregator`` for 127.0.0.1/localhost; edges ``edge-0``, ``edge-1``; observer
+    """CA; server ``aggregator`` for 127.0.0.1/localhost; edges ``edge-0``, ``edge-1``, ``edge-2``; observer
     ``ops``; edge ``edge-expired`` (expired yesterday) and ``edge-future`` (valid from tomorrow);
     and a foreign CA with an edge ``edge-0``."""
     root = tmp_path_factory.mktemp("pki")
@@ -60,7 +60,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     fed, foreign = root / "federation", root / "foreign"
     pki.create_ca(fed)
     pki.issue(fed, pki.ROLE_SERVER, "aggregator", hosts=["127.0.0.1", "localhost"])
-    for name in ("edge-0", "edge-1"):
+    for name in ("edge-0", "edge-1", "edge-2"):
         pki.issue(fed, pki.ROLE_EDGE, name)
     pki.issue(fed, pki.ROLE_OBSERVER, "ops")
     pki.issue(fed, pki.ROLE_EDGE, "edge-expired", not_before=now - 10 * day, not_after=now - day)

@@ -151,6 +151,11 @@ class EdgeSession:
             raise SecureProtocolError("survivors and dropped overlap, or this edge is not a survivor")
         if not (alive | gone) <= self.dealers:
             raise SecureProtocolError("survivors or dropped edges that never dealt shares")
+        if len(alive) < secagg.MIN_SURVIVORS:
+            raise SecureProtocolError(
+                f"only {len(alive)} survivor(s), fewer than {secagg.MIN_SURVIVORS}: the published mean would "
+                "give each survivor the others' update; this edge reveals nothing"
+            )
         if len(alive & (self.peers | {self.edge_id})) < self.threshold:
             raise SecureProtocolError(
                 f"fewer than {self.threshold} of {self.edge_id}'s share holders survive: it cannot be "

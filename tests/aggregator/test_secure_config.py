@@ -36,7 +36,7 @@ def test_the_toml_table_turns_it_on(tmp_path: Path) -> None:
 
 
 def test_default_precision_for_200_edges_of_10000_samples() -> None:
-    config = AggregatorConfig(secure_aggregation=True)
+    config = AggregatorConfig(secure_aggregation=True, quorum=3)
     assert (config.secagg_clip, config.secagg_max_weight_sum, config.secagg_bits) == (8.0, 2e6, 7)
 
 
@@ -57,7 +57,9 @@ def test_uniform_weighting_takes_its_fraction_bits_from_the_quorum() -> None:
     [
         ({"secagg_threshold": 1}, "threshold must be 0"),
         ({"secagg_threshold": -2}, "threshold must be 0"),
-        ({"secure_aggregation": True, "secagg_threshold": 3, "min_edges": 2}, "exceeds min_edges"),
+        ({"secure_aggregation": True, "secagg_threshold": 4, "quorum": 5, "min_edges": 2},
+         "exceeds min_edges 3"),
+        ({"secure_aggregation": True, "quorum": 2}, "quorum of at least 3"),
         ({"secagg_neighbours": 3}, "neighbours must be 0"),
         ({"secagg_neighbours": 2, "secagg_threshold": 4, "quorum": 4, "min_edges": 4}, "neighbours must"),
         ({"secagg_clip": 0.0}, "clip must be positive"),
@@ -65,12 +67,21 @@ def test_uniform_weighting_takes_its_fraction_bits_from_the_quorum() -> None:
         ({"secagg_max_weight_sum": 0.0}, "max_weight_sum"),
         ({"secagg_frac_bits": 31}, "frac_bits must be within"),
         ({"secagg_frac_bits": 20}, "wrap"),
-        ({"secure_aggregation": True, "secagg_phase_s": 0.0}, "phase_s must be positive"),
+        ({"secure_aggregation": True, "quorum": 3, "secagg_phase_s": 0.0}, "phase_s must be positive"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         AggregatorConfig(**settings)
+
+
+def test_secure_rounds_need_three_uploads_and_min_edges_may_ask_for_more() -> None:
+    # With two uploads each edge would read the other's update off the published mean.
+    assert AggregatorConfig(secure_aggregation=True, quorum=5, min_edges=1).round_min_edges == 3
+    assert AggregatorConfig(secure_aggregation=True, quorum=5, min_edges=4).round_min_edges == 4
+    assert AggregatorConfig(quorum=5, min_edges=1).round_min_edges == 1  # plain rounds as set
+    r = new_round(AggregatorConfig(secure_aggregation=True, quorum=5, min_edges=2), 1, 0, 0.0, 1)
+    assert r.min_edges == 3
 
 
 def test_unknown_keys_in_the_table_are_refused(tmp_path: Path) -> None:

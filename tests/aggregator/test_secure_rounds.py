@@ -409,11 +409,11 @@ def test_an_unmasked_mean_beyond_the_clip_fails_the_round_and_leaves_the_state(s
 
 
 def test_an_upload_whose_stream_outlasts_the_upload_phase_is_refused(sim) -> None:
-    s = sim(3)
+    s = sim(4)
     s.join_and_advertise(s.ids)
     s.deal(s.ids)
-    s.upload(s.ids[:2])
-    e, session = "edge-2", s.sessions["edge-2"]
+    s.upload(s.ids[:3])
+    e, session = "edge-3", s.sessions["edge-3"]
     view = s.fed.secure.secure_round(e, session.round_id, "SHARE", 0)
     session.receive(view.dealers, view.sealed, s.cipher_keys)
     masked = session.masked(s.increments[e], s.samples[e])
@@ -424,10 +424,10 @@ def test_an_upload_whose_stream_outlasts_the_upload_phase_is_refused(sim) -> Non
         s.tick(10.0)  # the phase clock fixes the survivors while the stream is read
         yield from rest
 
-    with pytest.raises(errors.WrongPhase, match="ended while the upload of 'edge-2' streamed"):
+    with pytest.raises(errors.WrongPhase, match="ended while the upload of 'edge-3' streamed"):
         s.fed.upload(e, slow())
-    assert s.round.secure.survivors == s.ids[:2] and not s.round.edges[e].uploaded
-    s.reveal(s.ids[:2])
+    assert s.round.secure.survivors == s.ids[:3] and not s.round.edges[e].uploaded
+    s.reveal(s.ids[:3])
     s.tick()
-    got, want = closed_mean(s), s.expected(s.ids[:2])
-    assert np.all(np.abs(got - want) <= s.bound(s.ids[:2], want))
+    got, want = closed_mean(s), s.expected(s.ids[:3])
+    assert np.all(np.abs(got - want) <= s.bound(s.ids[:3], want))

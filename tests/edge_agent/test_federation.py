@@ -189,8 +189,8 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
         rounds=1, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, secure_aggregation=True
     )
     fed = launch(settings)
-    fed.start_aggregator(n_edges=2)
-    for k, shard in enumerate(edge_data.shards):
+    fed.start_aggregator(n_edges=3)  # a secure round unmasks no fewer than three uploads
+    for k, shard in enumerate([*edge_data.shards, edge_data.test]):
         fed.start_edge(f"edge-{k}", shard)
     fed.wait_edges(timeout_s=300)
     history = harness.list_rounds(test_pki.dir, fed.port)
@@ -199,10 +199,10 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
     (closed,) = history["rounds"]
     assert closed["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED"), closed
     assert closed["plan"]["secure"]["enabled"] and closed["plan"]["encoding"] == "ENCODING_MASKED_INT"
-    assert uploaded(closed) == {"edge-0", "edge-1"}
+    assert uploaded(closed) == {"edge-0", "edge-1", "edge-2"}
     model = build_model(PRESET, load_key(federation_key), 0.5)
     length = sum(state.state_lengths(model))
-    for name in ("edge-0", "edge-1"):
+    for name in ("edge-0", "edge-1", "edge-2"):
         (record,) = [r for r in journal(fed, name) if r["event"] == "round"]
         assert record["status"] == "counted" and record["up"]["raw"] == 4 * length  # uint32, all masked
         assert record["plan"]["encoding"] == "ENCODING_MASKED_INT" and not record["plan"]["error_feedback"]

@@ -1,6 +1,6 @@
 """An edge's checks on what the server tells it in a secure round: each lie (a substituted or
-unsigned key, a weak threshold, too few dealers, a split graph) is refused before the edge deals,
-masks or reveals anything."""
+unsigned key, a weak threshold, too few dealers, fewer than three survivors, a split graph) is
+refused before the edge deals, masks or reveals anything."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_an_edge_reveals_nothing_to_survivors_it_cannot_trust() -> None:
     with pytest.raises(SecureProtocolError, match="graph is split"):
         alive = ["edge-0", left, right, far]
         me.reveal(alive, [e for e in everyone if e not in alive])
+    # Two survivors: each would read the other's update off the published mean.
+    with pytest.raises(SecureProtocolError, match="only 2 survivor"):
+        me.reveal(["edge-0", left], [e for e in everyone if e not in ("edge-0", left)])
     # The whole ring alive is connected: the edge reveals its survivors' self-mask shares.
     assert [kind for _, kind, _ in me.reveal(everyone, [])] == ["self_seed"]
 

@@ -224,34 +224,34 @@ def test_an_aggregator_killed_mid_round_resumes_it(fault_pki, tmp_path: Path, pr
 def test_an_upload_still_streaming_when_the_upload_phase_ends_is_refused_and_not_summed(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
-    """edge-2's upload stream sends its header in the upload phase, then its chunks only once the
+    """edge-3's upload stream sends its header in the upload phase, then its chunks only once the
     phase clock fixed the survivors without it (--straddle-upload). Counted, its masked vector would
     enter the sum while its pairwise masks are removed as a dropped edge's: the aggregator refuses it
-    with FAILED_PRECONDITION and the round is the FedAvg of the two others. Those reveal only once
-    edge-2's upload has ended (--reveal-after), so the round cannot close before it."""
-    agg, out = started_aggregator(fault_pki, tmp_path, procs, quorum=3, least=2)
+    with FAILED_PRECONDITION and the round is the FedAvg of the three others. Those reveal only once
+    edge-3's upload has ended (--reveal-after), so the round cannot close before it."""
+    agg, out = started_aggregator(fault_pki, tmp_path, procs, quorum=4, least=3)
     gate = out / "reveal.gate"
-    survivors = [procs.edge(fault_pki, agg.port, n, out, "--reveal-after", str(gate)) for n in NAMES[:2]]
-    slow = procs.edge(fault_pki, agg.port, "edge-2", out, "--straddle-upload")
-    events, seen = Events(out, ["edge-2"]), []
+    survivors = [procs.edge(fault_pki, agg.port, n, out, "--reveal-after", str(gate)) for n in NAMES[:3]]
+    slow = procs.edge(fault_pki, agg.port, "edge-3", out, "--straddle-upload")
+    events, seen = Events(out, ["edge-3"]), []
 
     def upload_ended() -> bool:
         seen.extend(events.poll())
         return slow.poll() is not None or any(e["kind"] in ("refused", "uploaded") for e in seen)
 
-    wait_until(upload_ended, 90, "edge-2's upload to be refused or acknowledged")
+    wait_until(upload_ended, 90, "edge-3's upload to be refused or acknowledged")
     gate.touch()
     wait_exit(survivors, out, timeout=120)
     kinds = [e["kind"] for e in seen]
     assert "straddling" in kinds and "straddled" in kinds, kinds  # the stream did outlast the phase
     refused = [e for e in seen if e["kind"] == "refused"]
     assert [e["code"] for e in refused] == ["FAILED_PRECONDITION"], kinds
-    assert "upload phase of round 1 ended while the upload of 'edge-2' streamed" in refused[0]["details"]
+    assert "upload phase of round 1 ended while the upload of 'edge-3' streamed" in refused[0]["details"]
     assert "uploaded" not in kinds
     wait_exit([slow], out, timeout=60)
-    closed = check_closed_as_fedavg(fault_pki, agg, NAMES[:2])  # the two counted edges' mean
-    assert closed.message.startswith("aggregated 2")
-    assert (out / "edge-2.receipts.jsonl").read_text() == ""  # no receipt was ever written
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES[:3])  # the three counted edges' mean
+    assert closed.message.startswith("aggregated 3")
+    assert (out / "edge-3.receipts.jsonl").read_text() == ""  # no receipt was ever written
 
 
 def light_edge_lines(out: Path, name: str) -> dict:
