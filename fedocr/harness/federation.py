@@ -156,15 +156,18 @@ class LocalFederation:
         return all(proc.returncode == 0 for proc in self.edges.values())
 
     def wait_edges(self, timeout_s: float) -> None:
-        """Wait for every edge to exit; raise HarnessError if one fails or the time runs out."""
+        """Wait for every edge to exit; raise HarnessError as soon as one fails, or when the time runs out."""
         deadline = time.monotonic() + timeout_s
-        for name, proc in self.edges.items():
-            try:
-                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired as exc:
-                raise HarnessError(f"edge {name} still running after {timeout_s:.0f} s") from exc
-            if failure := self._failure(name, code):
-                raise HarnessError(failure)
+        while True:
+            codes = {name: proc.poll() for name, proc in self.edges.items()}
+            if failed := [f for name, code in codes.items() if (f := self._failure(name, code))]:
+                raise HarnessError("; ".join(failed))
+            if all(code == 0 for code in codes.values()):
+                return
+            if time.monotonic() > deadline:
+                running = next(name for name, code in codes.items() if code is None)
+                raise HarnessError(f"edge {running} still running after {timeout_s:.0f} s")
+            time.sleep(0.1)
 
     def _failure(self, name: str, code: int | None) -> str:
         """What to say about edge ``name``'s exit status ``code`` ("" when it is still running or 0)."""
