@@ -58,6 +58,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "frac_bits",
         "max_weight_sum",
         "phase_s",
+        "code_bits",
+        "sample_cap",
+        "code_range",
     ),
 }
 # TOML keys whose field has another name: [secure_aggregation] keys carry the "secagg_" prefix.
@@ -149,6 +152,14 @@ class AggregatorConfig:
     # The largest weight sum of a round (200 edges x 10,000 samples): sums below it cannot wrap.
     secagg_max_weight_sum: float = 2_000_000.0
     secagg_phase_s: float = 60.0  # each phase after the roster is fixed ends by this many seconds
+    # Compressed masked uploads: the parameters as b-bit codes (2..8) masked modulo 2^8, 2^16 or
+    # 2^32, whichever is the narrowest the roster allows; 0 = 32-bit fixed point for every value.
+    secagg_code_bits: int = 0
+    # With code_bits and weighting by samples: an edge weighs min(samples, sample_cap) in its codes.
+    secagg_sample_cap: float = 10_000.0
+    # The codes' range in a federation's first round; later rounds take it from the previous global
+    # increment (secagg.next_code_range). Values beyond it are clipped, and error feedback keeps them.
+    secagg_code_range: float = 0.1
 
     def __post_init__(self) -> None:
         """Validate cross-field constraints."""
@@ -244,6 +255,20 @@ class AggregatorConfig:
         if not 0 <= self.secagg_frac_bits <= 30:
             raise ConfigError(
                 f"secure_aggregation.frac_bits must be within 0..30, got {self.secagg_frac_bits}"
+            )
+        if self.secagg_code_bits and self.secagg_code_bits not in secagg.CODE_BITS:
+            raise ConfigError(
+                f"secure_aggregation.code_bits must be 0 (32-bit fixed point) or within "
+                f"{secagg.CODE_BITS.start}..{secagg.CODE_BITS.stop - 1}, got {self.secagg_code_bits}"
+            )
+        if not 1 <= self.secagg_sample_cap < math.inf:
+            raise ConfigError(
+                f"secure_aggregation.sample_cap must be at least 1, got {self.secagg_sample_cap}"
+            )
+        if not 0 < self.secagg_code_range <= self.secagg_clip:
+            raise ConfigError(
+                f"secure_aggregation.code_range must be positive and at most the clip {self.secagg_clip}, "
+                f"got {self.secagg_code_range}"
             )
         if self.secure_aggregation and not 0 < self.secagg_phase_s < math.inf:
             raise ConfigError(f"secure_aggregation.phase_s must be positive, got {self.secagg_phase_s}")

@@ -25,7 +25,7 @@ from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream, chain_stream
 from aggregator.upload import read_header, stage
 from aggregator.visible import Change, chain_to_keep, encode_change
-from fedocr import encodings
+from fedocr import encodings, secagg
 from fedocr.errors import (
     Busy,
     DuplicateUpload,
@@ -67,7 +67,8 @@ class RoundCoordinator:
         wiring = Wiring(  # what SecureRounds may use of this object: nothing else of it reaches there
             cond=self._cond, clock=clock, current=lambda: self._round, history=lambda: self._history,
             commit=lambda: self._commits.wait_durable(self._commits.apply()), save=self._save_phase,
-            close=self._aggregate, retry=self._retry, polls=self._polls
+            close=self._aggregate, retry=self._retry, polls=self._polls,
+            exact=lambda: server_opt.exact_mask(self.manifest.tensors),
         )
         self.secure = SecureRounds(config, wiring)
         self._download_encoding = encodings.NAMES[config.download_encoding]
@@ -211,7 +212,11 @@ class RoundCoordinator:
 
     def _new_round(self, index: int, now: float, version: int) -> RoundRecord:
         last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
-        return new_round(self.config, last + 1, index, now, version)
+        record = new_round(self.config, last + 1, index, now, version)
+        before = self._round.secure if self._round is not None else None
+        if record.secure is not None and before is not None and before.code_range:
+            record.secure.code_range = before.code_range  # a retry keeps its range; a close sets it anew
+        return record
 
     def _aggregate(self, now: float, mean: np.ndarray | None = None) -> None:
         """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically.
@@ -238,6 +243,11 @@ class RoundCoordinator:
         following = None
         if r.round_index + 1 < self.config.total_rounds:
             following = self._new_round(r.round_index + 1, now, version)
+            if following.secure is not None and following.secure.bits:  # codes sized to the last change
+                change = (state - self._state)[~server_opt.exact_mask(self.manifest.tensors)]
+                following.secure.code_range = secagg.next_code_range(
+                    change, following.secure.code_range, c.secagg_clip
+                )
         visible, changes, written = self._visible, self._changes, None
         if visible is not None:  # a lossy download encoding: the change edges will download
             change, visible = encode_change(
@@ -394,6 +404,7 @@ class RoundCoordinator:
         r.check_upload(edge_id, header.round_id)
         if r.secure is not None:
             r.secure.check_upload(edge_id)
+            r.secure.check_encoding(header.encoding)
         if edge_id in self._in_flight:
             raise DuplicateUpload(f"an upload from edge {edge_id!r} is already in progress")
         r.check_base(header.base_state_version)

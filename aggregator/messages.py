@@ -56,7 +56,7 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
                                           labels=plan.warmup_labels, seed=plan.warmup_seed))
     if secure is not None:
         message.encoding = pb.ENCODING_MASKED_INT
-        message.error_feedback = False
+        message.error_feedback = plan.error_feedback and secure.bits > 0  # codes drop what feedback keeps
         message.secure.CopyFrom(
             pb.SecurePlan(
                 enabled=True,
@@ -64,6 +64,9 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
                 frac_bits=secure.frac_bits,
                 round_seed=bytes.fromhex(secure.round_seed),
                 weight_by_samples=secure.weight_by_samples,
+                bits=secure.bits,
+                sample_cap=secure.sample_cap,
+                code_range=secure.code_range,
             )
         )
     return message

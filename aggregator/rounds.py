@@ -287,6 +287,9 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
             config.weighting == "samples",
             config.secagg_threshold,
             config.secagg_neighbours,
+            config.secagg_code_bits,
+            config.secagg_sample_cap,
+            config.secagg_code_range,
         )
         if config.secure_aggregation
         else None,

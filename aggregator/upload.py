@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator import fedavg
-from fedocr import tensors
+from fedocr import encodings, tensors
 from fedocr.errors import MalformedRequest
 from fedocr.v1 import federation_pb2 as pb
 
@@ -57,7 +57,7 @@ def stage(
             arrays = assembler.finish(message.trailer)
             if next(messages, None) is not None:
                 raise MalformedRequest("upload stream continues after the trailer")
-            if header.encoding == pb.ENCODING_MASKED_INT:  # uint32 masked values: no float checks
+            if header.encoding in encodings.MASKED_DTYPES:  # uint32 masked values: no float checks
                 return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, 0.0)
             tensors.check_finite(arrays, [i for i, _, _ in specs])
             peak = fedavg.peak(arrays)

@@ -17,7 +17,8 @@ LocalModel per edge, aggregator.fedavg's weighted sum, the edge's upload encoder
 edges with IID shards of clean digit strings, one local epoch per round, the default plan (Adam,
 recognizer.recipe's lr and batch size); after every round the global model is scored on a
 held-out set of another seed. A variant with a lossy download encoding keeps the visible state as
-the aggregator does (aggregator.visible): the edges train from it, and it is what is scored. One
+the aggregator does (aggregator.visible): the edges train from it, and it is what is scored. The
+``secure-*`` variants encode the uploads as secure aggregation does (SecureEncoding). One
 variant per setting, each in a process of its own on one thread; one JSON per finished variant
 lands in --results, so a rerun resumes.
 """
@@ -53,6 +54,10 @@ class Variant:
     feedback: bool
     rounding: str = "stochastic"
     download: str = "float32"  # lossy: each round's change of the visible state, error feedback on the server
+    # Secure aggregation's encodings (the masks, which cancel exactly, left out): -1 = plain uploads;
+    # 0 = every value in 32-bit fixed point; b = the parameters as b-bit codes (statistics fixed point).
+    secure_bits: int = -1
+    code_range: float = 0.0  # a fixed range for the codes (0: as the aggregator sets it each round)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -70,7 +75,68 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("float16-ef", "float16", True),
     Variant("int3-ef-down-int3", "int3", True, download="int3"),
     Variant("float32-down-int3", "float32", False, download="int3"),
+    Variant("secure-fixed32", "float32", False, secure_bits=0),
+    Variant("secure-int8-ef", "float32", True, secure_bits=8),
+    Variant("secure-int4-ef", "float32", True, secure_bits=4),
+    Variant("secure-int3-ef", "float32", True, secure_bits=3),
+    Variant("secure-int4-ef-clip", "float32", True, secure_bits=4, code_range=8.0),
 )
+
+
+class SecureEncoding:
+    """What a secure round's sum decodes to, in-process: each edge's values encoded as
+    edge_agent.secure.session encodes them (fixed point, or b-bit codes and fixed-point statistics),
+    summed as integers, and decoded as aggregator.secure.record decodes the unmasked sum. The masks
+    are left out: they cancel exactly (tests/faults/test_secure_aggregation.py checks it bit for bit).
+    The settings are the aggregator's defaults ([secure_aggregation] clip, max_weight_sum, sample_cap,
+    code_range), and the codes' range follows the global increment as the aggregator sets it
+    (secagg.next_code_range) unless the variant fixes it.
+    """
+
+    def __init__(self, bits: int, code_range: float, statistics: int, length: int) -> None:
+        from aggregator.config import AggregatorConfig
+
+        config = AggregatorConfig(secure_aggregation=True, quorum=3, secagg_code_bits=bits)
+        self.bits, self.clip, self.frac = bits, config.secagg_clip, config.secagg_bits
+        self.range, self.cap = code_range or config.secagg_code_range, config.secagg_sample_cap
+        self.adapt = not code_range
+        self.cut = length - statistics if bits else 0  # values [0, cut) go as codes
+        self.rng = np.random.default_rng(7)
+        self.start()
+
+    def start(self) -> None:
+        """A new round's empty sums."""
+        self.fixed = np.zeros(0, dtype=np.uint32)
+        self.codes = np.zeros(self.cut, dtype=np.int64)
+        self.weight = self.code_weights = 0.0
+
+    def add(self, sent: np.ndarray, samples: int) -> np.ndarray:
+        """Add one edge's upload; returns what it stands for (for error feedback)."""
+        from fedocr import secagg
+
+        fixed = secagg.encode_fixed(sent[self.cut :], samples, self.clip, self.frac, self.rng)
+        self.fixed = fixed if not self.fixed.size else self.fixed + fixed
+        self.weight += samples
+        if not self.bits:
+            return sent
+        w = secagg.code_weight(samples, True, self.cap)
+        codes, decoded = secagg.encode_codes(sent[: self.cut], w, self.range, self.bits, self.rng)
+        self.codes += codes.view(np.int32)
+        self.code_weights += w
+        return np.concatenate([decoded, sent[self.cut :]])
+
+    def mean(self) -> np.ndarray:
+        """The round's weighted mean increment, float32."""
+        from fedocr import secagg
+
+        fixed = secagg.decode_fixed(self.fixed, self.weight, self.frac)
+        if not self.bits:
+            return fixed
+        total = self.codes.astype(np.uint32)  # two's complement mod 2^32, as the unmasked sum
+        codes = secagg.decode_codes(total, 32, self.bits, self.range, self.code_weights)
+        if self.adapt:  # the next round's range, as the aggregator sets it
+            self.range = secagg.next_code_range(codes, self.range, self.clip)
+        return np.concatenate([codes, fixed])
 
 
 def sample_increment(preset: str, gamma: float, steps: int, data: Path) -> tuple[np.ndarray, int]:
@@ -207,17 +273,28 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     specs = tuple((s.id, s.length, s.exact) for s in manifest_specs(edges[0].length, edges[0].statistics))
     plan = Plan(local_epochs=1, learning_rate=DEFAULT_LR["adam"], batch_size=DEFAULT_BATCH_SIZE)
     curve, started = [], time.process_time()
+    secure = None
+    if variant.secure_bits >= 0:
+        secure = SecureEncoding(variant.secure_bits, variant.code_range, edges[0].statistics, edges[0].length)
     for t in range(rounds):
         total = np.zeros(global_state.size, dtype=np.float64)
+        if secure is not None:
+            secure.start()
         for k, edge in enumerate(edges):
             edge.apply_global(visible)
             edge.train_round(plan)
             sent = edge.increment() + (residuals[k] if variant.feedback else 0)
-            decoded = upload(sent, edge.statistics, encoding, variant.rounding, seed=1000 * t + k).values
+            if secure is not None:
+                decoded = secure.add(sent, edge.samples)
+            else:
+                decoded = upload(sent, edge.statistics, encoding, variant.rounding, seed=1000 * t + k).values
             if variant.feedback:
                 residuals[k] = sent - decoded
             fedavg.accumulate(total, decoded, float(edge.samples))
-        fedavg.apply_mean(global_state, total, float(sum(e.samples for e in edges)))
+        if secure is not None:
+            global_state += secure.mean()
+        else:
+            fedavg.apply_mean(global_state, total, float(sum(e.samples for e in edges)))
         if encodings.is_lossy(download):
             _, visible = encode_change(visible, global_state, t + 2, specs, download, 3, 1 << 16)
         else:
@@ -227,6 +304,8 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
         point = {"round": t + 1, "accuracy": round(result.accuracy, 4),
                  "char_accuracy": round(result.char_accuracy, 4),
                  "cpu_s": round(time.process_time() - started)}
+        if secure is not None and secure.bits:
+            point["next_code_range"] = round(secure.range, 6)
         curve.append(point)
         print(json.dumps({"variant": variant.name, **point}), flush=True)
     return {"variant": dataclasses.asdict(variant), "rounds": rounds, "edges": len(edges),
@@ -235,14 +314,14 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
 
 def print_accuracy(results: list[dict]) -> None:
     base = next((r for r in results if r["variant"]["name"] == "float32"), None)
-    print(f"\n{'variant':<17} {'feedback':>8} {'rounding':>10} {'download':>8} {'final acc.':>10} "
+    print(f"\n{'variant':<24} {'feedback':>8} {'rounding':>10} {'download':>8} {'final acc.':>10} "
           f"{'vs float32':>10} {'best acc.':>9} {'1-NED':>6}")
     for r in results:
         v, last = r["variant"], r["curve"][-1]
         delta = "-" if base is None else f"{100 * (last['accuracy'] - base['curve'][-1]['accuracy']):+.1f} pt"
         best = max(p["accuracy"] for p in r["curve"])
         rounding = v["rounding"] if v["encoding"] in ("int8", "int4", "int3", "int2") else "-"
-        print(f"{v['name']:<17} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
+        print(f"{v['name']:<24} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
               f"{v.get('download', 'float32'):>8} "
               f"{100 * last['accuracy']:>9.1f}% {delta:>10} {100 * best:>8.1f}% "
               f"{last['char_accuracy']:>6.3f}")

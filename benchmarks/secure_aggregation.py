@@ -1,6 +1,7 @@
 """Secure aggregation's cost (not a test): per-edge bytes and server CPU per round, against plain FedAvg.
 
     .venv/bin/python -m benchmarks.secure_aggregation [--values 210000] [--edges 10,50,200] [--dropout 0.1]
+        [--code-bits 4]
 
 The aggregator's domain object (aggregator.coordinator.RoundCoordinator, with its LMDB store and fsyncs)
 runs in this process; n simulated edges (edge_agent.secure.session.EdgeSession) drive it through every
@@ -10,7 +11,9 @@ edges' masking and encoding are outside it). Bytes per edge are protobuf sizes o
 and reply of the edge's secure phases plus its upload's wire bytes, against the plain upload's
 wire bytes (downloads are the same in both modes and left out). --dropout makes that fraction of
 edges drop after dealing their shares, so the server rebuilds their mask keys and removes the
-masks left dangling (the most work it can have).
+masks left dangling (the most work it can have). --code-bits b runs each secure round a second
+time with compressed masked uploads (``[secure_aggregation] code_bits``): b-bit codes masked modulo
+2^8, 2^16 or 2^32, whichever is the narrowest that the roster's size allows.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.store import Manifest, Store
 from edge_agent.client import encode_upload
-from edge_agent.secure.session import EdgeSession, SecureSettings
+from edge_agent.secure.protocol import MASKED_ENCODINGS, settings_of
+from edge_agent.secure.session import EdgeSession
 from fedocr import secagg
 from fedocr.v1 import federation_pb2 as pb
 
@@ -88,10 +92,12 @@ def plain_round(root: Path, n: int, length: int, rng: np.random.Generator) -> tu
 
 
 def secure_round(
-    root: Path, n: int, length: int, dropout: float, rng: np.random.Generator
+    root: Path, n: int, length: int, dropout: float, rng: np.random.Generator, code_bits: int = 0
 ) -> dict[str, float]:
     """Server CPU, wall and per-edge bytes of one secure round with ``dropout`` dropped before upload."""
-    fed, meter = federation(root, "secure", n, secure_aggregation=True), Meter()
+    name = f"secure-{code_bits}"
+    fed = federation(root, name, n, secure_aggregation=True, secagg_code_bits=code_bits)
+    meter = Meter()
     manifest = Manifest(((0, length, False),), FINGERPRINT)
     ids = [f"edge-{k}" for k in range(n)]
     dropped = set(ids[: int(round(dropout * n))])
@@ -110,16 +116,16 @@ def secure_round(
     for e in ids:
         reply = meter(fed.join, e, manifest, 0)
         sec = reply.round.secure
-        plan = messages.plan_message(reply.round.plan, sec).secure
-        sessions[e] = EdgeSession(e, 1, SecureSettings(plan.clip, plan.frac_bits, plan.round_seed, True))
+        sessions[e] = EdgeSession(e, 1, settings_of(messages.plan_message(reply.round.plan, sec)))
         c, s = sessions[e].advertisement()
         sent[e] += pb.AdvertiseKeysRequest(round_id=1, cipher_public=c, mask_public=s).ByteSize()
         sent[e] += messages.secure_status(meter(fed.secure.advertise, e, 1, c, s, Bytes())).ByteSize()
     tick()
     for e in ids:
         view = status(e, "ADVERTISE")
-        sealed, commits = sessions[e].deal(view.roster, view.neighbours, view.threshold)
-        cipher_keys = {x: c for x, _, c, _ in view.roster}
+        roster = [k[:4] for k in view.roster]  # id, x, cipher and mask keys (signatures unchecked here)
+        sealed, commits = sessions[e].deal(roster, view.neighbours, view.threshold)
+        cipher_keys = {x: c for x, _, c, _ in roster}
         request = pb.ShareKeysRequest(
             round_id=1,
             sealed=[pb.SealedShare(holder=h, ciphertext=ct) for h, ct in sealed.items()],
@@ -138,8 +144,9 @@ def secure_round(
         view = status(e, "SHARE")
         sessions[e].receive(view.dealers, view.sealed, cipher_keys)
         x = (rng.standard_normal(length) * 1e-3).astype(np.float32)
-        encoder = encode_upload(sessions[e].masked(x, 100), 0, pb.ENCODING_MASKED_INT)
-        msgs = stream(1, encoder, 100, pb.ENCODING_MASKED_INT)
+        encoding = MASKED_ENCODINGS[sessions[e].width()]
+        encoder = encode_upload(sessions[e].masked(x, 100), 0, encoding)
+        msgs = stream(1, encoder, 100, encoding)
         meter(fed.upload, e, iter(msgs))
         sent[e] += encoder.wire_bytes
         upload_wire.append(encoder.wire_bytes)
@@ -173,6 +180,7 @@ def secure_round(
         "k": k,
         "t": t,
         "dropped": len(dropped),
+        "width": sessions[ids[-1]].width(),
     }
 
 
@@ -183,27 +191,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--edges", default="10,50,200")
     parser.add_argument("--dropout", type=float, default=0.0, help="fraction dropped after dealing")
+    parser.add_argument("--code-bits", type=int, default=4, help="compressed uploads' code bits (0: off)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"model: {args.values:,} values; dropped before upload: {args.dropout:.0%}")
-    print(
-        "| edges | k (SecAgg+ neighbour_count) | threshold | plain upload KB/edge | masked upload KB/edge "
-        "| protocol KB/edge | extra KB/edge | bytes ratio | server CPU s, plain / secure | CPU ratio "
-        "| server wall s, plain / secure |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for n in (int(x) for x in args.edges.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             plain_cpu, plain_wall, plain_bytes = plain_round(Path(tmp), n, args.values, rng)
-            s = secure_round(Path(tmp), n, args.values, args.dropout, rng)
-        assert s["k"] == min(secagg.neighbour_count(n), n - 1)
-        print(
-            f"| {n} | {s['k']} | {s['t']} | {plain_bytes / 1e3:,.1f} | {s['upload'] / 1e3:,.1f} | "
-            f"{(s['bytes'] - s['upload']) / 1e3:,.1f} | {(s['bytes'] - plain_bytes) / 1e3:,.1f} | "
-            f"{s['bytes'] / plain_bytes:.3f} | {plain_cpu:.2f} / {s['cpu']:.2f} | "
-            f"{s['cpu'] / plain_cpu:.2f} | {plain_wall:.2f} / {s['wall']:.2f} |",
-            flush=True,
-        )
+            runs = [secure_round(Path(tmp), n, args.values, args.dropout, rng)]
+            if args.code_bits:
+                runs.append(secure_round(Path(tmp), n, args.values, args.dropout, rng, args.code_bits))
+        for s, what in zip(runs, ("32-bit fixed point", f"{args.code_bits}-bit codes"), strict=False):
+            assert s["k"] == min(secagg.neighbour_count(n), n - 1)
+            rows.append(
+                f"| {n} | {what} ({s['width']}-bit masked values) | {s['k']} | {s['t']} | "
+                f"{plain_bytes / 1e3:,.1f} | {s['upload'] / 1e3:,.1f} | {s['upload'] / args.values:.2f} | "
+                f"{(s['bytes'] - s['upload']) / 1e3:,.1f} | {s['bytes'] / plain_bytes:.3f} | "
+                f"{plain_cpu:.2f} / {s['cpu']:.2f} | {s['cpu'] / plain_cpu:.2f} | "
+                f"{plain_wall:.2f} / {s['wall']:.2f} |"
+            )
+            print(rows[-1], flush=True)
+    print()
+    print(
+        "| edges | secure uploads | k (SecAgg+ neighbour_count) | threshold | plain float32 upload KB/edge "
+        "(zstd) | masked upload KB/edge | masked upload bytes a value | protocol KB/edge | bytes ratio, "
+        "secure / plain | server CPU s, plain / secure | CPU ratio | server wall s, plain / secure |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
     return 0
 
 

@@ -186,7 +186,9 @@ class EdgeAgent:
         if not secure and encoding not in encodings.NAMES.values():
             name = encodings.name_of(encoding)
             raise AgentError(f"{where}: the round's plan asks for encoding {name}, unknown here")
-        feedback = not secure and reply.plan.error_feedback and encodings.is_lossy(encoding)
+        # Error feedback where the upload drops precision: a lossy encoding, or secure codes of b bits.
+        lossy = reply.plan.secure.bits > 0 if secure else encodings.is_lossy(encoding)
+        feedback = reply.plan.error_feedback and lossy
         try:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:

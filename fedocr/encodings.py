@@ -10,6 +10,9 @@ A chunk holds ``count`` consecutive values of one tensor. Its payload (before co
 - ENCODING_MASKED_INT (secure aggregation): ``count`` little-endian uint32 values, fixed-point
   increments plus masks mod 2^32 (fedocr.secagg); every tensor, exact ones included, and they
   decode to uint32, not float32;
+- ENCODING_MASKED_INT16, ENCODING_MASKED_INT8 (secure aggregation with b-bit codes): ``count``
+  little-endian uint16 or uint8 values, codes plus masks mod 2^16 or 2^8; they decode to uint32
+  (zero-extended), so a uint32 sum of them holds their sum mod 2^16 or 2^8 in its low bits;
 - ENCODING_INT4_QUANTIZED, ENCODING_INT3_QUANTIZED, ENCODING_INT2_QUANTIZED: the same scales,
   then ``ceil(count * b / 8)`` bytes of b-bit codes (b = 4, 3, 2) as one little-endian bit
   stream: value i's code is bits b*i .. b*i + b - 1, lowest first, and the bits after the last
@@ -34,6 +37,13 @@ BLOCK = 256  # values per quantization scale
 FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
 MASKED = np.dtype("<u4")
+# The masked encodings and the little-endian unsigned type of their values (a value's width in bits
+# is 8 * itemsize: the modulus of its masks).
+MASKED_DTYPES = {
+    pb.ENCODING_MASKED_INT: MASKED,
+    pb.ENCODING_MASKED_INT16: np.dtype("<u2"),
+    pb.ENCODING_MASKED_INT8: np.dtype("u1"),
+}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 QMAX = {
     pb.ENCODING_INT8_QUANTIZED: 127,
@@ -93,8 +103,10 @@ def blocks(count: int) -> int:
 
 def payload_size(encoding: int, count: int) -> int:
     """Bytes of the uncompressed payload of ``count`` values."""
-    if encoding in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT):
+    if encoding == pb.ENCODING_FLOAT32:
         return 4 * count
+    if encoding in MASKED_DTYPES:
+        return MASKED_DTYPES[encoding].itemsize * count
     if encoding == pb.ENCODING_FLOAT16:
         return 2 * count
     if encoding == pb.ENCODING_INT8_QUANTIZED:
@@ -111,11 +123,14 @@ def encode(
 
     Float16 saturates finite values at its largest. ``rounding="stochastic"`` needs ``rng``.
     """
-    if encoding == pb.ENCODING_MASKED_INT:
+    if encoding in MASKED_DTYPES:
         masked = np.ascontiguousarray(values).reshape(-1)
         if masked.dtype != np.uint32:
             raise EncodingError(f"masked values must be uint32, got {masked.dtype}")
-        return masked.astype(MASKED).tobytes(), masked
+        dtype = MASKED_DTYPES[encoding]
+        if dtype.itemsize < 4 and (masked >> (8 * dtype.itemsize)).any():
+            raise EncodingError(f"masked values exceed {8 * dtype.itemsize} bits for {name_of(encoding)}")
+        return masked.astype(dtype).tobytes(), masked
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if encoding == pb.ENCODING_FLOAT32:
         return values.astype(FLOAT32).tobytes(), values
@@ -194,8 +209,8 @@ def decode(payload: bytes, encoding: int, count: int, where: str = "payload") ->
         )
     if encoding == pb.ENCODING_FLOAT32:
         return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32)
-    if encoding == pb.ENCODING_MASKED_INT:
-        return np.frombuffer(payload, dtype=MASKED).astype(np.uint32)
+    if encoding in MASKED_DTYPES:
+        return np.frombuffer(payload, dtype=MASKED_DTYPES[encoding]).astype(np.uint32)
     if encoding == pb.ENCODING_FLOAT16:
         return np.frombuffer(payload, dtype=FLOAT16).astype(np.float32)
     nblocks = blocks(count)

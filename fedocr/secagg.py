@@ -327,6 +327,102 @@ def decode_fixed(total: np.ndarray, total_weight: float, frac_bits: int) -> np.n
     return (signed / (2.0**frac_bits * float(total_weight))).astype(np.float32)
 
 
+# --- b-bit codes (compressed masked uploads) ------------------------------------------------------
+
+# Code bits b a plan may set (SecurePlan.bits; 0 = 32-bit fixed point for every value).
+CODE_BITS = range(2, 9)
+
+
+def code_max(bits: int) -> int:
+    """The largest code magnitude of ``bits``-bit codes: 2^(b-1) - 1 (codes are symmetric)."""
+    if bits not in CODE_BITS:
+        raise SecAggError(f"code bits must be in {CODE_BITS.start}..{CODE_BITS.stop - 1}, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def masked_width(bits: int, edges: int) -> int:
+    """The bits of a masked code (8, 16 or 32): the narrowest width whose signed range holds a sum
+    of ``edges`` codes, |sum| <= edges * code_max(bits) < 2^(width - 1), so that no sum wraps.
+
+    For b = 4: 8 bits for up to 18 edges, 16 bits for up to 4,681.
+    """
+    if not isinstance(edges, int) or edges < 1:
+        raise SecAggError(f"edges must be a positive integer, got {edges!r}")
+    peak = edges * code_max(bits)
+    for width in (8, 16, 32):
+        if peak < 2 ** (width - 1):
+            return width
+    raise SecAggError(f"a sum of {edges} {bits}-bit codes does not fit 32 bits")
+
+
+def code_weight(samples: float, by_samples: bool, sample_cap: float) -> float:
+    """An edge's weight inside its codes: min(samples, cap) / cap by samples, else 1 (at most 1)."""
+    if not by_samples:
+        return 1.0
+    if not math.isfinite(sample_cap) or sample_cap < 1:
+        raise SecAggError(f"sample_cap must be at least 1, got {sample_cap!r}")
+    return min(float(samples), float(sample_cap)) / float(sample_cap)
+
+
+# The next round's code range: this multiple of the 99th percentile of the last global increment's
+# magnitudes (the rest is clipped and carried by error feedback).
+RANGE_OVER_P99 = 1.5
+
+
+def next_code_range(increment: np.ndarray, previous: float, clip: float) -> float:
+    """The code range of the next round from this round's global increment of the parameters:
+    RANGE_OVER_P99 × its 99th percentile of |x|, within [clip·2^-20, clip]; ``previous`` when the
+    increment is all zero."""
+    x = np.abs(np.asarray(increment, dtype=np.float32))
+    if not x.size or not x.any():
+        return previous
+    p99 = float(np.partition(x, int(0.99 * (x.size - 1)))[int(0.99 * (x.size - 1))])
+    return float(min(clip, max(clip * 2.0**-20, RANGE_OVER_P99 * p99)))
+
+
+def encode_codes(
+    values: np.ndarray, weight: float, clip: float, bits: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """b-bit codes of clip(x, ±clip)·weight against the step clip / code_max(bits), rounded
+    stochastically (unbiased), and the values they stand for (float32, in x's units: code·step /
+    weight, what error feedback subtracts). ``weight`` in (0, 1] (``code_weight``).
+
+    Returns (codes as uint32 in two's complement mod 2^32, decoded float32), both shape (n,).
+    """
+    qmax = code_max(bits)
+    if not (math.isfinite(weight) and 0 < weight <= 1):
+        raise SecAggError(f"a code weight must be in (0, 1], got {weight!r}")
+    if not math.isfinite(clip) or clip <= 0:
+        raise SecAggError(f"clip must be positive and finite, got {clip!r}")
+    x = np.asarray(values)
+    if x.ndim != 1 or x.dtype.kind != "f":
+        raise SecAggError(f"values must be a 1-D float array, got {x.dtype} of shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise SecAggError("values must be finite")
+    scaled = np.clip(x.astype(np.float64), -clip, clip) * (weight * qmax / clip)  # within ±qmax
+    codes = np.clip(np.floor(scaled + rng.random(scaled.shape)), -qmax, qmax)
+    decoded = (codes * (clip / (qmax * weight))).astype(np.float32)
+    return codes.astype(np.int64).astype(np.uint32), decoded
+
+
+def decode_codes(total: np.ndarray, width: int, bits: int, clip: float, code_weights: float) -> np.ndarray:
+    """The weighted mean Σ w_u·x_u / Σ w_u, float32 (n,), from the unmasked uint32 sum of codes.
+
+    ``total`` holds the sum mod 2^``width`` in its low bits (its masks were removed mod 2^32);
+    ``code_weights`` is Σ code_weight over the uploads in it. Each code is off by less than one
+    step of its value, so the mean is off by less than n_uploads · step / Σ code_weight
+    (zero in expectation).
+    """
+    total = _flat_u32(total, "sum of codes")
+    if not math.isfinite(code_weights) or code_weights <= 0:
+        raise SecAggError(f"the sum of code weights must be positive and finite, got {code_weights!r}")
+    if width not in (8, 16, 32):
+        raise SecAggError(f"a masked width is 8, 16 or 32 bits, got {width!r}")
+    low = (total & np.uint32(2**width - 1)).astype(np.int64)
+    signed = np.where(low >= 2 ** (width - 1), low - 2**width, low)  # two's complement of width bits
+    return (signed * (clip / (code_max(bits) * code_weights))).astype(np.float32)
+
+
 # --- share commitments and sealing ---------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ DEFAULT_ZSTD_LEVEL = 3
 # n + n/256 + at most 64, plus an 18-byte header); allow that, no more.
 _ZSTD_SLACK_BYTES = 256
 
-_ENCODINGS = (*encodings.NAMES.values(), pb.ENCODING_MASKED_INT)
+_ENCODINGS = (*encodings.NAMES.values(), *encodings.MASKED_DTYPES)
 _COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
 
 
@@ -78,6 +78,18 @@ def _check_codec(encoding: int, compression: int) -> None:
         )
 
 
+def exact_encoding(encoding: int) -> int:
+    """How a tensor marked exact travels in a stream of ``encoding``: float32, or in a masked stream
+    32-bit masked fixed point (secure aggregation masks every tensor; the narrow masked widths carry
+    b-bit codes, too coarse for running statistics)."""
+    return pb.ENCODING_MASKED_INT if encoding in encodings.MASKED_DTYPES else pb.ENCODING_FLOAT32
+
+
+def _quantized(encoding: int) -> bool:
+    """Whether values decode to other floats than were sent (masked values are sent as they are)."""
+    return encodings.is_lossy(encoding) and encoding not in encodings.MASKED_DTYPES
+
+
 class ChunkEncoder:
     """Writer side: turns flat tensors into TensorChunks, then a Trailer.
 
@@ -116,16 +128,16 @@ class ChunkEncoder:
         self._exact = [False] * len(tensors) if exact is None else [bool(e) for e in exact]
         if len(self._exact) != len(tensors):
             raise ValueError("exact must have one flag per tensor")
-        masked = encoding == pb.ENCODING_MASKED_INT  # uint32, every tensor: masks cover them all
+        masked = encoding in encodings.MASKED_DTYPES  # uint32, every tensor: masks cover them all
         dtype = encodings.MASKED if masked else FLOAT32
         self._tensors = [np.ascontiguousarray(t, dtype=dtype).reshape(-1) for t in tensors]
         self._ids = ids
-        self._encodings = [pb.ENCODING_FLOAT32 if e and not masked else encoding for e in self._exact]
+        self._encodings = [exact_encoding(encoding) if e else encoding for e in self._exact]
         self._rounding = rounding
         self._rng = np.random.default_rng(seed)
         # What the receiver will decode; float32 decodes to the inputs themselves (no copy).
         self._decoded = [
-            t if enc in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT) else np.empty(t.size, np.float32)
+            np.empty(t.size, np.float32) if _quantized(enc) else t
             for t, enc in zip(self._tensors, self._encodings, strict=True)
         ]
         self._compressor = (
@@ -158,7 +170,7 @@ class ChunkEncoder:
             for offset in range(0, values.size, self._chunk_elems):
                 part = values[offset : offset + self._chunk_elems]
                 raw, values_out = encodings.encode(part, encoding, self._rounding, self._rng)
-                if encoding not in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED_INT):
+                if _quantized(encoding):
                     decoded[offset : offset + part.size] = values_out
                 payload = self._compressor.compress(raw) if self._compressor else raw
                 self._digest.update(raw)
@@ -228,10 +240,8 @@ class ChunkAssembler:
             raise WireFormatError("the manifest names a tensor id twice")
         self._index = {tensor_id: k for k, (tensor_id, _, _) in enumerate(triples)}
         self._ids = [tensor_id for tensor_id, _, _ in triples]
-        masked = encoding == pb.ENCODING_MASKED_INT  # uint32 arrays; exact tensors are masked too
-        self._encodings = [
-            pb.ENCODING_FLOAT32 if exact and not masked else encoding for _, _, exact in triples
-        ]
+        masked = encoding in encodings.MASKED_DTYPES  # uint32 arrays; exact tensors are masked too
+        self._encodings = [exact_encoding(encoding) if exact else encoding for _, _, exact in triples]
         dtype = np.uint32 if masked else np.float32
         self._arrays = [np.empty(length, dtype=dtype) for _, length, _ in triples]
         self._filled = [0] * len(triples)  # next expected offset per tensor

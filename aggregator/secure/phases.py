@@ -22,7 +22,6 @@ from aggregator.rounds import OPEN, Bytes, RoundRecord
 from aggregator.secure.record import ADVERTISE, DONE, PHASES, SHARE, UNMASK, UPLOAD, SecureRecord
 from fedocr import encodings, secagg
 from fedocr.errors import MalformedRequest, OverWeight, RoundClosed, UnknownRound, WrongMode
-from fedocr.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,7 @@ class Wiring:
     close: Callable[[float, np.ndarray], None]  # apply the unmasked mean (float32 (n,)); next round
     retry: Callable[[RoundRecord, float], None]  # persist a failed round and open its retry
     polls: LongPolls
+    exact: Callable[[], np.ndarray]  # flat bool (n,): the manifest's exact values (running statistics)
 
 
 @dataclass(frozen=True)
@@ -117,19 +117,21 @@ class SecureRounds:
         return masked
 
     def check_encoding(self, encoding: int) -> None:
-        """Raise unless the federation takes uploads in ``encoding``: masked integers exactly when secure."""
+        """Raise unless the federation takes uploads in ``encoding``: masked integers exactly when secure
+        (which width a secure round takes, SecureRecord.check_encoding says)."""
         config = self._config
-        if config.secure_aggregation and encoding != pb.ENCODING_MASKED_INT:
+        masked = encoding in encodings.MASKED_DTYPES
+        if config.secure_aggregation and not masked:
             raise WrongMode(
-                f"this federation runs secure aggregation: uploads must be ENCODING_MASKED_INT, "
-                f"not {encodings.name_of(encoding)}"
+                "this federation runs secure aggregation: uploads must be ENCODING_MASKED_INT (or its "
+                f"16- or 8-bit width), not {encodings.name_of(encoding)}"
             )
-        if not config.secure_aggregation and encoding == pb.ENCODING_MASKED_INT:
+        if not config.secure_aggregation and masked:
             raise MalformedRequest(
-                "ENCODING_MASKED_INT is for secure aggregation, which this federation does not run"
+                f"{encodings.name_of(encoding)} is for secure aggregation, which this federation does not run"
             )
         accepted = [encodings.NAMES[name] for name in config.accept_encodings]
-        if encoding not in (accepted if not config.secure_aggregation else [pb.ENCODING_MASKED_INT]):
+        if not config.secure_aggregation and encoding not in accepted:
             raise MalformedRequest(
                 f"encoding {encodings.name_of(encoding)} is not accepted by this federation "
                 f"(accepted: {', '.join(config.accept_encodings)})"
@@ -152,11 +154,12 @@ class SecureRounds:
         for values in arrays:
             self.masked[offset : offset + values.size] += values  # uint32: wraps mod 2^32
             offset += values.size
+        r.secure.add_code_weight(weight)
         self._masked_changed = True
 
     def mean(self, r: RoundRecord) -> np.ndarray:
         """The survivors' weighted mean increment, float32 (n,), from the masked sum."""
-        return r.secure.decode(r.secure.unmask(self.masked), r.weight)
+        return r.secure.decode(r.secure.unmask(self.masked), r.weight, self._w.exact())
 
     # -- RPCs ------------------------------------------------------------------------------
 

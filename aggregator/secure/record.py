@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from fedocr import secagg, shamir
-from fedocr.errors import SecureRefused, WrongPhase
+from fedocr import encodings, secagg, shamir
+from fedocr.errors import MalformedRequest, SecureRefused, WrongPhase
+from fedocr.v1 import federation_pb2 as pb
 
 ADVERTISE, SHARE, UPLOAD, UNMASK, DONE = "ADVERTISE", "SHARE", "UPLOAD", "UNMASK", "DONE"
 PHASES = (ADVERTISE, SHARE, UPLOAD, UNMASK, DONE)
@@ -24,6 +25,8 @@ SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # which secret a share belongs to
 KINDS = (SELF_SEED, MASK_KEY)
 # A sealed share holds the holder's share of b_u then of s_u; its exact size is checked on receipt.
 PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
+# A masked value's width in bits -> the encoding that carries it.
+MASKED_ENCODINGS = {8: pb.ENCODING_MASKED_INT8, 16: pb.ENCODING_MASKED_INT16, 32: pb.ENCODING_MASKED_INT}
 SEALED_BYTES = secagg.NONCE_BYTES + PLAINTEXT_BYTES + secagg.TAG_BYTES
 
 
@@ -80,13 +83,42 @@ class SecureRecord:
     dropped: list[str] = field(default_factory=list)
     revealed: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict, metadata={"blob": True})
     revealers: list[str] = field(default_factory=list)
+    bits: int = 0  # compressed uploads: the parameters' code bits (0: 32-bit fixed point throughout)
+    sample_cap: float = 0.0  # with bits and weighting by samples: secagg.code_weight's cap
+    code_weights: float = 0.0  # Σ secagg.code_weight of the uploads in the masked sum
+    code_range: float = 0.0  # with bits: the codes' range this round (0: the clip)
 
     @classmethod
     def new(
-        cls, round_id: int, clip: float, frac_bits: int, by_samples: bool, t: int, k: int
+        cls, round_id: int, clip: float, frac_bits: int, by_samples: bool, t: int, k: int,
+        bits: int = 0, sample_cap: float = 0.0, code_range: float = 0.0,
     ) -> SecureRecord:
         """A round in ADVERTISE with a fresh 32-byte seed for its neighbour graph."""
-        return cls(round_id, secrets.token_bytes(32).hex(), clip, frac_bits, by_samples, t, k)
+        return cls(round_id, secrets.token_bytes(32).hex(), clip, frac_bits, by_samples, t, k,
+                   bits=bits, sample_cap=sample_cap, code_range=code_range)  # fmt: skip
+
+    def upload_encoding(self) -> int:
+        """The encoding of this round's masked uploads: 32-bit, or with code bits the narrowest
+        width that the roster's size allows (secagg.masked_width); known once the roster is fixed."""
+        if not self.bits:
+            return pb.ENCODING_MASKED_INT
+        width = secagg.masked_width(self.bits, max(1, len(self.roster)))
+        return MASKED_ENCODINGS[width]
+
+    def check_encoding(self, encoding: int) -> None:
+        """Raise MalformedRequest unless ``encoding`` is this round's masked upload encoding."""
+        expected = self.upload_encoding()
+        if encoding != expected:
+            raise MalformedRequest(
+                f"round {self.round_id} takes masked uploads as {encodings.name_of(expected)} "
+                f"({self.bits or 32}-bit values, {len(self.roster)} edges in the roster), "
+                f"not {encodings.name_of(encoding)}"
+            )
+
+    def add_code_weight(self, weight: float) -> None:
+        """Count one upload's code weight (its FedAvg ``weight``: a sample count, or 1)."""
+        if self.bits:
+            self.code_weights += secagg.code_weight(weight, self.weight_by_samples, self.sample_cap)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SecureRecord:
@@ -384,17 +416,30 @@ class SecureRecord:
                 dangling.append((u, v, secagg.agree(pair.private, peer, mask_info(self.round_id, u, v))))
         return secagg.remove_masks(masked_sum, self_seeds, dangling)
 
-    def decode(self, encoded_sum: np.ndarray, total_weight: float) -> np.ndarray:
+    def decode(
+        self, encoded_sum: np.ndarray, total_weight: float, exact: np.ndarray | None = None
+    ) -> np.ndarray:
         """The weighted mean increment, float32 (n,), from the unmasked sum.
 
+        ``exact``: a bool mask (n,) of the values sent in 32-bit fixed point whatever the code bits
+        (the running statistics); with code bits the others are codes (secagg.decode_codes).
         Raises OutsideClip when a value lies beyond ±clip by more than the quantization step (and
         float32 rounding; secagg.decode_fixed): a mean of clipped uploads never does, so such a
         sum holds something else (an upload whose masks were removed as a dropped edge's).
         """
         mean = secagg.decode_fixed(encoded_sum, total_weight, self.frac_bits)
-        bound = self.clip * (1 + 2.0**-22) + 2.0**-self.frac_bits
-        worst = int(np.abs(mean).argmax()) if mean.size else 0
-        if mean.size and abs(float(mean[worst])) > bound:
+        bound = np.full(mean.shape, self.clip * (1 + 2.0**-22) + 2.0**-self.frac_bits)
+        if self.bits:
+            codes = np.ones(mean.shape, dtype=bool) if exact is None else ~exact
+            width = secagg.masked_width(self.bits, max(1, len(self.roster)))
+            span = self.code_range or self.clip
+            mean[codes] = secagg.decode_codes(encoded_sum[codes], width, self.bits, span, self.code_weights)
+            # Each code is within one step of its value: the mean within uploads · step / Σ weights.
+            step = span / secagg.code_max(self.bits)
+            bound[codes] = span * (1 + 2.0**-22) + len(self.survivors) * step / self.code_weights
+        excess = np.abs(mean) - bound
+        worst = int(excess.argmax()) if mean.size else 0
+        if mean.size and excess[worst] > 0:
             raise OutsideClip(
                 f"the unmasked mean reaches |x| = {abs(float(mean[worst])):g} at element {worst}, beyond "
                 f"the clip {self.clip:g}: the masked sum is corrupt and is not applied"

@@ -7,6 +7,7 @@ one of the round's dropouts, recovered from by the others' shares.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,9 @@ from fedocr import retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# A masked parameter value's width in bits -> the upload encoding that carries it.
+MASKED_ENCODINGS = {8: pb.ENCODING_MASKED_INT8, 16: pb.ENCODING_MASKED_INT16, 32: pb.ENCODING_MASKED_INT}
 
 POLL_S = 10  # one long-poll; the phase wait repeats it
 
@@ -43,7 +47,9 @@ class SecureResult:
 def settings_of(plan: pb.TrainingPlan) -> SecureSettings:
     """The secure settings of a round's plan."""
     s = plan.secure
-    return SecureSettings(s.clip, s.frac_bits, bytes(s.round_seed), s.weight_by_samples)
+    return SecureSettings(
+        s.clip, s.frac_bits, bytes(s.round_seed), s.weight_by_samples, s.bits, s.sample_cap, s.code_range
+    )
 
 
 def run(
@@ -89,11 +95,13 @@ def run(
     cipher_keys = {e: c for e, _, c, _ in roster}
     sealed_for_me = [(s.dealer, bytes(s.ciphertext)) for s in status.sealed]
     session.receive(list(status.dealers), sealed_for_me, cipher_keys)
-    masked = session.masked(increment, samples)
+    masked = session.masked(increment, samples, statistics)
+    encoding = MASKED_ENCODINGS[session.width()]
     upload = client.upload(
-        round_id, me, masked, samples, fingerprint, base_version, zstd_level, pb.ENCODING_MASKED_INT, 0,
-        statistics,
+        round_id, me, masked, samples, fingerprint, base_version, zstd_level, encoding, 0, statistics,
     )
+    if session.decoded is not None:  # what the codes stand for: error feedback keeps the rest
+        upload = dataclasses.replace(upload, decoded=session.decoded)
     step("uploaded")
 
     status = _wait(client, round_id, pb.SECURE_PHASE_UPLOAD, patience_s, allow_done=True)

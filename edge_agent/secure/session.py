@@ -29,6 +29,17 @@ class SecureSettings:
     frac_bits: int
     round_seed: bytes
     weight_by_samples: bool
+    bits: int = 0  # the parameters' code bits (0: 32-bit fixed point for every value)
+    sample_cap: float = 0.0  # with bits and weighting by samples: secagg.code_weight's cap
+    code_range: float = 0.0  # with bits: the codes' range (0: the clip)
+
+    def __post_init__(self) -> None:
+        if self.bits and self.bits not in secagg.CODE_BITS:
+            raise SecureProtocolError(f"the plan's code bits {self.bits} are not 0 or 2..8")
+        if self.bits and self.weight_by_samples and not self.sample_cap >= 1:
+            raise SecureProtocolError(f"the plan's sample cap {self.sample_cap} is below 1")
+        if self.bits and not 0 <= self.code_range <= self.clip:
+            raise SecureProtocolError(f"the plan's code range {self.code_range} is not within [0, clip]")
 
 
 class EdgeSession:
@@ -46,6 +57,7 @@ class EdgeSession:
         self.graph: dict[str, frozenset[str]] = {}  # the round's neighbour graph, from the roster and seed
         self.threshold = 0
         self._revealed: tuple[frozenset[str], frozenset[str], list] | None = None
+        self.decoded: np.ndarray | None = None  # with code bits: what the last upload stands for
         # Unbiased (stochastic) rounding of the fixed-point upload, from a fresh OS seed per round.
         self._rounding = np.random.default_rng(secrets.randbits(128))
 
@@ -125,18 +137,38 @@ class EdgeSession:
         """This edge's FedAvg weight: its sample count, or 1 for the uniform mean."""
         return samples if self.settings.weight_by_samples else 1
 
-    def masked(self, increment: np.ndarray, samples: int) -> np.ndarray:
-        """The masked upload: encode(clip(x)·w) + b_u mask + pairwise masks with live neighbours.
+    def width(self) -> int:
+        """The bits of one masked parameter value: 32, or with code bits the narrowest width that
+        the roster's size allows (secagg.masked_width); after ``deal``."""
+        return secagg.masked_width(self.settings.bits, len(self.graph)) if self.settings.bits else 32
 
-        ``increment``: float32 (n,), the flat increment. Returns uint32 (n,).
+    def masked(self, increment: np.ndarray, samples: int, statistics: int = 0) -> np.ndarray:
+        """The masked upload: the values' encoding + b_u mask + pairwise masks with live neighbours.
+
+        ``increment``: float32 (n,), the flat increment; its last ``statistics`` values are running
+        statistics. Without code bits every value is encode(clip(x)·w) in 32-bit fixed point; with
+        them the others are b-bit codes (secagg.encode_codes) masked modulo 2^width, and ``decoded``
+        holds the float32 values the codes stand for (the statistics as sent), for error feedback.
+        Returns uint32 (n,).
         """
         s = self.settings
+        n = increment.size
         encoded = secagg.encode_fixed(increment, self.weight(samples), s.clip, s.frac_bits, self._rounding)
+        cut = n - statistics
+        if s.bits:
+            weight = secagg.code_weight(self.weight(samples), s.weight_by_samples, s.sample_cap)
+            span = s.code_range or s.clip
+            codes, decoded = secagg.encode_codes(increment[:cut], weight, span, s.bits, self._rounding)
+            encoded[:cut] = codes
+            self.decoded = np.concatenate([decoded, increment[cut:]]).astype(np.float32)
         pair_seeds = {
             v: secagg.agree(self.mask.private, self.mask_keys[v], self._mask_info(v))
             for v in sorted(self.peers & self.dealers)
         }
-        return secagg.mask_upload(encoded, self.edge_id, self.self_seed, pair_seeds)
+        masked = secagg.mask_upload(encoded, self.edge_id, self.self_seed, pair_seeds)
+        if self.width() < 32:
+            masked[:cut] &= np.uint32(2 ** self.width() - 1)  # the masks' sum cancels mod 2^width too
+        return masked
 
     def _mask_info(self, peer: str) -> bytes:
         return secagg.pair_info("mask", self.round_id, self.edge_id, peer)

@@ -29,6 +29,8 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_INT4_QUANTIZED: _ClassVar[Encoding]
     ENCODING_INT2_QUANTIZED: _ClassVar[Encoding]
     ENCODING_INT3_QUANTIZED: _ClassVar[Encoding]
+    ENCODING_MASKED_INT16: _ClassVar[Encoding]
+    ENCODING_MASKED_INT8: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +66,8 @@ ENCODING_MASKED_INT: Encoding
 ENCODING_INT4_QUANTIZED: Encoding
 ENCODING_INT2_QUANTIZED: Encoding
 ENCODING_INT3_QUANTIZED: Encoding
+ENCODING_MASKED_INT16: Encoding
+ENCODING_MASKED_INT8: Encoding
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -142,18 +146,24 @@ class WarmUp(_message.Message):
     def __init__(self, words: _Optional[int] = ..., styles: _Optional[str] = ..., labels: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SecurePlan(_message.Message):
-    __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples")
+    __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples", "bits", "sample_cap", "code_range")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
     ROUND_SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_CAP_FIELD_NUMBER: _ClassVar[int]
+    CODE_RANGE_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     clip: float
     frac_bits: int
     round_seed: bytes
     weight_by_samples: bool
-    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ...) -> None: ...
+    bits: int
+    sample_cap: float
+    code_range: float
+    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ..., bits: _Optional[int] = ..., sample_cap: _Optional[float] = ..., code_range: _Optional[float] = ...) -> None: ...
 
 class EdgeKeys(_message.Message):
     __slots__ = ("edge_id", "index", "cipher_public", "mask_public", "signature", "certificate")

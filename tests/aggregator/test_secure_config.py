@@ -12,6 +12,7 @@ from aggregator.rounds import RoundRecord, new_round
 from aggregator.secure import SHARE, OutsideClip, SecureRecord
 from aggregator.store import Manifest, Store
 from fedocr import secagg
+from fedocr.v1 import federation_pb2 as pb
 
 
 def test_secure_aggregation_is_off_by_default_and_rounds_carry_no_secure_record() -> None:
@@ -68,6 +69,9 @@ def test_uniform_weighting_takes_its_fraction_bits_from_the_quorum() -> None:
         ({"secagg_frac_bits": 31}, "frac_bits must be within"),
         ({"secagg_frac_bits": 20}, "wrap"),
         ({"secure_aggregation": True, "quorum": 3, "secagg_phase_s": 0.0}, "phase_s must be positive"),
+        ({"secagg_code_bits": 1}, "code_bits must be 0"),
+        ({"secagg_code_bits": 9}, "code_bits must be 0"),
+        ({"secagg_sample_cap": 0.5}, "sample_cap must be at least 1"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(settings: dict, message: str) -> None:
@@ -144,3 +148,19 @@ def test_decode_refuses_a_mean_beyond_the_clip_by_more_than_one_step() -> None:
     np.testing.assert_array_equal(record.decode(within, 1.0), [1.0, 1.25, -1.25])
     with pytest.raises(OutsideClip, match=r"\|x\| = 1.5 at element 1, beyond the clip 1"):
         record.decode(np.array([0, -6, 3], dtype=np.int32).view(np.uint32), 1.0)
+
+
+def test_compressed_uploads_take_the_narrowest_width_that_cannot_wrap_and_decode_within_the_clip() -> None:
+    # 4-bit codes: 7 a value at most; 18 edges sum within ±126 (8 bits), 19 need 16 bits.
+    assert [secagg.masked_width(4, n) for n in (3, 18, 19, 1000, 4681, 4682)] == [8, 8, 16, 16, 16, 32]
+    record = SecureRecord.new(1, 1.0, 20, False, 0, 0, bits=4)
+    record.roster, record.survivors = ["a", "b", "c"], ["a", "b", "c"]
+    assert record.upload_encoding() == pb.ENCODING_MASKED_INT8
+    for _ in range(3):
+        record.add_code_weight(1.0)
+    exact = np.array([False, False, True])
+    total = np.array([21, (-21) % 256 + 256 * 5, int(np.int32(3 << 20).view(np.uint32))], dtype=np.uint32)
+    # codes: 21 / (7·3) = 1.0, the low 8 bits of the second read as -21 (-1.0); the exact value is fixed point
+    np.testing.assert_allclose(record.decode(total, 3.0, exact), [1.0, -1.0, 1.0])
+    with pytest.raises(OutsideClip, match="beyond the clip 1"):
+        record.decode(np.array([100, 0, 0], dtype=np.uint32), 3.0, exact)  # 100/21 = 4.8 > 1 + 3/21

@@ -19,6 +19,7 @@ from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.secure import DONE, MASK_KEY, UNMASK, UPLOAD
 from aggregator.store import KEY_MASKED_SUM, Manifest, Store
+from edge_agent.secure.protocol import MASKED_ENCODINGS
 from edge_agent.secure.session import EdgeSession, SecureSettings
 from fedocr import errors, secagg, tensors
 from fedocr.v1 import federation_pb2 as pb
@@ -69,7 +70,9 @@ class Sim:
             assert result.action == "TRAIN"
             sec = result.round.secure
             seed = bytes.fromhex(sec.round_seed)
-            settings = SecureSettings(sec.clip, sec.frac_bits, seed, sec.weight_by_samples)
+            settings = SecureSettings(
+                sec.clip, sec.frac_bits, seed, sec.weight_by_samples, sec.bits, sec.sample_cap, sec.code_range
+            )
             self.sessions[e] = EdgeSession(e, result.round.round_id, settings)
             self.fed.secure.advertise(e, result.round.round_id, *self.sessions[e].advertisement(), Bytes())
         self.tick()
@@ -89,8 +92,9 @@ class Sim:
             view = self.fed.secure.secure_round(e, s.round_id, "SHARE", 0)
             assert view.phase == UPLOAD
             s.receive(view.dealers, view.sealed, self.cipher_keys)
-            masked = s.masked(self.increments[e], self.samples[e])
-            self.fed.upload(e, iter(masked_stream(s.round_id, masked, self.samples[e])))
+            masked = s.masked(self.increments[e], self.samples[e], LENGTHS[1])
+            encoding = MASKED_ENCODINGS[s.width()]
+            self.fed.upload(e, iter(masked_stream(s.round_id, masked, self.samples[e], encoding)))
             self.check_no_unmasked_vector()
 
     def reveal(self, edges: list[str]) -> None:
@@ -131,14 +135,14 @@ class Sim:
                     assert form not in value, f"an unmasked per-edge vector is stored under {key!r}"
 
 
-def masked_stream(round_id: int, masked: np.ndarray, samples: int) -> list[pb.UploadMessage]:
+def masked_stream(
+    round_id: int, masked: np.ndarray, samples: int, encoding: int = pb.ENCODING_MASKED_INT
+) -> list[pb.UploadMessage]:
     parts = [masked[: LENGTHS[0]], masked[LENGTHS[0] :]]
-    enc = tensors.ChunkEncoder(
-        parts, pb.ENCODING_MASKED_INT, pb.COMPRESSION_ZSTD, chunk_elems=256, exact=[False, True]
-    )
+    enc = tensors.ChunkEncoder(parts, encoding, pb.COMPRESSION_ZSTD, chunk_elems=256, exact=[False, True])
     header = pb.UploadHeader(
         round_id=round_id, sample_count=samples, fingerprint=MANIFEST.fingerprint,
-        encoding=pb.ENCODING_MASKED_INT, compression=pb.COMPRESSION_ZSTD,
+        encoding=encoding, compression=pb.COMPRESSION_ZSTD,
     )
     out = [pb.UploadMessage(header=header)]
     out += [pb.UploadMessage(chunk=c) for c in enc.chunks()]
@@ -192,6 +196,40 @@ def test_a_sparse_graph_closes_with_the_same_mean(sim) -> None:
     s.tick()
     got, want = closed_mean(s), s.expected(s.ids)
     assert np.all(np.abs(got - want) <= s.bound(s.ids, want))
+
+
+@pytest.mark.parametrize(("weighting", "bits", "width"), [("samples", 4, 8), ("uniform", 8, 16)])
+def test_compressed_uploads_unmask_to_exactly_the_sum_of_their_codes(sim, weighting, bits, width) -> None:
+    # The parameters go as b-bit codes masked mod 2^width, the statistics in 32-bit fixed point.
+    s = sim(5, weighting=weighting, secagg_code_bits=bits, secagg_sample_cap=3000.0)
+    s.join_and_advertise(s.ids)
+    s.deal(s.ids)
+    s.upload(s.ids)
+    assert {x.width() for x in s.sessions.values()} == {width}
+    s.tick()
+    s.reveal(s.ids)
+    s.check_no_unmasked_vector()
+    s.tick()
+    got = closed_mean(s)
+    clip, qmax, cut = s.config.secagg_clip, 2 ** (bits - 1) - 1, LENGTHS[0]
+    span = s.fed.round_status(1).secure.code_range  # the first round's: [secure_aggregation] code_range
+    assert span == s.config.secagg_code_range == 0.1
+    weights = {e: (min(s.samples[e], 3000) / 3000 if weighting == "samples" else 1.0) for e in s.ids}
+    # Each edge's codes, read back from what it says they stand for (code * step / weight).
+    stood_for = {e: s.sessions[e].decoded[:cut].astype(np.float64) for e in s.ids}
+    codes = {e: np.rint(x * (qmax * weights[e] / span)).astype(np.int64) for e, x in stood_for.items()}
+    assert all(np.abs(c).max() <= qmax for c in codes.values())
+    total = sum(codes.values())
+    want = (total * (span / (qmax * sum(weights.values())))).astype(np.float32)
+    assert np.array_equal(got[:cut].astype(np.float32), want)  # bit for bit
+    # The statistics keep the fixed point's precision; the parameters are unbiased codes.
+    stats_want = s.expected(s.ids)[cut:] if weighting == "samples" else np.mean(
+        [np.clip(s.increments[e][cut:].astype(np.float64), -clip, clip) for e in s.ids], axis=0)
+    assert np.all(np.abs(got[cut:] - stats_want) <= s.bound(s.ids, stats_want))
+    moved = s.fed.round_status(1).bytes()
+    assert moved.raw_up == 5 * (cut * width // 8 + 4 * LENGTHS[1])
+    # The next round's codes are sized to this round's global increment.
+    assert s.round.secure.code_range == secagg.next_code_range(got[:cut], span, clip) != span
 
 
 def test_uniform_weighting_keeps_increments_that_the_by_samples_precision_would_round_away(sim) -> None:

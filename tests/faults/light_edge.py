@@ -192,6 +192,8 @@ class LightEdge:
         finally:
             client.close()
         moved = result.upload.moved
+        # What the upload stands for (with code bits: its codes times their step), for exact checks.
+        np.save(self.args.out / f"{self.name}.r{round_id}.decoded.npy", result.upload.decoded)
         self.receipts.write(
             edge=self.name, round_id=round_id, samples=count, raw_bytes=moved.raw, wire_bytes=moved.wire,
             how="secure", revealed=result.revealed,

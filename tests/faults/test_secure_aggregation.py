@@ -47,13 +47,15 @@ NAMES = [f"edge-{k}" for k in range(4)]  # every test runs one round of these fo
 
 
 def started_aggregator(
-    fault_pki, work: Path, procs: Processes, phase_s: float = 5, quorum: int = len(NAMES), least: int = 3
+    fault_pki, work: Path, procs: Processes, phase_s: float = 5, quorum: int = len(NAMES), least: int = 3,
+    more: str = "",
 ) -> tuple[Aggregator, Path]:
     """A secure aggregator for one round of ``quorum`` edges (``least`` at least), started (and
-    stopped at teardown), and the empty directory the edges write their files to."""
+    stopped at teardown), and the empty directory the edges write their files to. ``more``: lines
+    added to the [secure_aggregation] table."""
     agg = Aggregator(fault_pki, work, "--rounds", "1", "--quorum", str(quorum), "--min-edges", str(least))
     agg.flags += ("--deadline", "60", "--weighting", "samples")
-    agg.config.write_text(CONFIG + SECURE.format(phase_s=phase_s))
+    agg.config.write_text(CONFIG + SECURE.format(phase_s=phase_s) + more)
     procs.aggregators.append(agg)
     agg.start()
     out = work / "edges"
@@ -113,6 +115,38 @@ def test_a_secure_round_closes_and_equals_plain_fedavg(fault_pki, tmp_path: Path
         assert e.bytes.raw_up > 4 * LENGTH and e.bytes.raw_down > 0
     receipts = [light_edge_lines(out, n) for n in NAMES]
     assert all(r["how"] == "secure" and r["raw_bytes"] == 4 * LENGTH for r in receipts)
+
+
+def test_compressed_uploads_cost_a_byte_a_value_and_unmask_to_exactly_the_sum_of_their_codes(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    # code_bits = 4 with four edges: codes in [-7, 7] masked mod 2^8 (a sum of four stays within ±28);
+    # the first round's range is the clip, as the edges' increments are standard normal.
+    more = "code_bits = 4\nsample_cap = 5\ncode_range = 8\n"
+    agg, out = started_aggregator(fault_pki, tmp_path, procs, more=more)
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in NAMES]
+    wait_exit(edges, out, timeout=120)
+    ops = observer(fault_pki, agg.port)
+    (closed,) = ops.list_rounds().rounds
+    ops.close()
+    assert closed.state == pb.ROUND_STATE_CLOSED, closed.message
+    assert closed.plan.secure.bits == 4 and closed.plan.secure.code_range == 8 and closed.plan.error_feedback
+    receipts = [light_edge_lines(out, n) for n in NAMES]
+    assert all(r["raw_bytes"] == LENGTH for r in receipts)  # one byte a value, against four
+    # Each edge's codes, read back from what it says they stand for (code · clip / (7 · weight)).
+    weights = {n: min(light_edge.samples(n, closed.round_id), 5) / 5 for n in NAMES}
+    codes = {}
+    for n in NAMES:
+        stood_for = np.load(out / f"{n}.r{closed.round_id}.decoded.npy").astype(np.float64)
+        codes[n] = np.rint(stood_for * (7 * weights[n] / 8)).astype(np.int64)
+        assert np.abs(codes[n]).max() <= 7
+    want = (sum(codes.values()) * (8 / (7 * sum(weights.values())))).astype(np.float32)
+    version, state = final_state(fault_pki, agg.port)
+    assert version == 2 and np.array_equal(state, want)  # bit for bit
+    # and unbiased: within one step of each code of plain FedAvg, and on average much closer
+    plain, _ = expected_mean(NAMES, closed.round_id)
+    assert np.abs(state - plain).max() <= len(NAMES) * (8 / 7) / sum(weights.values()) + 1e-5
+    assert abs(float(np.mean(state - plain))) < 0.02
 
 
 def test_an_edge_killed_after_its_upload_is_unmasked_by_the_others(
