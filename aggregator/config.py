@@ -155,7 +155,8 @@ class AggregatorConfig:
     # Compressed masked uploads: the parameters as b-bit codes (2..8) masked modulo 2^8, 2^16 or
     # 2^32, whichever is the narrowest the roster allows; 0 = 32-bit fixed point for every value.
     secagg_code_bits: int = 0
-    # With code_bits and weighting by samples: an edge weighs min(samples, sample_cap) in its codes.
+    # With code_bits and weighting by samples: an edge weighs min(samples, cap) / cap in its codes, cap
+    # being this in a federation's first round and then the previous round's largest sample count.
     secagg_sample_cap: float = 10_000.0
     # The codes' range in a federation's first round; later rounds take it from the previous global
     # increment (secagg.next_code_range). Values beyond it are clipped, and error feedback keeps them.

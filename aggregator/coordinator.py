@@ -20,6 +20,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
 from aggregator.longpoll import LongPolls
 from aggregator.rounds import CLOSED, OPEN, Bytes, JoinResult, Receipt, RoundRecord, new_round
+from aggregator.secure import SecureRecord
 from aggregator.secure.phases import SecureRounds, Wiring
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream, chain_stream
@@ -214,9 +215,19 @@ class RoundCoordinator:
         last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
         record = new_round(self.config, last + 1, index, now, version)
         before = self._round.secure if self._round is not None else None
-        if record.secure is not None and before is not None and before.code_range:
-            record.secure.code_range = before.code_range  # a retry keeps its range; a close sets it anew
+        if record.secure is not None and before is not None and before.bits:
+            # a retry keeps the codes' range and sample cap; a close sets them anew (_aggregate)
+            record.secure.code_range, record.secure.sample_cap = before.code_range, before.sample_cap
         return record
+
+    def _size_codes(self, following: SecureRecord, closed: RoundRecord, state: np.ndarray) -> None:
+        """The next secure round's codes: their range from this round's global increment, and the
+        sample cap from this round's largest sample count (so its edges' codes keep full precision)."""
+        change = (state - self._state)[~server_opt.exact_mask(self.manifest.tensors)]
+        following.code_range = secagg.next_code_range(change, following.code_range, self.config.secagg_clip)
+        counts = [e.samples for e in closed.edges.values() if e.uploaded]
+        if counts:
+            following.sample_cap = float(max(1, max(counts)))
 
     def _aggregate(self, now: float, mean: np.ndarray | None = None) -> None:
         """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically.
@@ -243,11 +254,8 @@ class RoundCoordinator:
         following = None
         if r.round_index + 1 < self.config.total_rounds:
             following = self._new_round(r.round_index + 1, now, version)
-            if following.secure is not None and following.secure.bits:  # codes sized to the last change
-                change = (state - self._state)[~server_opt.exact_mask(self.manifest.tensors)]
-                following.secure.code_range = secagg.next_code_range(
-                    change, following.secure.code_range, c.secagg_clip
-                )
+            if following.secure is not None and following.secure.bits:
+                self._size_codes(following.secure, r, state)
         visible, changes, written = self._visible, self._changes, None
         if visible is not None:  # a lossy download encoding: the change edges will download
             change, visible = encode_change(

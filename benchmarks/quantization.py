@@ -109,6 +109,7 @@ class SecureEncoding:
         self.fixed = np.zeros(0, dtype=np.uint32)
         self.codes = np.zeros(self.cut, dtype=np.int64)
         self.weight = self.code_weights = 0.0
+        self.largest = 0
 
     def add(self, sent: np.ndarray, samples: int) -> np.ndarray:
         """Add one edge's upload; returns what it stands for (for error feedback)."""
@@ -117,6 +118,7 @@ class SecureEncoding:
         fixed = secagg.encode_fixed(sent[self.cut :], samples, self.clip, self.frac, self.rng)
         self.fixed = fixed if not self.fixed.size else self.fixed + fixed
         self.weight += samples
+        self.largest = max(self.largest, samples)
         if not self.bits:
             return sent
         w = secagg.code_weight(samples, True, self.cap)
@@ -136,6 +138,7 @@ class SecureEncoding:
         codes = secagg.decode_codes(total, 32, self.bits, self.range, self.code_weights)
         if self.adapt:  # the next round's range, as the aggregator sets it
             self.range = secagg.next_code_range(codes, self.range, self.clip)
+        self.cap = float(self.largest)  # and its sample cap
         return np.concatenate([codes, fixed])
 
 

@@ -228,8 +228,9 @@ def test_compressed_uploads_unmask_to_exactly_the_sum_of_their_codes(sim, weight
     assert np.all(np.abs(got[cut:] - stats_want) <= s.bound(s.ids, stats_want))
     moved = s.fed.round_status(1).bytes()
     assert moved.raw_up == 5 * (cut * width // 8 + 4 * LENGTHS[1])
-    # The next round's codes are sized to this round's global increment.
+    # The next round's codes are sized to this round's global increment and largest sample count.
     assert s.round.secure.code_range == secagg.next_code_range(got[:cut], span, clip) != span
+    assert s.round.secure.sample_cap == max(s.samples.values())
 
 
 def test_uniform_weighting_keeps_increments_that_the_by_samples_precision_would_round_away(sim) -> None:
