@@ -102,6 +102,7 @@ def secure_status(view: SecureView) -> pb.SecureRoundStatus:
         survivors=view.survivors,
         dropped=view.dropped,
         message=view.message,
+        confirmations=[pb.SurvivorConfirmation(edge_id=e, signature=s) for e, s in view.confirmations],
     )
 
 

@@ -136,7 +136,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: long-poll the round's phase, roster and the caller's sealed shares."""
         after = messages.phase_name(request.after or pb.SECURE_PHASE_ADVERTISE)
-        view = self._rounds.secure.secure_round(caller, request.round_id, after, float(request.wait_seconds))
+        view = self._rounds.secure.secure_round(
+            caller, request.round_id, after, float(request.wait_seconds), request.confirmations
+        )
         return self._answer(caller, view)
 
     @_unary(EDGE_ONLY)
@@ -146,6 +148,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Secure aggregation: the shares a survivor reveals for unmasking."""
         shares = [(s.dealer, messages.kind_name(s.kind), bytes(s.share)) for s in request.shares]
         view = self._rounds.secure.reveal(caller, request.round_id, shares, _sent(request))
+        return self._answer(caller, view)
+
+    @_unary(EDGE_ONLY)
+    def ConfirmSurvivors(
+        self, caller: str, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> pb.SecureRoundStatus:
+        """Secure aggregation: a survivor's signature of the survivors and dropped it was shown."""
+        view = self._rounds.secure.confirm(caller, request.round_id, bytes(request.signature), _sent(request))
         return self._answer(caller, view)
 
     def _answer(self, caller: str, view) -> pb.SecureRoundStatus:

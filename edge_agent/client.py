@@ -316,10 +316,20 @@ class FederationClient:
         )
         return self._invoker.call(self._stub.ShareKeys, request, timeout=RPC_TIMEOUT_S)
 
-    def secure_round(self, round_id: int, after: int, wait_s: int) -> pb.SecureRoundStatus:
-        """Long-poll until the round's secure phase is past ``after`` (a SecurePhase)."""
-        request = pb.GetSecureRoundRequest(round_id=round_id, after=after, wait_seconds=wait_s)
+    def secure_round(
+        self, round_id: int, after: int, wait_s: int, confirmations: int = 0
+    ) -> pb.SecureRoundStatus:
+        """Long-poll until the round's secure phase is past ``after`` (a SecurePhase); in UNMASK,
+        waiting after UPLOAD, also until ``confirmations`` survivors confirmed."""
+        request = pb.GetSecureRoundRequest(
+            round_id=round_id, after=after, wait_seconds=wait_s, confirmations=confirmations
+        )
         return self._invoker.call(self._stub.GetSecureRound, request, timeout=RPC_TIMEOUT_S + wait_s)
+
+    def confirm(self, round_id: int, signature: bytes) -> pb.SecureRoundStatus:
+        """Send this survivor's signature of the survivors and dropped it was shown."""
+        request = pb.ConfirmSurvivorsRequest(round_id=round_id, signature=signature)
+        return self._invoker.call(self._stub.ConfirmSurvivors, request, timeout=RPC_TIMEOUT_S)
 
     def reveal(self, round_id: int, shares: list[tuple[str, str, bytes]]) -> pb.SecureRoundStatus:
         """Reveal (dealer, kind, share) triples; kind is "self_seed" or "mask_key"."""

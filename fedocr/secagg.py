@@ -138,6 +138,13 @@ def advertisement_bytes(round_id: int, edge_id: str, cipher_public: bytes, mask_
     return _frame(head, _round(round_id), edge_id.encode(), cipher_public, mask_public)
 
 
+def survivors_bytes(round_id: int, survivors: Sequence[str], dropped: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: the round, its survivors and its dropped."""
+    head = b"fedocr-secagg-survivors/v1"
+    return _frame(head, _round(round_id), _frame(*(e.encode() for e in sorted(survivors))),
+                  _frame(*(e.encode() for e in sorted(dropped))))  # fmt: skip
+
+
 def sign_advertisement(key_pem: bytes, message: bytes) -> bytes:
     """ECDSA (SHA-256) signature of ``message`` with an edge's certificate key (PEM)."""
     key = serialization.load_pem_private_key(key_pem, password=None)
@@ -147,10 +154,11 @@ def sign_advertisement(key_pem: bytes, message: bytes) -> bytes:
 
 
 def verify_advertisement(
-    ca: x509.Certificate, cert_der: bytes, edge_id: str, message: bytes, signature: bytes
+    ca: x509.Certificate, cert_der: bytes, edge_id: str, message: bytes, signature: bytes,
+    what: str = "advertisement",
 ) -> None:
     """Check that ``cert_der`` is an edge certificate the federation's CA issued to ``edge_id``, and
-    that it signed ``message``. Raises BadSignature naming the edge otherwise."""
+    that it signed ``message`` (its ``what``). Raises BadSignature naming the edge otherwise."""
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         cert.verify_directly_issued_by(ca)
@@ -165,7 +173,7 @@ def verify_advertisement(
     except BadSignature:
         raise
     except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound) as exc:
-        raise BadSignature(f"the advertisement of {edge_id!r} is not signed by its certificate from the "
+        raise BadSignature(f"the {what} of {edge_id!r} is not signed by its certificate from the "
                            f"federation's CA ({type(exc).__name__}: {exc})") from None
 
 

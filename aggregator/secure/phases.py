@@ -56,6 +56,7 @@ class SecureView:
     sealed: list[tuple[str, bytes]] = field(default_factory=list)  # (dealer, ciphertext) for the caller
     survivors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    confirmations: list[tuple[str, bytes]] = field(default_factory=list)  # (survivor, signature)
     message: str = ""
 
 
@@ -83,6 +84,7 @@ def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureVie
     if after == UPLOAD:
         view.survivors.extend(sec.survivors)
         view.dropped.extend(sec.dropped)
+        view.confirmations.extend((e, bytes.fromhex(s)) for e, s in sorted(sec.confirmations.items()))
     return view
 
 
@@ -198,18 +200,30 @@ class SecureRounds:
             r.secure.reveal(edge_id, shares)
             return self._durable(r, edge_id, moved)
 
-    def secure_round(self, edge_id: str, round_id: int, after: str, wait_s: float) -> SecureView:
-        """Long-poll until the round's phase is past ``after`` (or it ended, or the wait is over)."""
+    def confirm(self, edge_id: str, round_id: int, signature: bytes, moved: Bytes) -> SecureView:
+        """Record a survivor's signature of the survivors and dropped it was shown."""
+        with self._w.cond:
+            r = self._secure_round(round_id)
+            r.secure.confirm(edge_id, signature)
+            return self._durable(r, edge_id, moved)
+
+    def secure_round(
+        self, edge_id: str, round_id: int, after: str, wait_s: float, confirmations: int = 0
+    ) -> SecureView:
+        """Long-poll until the round's phase is past ``after`` (or it ended, or the wait is over);
+        in UNMASK, waiting after UPLOAD, also until ``confirmations`` survivors confirmed."""
         clock, polls = self._w.clock, self._w.polls
         until = clock() + max(0.0, min(wait_s, self._config.join_wait_max_s))
+
+        def waiting(r: RoundRecord) -> bool:
+            sec = r.secure
+            if PHASES.index(sec.phase) <= PHASES.index(after):
+                return True
+            return after == UPLOAD and sec.phase == UNMASK and len(sec.confirmations) < confirmations
+
         with self._w.cond:
             r = self._secure_round(round_id, ended_ok=True)
-            while (
-                r.state == OPEN
-                and PHASES.index(r.secure.phase) <= PHASES.index(after)
-                and not polls.draining
-                and clock() < until
-            ):
+            while r.state == OPEN and waiting(r) and not polls.draining and clock() < until:
                 with polls.held(r.round_id):  # like Join's long-polls, each holds an RPC thread
                     self._w.cond.wait(min(until - clock(), 1.0))
                 r = self._secure_round(round_id, ended_ok=True)

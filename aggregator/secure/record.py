@@ -25,6 +25,7 @@ SELF_SEED, MASK_KEY = "self_seed", "mask_key"  # which secret a share belongs to
 KINDS = (SELF_SEED, MASK_KEY)
 # A sealed share holds the holder's share of b_u then of s_u; its exact size is checked on receipt.
 PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
+MAX_SIGNATURE_BYTES = 256  # an ECDSA signature in DER is about 72 bytes
 # A masked value's width in bits -> the encoding that carries it.
 MASKED_ENCODINGS = {8: pb.ENCODING_MASKED_INT8, 16: pb.ENCODING_MASKED_INT16, 32: pb.ENCODING_MASKED_INT}
 SEALED_BYTES = secagg.NONCE_BYTES + PLAINTEXT_BYTES + secagg.TAG_BYTES
@@ -87,6 +88,7 @@ class SecureRecord:
     sample_cap: float = 0.0  # with bits and weighting by samples: secagg.code_weight's cap
     code_weights: float = 0.0  # Σ secagg.code_weight of the uploads in the masked sum
     code_range: float = 0.0  # with bits: the codes' range this round (0: the clip)
+    confirmations: dict[str, str] = field(default_factory=dict)  # survivor -> its signed lists (hex)
 
     @classmethod
     def new(
@@ -335,6 +337,16 @@ class SecureRecord:
         self.phase, self.phase_deadline = UNMASK, now + phase_s
 
     # -- UNMASK ----------------------------------------------------------------------------
+
+    def confirm(self, edge_id: str, signature: bytes) -> None:
+        """Record a survivor's signature of the survivors and dropped (the first one; a retry's is
+        the same). The edges check the signatures; the server only relays them."""
+        self._expect(UNMASK)
+        if edge_id not in self.survivors:
+            raise SecureRefused(f"edge {edge_id!r} is not a survivor of round {self.round_id}")
+        if not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
+            raise SecureRefused(f"a survivors' signature of {len(signature)} bytes from {edge_id!r}")
+        self.confirmations.setdefault(edge_id, bytes(signature).hex())
 
     def needed(self) -> dict[tuple[str, str], set[str]]:
         """(kind, dealer) -> the survivors that may reveal a share of it.

@@ -84,7 +84,9 @@ def run(
     roster = [(k.edge_id, k.index, bytes(k.cipher_public), bytes(k.mask_public)) for k in status.roster]
     if me not in {e for e, _, _, _ in roster}:
         raise RoundLeft(f"round {round_id}: the roster was fixed without this edge")
-    check_roster(round_id, status.roster, x509.load_pem_x509_certificate(endpoint.ca.read_bytes()))
+    ca = x509.load_pem_x509_certificate(endpoint.ca.read_bytes())
+    check_roster(round_id, status.roster, ca)
+    certificates = {k.edge_id: bytes(k.certificate) for k in status.roster}
     sealed, commitments = session.deal(roster, status.neighbours, status.threshold)
     client.share(round_id, sealed, commitments)
     step("shared")
@@ -107,7 +109,17 @@ def run(
     status = _wait(client, round_id, pb.SECURE_PHASE_UPLOAD, patience_s, allow_done=True)
     if status.phase == pb.SECURE_PHASE_DONE:
         return SecureResult(upload, False, status)
-    shares = session.reveal(list(status.survivors), list(status.dropped))
+    survivors, dropped = list(status.survivors), list(status.dropped)
+    session.check_survivors(survivors, dropped)  # before signing them
+    shown = secagg.survivors_bytes(round_id, survivors, dropped)
+    client.confirm(round_id, secagg.sign_advertisement(endpoint.key.read_bytes(), shown))
+    step("confirmed")
+    status = _wait_confirmed(
+        client, round_id, (survivors, dropped), certificates, ca, session.threshold, patience_s
+    )
+    if status.phase == pb.SECURE_PHASE_DONE:
+        return SecureResult(upload, False, status)
+    shares = session.reveal(survivors, dropped)
     try:
         status = client.reveal(round_id, shares)
     except grpc.RpcError as exc:
@@ -134,6 +146,54 @@ def check_roster(round_id: int, roster: Iterable[pb.EdgeKeys], ca: x509.Certific
         keys = bytes(k.cipher_public), bytes(k.mask_public)
         message = secagg.advertisement_bytes(round_id, k.edge_id, *keys)
         secagg.verify_advertisement(ca, bytes(k.certificate), k.edge_id, message, bytes(k.signature))
+
+
+def check_confirmations(
+    round_id: int,
+    shown: tuple[list[str], list[str]],
+    confirmations: Iterable[pb.SurvivorConfirmation],
+    certificates: dict[str, bytes],
+    ca: x509.Certificate,
+) -> int:
+    """The number of survivors whose signature confirms the survivors and dropped this edge was
+    ``shown``. A signature of other lists, or of an edge that is not a survivor, means the server
+    showed the survivors different lists: raises secagg.BadSignature naming the edge."""
+    survivors, dropped = shown
+    message = secagg.survivors_bytes(round_id, survivors, dropped)
+    seen = set()
+    for c in confirmations:
+        if c.edge_id not in survivors or c.edge_id not in certificates:
+            raise secagg.BadSignature(f"round {round_id}: a survivors' confirmation from {c.edge_id!r}, "
+                                      "which is not a survivor this edge was shown")  # fmt: skip
+        secagg.verify_advertisement(
+            ca, certificates[c.edge_id], c.edge_id, message, bytes(c.signature), what="survivor list"
+        )
+        seen.add(c.edge_id)
+    return len(seen)
+
+
+def _wait_confirmed(
+    client: FederationClient,
+    round_id: int,
+    shown: tuple[list[str], list[str]],
+    certificates: dict[str, bytes],
+    ca: x509.Certificate,
+    threshold: int,
+    patience_s: float,
+) -> pb.SecureRoundStatus:
+    """Long-poll until ``threshold`` survivors signed the lists this edge was shown (each checked);
+    RoundLeft if they do not within ``patience_s``. The round may close meanwhile (phase DONE)."""
+    until = time.monotonic() + patience_s
+    while True:
+        status = client.secure_round(round_id, pb.SECURE_PHASE_UPLOAD, POLL_S, confirmations=threshold)
+        if status.phase == pb.SECURE_PHASE_DONE:
+            return status
+        if (list(status.survivors), list(status.dropped)) != (shown[0], shown[1]):
+            raise secagg.BadSignature(f"round {round_id}: the server showed this edge two survivor lists")
+        if check_confirmations(round_id, shown, status.confirmations, certificates, ca) >= threshold:
+            return status
+        if time.monotonic() > until:
+            raise RoundLeft(f"round {round_id}: fewer than {threshold} survivors confirmed the survivor list")
 
 
 def _wait(

@@ -173,11 +173,8 @@ class EdgeSession:
     def _mask_info(self, peer: str) -> bytes:
         return secagg.pair_info("mask", self.round_id, self.edge_id, peer)
 
-    def reveal(self, survivors: list[str], dropped: list[str]) -> list[tuple[str, str, bytes]]:
-        """(dealer, kind, share): b_u shares of survivors, s_u shares of the dropped.
-
-        Once per round: asked again with other survivors (to learn both secrets of one edge), it refuses.
-        """
+    def check_survivors(self, survivors: list[str], dropped: list[str]) -> None:
+        """Raise SecureProtocolError unless this edge may reveal shares for these survivors and dropped."""
         alive, gone = frozenset(survivors), frozenset(dropped)
         if alive & gone or self.edge_id not in alive:
             raise SecureProtocolError("survivors and dropped overlap, or this edge is not a survivor")
@@ -196,6 +193,14 @@ class EdgeSession:
         if not _connected(alive, self.graph):
             # A split graph would let the server unmask each part's sum: a partial sum of few edges.
             raise SecureProtocolError("the survivors' neighbour graph is split; this edge reveals nothing")
+
+    def reveal(self, survivors: list[str], dropped: list[str]) -> list[tuple[str, str, bytes]]:
+        """(dealer, kind, share): b_u shares of survivors, s_u shares of the dropped.
+
+        Once per round: asked again with other survivors (to learn both secrets of one edge), it refuses.
+        """
+        self.check_survivors(survivors, dropped)
+        alive, gone = frozenset(survivors), frozenset(dropped)
         if self._revealed is not None:
             if self._revealed[:2] != (alive, gone):
                 raise SecureProtocolError(f"{self.edge_id} already revealed shares for other survivors")

@@ -226,17 +226,19 @@ class ShareKeysRequest(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., commitments: _Optional[_Iterable[_Union[ShareCommitment, _Mapping]]] = ...) -> None: ...
 
 class GetSecureRoundRequest(_message.Message):
-    __slots__ = ("round_id", "after", "wait_seconds")
+    __slots__ = ("round_id", "after", "wait_seconds", "confirmations")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATIONS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     after: SecurePhase
     wait_seconds: int
-    def __init__(self, round_id: _Optional[int] = ..., after: _Optional[_Union[SecurePhase, str]] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
+    confirmations: int
+    def __init__(self, round_id: _Optional[int] = ..., after: _Optional[_Union[SecurePhase, str]] = ..., wait_seconds: _Optional[int] = ..., confirmations: _Optional[int] = ...) -> None: ...
 
 class SecureRoundStatus(_message.Message):
-    __slots__ = ("round_id", "phase", "threshold", "neighbours", "roster", "dealers", "sealed", "survivors", "dropped", "message")
+    __slots__ = ("round_id", "phase", "threshold", "neighbours", "roster", "dealers", "sealed", "survivors", "dropped", "message", "confirmations")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +249,7 @@ class SecureRoundStatus(_message.Message):
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATIONS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     phase: SecurePhase
     threshold: int
@@ -257,7 +260,24 @@ class SecureRoundStatus(_message.Message):
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     message: str
-    def __init__(self, round_id: _Optional[int] = ..., phase: _Optional[_Union[SecurePhase, str]] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[EdgeKeys, _Mapping]]] = ..., dealers: _Optional[_Iterable[str]] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+    confirmations: _containers.RepeatedCompositeFieldContainer[SurvivorConfirmation]
+    def __init__(self, round_id: _Optional[int] = ..., phase: _Optional[_Union[SecurePhase, str]] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[EdgeKeys, _Mapping]]] = ..., dealers: _Optional[_Iterable[str]] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., confirmations: _Optional[_Iterable[_Union[SurvivorConfirmation, _Mapping]]] = ...) -> None: ...
+
+class ConfirmSurvivorsRequest(_message.Message):
+    __slots__ = ("round_id", "signature")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    signature: bytes
+    def __init__(self, round_id: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorConfirmation(_message.Message):
+    __slots__ = ("edge_id", "signature")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    signature: bytes
+    def __init__(self, edge_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("dealer", "kind", "share")

@@ -86,6 +86,11 @@ class FederationStub:
                 request_serializer=fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
                 response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
                 _registered_method=True)
+        self.ConfirmSurvivors = channel.unary_unary(
+                '/fedocr.v1.Federation/ConfirmSurvivors',
+                request_serializer=fedocr_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
+                response_deserializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -165,6 +170,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmSurvivors(self, request, context):
+        """The consistency check (Bonawitz et al. 2017): a survivor signs the survivors and dropped it was
+        shown; edges reveal shares only once `threshold` survivors signed the same lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +229,11 @@ def add_FederationServicer_to_server(servicer, server):
             'RevealShares': grpc.unary_unary_rpc_method_handler(
                     servicer.RevealShares,
                     request_deserializer=fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
+            ),
+            'ConfirmSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSurvivors,
+                    request_deserializer=fedocr_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.FromString,
                     response_serializer=fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.SerializeToString,
             ),
     }
@@ -490,6 +508,33 @@ class Federation:
             target,
             '/fedocr.v1.Federation/RevealShares',
             fedocr_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+            fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedocr.v1.Federation/ConfirmSurvivors',
+            fedocr_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
             fedocr_dot_v1_dot_federation__pb2.SecureRoundStatus.FromString,
             options,
             channel_credentials,

@@ -1,6 +1,6 @@
 """An edge's checks on what the server tells it in a secure round: each lie (a substituted or
-unsigned key, a weak threshold, too few dealers, fewer than three survivors, a split graph) is
-refused before the edge deals, masks or reveals anything."""
+unsigned key, a weak threshold, too few dealers, fewer than three survivors, a split graph, two
+survivor lists shown to different edges) is refused before the edge deals, masks or reveals anything."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge_agent.secure.protocol import check_roster
+from edge_agent.secure.protocol import check_confirmations, check_roster
 from edge_agent.secure.session import EdgeSession, SecureProtocolError, SecureSettings
 from fedocr import secagg
 from fedocr.v1 import federation_pb2 as pb
@@ -104,3 +104,29 @@ def test_signed_advertisements_pass_and_every_substitution_is_caught(test_pki) -
                             mask_public=entries[0].mask_public), *entries[1:]]
     with pytest.raises(secagg.BadSignature, match="unsigned advertisement of 'edge-0'"):
         check_roster(4, unsigned, ca)
+
+
+def test_survivor_confirmations_count_only_signatures_of_the_lists_this_edge_was_shown(test_pki) -> None:
+    names = ["edge-0", "edge-1", "edge-2"]
+    ca = x509.load_pem_x509_certificate(test_pki.ca.read_bytes())
+    certs = {n: x509.load_pem_x509_certificate(test_pki.cert(n).read_bytes()).public_bytes(Encoding.DER)
+             for n in names}  # fmt: skip
+
+    def confirmation(name: str, survivors: list[str], dropped: list[str], round_id: int = 4):
+        signed = secagg.survivors_bytes(round_id, survivors, dropped)
+        signature = secagg.sign_advertisement(test_pki.key(name).read_bytes(), signed)
+        return pb.SurvivorConfirmation(edge_id=name, signature=signature)
+
+    shown = (names, [])
+    everyone = [confirmation(n, *shown) for n in names]
+    assert check_confirmations(4, shown, everyone, certs, ca) == 3
+    assert check_confirmations(4, shown, everyone[:1] * 2, certs, ca) == 1  # one signer counts once
+    # The server showed edge-2 other lists (edge-1 dropped), to collect both kinds of shares of edge-1.
+    split = confirmation("edge-2", ["edge-0", "edge-2"], ["edge-1"])
+    with pytest.raises(secagg.BadSignature, match="survivor list of 'edge-2' is not signed"):
+        check_confirmations(4, shown, [*everyone[:2], split], certs, ca)
+    with pytest.raises(secagg.BadSignature, match="survivor list of 'edge-0' is not signed"):
+        check_confirmations(4, shown, [confirmation("edge-0", *shown, round_id=3)], certs, ca)  # replayed
+    with pytest.raises(secagg.BadSignature, match="from 'edge-2', which is not a survivor"):
+        shown = (names[:2], ["edge-2"])
+        check_confirmations(4, shown, [confirmation("edge-2", *shown)], certs, ca)
