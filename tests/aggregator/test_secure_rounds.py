@@ -367,6 +367,44 @@ def test_the_stored_masked_upload_of_one_edge_looks_uniform(sim) -> None:
     assert len(np.unique(plain)) == 1 and len(np.unique(stored)) > N - 5
 
 
+def homogeneity_chi2(a: np.ndarray, b: np.ndarray) -> float:
+    """Chi-square statistic of a 2 x 256 table: do the byte values of ``a`` and ``b`` (uint8) come
+    from one distribution? Under that hypothesis it follows chi2(255): p = 1e-4 at about 345."""
+    table = np.stack([np.bincount(a, minlength=256), np.bincount(b, minlength=256)]).astype(np.float64)
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / np.where(expected > 0, expected, 1)).sum())
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_masked_uploads_of_different_inputs_are_indistinguishable(sim, bits) -> None:
+    # Two federations, one edge each uploading: one sends a constant, the other uniform noise. The
+    # stored bytes of their masked uploads pass a two-sample test; the same test on the unmasked
+    # encodings tells them apart at once (it has the power to).
+    stored, plain = [], []
+    for k, fill in enumerate((lambda n: np.full(n, 0.05, np.float32), None)):
+        s = sim(4, secagg_code_bits=bits, weighting="uniform")
+        if fill is not None:
+            s.increments = {e: fill(N) for e in s.ids}
+        s.join_and_advertise(s.ids)
+        s.deal(s.ids)
+        s.upload(s.ids[:1])
+        with s.store._env.begin() as txn:
+            masked = np.frombuffer(txn.get(KEY_MASKED_SUM), dtype="<u4")[: LENGTHS[0]]
+        session = s.sessions[s.ids[0]]
+        if bits:  # 8-bit masked codes: their low byte is what the wire and the sum carry
+            assert session.width() == 8 and not (masked >> 8).any()
+            stored.append(masked.astype(np.uint8))
+            codes = np.rint(session.decoded[: LENGTHS[0]] * (7 / s.round.secure.code_range))
+            plain.append(codes.astype(np.int64).astype(np.uint8))
+        else:
+            stored.append(masked.view(np.uint8))
+            x = s.increments[s.ids[0]][: LENGTHS[0]]
+            plain.append(secagg.encode_fixed(x, 1, s.config.secagg_clip, s.config.secagg_bits).view(np.uint8))
+        assert k == 1 or len(np.unique(plain[-1])) <= 8  # the constant input really is constant
+    assert homogeneity_chi2(*stored) < 345
+    assert homogeneity_chi2(*plain) > 1000  # p below 1e-80
+
+
 def test_an_aggregator_killed_at_every_step_resumes_the_round(sim) -> None:
     s = sim(5)
     s.join_and_advertise(s.ids)
