@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="masked uploads: the server learns only the round's sum ([secure_aggregation] in the config)",
     )
+    add("--secure-code-bits", dest="secagg_code_bits", type=int,
+        help="secure uploads as b-bit codes, 2..8 (0: 32-bit fixed point; [secure_aggregation] code_bits)")
     return parser
 
 

@@ -179,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how edges download the state: float32 whole, or each round's change (error "
                         "feedback on the aggregator)")
     # Small shards, as in real federations: one owner alone has too little to generalize from.
+    p.add_argument("--secure-aggregation", action="store_true", help="masked uploads (docs/aggregator.md)")
+    p.add_argument("--secure-code-bits", type=int, default=0, help="with it: uploads as b-bit codes, 2..8")
     p.add_argument("--train-words", type=int, default=2400, help="split evenly among the edges")
     p.add_argument("--test-words", type=int, default=300)
     p.add_argument("--styles", default="clean")
@@ -213,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, encoding=args.encoding,
             download_encoding=args.download_encoding, lr_cosine_from_round=args.cosine_from_round,
             extra_edge_args=("--alphabet", args.alphabet) if args.alphabet else (),
+            secure_aggregation=args.secure_aggregation, secure_code_bits=args.secure_code_bits,
         )  # fmt: skip
         fed = LocalFederation(work, pki, key, settings)
         seconds = federate(fed, shards, test, args)

@@ -52,6 +52,7 @@ class Settings:
     server_lr: float = 0.0  # the server optimizer's lr (0: its default)
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
+    secure_code_bits: int = 0  # with secure_aggregation: the parameters as b-bit codes (0: 32-bit)
 
     def plan_flags(self, n_edges: int) -> list[str]:
         """The aggregator's flags for this round plan with ``n_edges`` edges."""
@@ -78,6 +79,7 @@ class Settings:
             "--server-optimizer", self.server_optimizer,
             *(["--server-lr", str(self.server_lr)] if self.server_lr else []),
             *(["--secure-aggregation"] if self.secure_aggregation else []),
+            *(["--secure-code-bits", str(self.secure_code_bits)] if self.secure_code_bits else []),
         ]  # fmt: skip
 
     def edge_flags(self) -> list[str]:
