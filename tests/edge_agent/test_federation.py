@@ -185,8 +185,11 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
 
 
 def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path, test_pki) -> None:
+    # Compressed uploads: 4-bit codes of the parameters, masked modulo 2^8 (three edges), the running
+    # statistics in 32-bit fixed point, and error feedback on the edges.
     settings = harness.Settings(
-        rounds=1, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, secure_aggregation=True
+        rounds=1, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, secure_aggregation=True,
+        secure_code_bits=4,
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=3)  # a secure round unmasks no fewer than three uploads
@@ -200,12 +203,16 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
     assert closed["state"] in ("ROUND_STATE_CLOSED", "ROUND_STATE_FINISHED"), closed
     assert closed["plan"]["secure"]["enabled"] and closed["plan"]["encoding"] == "ENCODING_MASKED_INT"
     assert uploaded(closed) == {"edge-0", "edge-1", "edge-2"}
+    assert closed["plan"]["secure"]["bits"] == 4
     model = build_model(PRESET, load_key(federation_key), 0.5)
-    length = sum(state.state_lengths(model))
+    length, statistics = sum(state.state_lengths(model)), state.statistics_length(model)
     for name in ("edge-0", "edge-1", "edge-2"):
         (record,) = [r for r in journal(fed, name) if r["event"] == "round"]
-        assert record["status"] == "counted" and record["up"]["raw"] == 4 * length  # uint32, all masked
-        assert record["plan"]["encoding"] == "ENCODING_MASKED_INT" and not record["plan"]["error_feedback"]
+        # a byte a parameter, four a statistic: against 4 * length in 32-bit fixed point
+        assert record["status"] == "counted" and record["up"]["raw"] == (length - statistics) + 4 * statistics
+        assert record["plan"]["encoding"] == "ENCODING_MASKED_INT" and record["plan"]["error_feedback"]
+        residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]
+        assert residual.shape == (length,) and np.abs(residual[: length - statistics]).max() > 0
     first = read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1]
     np.testing.assert_array_equal(first, read_model_file(fed.work / "edges" / "edge-1" / "final.npz")[1])
     assert np.abs(first).max() > 0
