@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The whole federation on this machine: data, PKI, key, one aggregator and 2 edge agents as
 # processes over mutual TLS, and a single-edge model beside them (experiments/demo.py). Its files stay
