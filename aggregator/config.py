@@ -61,6 +61,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "code_bits",
         "sample_cap",
         "code_range",
+        "hide_weights",
     ),
 }
 # TOML keys whose field has another name: [secure_aggregation] keys carry the "secagg_" prefix.
@@ -161,6 +162,8 @@ class AggregatorConfig:
     # The codes' range in a federation's first round; later rounds take it from the previous global
     # increment (secagg.next_code_range). Values beyond it are clipped, and error feedback keeps them.
     secagg_code_range: float = 0.1
+    # Edges send their weights masked, as the upload's last values: the server learns only their sum.
+    secagg_hide_weights: bool = False
 
     def __post_init__(self) -> None:
         """Validate cross-field constraints."""

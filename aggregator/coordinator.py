@@ -226,7 +226,9 @@ class RoundCoordinator:
         change = (state - self._state)[~server_opt.exact_mask(self.manifest.tensors)]
         following.code_range = secagg.next_code_range(change, following.code_range, self.config.secagg_clip)
         counts = [e.samples for e in closed.edges.values() if e.uploaded]
-        if counts:
+        if following.hide_weights and counts:  # counts unseen: twice the mean weight, known now
+            following.sample_cap = float(max(1.0, 2 * closed.weight / len(counts)))
+        elif counts:
             following.sample_cap = float(max(1, max(counts)))
 
     def _aggregate(self, now: float, mean: np.ndarray | None = None) -> None:
@@ -387,14 +389,24 @@ class RoundCoordinator:
             if self.manifest is None:
                 raise NotReady("no model yet: Join first")
             self._check_upload(edge_id, header)
-            weight = fedavg.weight_for(header.sample_count, self.config.weighting)
+            specs = list(self.manifest.tensors)
+            hidden = self._round.secure.hidden_count() if self._round.secure is not None else 0
+            if hidden:  # weights travel masked: the header declares none
+                if header.sample_count:
+                    raise MalformedRequest(
+                        "this round hides weights: send sample_count 0 and the weight masked"
+                    )
+                weight = 0.0
+                specs.append((secagg.WEIGHT_TENSOR_ID, hidden, True))
+            else:
+                weight = fedavg.weight_for(header.sample_count, self.config.weighting)
             self._in_flight.add(edge_id)
         try:
             if not self._uploads.acquire(timeout=self.config.upload_wait_s):
                 raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
             try:
                 t1 = time.perf_counter()
-                staged = stage(header, messages, list(self.manifest.tensors), self.config.max_chunk_bytes)
+                staged = stage(header, messages, specs, self.config.max_chunk_bytes)
                 return self._commit(edge_id, header, staged, weight, (t0, t1, time.perf_counter()))
             finally:
                 self._uploads.release()

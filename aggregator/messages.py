@@ -67,6 +67,7 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
                 bits=secure.bits,
                 sample_cap=secure.sample_cap,
                 code_range=secure.code_range,
+                hide_weights=secure.hide_weights,
             )
         )
     return message

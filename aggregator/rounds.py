@@ -290,6 +290,7 @@ def new_round(config: AggregatorConfig, round_id: int, index: int, now: float, v
             config.secagg_code_bits,
             config.secagg_sample_cap,
             config.secagg_code_range,
+            config.secagg_hide_weights,
         )
         if config.secure_aggregation
         else None,

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedocr import retry, tensors, tls
+from fedocr import retry, secagg, tensors, tls
 from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
@@ -82,11 +82,14 @@ class Endpoint:
     server_name: str | None = None
 
 
-def manifest_specs(length: int, statistics: int) -> list[pb.TensorSpec]:
-    """The TensorSpecs of a packed vector of ``length`` values whose last ``statistics`` are exact."""
-    specs = [pb.TensorSpec(id=TENSOR_ID, length=length - statistics)]
+def manifest_specs(length: int, statistics: int, hidden: int = 0) -> list[pb.TensorSpec]:
+    """The TensorSpecs of a packed vector of ``length`` values whose last ``statistics`` are exact;
+    with ``hidden``, its last ``hidden`` values are a secure upload's hidden weights, after them."""
+    specs = [pb.TensorSpec(id=TENSOR_ID, length=length - statistics - hidden)]
     if statistics:
         specs.append(pb.TensorSpec(id=STATISTICS_ID, length=statistics, exact=True))
+    if hidden:
+        specs.append(pb.TensorSpec(id=secagg.WEIGHT_TENSOR_ID, length=hidden, exact=True))
     return specs
 
 
@@ -97,11 +100,13 @@ def encode_upload(
     zstd_level: int = 3,
     rounding: str = UPLOAD_ROUNDING,
     seed: int = 0,
+    hidden: int = 0,
 ) -> tensors.ChunkEncoder:
-    """The ChunkEncoder of an upload: the parameters in ``encoding``, the last ``statistics`` exact."""
-    specs = manifest_specs(increment.size, statistics)
+    """The ChunkEncoder of an upload: the parameters in ``encoding``, the last ``statistics`` exact
+    (and after them ``hidden`` hidden weights of a secure upload)."""
+    specs = manifest_specs(increment.size, statistics, hidden)
     return tensors.ChunkEncoder(
-        np.split(increment, [specs[0].length]) if statistics else [increment],
+        np.split(increment, np.cumsum([s.length for s in specs])[:-1]),
         encoding,
         pb.COMPRESSION_ZSTD,
         level=zstd_level,
@@ -234,6 +239,7 @@ class FederationClient:
         encoding: int = pb.ENCODING_FLOAT32,
         seed: int = 0,
         statistics: int = 0,
+        hidden: int = 0,
     ) -> Upload:
         """Stream ``increment`` for ``round_id`` in ``encoding`` (fedocr.encodings), zstd-compressed.
 
@@ -245,7 +251,7 @@ class FederationClient:
         raised.
         """
         header = upload_header(round_id, samples, fingerprint, encoding, base_version)
-        encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed)
+        encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed, hidden=hidden)
         chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
         trailer = encoder.trailer()
         moved = Transfer(raw=encoder.raw_bytes, wire=encoder.wire_bytes)

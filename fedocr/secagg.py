@@ -431,6 +431,29 @@ def decode_codes(total: np.ndarray, width: int, bits: int, clip: float, code_wei
     return (signed * (clip / (code_max(bits) * code_weights))).astype(np.float32)
 
 
+# --- hidden weights ------------------------------------------------------------------------------
+
+WEIGHT_TENSOR_ID = 2  # the masked upload's last tensor when weights are hidden (after the statistics)
+CODE_WEIGHT_BITS = 20  # fraction bits of a code weight in fixed point
+# A round's masked sum keeps this many values after the model's for hidden weights (zero otherwise).
+HIDDEN_VALUES = 2
+
+
+def hidden_weights(weight: float, code_weight: float | None) -> np.ndarray:
+    """The hidden-weight tensor of an upload: its FedAvg weight (an integer sample count, or 1) and,
+    with code bits, its code weight (secagg.code_weight) in fixed point. uint32, shape (1,) or (2,)."""
+    values = [int(weight)]
+    if code_weight is not None:
+        values.append(int(round(code_weight * 2**CODE_WEIGHT_BITS)))
+    return np.array(values, dtype=np.uint32)
+
+
+def read_hidden(tail: np.ndarray) -> tuple[float, float]:
+    """(Σ weights, Σ code weights) from the unmasked sum's HIDDEN_VALUES last values."""
+    total = _flat_u32(tail, "hidden weights")
+    return float(total[0]), float(total[1]) / 2**CODE_WEIGHT_BITS
+
+
 # --- share commitments and sealing ---------------------------------------------------------------
 
 

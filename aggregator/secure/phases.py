@@ -104,8 +104,14 @@ class SecureRounds:
     # -- the masked sum --------------------------------------------------------------------
 
     def load(self, masked: np.ndarray | None, size: int | None) -> None:
-        """Take the masked sum read back from the store (zeros of ``size`` when it holds none)."""
-        self.masked = masked if masked is not None or size is None else np.zeros(size, dtype=np.uint32)
+        """Take the masked sum read back from the store (zeros of the model's ``size`` when it holds
+        none), with room for hidden weights after the model's values."""
+        if size is not None:
+            full = np.zeros(size + secagg.HIDDEN_VALUES, dtype=np.uint32)
+            if masked is not None:
+                full[: masked.size] = masked  # a sum stored before hidden weights had no room for them
+            masked = full
+        self.masked = masked
         self._masked_changed = False
 
     def clear(self) -> None:
@@ -146,7 +152,7 @@ class SecureRounds:
         """
         r.secure.check_commit(edge_id)
         limit = self._config.secagg_weight_limit
-        if r.weight + weight > limit:
+        if not r.secure.hide_weights and r.weight + weight > limit:
             raise OverWeight(
                 f"upload from {edge_id!r} would take the round's weight to {r.weight + weight:g}, above "
                 f"{limit:g} (secure_aggregation.max_weight_sum, and the quorum with uniform weighting): "
@@ -161,7 +167,12 @@ class SecureRounds:
 
     def mean(self, r: RoundRecord) -> np.ndarray:
         """The survivors' weighted mean increment, float32 (n,), from the masked sum."""
-        return r.secure.decode(r.secure.unmask(self.masked), r.weight, self._w.exact())
+        unmasked = r.secure.unmask(self.masked)
+        if r.secure.hide_weights:
+            mean = r.secure.decode(unmasked, 0.0, self._w.exact())
+            r.weight = secagg.read_hidden(unmasked[-secagg.HIDDEN_VALUES :])[0]  # known only now
+            return mean
+        return r.secure.decode(unmasked[: -secagg.HIDDEN_VALUES], r.weight, self._w.exact())
 
     # -- RPCs ------------------------------------------------------------------------------
 

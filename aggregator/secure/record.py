@@ -89,15 +89,21 @@ class SecureRecord:
     code_weights: float = 0.0  # Σ secagg.code_weight of the uploads in the masked sum
     code_range: float = 0.0  # with bits: the codes' range this round (0: the clip)
     confirmations: dict[str, str] = field(default_factory=dict)  # survivor -> its signed lists (hex)
+    hide_weights: bool = False  # weights travel masked, as the upload's last tensor
 
     @classmethod
     def new(
         cls, round_id: int, clip: float, frac_bits: int, by_samples: bool, t: int, k: int,
-        bits: int = 0, sample_cap: float = 0.0, code_range: float = 0.0,
+        bits: int = 0, sample_cap: float = 0.0, code_range: float = 0.0, hide_weights: bool = False,
     ) -> SecureRecord:
         """A round in ADVERTISE with a fresh 32-byte seed for its neighbour graph."""
         return cls(round_id, secrets.token_bytes(32).hex(), clip, frac_bits, by_samples, t, k,
-                   bits=bits, sample_cap=sample_cap, code_range=code_range)  # fmt: skip
+                   bits=bits, sample_cap=sample_cap, code_range=code_range,
+                   hide_weights=hide_weights)  # fmt: skip
+
+    def hidden_count(self) -> int:
+        """Values of the hidden-weight tensor an upload ends with (0 when weights are in clear)."""
+        return (1 + (self.bits > 0)) if self.hide_weights else 0
 
     def upload_encoding(self) -> int:
         """The encoding of this round's masked uploads: 32-bit, or with code bits the narrowest
@@ -119,7 +125,7 @@ class SecureRecord:
 
     def add_code_weight(self, weight: float) -> None:
         """Count one upload's code weight (its FedAvg ``weight``: a sample count, or 1)."""
-        if self.bits:
+        if self.bits and not self.hide_weights:
             self.code_weights += secagg.code_weight(weight, self.weight_by_samples, self.sample_cap)
 
     @classmethod
@@ -439,6 +445,14 @@ class SecureRecord:
         float32 rounding; secagg.decode_fixed): a mean of clipped uploads never does, so such a
         sum holds something else (an upload whose masks were removed as a dropped edge's).
         """
+        if self.hide_weights:  # the sums of the weights are the masked sum's last values
+            n = encoded_sum.size - secagg.HIDDEN_VALUES
+            total_weight, code_weights = secagg.read_hidden(encoded_sum[n:])
+            if total_weight <= 0 or (self.bits and code_weights <= 0):
+                raise OutsideClip(
+                    f"the unmasked weights sum to {total_weight:g} and {code_weights:g}: the sum is corrupt"
+                )
+            self.code_weights, encoded_sum = code_weights, encoded_sum[:n]
         mean = secagg.decode_fixed(encoded_sum, total_weight, self.frac_bits)
         bound = np.full(mean.shape, self.clip * (1 + 2.0**-22) + 2.0**-self.frac_bits)
         if self.bits:

@@ -48,7 +48,8 @@ def settings_of(plan: pb.TrainingPlan) -> SecureSettings:
     """The secure settings of a round's plan."""
     s = plan.secure
     return SecureSettings(
-        s.clip, s.frac_bits, bytes(s.round_seed), s.weight_by_samples, s.bits, s.sample_cap, s.code_range
+        s.clip, s.frac_bits, bytes(s.round_seed), s.weight_by_samples, s.bits, s.sample_cap, s.code_range,
+        s.hide_weights,
     )
 
 
@@ -99,8 +100,10 @@ def run(
     session.receive(list(status.dealers), sealed_for_me, cipher_keys)
     masked = session.masked(increment, samples, statistics)
     encoding = MASKED_ENCODINGS[session.width()]
+    hidden = session.hidden_count()  # hidden weights: the header declares none
     upload = client.upload(
-        round_id, me, masked, samples, fingerprint, base_version, zstd_level, encoding, 0, statistics,
+        round_id, me, masked, 0 if hidden else samples, fingerprint, base_version, zstd_level, encoding, 0,
+        statistics, hidden,
     )
     if session.decoded is not None:  # what the codes stand for: error feedback keeps the rest
         upload = dataclasses.replace(upload, decoded=session.decoded)

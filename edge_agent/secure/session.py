@@ -32,6 +32,8 @@ class SecureSettings:
     bits: int = 0  # the parameters' code bits (0: 32-bit fixed point for every value)
     sample_cap: float = 0.0  # with bits and weighting by samples: secagg.code_weight's cap
     code_range: float = 0.0  # with bits: the codes' range (0: the clip)
+    hide_weights: bool = False  # the weights travel masked, as the upload's last values
+    hide_weights: bool = False  # the weights travel masked, as the upload's last values
 
     def __post_init__(self) -> None:
         if self.bits and self.bits not in secagg.CODE_BITS:
@@ -137,6 +139,10 @@ class EdgeSession:
         """This edge's FedAvg weight: its sample count, or 1 for the uniform mean."""
         return samples if self.settings.weight_by_samples else 1
 
+    def hidden_count(self) -> int:
+        """Values of the hidden-weight tensor this edge's upload ends with (0: weights in clear)."""
+        return (1 + (self.settings.bits > 0)) if self.settings.hide_weights else 0
+
     def width(self) -> int:
         """The bits of one masked parameter value: 32, or with code bits the narrowest width that
         the roster's size allows (secagg.masked_width); after ``deal``."""
@@ -149,14 +155,17 @@ class EdgeSession:
         statistics. Without code bits every value is encode(clip(x)·w) in 32-bit fixed point; with
         them the others are b-bit codes (secagg.encode_codes) masked modulo 2^width, and ``decoded``
         holds the float32 values the codes stand for (the statistics as sent), for error feedback.
-        Returns uint32 (n,).
+        With hidden weights the upload ends with the hidden-weight tensor (secagg.hidden_weights).
+        Returns uint32 (n,), or (n + hidden_count(),) with hidden weights.
         """
         s = self.settings
         n = increment.size
         encoded = secagg.encode_fixed(increment, self.weight(samples), s.clip, s.frac_bits, self._rounding)
         cut = n - statistics
+        weight = None  # the code weight, with code bits
         if s.bits:
             weight = secagg.code_weight(self.weight(samples), s.weight_by_samples, s.sample_cap)
+        if s.bits:
             span = s.code_range or s.clip
             codes, decoded = secagg.encode_codes(increment[:cut], weight, span, s.bits, self._rounding)
             encoded[:cut] = codes
@@ -165,6 +174,8 @@ class EdgeSession:
             v: secagg.agree(self.mask.private, self.mask_keys[v], self._mask_info(v))
             for v in sorted(self.peers & self.dealers)
         }
+        if s.hide_weights:  # the weights as the last values, masked like the rest
+            encoded = np.concatenate([encoded, secagg.hidden_weights(self.weight(samples), weight)])
         masked = secagg.mask_upload(encoded, self.edge_id, self.self_seed, pair_seeds)
         if self.width() < 32:
             masked[:cut] &= np.uint32(2 ** self.width() - 1)  # the masks' sum cancels mod 2^width too

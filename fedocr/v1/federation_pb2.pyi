@@ -146,7 +146,7 @@ class WarmUp(_message.Message):
     def __init__(self, words: _Optional[int] = ..., styles: _Optional[str] = ..., labels: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SecurePlan(_message.Message):
-    __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples", "bits", "sample_cap", "code_range")
+    __slots__ = ("enabled", "clip", "frac_bits", "round_seed", "weight_by_samples", "bits", "sample_cap", "code_range", "hide_weights")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class SecurePlan(_message.Message):
     BITS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_CAP_FIELD_NUMBER: _ClassVar[int]
     CODE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    HIDE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     clip: float
     frac_bits: int
@@ -163,7 +164,8 @@ class SecurePlan(_message.Message):
     bits: int
     sample_cap: float
     code_range: float
-    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ..., bits: _Optional[int] = ..., sample_cap: _Optional[float] = ..., code_range: _Optional[float] = ...) -> None: ...
+    hide_weights: bool
+    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., round_seed: _Optional[bytes] = ..., weight_by_samples: _Optional[bool] = ..., bits: _Optional[int] = ..., sample_cap: _Optional[float] = ..., code_range: _Optional[float] = ..., hide_weights: _Optional[bool] = ...) -> None: ...
 
 class EdgeKeys(_message.Message):
     __slots__ = ("edge_id", "index", "cipher_public", "mask_public", "signature", "certificate")

@@ -71,7 +71,8 @@ class Sim:
             sec = result.round.secure
             seed = bytes.fromhex(sec.round_seed)
             settings = SecureSettings(
-                sec.clip, sec.frac_bits, seed, sec.weight_by_samples, sec.bits, sec.sample_cap, sec.code_range
+                sec.clip, sec.frac_bits, seed, sec.weight_by_samples, sec.bits, sec.sample_cap,
+                sec.code_range, sec.hide_weights,
             )
             self.sessions[e] = EdgeSession(e, result.round.round_id, settings)
             self.fed.secure.advertise(e, result.round.round_id, *self.sessions[e].advertisement(), Bytes())
@@ -94,7 +95,9 @@ class Sim:
             s.receive(view.dealers, view.sealed, self.cipher_keys)
             masked = s.masked(self.increments[e], self.samples[e], LENGTHS[1])
             encoding = MASKED_ENCODINGS[s.width()]
-            self.fed.upload(e, iter(masked_stream(s.round_id, masked, self.samples[e], encoding)))
+            hidden = s.hidden_count()  # hidden weights: the header declares none
+            stream = masked_stream(s.round_id, masked, 0 if hidden else self.samples[e], encoding, hidden)
+            self.fed.upload(e, iter(stream))
             self.check_no_unmasked_vector()
 
     def reveal(self, edges: list[str]) -> None:
@@ -136,10 +139,12 @@ class Sim:
 
 
 def masked_stream(
-    round_id: int, masked: np.ndarray, samples: int, encoding: int = pb.ENCODING_MASKED_INT
+    round_id: int, masked: np.ndarray, samples: int, encoding: int = pb.ENCODING_MASKED_INT,
+    hidden: int = 0,
 ) -> list[pb.UploadMessage]:
-    parts = [masked[: LENGTHS[0]], masked[LENGTHS[0] :]]
-    enc = tensors.ChunkEncoder(parts, encoding, pb.COMPRESSION_ZSTD, chunk_elems=256, exact=[False, True])
+    parts = np.split(masked, [LENGTHS[0], N] if hidden else [LENGTHS[0]])
+    ids, exact = [0, 1, secagg.WEIGHT_TENSOR_ID][: len(parts)], [False, True, True][: len(parts)]
+    enc = tensors.ChunkEncoder(parts, encoding, pb.COMPRESSION_ZSTD, chunk_elems=256, ids=ids, exact=exact)
     header = pb.UploadHeader(
         round_id=round_id, sample_count=samples, fingerprint=MANIFEST.fingerprint,
         encoding=encoding, compression=pb.COMPRESSION_ZSTD,
@@ -231,6 +236,32 @@ def test_compressed_uploads_unmask_to_exactly_the_sum_of_their_codes(sim, weight
     # The next round's codes are sized to this round's global increment and largest sample count.
     assert s.round.secure.code_range == secagg.next_code_range(got[:cut], span, clip) != span
     assert s.round.secure.sample_cap == max(s.samples.values())
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_hidden_weights_give_the_same_mean_and_the_server_only_their_sum(sim, bits) -> None:
+    s = sim(5, secagg_hide_weights=True, secagg_code_bits=bits, secagg_code_range=8.0)
+    s.join_and_advertise(s.ids)
+    s.deal(s.ids)
+    s.upload(s.ids)
+    s.tick()
+    s.reveal(s.ids)
+    s.tick()
+    closed = s.fed.round_status(1)
+    assert closed.state == "CLOSED", closed.message
+    # No upload declared its sample count; the round's weight is the unmasked sum of them.
+    assert all(e.samples == 0 for e in closed.edges.values())
+    assert closed.weight == sum(s.samples.values())
+    got, want = closed_mean(s), s.expected(s.ids)
+    if bits:  # codes: unbiased, within one step of each code (step 8/7 / weight) of FedAvg
+        cap = s.config.secagg_sample_cap
+        weights = [min(s.samples[e], cap) / cap for e in s.ids]
+        assert np.all(np.abs(got - want)[: LENGTHS[0]] <= len(s.ids) * (8 / 7) / sum(weights) + 1e-6)
+        assert np.all(np.abs(got - want)[LENGTHS[0] :] <= s.bound(s.ids, want)[LENGTHS[0] :])
+    else:
+        assert np.all(np.abs(got - want) <= s.bound(s.ids, want))
+    if bits:  # the next round's cap: twice the mean weight (the counts themselves were never seen)
+        assert s.round.secure.sample_cap == pytest.approx(2 * closed.weight / len(s.ids))
 
 
 def test_uniform_weighting_keeps_increments_that_the_by_samples_precision_would_round_away(sim) -> None:
@@ -354,7 +385,8 @@ def test_the_stored_masked_upload_of_one_edge_looks_uniform(sim) -> None:
     s.upload(s.ids[:1])
     with s.store._env.begin() as txn:
         stored = np.frombuffer(txn.get(KEY_MASKED_SUM), dtype="<u4").copy()
-    assert stored.size == N
+    assert stored.size == N + secagg.HIDDEN_VALUES and not stored[N:].any()  # room for hidden weights
+    stored = stored[:N]
     # chi-square on the 256 byte values (4000 bytes): 255 degrees of freedom, p = 1e-4 at ~345
     counts = np.bincount(stored.view(np.uint8), minlength=256)
     expected = stored.size * 4 / 256

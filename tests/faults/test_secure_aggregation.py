@@ -153,6 +153,18 @@ def test_compressed_uploads_cost_a_byte_a_value_and_unmask_to_exactly_the_sum_of
     assert abs(float(np.mean(state - plain))) < 0.02
 
 
+def test_hidden_weights_close_the_round_as_fedavg_while_no_sample_count_travels_in_clear(
+    fault_pki, tmp_path: Path, procs: Processes
+) -> None:
+    agg, out = started_aggregator(fault_pki, tmp_path, procs, more="hide_weights = true\n")
+    edges = [procs.edge(fault_pki, agg.port, n, out) for n in NAMES]
+    wait_exit(edges, out, timeout=120)
+    closed = check_closed_as_fedavg(fault_pki, agg, NAMES)  # weighted by the unmasked total weight
+    assert closed.plan.secure.hide_weights
+    assert all(e.samples == 0 for e in closed.edges)  # no upload declared its count
+    assert all(light_edge_lines(out, n)["raw_bytes"] == 4 * (LENGTH + 1) for n in NAMES)  # + the weight
+
+
 def test_an_edge_killed_after_its_upload_is_unmasked_by_the_others(
     fault_pki, tmp_path: Path, procs: Processes
 ) -> None:
