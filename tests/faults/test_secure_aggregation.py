@@ -115,10 +115,16 @@ def test_a_secure_round_closes_and_equals_plain_fedavg(fault_pki, tmp_path: Path
         assert e.bytes.raw_up > 4 * LENGTH and e.bytes.raw_down > 0
     receipts = [light_edge_lines(out, n) for n in NAMES]
     assert all(r["how"] == "secure" and r["raw_bytes"] == 4 * LENGTH for r in receipts)
-    # every edge signed the survivor list it was shown before it revealed (the consistency check)
+    # every edge signed the survivor list it was shown before it revealed (the consistency check);
+    # an edge whose reveal was not needed any more (the round closed on the others') reveals nothing
+    revealed = 0
     for n in NAMES:
         kinds = [json.loads(t)["kind"] for t in (out / f"{n}.events.jsonl").read_text().splitlines()]
-        assert kinds.index("uploaded") < kinds.index("confirmed") < kinds.index("revealed"), kinds
+        assert kinds.index("uploaded") < kinds.index("confirmed"), kinds
+        if "revealed" in kinds:
+            assert kinds.index("confirmed") < kinds.index("revealed"), kinds
+            revealed += 1
+    assert revealed >= 3  # the threshold of four holders
 
 
 def test_compressed_uploads_cost_a_byte_a_value_and_unmask_to_exactly_the_sum_of_their_codes(
