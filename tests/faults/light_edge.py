@@ -33,7 +33,7 @@ import numpy as np
 
 from edge_agent.client import Endpoint, FederationClient, upload_header
 from edge_agent.secure import protocol
-from fedocr import encodings, pki, retry, tensors, tls
+from fedocr import encodings, pki, retry, secagg, tensors, tls
 from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
@@ -182,6 +182,9 @@ class LightEdge:
             )
         except protocol.RoundLeft as exc:
             self.events.write(kind="left", round_id=round_id, details=str(exc))
+            return
+        except secagg.SecAggError as exc:  # the server told this edge something it must not accept
+            self.events.write(kind="distrust", round_id=round_id, details=str(exc))
             return
         except grpc.RpcError as exc:  # the round moved on (a phase or the round ended meanwhile)
             if retry.status_code(exc) not in ROUND_GONE:
