@@ -33,9 +33,9 @@ from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.store import Manifest, Store
 from edge_agent.client import encode_upload
-from edge_agent.secure.protocol import MASKED_ENCODINGS, settings_of
+from edge_agent.secure.protocol import settings_of
 from edge_agent.secure.session import EdgeSession
-from fedocr import secagg
+from fedocr import encodings, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 FINGERPRINT = b"\x5a" * 32
@@ -144,7 +144,7 @@ def secure_round(
         view = status(e, "SHARE")
         sessions[e].receive(view.dealers, view.sealed, cipher_keys)
         x = (rng.standard_normal(length) * 1e-3).astype(np.float32)
-        encoding = MASKED_ENCODINGS[sessions[e].width()]
+        encoding = encodings.MASKED_BY_WIDTH[sessions[e].width()]
         encoder = encode_upload(sessions[e].masked(x, 100), 0, encoding)
         msgs = stream(1, encoder, 100, encoding)
         meter(fed.upload, e, iter(msgs))

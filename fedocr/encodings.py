@@ -44,6 +44,8 @@ MASKED_DTYPES = {
     pb.ENCODING_MASKED_INT16: np.dtype("<u2"),
     pb.ENCODING_MASKED_INT8: np.dtype("u1"),
 }
+# A masked value's width in bits -> the encoding that carries it.
+MASKED_BY_WIDTH = {8 * dtype.itemsize: encoding for encoding, dtype in MASKED_DTYPES.items()}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 QMAX = {
     pb.ENCODING_INT8_QUANTIZED: 127,

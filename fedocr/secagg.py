@@ -439,6 +439,12 @@ CODE_WEIGHT_BITS = 20  # fraction bits of a code weight in fixed point
 HIDDEN_VALUES = 2
 
 
+def hidden_count(bits: int, hide_weights: bool) -> int:
+    """Values of the hidden-weight tensor an upload ends with: the weight, and with code bits the
+    code weight; 0 when the weights travel in clear."""
+    return (1 + (bits > 0)) if hide_weights else 0
+
+
 def hidden_weights(weight: float, code_weight: float | None) -> np.ndarray:
     """The hidden-weight tensor of an upload: its FedAvg weight (an integer sample count, or 1) and,
     with code bits, its code weight (secagg.code_weight) in fixed point. uint32, shape (1,) or (2,)."""

@@ -26,8 +26,6 @@ KINDS = (SELF_SEED, MASK_KEY)
 # A sealed share holds the holder's share of b_u then of s_u; its exact size is checked on receipt.
 PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 MAX_SIGNATURE_BYTES = 256  # an ECDSA signature in DER is about 72 bytes
-# A masked value's width in bits -> the encoding that carries it.
-MASKED_ENCODINGS = {8: pb.ENCODING_MASKED_INT8, 16: pb.ENCODING_MASKED_INT16, 32: pb.ENCODING_MASKED_INT}
 SEALED_BYTES = secagg.NONCE_BYTES + PLAINTEXT_BYTES + secagg.TAG_BYTES
 
 
@@ -103,7 +101,7 @@ class SecureRecord:
 
     def hidden_count(self) -> int:
         """Values of the hidden-weight tensor an upload ends with (0 when weights are in clear)."""
-        return (1 + (self.bits > 0)) if self.hide_weights else 0
+        return secagg.hidden_count(self.bits, self.hide_weights)
 
     def upload_encoding(self) -> int:
         """The encoding of this round's masked uploads: 32-bit, or with code bits the narrowest
@@ -111,7 +109,7 @@ class SecureRecord:
         if not self.bits:
             return pb.ENCODING_MASKED_INT
         width = secagg.masked_width(self.bits, max(1, len(self.roster)))
-        return MASKED_ENCODINGS[width]
+        return encodings.MASKED_BY_WIDTH[width]
 
     def check_encoding(self, encoding: int) -> None:
         """Raise MalformedRequest unless ``encoding`` is this round's masked upload encoding."""

@@ -20,13 +20,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.client import FederationClient, Upload
 from edge_agent.secure.session import EdgeSession, SecureSettings
-from fedocr import retry, secagg
+from fedocr import encodings, retry, secagg
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# A masked parameter value's width in bits -> the upload encoding that carries it.
-MASKED_ENCODINGS = {8: pb.ENCODING_MASKED_INT8, 16: pb.ENCODING_MASKED_INT16, 32: pb.ENCODING_MASKED_INT}
 
 POLL_S = 10  # one long-poll; the phase wait repeats it
 
@@ -99,7 +97,7 @@ def run(
     sealed_for_me = [(s.dealer, bytes(s.ciphertext)) for s in status.sealed]
     session.receive(list(status.dealers), sealed_for_me, cipher_keys)
     masked = session.masked(increment, samples, statistics)
-    encoding = MASKED_ENCODINGS[session.width()]
+    encoding = encodings.MASKED_BY_WIDTH[session.width()]
     hidden = session.hidden_count()  # hidden weights: the header declares none
     upload = client.upload(
         round_id, me, masked, 0 if hidden else samples, fingerprint, base_version, zstd_level, encoding, 0,

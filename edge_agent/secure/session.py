@@ -141,7 +141,7 @@ class EdgeSession:
 
     def hidden_count(self) -> int:
         """Values of the hidden-weight tensor this edge's upload ends with (0: weights in clear)."""
-        return (1 + (self.settings.bits > 0)) if self.settings.hide_weights else 0
+        return secagg.hidden_count(self.settings.bits, self.settings.hide_weights)
 
     def width(self) -> int:
         """The bits of one masked parameter value: 32, or with code bits the narrowest width that

@@ -19,9 +19,8 @@ from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.secure import DONE, MASK_KEY, UNMASK, UPLOAD
 from aggregator.store import KEY_MASKED_SUM, Manifest, Store
-from edge_agent.secure.protocol import MASKED_ENCODINGS
 from edge_agent.secure.session import EdgeSession, SecureSettings
-from fedocr import errors, secagg, tensors
+from fedocr import encodings, errors, secagg, tensors
 from fedocr.v1 import federation_pb2 as pb
 
 LENGTHS = (700, 300)  # the second tensor is the exact one (running statistics): masked too
@@ -94,7 +93,7 @@ class Sim:
             assert view.phase == UPLOAD
             s.receive(view.dealers, view.sealed, self.cipher_keys)
             masked = s.masked(self.increments[e], self.samples[e], LENGTHS[1])
-            encoding = MASKED_ENCODINGS[s.width()]
+            encoding = encodings.MASKED_BY_WIDTH[s.width()]
             hidden = s.hidden_count()  # hidden weights: the header declares none
             stream = masked_stream(s.round_id, masked, 0 if hidden else self.samples[e], encoding, hidden)
             self.fed.upload(e, iter(stream))
