@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--accept-encodings", dest="accept_encodings", type=_names, help="e.g. float32,int8")
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)
-    add("--max-workers", dest="max_workers", type=int, help="RPC threads (long-polls hold one each)")
+    add("--max-workers", dest="max_workers", type=int, help="threads for uploads, downloads, unary RPCs")
     add("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
     add(
         "--secure-aggregation",

@@ -85,7 +85,7 @@ class AggregatorConfig:
 
     listen: str = "127.0.0.1:50051"
     state_dir: Path = Path("runs/aggregator/state")
-    max_workers: int = 64  # long-polling Joins hold a thread each; size for edges + uploads
+    max_workers: int = 64  # uploads, downloads and unary RPCs; long-polls are coroutines and hold none
     log_level: str = "INFO"
     cert: Path | None = None
     key: Path | None = None

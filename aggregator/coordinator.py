@@ -18,7 +18,7 @@ import numpy as np
 from aggregator import fedavg, rounds, server_opt
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
-from aggregator.longpoll import LongPolls
+from aggregator.longpoll import LongPolls, NotifyingCondition
 from aggregator.rounds import CLOSED, OPEN, Bytes, JoinResult, Receipt, RoundRecord, new_round
 from aggregator.secure import SecureRecord
 from aggregator.secure.phases import SecureRounds, Wiring
@@ -58,7 +58,7 @@ class RoundCoordinator:
         self.config = config
         self._store = store
         self._clock = clock
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = NotifyingCondition()  # the asyncio server's long-polls listen to it
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._in_flight: set[str] = set()
         self._polls = LongPolls(config)
@@ -116,6 +116,11 @@ class RoundCoordinator:
         """Start the round clock (deadlines, and a quorum reached just before a crash)."""
         self._ticker = threading.Thread(target=self._run_clock, name="round-clock", daemon=True)
         self._ticker.start()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the changing thread, lock held) on every change a long-poll
+        may wait for: the asyncio server's long-polls wake on it."""
+        self._cond.listeners.append(listener)
 
     def drain(self) -> None:
         """Refuse new joins and uploads; wake long-polls so they answer at once."""
@@ -309,8 +314,7 @@ class RoundCoordinator:
                 remaining = until - self._clock()
                 if remaining <= 0 or self._polls.draining:
                     return JoinResult("WAIT", edge_id, copy.deepcopy(r), self.state_version)
-                with self._polls.held(r.round_id):
-                    self._cond.wait(min(remaining, TICK_S * 5))
+                self._cond.wait(min(remaining, TICK_S * 5))
 
     def _match_or_init(self, manifest: Manifest) -> None:
         if self.manifest is not None:

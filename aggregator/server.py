@@ -1,13 +1,21 @@
-"""Builds and runs the aggregator's gRPC server: Federation, health and reflection, mTLS only."""
+"""Builds and runs the aggregator's gRPC server: Federation, health and reflection, mTLS only.
+
+The server is grpc's asyncio server, on an event loop of its own thread (so ``start`` returns at
+once, for the CLI and for tests alike). Long-polls are coroutines and hold no thread; every other
+RPC runs on a pool of ``max_workers`` threads (uploads and downloads are CPU and disk work).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import signal
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.coordinator import RoundCoordinator
+from aggregator.longpoll import Wakeups
 from aggregator.servicer import FederationServicer, ParseRequests
 from aggregator.store import Store
 from fedocr import tls
@@ -38,23 +47,52 @@ KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 10
 # only past 64 MiB of free top space, so chunks do not page-fault on every message.
 MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 64 << 20
+POLL_CHECK_THREADS = 4  # the long-polls' checks of the coordinator (each holds its lock briefly)
+T = TypeVar("T")
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread; ``run`` waits for a coroutine on it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @dataclass
 class Running:
     """A started aggregator: the server, its port and the round coordinator (``federation``)."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     federation: RoundCoordinator
     store: Store
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
+    loop: EventLoopThread
+    pools: tuple[futures.ThreadPoolExecutor, ...]
+    stopped: bool = False
 
     def stop(self, grace: float = 5.0) -> None:
         """Drain (new work gets UNAVAILABLE), let streams finish within `grace`, then close."""
-        self.health.enter_graceful_shutdown()
+        if self.stopped:
+            return
+        self.stopped = True
+        self.loop.run(self.health.enter_graceful_shutdown())
         self.federation.drain()
-        self.server.stop(grace).wait()
+        self.loop.run(self.server.stop(grace))
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.loop.close()
         self.federation.stop()
         self.store.close()
         logger.info("aggregator stopped")
@@ -96,8 +134,44 @@ def start(config: AggregatorConfig) -> Running:
     tune_malloc()
     store = Store(config.state_dir)
     federation = RoundCoordinator(config, store)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+    loop = EventLoopThread("rpc-loop")
+    rpc_pool = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
+    checks = futures.ThreadPoolExecutor(max_workers=POLL_CHECK_THREADS, thread_name_prefix="poll")
+    try:
+        server, port, health_servicer = loop.run(_build(config, credentials, federation, rpc_pool, checks))
+    except BaseException:
+        loop.close()
+        store.close()
+        raise
+    federation.start()
+    loop.run(server.start())
+    for name in ("", SERVICE_NAME):
+        loop.run(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+    logger.info(
+        "aggregator serving %s on port %s (mTLS), state in %s, %s rounds, quorum %s, min %s, deadline %ss",
+        SERVICE_NAME,
+        port,
+        config.state_dir,
+        config.total_rounds,
+        config.quorum,
+        config.round_min_edges,
+        config.deadline_s,
+    )
+    return Running(server, port, federation, store, health_servicer, loop, (rpc_pool, checks))
+
+
+async def _build(
+    config: AggregatorConfig,
+    credentials: grpc.ServerCredentials,
+    federation: RoundCoordinator,
+    rpc_pool: futures.ThreadPoolExecutor,
+    checks: futures.ThreadPoolExecutor,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """The asyncio server with its services and port (not started); runs on the server's loop."""
+    wakeups = Wakeups(asyncio.get_running_loop())
+    federation.subscribe(wakeups.notify)
+    server = grpc.aio.server(
+        migration_thread_pool=rpc_pool,
         interceptors=[ParseRequests()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -110,28 +184,16 @@ def start(config: AggregatorConfig) -> Running:
         ]
         + _window_options(config.stream_window_bytes),
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(federation), server)
-    health_servicer = health.HealthServicer()
+    pb_grpc.add_FederationServicer_to_server(
+        FederationServicer(federation, wakeups, checks, rpc_pool), server
+    )
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_secure_port(config.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
-    federation.start()
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info(
-        "aggregator serving %s on port %s (mTLS), state in %s, %s rounds, quorum %s, min %s, deadline %ss",
-        SERVICE_NAME,
-        port,
-        config.state_dir,
-        config.total_rounds,
-        config.quorum,
-        config.round_min_edges,
-        config.deadline_s,
-    )
-    return Running(server, port, federation, store, health_servicer)
+    return server, port, health_servicer
 
 
 def serve(config: AggregatorConfig, ready: threading.Event | None = None) -> int:

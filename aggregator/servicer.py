@@ -2,13 +2,21 @@
 
 Each method checks the caller's role (from its client certificate), decodes the request, makes
 one domain call and encodes the reply. Errors go through the one table in fedocr.errors.
+
+It runs on grpc's asyncio server (aggregator/server.py). The two long-polls, Join and
+GetSecureRound, are coroutines: each check of the coordinator runs on a small thread pool and the
+wait between checks holds no thread. Every other method is a plain function that the server runs
+on its thread pool (``max_workers``): uploads and downloads are CPU and disk work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -16,7 +24,10 @@ from google.protobuf.message import DecodeError
 
 from aggregator import messages
 from aggregator.coordinator import RoundCoordinator
+from aggregator.longpoll import Wakeups
 from aggregator.rounds import Bytes
+from aggregator.secure.phases import still_waiting
+from aggregator.streams import StreamBridge
 from fedocr import pki, tls
 from fedocr.errors import MalformedRequest, WrongRole, status_for
 from fedocr.v1 import federation_pb2 as pb
@@ -51,6 +62,14 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
     context.abort(code, details)
 
 
+async def _abort_async(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    """_abort for a coroutine method."""
+    code, details = status_for(exc)
+    if code is not grpc.StatusCode.INTERNAL:
+        logger.info("%s from %s refused: %s %s", method, context.peer(), code.name, details)
+    await context.abort(code, details)
+
+
 def _unary(roles: frozenset[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a unary-response method: role check, then errors mapped through the table."""
 
@@ -71,8 +90,21 @@ def _unary(roles: frozenset[str]) -> Callable[[Callable[..., Any]], Callable[...
 class FederationServicer(pb_grpc.FederationServicer):
     """Adapter over one RoundCoordinator (and its SecureRounds, for the secure-aggregation RPCs)."""
 
-    def __init__(self, coordinator: RoundCoordinator) -> None:
+    def __init__(
+        self,
+        coordinator: RoundCoordinator,
+        wakeups: Wakeups,
+        checks: ThreadPoolExecutor,
+        work: ThreadPoolExecutor,
+    ) -> None:
         self._rounds = coordinator
+        self._work = work  # the server's RPC threads: uploads are staged there
+        self._wakeups = wakeups
+        self._checks = checks  # runs the long-polls' checks: each takes the coordinator's lock briefly
+        self._max_wait_s = coordinator.config.join_wait_max_s
+
+    async def _check(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._checks, fn, *args)
 
     @_unary(READERS)
     def GetRound(
@@ -88,26 +120,48 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Every round with byte accounting, and the totals."""
         return messages.list_rounds(*self._rounds.all_rounds())
 
-    @_unary(EDGE_ONLY)
-    def Join(self, caller: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        """Long-poll for work."""
-        manifest = messages.manifest_from(request.manifest)
-        return messages.join_response(self._rounds.join(caller, manifest, float(request.wait_seconds)))
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        """Long-poll for work: the coordinator answers at once; a WAIT waits here for a change."""
+        try:
+            caller = _caller(context, EDGE_ONLY, "Join")
+            manifest = messages.manifest_from(request.manifest)
+            result = await self._wakeups.poll(
+                lambda: self._check(self._rounds.join, caller, manifest, 0.0),
+                lambda answer: answer.action == "WAIT",
+                min(float(request.wait_seconds), self._max_wait_s),
+            )
+            return messages.join_response(result)
+        except Exception as exc:  # noqa: BLE001 - every error goes through the table
+            await _abort_async(context, "Join", exc)
 
-    @_unary(EDGE_ONLY)
-    def UploadIncrement(
-        self, caller: str, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
+    async def UploadIncrement(
+        self, request_iterator: AsyncIterator[pb.UploadMessage], context: grpc.aio.ServicerContext
     ) -> pb.UploadReceipt:
-        """Stage, verify and commit one increment; the receipt comes after the fsync."""
-        return messages.receipt(self._rounds.upload(caller, request_iterator))
+        """Stage, verify and commit one increment; the receipt comes after the fsync.
+
+        The stream is read here, on the loop, and staged by the coordinator on a worker thread."""
+        try:
+            caller = _caller(context, EDGE_ONLY, "UploadIncrement")
+            bridge = StreamBridge(asyncio.get_running_loop())
+            receipt = await bridge.run(
+                request_iterator, functools.partial(self._rounds.upload, caller), self._work
+            )
+            return messages.receipt(receipt)
+        except asyncio.CancelledError:
+            logger.info("UploadIncrement: stream ended by the peer %s", context.peer())
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error goes through the table
+            await _abort_async(context, "UploadIncrement", exc)
 
     @_unary(EDGE_ONLY)
     def ReportEvaluation(
         self, caller: str, request: pb.EvaluationReport, context: grpc.ServicerContext
     ) -> pb.EvaluationReceipt:
         """Federated evaluation: keep the edge's scores of a round's result in that round's record."""
-        scores = {"generic": messages.evaluation_from(request.generic),
-                  "personal": messages.evaluation_from(request.personal)}
+        scores = {
+            "generic": messages.evaluation_from(request.generic),
+            "personal": messages.evaluation_from(request.personal),
+        }
         round_id = self._rounds.report_evaluation(caller, request.state_version, scores)
         return pb.EvaluationReceipt(round_id=round_id)
 
@@ -130,16 +184,23 @@ class FederationServicer(pb_grpc.FederationServicer):
         view = self._rounds.secure.share(caller, request.round_id, sealed, commitments, _sent(request))
         return self._answer(caller, view)
 
-    @_unary(EDGE_ONLY)
-    def GetSecureRound(
-        self, caller: str, request: pb.GetSecureRoundRequest, context: grpc.ServicerContext
+    async def GetSecureRound(
+        self, request: pb.GetSecureRoundRequest, context: grpc.aio.ServicerContext
     ) -> pb.SecureRoundStatus:
         """Secure aggregation: long-poll the round's phase, roster and the caller's sealed shares."""
-        after = messages.phase_name(request.after or pb.SECURE_PHASE_ADVERTISE)
-        view = self._rounds.secure.secure_round(
-            caller, request.round_id, after, float(request.wait_seconds), request.confirmations
-        )
-        return self._answer(caller, view)
+        try:
+            caller = _caller(context, EDGE_ONLY, "GetSecureRound")
+            after = messages.phase_name(request.after or pb.SECURE_PHASE_ADVERTISE)
+            secure = self._rounds.secure
+            view = await self._wakeups.poll(
+                lambda: self._check(secure.secure_round, caller, request.round_id, after, 0.0,
+                                    request.confirmations),
+                lambda v: still_waiting(v, after, request.confirmations),
+                min(float(request.wait_seconds), self._max_wait_s),
+            )  # fmt: skip
+            return await self._check(self._answer, caller, view)
+        except Exception as exc:  # noqa: BLE001 - every error goes through the table
+            await _abort_async(context, "GetSecureRound", exc)
 
     @_unary(EDGE_ONLY)
     def RevealShares(
@@ -165,15 +226,24 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._rounds.account(caller, Bytes(raw_down=size, wire_down=size))
         return reply
 
-    def DownloadState(
-        self, request: pb.DownloadStateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.StateChunk]:
-        """Stream the global state (header only when the edge holds the current version)."""
+    async def DownloadState(
+        self, request: pb.DownloadStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StateChunk]:
+        """Stream the global state (header only when the edge holds the current version).
+
+        Each message is taken from the coordinator's stream on a worker thread (encoding a chain
+        or a cold state is CPU work); the loop only sends."""
+        loop = asyncio.get_running_loop()
         try:
             caller = _caller(context, EDGE_ONLY, "DownloadState")
-            yield from self._rounds.download(caller, request.held_state_version).messages()
+            stream = await loop.run_in_executor(
+                self._work, self._rounds.download, caller, request.held_state_version
+            )
+            chunks = stream.messages()
+            while (message := await loop.run_in_executor(self._work, next, chunks, None)) is not None:
+                yield message
         except Exception as exc:  # noqa: BLE001 - every error goes through the table
-            _abort(context, "DownloadState", exc)
+            await _abort_async(context, "DownloadState", exc)
 
 
 def _sent(request: Any) -> Bytes:
@@ -182,24 +252,29 @@ def _sent(request: Any) -> Bytes:
     return Bytes(raw_up=size, wire_up=size)
 
 
-def _parsed(raw_messages: Iterator[bytes], parse: Callable[[bytes], Any]) -> Iterator[Any]:
+async def _parsed_async(
+    raw_messages: AsyncIterator[bytes], parse: Callable[[bytes], Any]
+) -> AsyncIterator[Any]:
     """Parse a client stream message by message; a malformed one raises MalformedRequest."""
-    for k, raw in enumerate(raw_messages):
+    k = 0
+    async for raw in raw_messages:
         try:
             yield parse(raw)
         except DecodeError as exc:
             raise MalformedRequest(f"stream message {k} is not a valid protobuf message: {exc}") from exc
+        k += 1
 
 
-class ParseRequests(grpc.ServerInterceptor):
+class ParseRequests(grpc.aio.ServerInterceptor):
     """Parse Federation requests inside the method, so malformed bytes get INVALID_ARGUMENT.
 
     grpc parses a request before the method runs and answers INTERNAL ("Exception deserializing
-    request!") when that fails; here the handler takes raw bytes and parses them itself.
+    request!") when that fails; here the handler takes raw bytes and parses them itself. Plain
+    functions stay plain (the server runs them on its thread pool), coroutines stay coroutines.
     """
 
-    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
         if not details.method.startswith(SERVICE_PREFIX):
@@ -207,24 +282,48 @@ class ParseRequests(grpc.ServerInterceptor):
         parse, serialize = handler.request_deserializer, handler.response_serializer
         if handler.stream_unary is not None:
             inner = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda raws, context: inner(_parsed(raws, parse), context), None, serialize
-            )
-        if handler.unary_unary is not None or handler.unary_stream is not None:
 
-            def parse_or_abort(raw: bytes, context: grpc.ServicerContext) -> Any:
+            async def parsed_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                return await inner(_parsed_async(raws, parse), context)
+
+            return grpc.stream_unary_rpc_method_handler(parsed_stream, None, serialize)
+
+        def parse_or_abort(raw: bytes, context: Any) -> Any:
+            try:
+                return parse(raw)
+            except DecodeError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid protobuf message: {exc}")
+
+        if handler.unary_unary is not None and asyncio.iscoroutinefunction(handler.unary_unary):
+            coroutine = handler.unary_unary
+
+            async def parsed_call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    return parse(raw)
+                    request = parse(raw)
                 except DecodeError as exc:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid protobuf message: {exc}")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"not a valid protobuf message: {exc}"
+                    )
+                return await coroutine(request, context)
 
-            if handler.unary_unary is not None:
-                unary = handler.unary_unary
-                return grpc.unary_unary_rpc_method_handler(
-                    lambda raw, context: unary(parse_or_abort(raw, context), context), None, serialize
-                )
-            streaming = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                lambda raw, context: streaming(parse_or_abort(raw, context), context), None, serialize
+            return grpc.unary_unary_rpc_method_handler(parsed_call, None, serialize)
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(
+                lambda raw, context: unary(parse_or_abort(raw, context), context), None, serialize
             )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            generator = handler.unary_stream
+
+            async def parsed_stream_out(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    request = parse(raw)
+                except DecodeError as exc:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"not a valid protobuf message: {exc}"
+                    )
+                async for message in generator(request, context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(parsed_stream_out, None, serialize)
         return handler

@@ -88,6 +88,14 @@ def view_of(r: RoundRecord, edge_id: str, after: str | None = None) -> SecureVie
     return view
 
 
+def still_waiting(view: SecureView, after: str, confirmations: int = 0) -> bool:
+    """Whether a long-poll waiting ``after`` a phase waits on: the round is still at or before that
+    phase, or (waiting after UPLOAD) in UNMASK with fewer than ``confirmations`` confirmations."""
+    if PHASES.index(view.phase) <= PHASES.index(after):
+        return True
+    return after == UPLOAD and view.phase == UNMASK and len(view.confirmations) < confirmations
+
+
 class SecureRounds:
     """Secure aggregation inside the coordinator: the RPCs, the phase clock and the masked sum.
 
@@ -225,20 +233,12 @@ class SecureRounds:
         in UNMASK, waiting after UPLOAD, also until ``confirmations`` survivors confirmed."""
         clock, polls = self._w.clock, self._w.polls
         until = clock() + max(0.0, min(wait_s, self._config.join_wait_max_s))
-
-        def waiting(r: RoundRecord) -> bool:
-            sec = r.secure
-            if PHASES.index(sec.phase) <= PHASES.index(after):
-                return True
-            return after == UPLOAD and sec.phase == UNMASK and len(sec.confirmations) < confirmations
-
         with self._w.cond:
-            r = self._secure_round(round_id, ended_ok=True)
-            while r.state == OPEN and waiting(r) and not polls.draining and clock() < until:
-                with polls.held(r.round_id):  # like Join's long-polls, each holds an RPC thread
-                    self._w.cond.wait(min(until - clock(), 1.0))
-                r = self._secure_round(round_id, ended_ok=True)
-            return view_of(r, edge_id, after)
+            view = view_of(self._secure_round(round_id, ended_ok=True), edge_id, after)
+            while still_waiting(view, after, confirmations) and not polls.draining and clock() < until:
+                self._w.cond.wait(min(until - clock(), 1.0))
+                view = view_of(self._secure_round(round_id, ended_ok=True), edge_id, after)
+            return view
 
     def _secure_round(self, round_id: int, ended_ok: bool = False) -> RoundRecord:
         """The current secure round if it is ``round_id``; raise a named error otherwise."""

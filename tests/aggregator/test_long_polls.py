@@ -1,38 +1,36 @@
-"""Join long-polls that hold most RPC threads are reported: uploads would queue behind them."""
+"""Long-polls hold no RPC thread: more waiting Joins than threads leave uploads their threads."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
 import numpy as np
 
+from fedocr.v1 import federation_pb2 as pb
+
 LENGTHS = [1000]
 
 
-def test_warns_once_when_long_polls_leave_no_thread_for_uploads(serve, connect, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="aggregator.longpoll")
-    running = serve(quorum=3, min_edges=3, max_workers=4, max_concurrent_uploads=2)
-    edges = [connect(running, f"edge-{k}") for k in range(3)]
+def test_more_waiting_polls_than_threads_do_not_hold_up_the_round(serve, connect) -> None:
+    running = serve(quorum=9, min_edges=9, max_workers=2, max_concurrent_uploads=2, join_wait_max_s=30.0,
+                    total_rounds=3)  # fmt: skip
+    edges = [connect(running, f"edge-{k}") for k in range(9)]
     r = edges[0].join(LENGTHS).round_id
-    for edge in edges[:2]:
+    for edge in edges[:8]:
         edge.join(LENGTHS)
         edge.upload(r, [np.full(LENGTHS[0], 0.5, np.float32)])
-    answers: list[int] = []
-    polls = [
-        threading.Thread(target=lambda e=e: answers.append(e.join(LENGTHS, wait=10).action))
-        for e in edges[:2]
-    ]
-    for t in polls:
+    answers: list[pb.JoinResponse] = []
+    polls = [threading.Thread(target=lambda e=e: answers.append(e.join(LENGTHS, wait=30))) for e in edges[:8]]
+    for t in polls:  # eight long-polls, four times the RPC threads, all waiting for the round to close
         t.start()
-    deadline = time.monotonic() + 5
-    while "Join long-polls hold" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.05)
-    edges[2].join(LENGTHS)
-    assert edges[2].upload(r, [np.zeros(LENGTHS[0], np.float32)]).committed_edges == 3  # a thread was free
+    time.sleep(0.5)
+    assert not answers
+    # On a thread per poll, this Join and upload would queue until the polls gave up (30 s) and
+    # the polls would answer WAIT; here they go through and the polls answer with the next round.
+    assert edges[8].join(LENGTHS).action == pb.JoinResponse.ACTION_TRAIN
+    assert edges[8].upload(r, [np.zeros(LENGTHS[0], np.float32)]).committed_edges == 9
     for t in polls:
-        t.join(10)
-    warnings = [m for m in caplog.messages if "Join long-polls hold" in m]
-    assert len(warnings) == 1 and "2 Join long-polls" in warnings[0] and "max_workers" in warnings[0]
-    assert len(answers) == 2  # both polls ended when the round closed
+        t.join(20)
+    assert len(answers) == 8
+    assert {(a.action, a.round_id) for a in answers} == {(pb.JoinResponse.ACTION_TRAIN, r + 1)}
