@@ -119,8 +119,28 @@ class RoundCoordinator:
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (from the changing thread, lock held) on every change a long-poll
-        may wait for: the asyncio server's long-polls wake on it."""
-        self._cond.listeners.append(listener)
+        may wait for: a round opened, closed or failed, a secure phase or confirmation, draining.
+
+        The asyncio server's long-polls wake on it. An upload committed is not such a change, so
+        a thousand edges waiting for their round to close are not woken by every upload."""
+        last: list[tuple] = [()]
+
+        def on_notify() -> None:
+            now = self._epoch()
+            if now != last[0]:
+                last[0] = now
+                listener()
+
+        self._cond.listeners.append(on_notify)
+
+    def _epoch(self) -> tuple:
+        """What a waiting Join or GetSecureRound may be waiting on to change (O(1))."""
+        r, sec = self._round, self._round.secure if self._round is not None else None
+        return (
+            self._polls.draining, self.state_version, self.manifest is not None,
+            r.round_id if r else None, r.state if r else None,
+            sec.phase if sec else None, len(sec.confirmations) if sec else 0,
+        )  # fmt: skip
 
     def drain(self) -> None:
         """Refuse new joins and uploads; wake long-polls so they answer at once."""
@@ -310,10 +330,10 @@ class RoundCoordinator:
                         r.join(edge_id, self._clock())
                         self._save_record()
                         logger.info("round %s: edge %s joined", r.round_id, edge_id)
-                    return JoinResult("TRAIN", edge_id, copy.deepcopy(r), self.state_version)
+                    return JoinResult("TRAIN", edge_id, r.brief(), self.state_version)
                 remaining = until - self._clock()
                 if remaining <= 0 or self._polls.draining:
-                    return JoinResult("WAIT", edge_id, copy.deepcopy(r), self.state_version)
+                    return JoinResult("WAIT", edge_id, r.brief(), self.state_version)
                 self._cond.wait(min(remaining, TICK_S * 5))
 
     def _match_or_init(self, manifest: Manifest) -> None:

@@ -18,7 +18,6 @@ from aggregator.config import AggregatorConfig
 from fedocr.errors import Draining
 
 T = TypeVar("T")
-RECHECK_S = 1.0  # a waiting poll looks again at least this often (deadlines pass without a notify)
 
 
 class NotifyingCondition(threading.Condition):
@@ -98,6 +97,6 @@ class Wakeups:
                 return answer
             self.waiting += 1
             try:
-                await asyncio.wait({wake}, timeout=min(remaining, RECHECK_S))
+                await asyncio.wait({wake}, timeout=remaining)
             finally:
                 self.waiting -= 1

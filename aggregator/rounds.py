@@ -6,6 +6,7 @@ Pure Python, clock passed in: no I/O, no locks, no grpc. Records serialise to JS
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -93,6 +94,14 @@ class RoundRecord:
     evaluations: dict[str, dict] = field(default_factory=dict)
 
     # -- queries ---------------------------------------------------------------------------
+
+    def brief(self) -> RoundRecord:
+        """A copy for a reply built outside the lock: ids, clock, plan and the secure round's
+        settings, without its edges, evaluations or per-edge secure data (O(1) in the edges)."""
+        secure = self.secure.settings_only() if self.secure is not None else None
+        return dataclasses.replace(
+            self, edges={}, evaluations={}, secure=secure, plan=copy.deepcopy(self.plan)
+        )
 
     @property
     def committed(self) -> int:

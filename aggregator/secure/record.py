@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -89,10 +89,26 @@ class SecureRecord:
     confirmations: dict[str, str] = field(default_factory=dict)  # survivor -> its signed lists (hex)
     hide_weights: bool = False  # weights travel masked, as the upload's last tensor
 
+    def settings_only(self) -> SecureRecord:
+        """A copy with the round's settings and phase, every per-edge list and map left empty."""
+        empty = {
+            f.name: type(v)() for f in fields(self) if isinstance(v := getattr(self, f.name), dict | list)
+        }
+        return replace(self, **empty)
+
     @classmethod
     def new(
-        cls, round_id: int, clip: float, frac_bits: int, by_samples: bool, t: int, k: int,
-        bits: int = 0, sample_cap: float = 0.0, code_range: float = 0.0, hide_weights: bool = False,
+        cls,
+        round_id: int,
+        clip: float,
+        frac_bits: int,
+        by_samples: bool,
+        t: int,
+        k: int,
+        bits: int = 0,
+        sample_cap: float = 0.0,
+        code_range: float = 0.0,
+        hide_weights: bool = False,
     ) -> SecureRecord:
         """A round in ADVERTISE with a fresh 32-byte seed for its neighbour graph."""
         return cls(round_id, secrets.token_bytes(32).hex(), clip, frac_bits, by_samples, t, k,
@@ -192,8 +208,13 @@ class SecureRecord:
     # -- ADVERTISE -------------------------------------------------------------------------
 
     def advertise(
-        self, edge_id: str, cipher_public: bytes, mask_public: bytes, used: set[str],
-        signature: bytes = b"", certificate: bytes = b"",
+        self,
+        edge_id: str,
+        cipher_public: bytes,
+        mask_public: bytes,
+        used: set[str],
+        signature: bytes = b"",
+        certificate: bytes = b"",
     ) -> None:
         """Record an edge's two public keys; ``used``: hex keys of earlier rounds (never reused).
         ``signature`` and ``certificate`` are relayed to the other edges, which check them.
