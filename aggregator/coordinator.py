@@ -63,6 +63,7 @@ class RoundCoordinator:
         self._in_flight: set[str] = set()
         self._polls = LongPolls(config)
         self._ticker: threading.Thread | None = None
+        self._notes_pending = False  # the round's record has join/download notes not on disk
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
         self._commits = GroupCommitter(self._cond, self._prepare_write, self._load, self._maybe_close)
         wiring = Wiring(  # what SecureRounds may use of this object: nothing else of it reaches there
@@ -149,10 +150,12 @@ class RoundCoordinator:
             self._cond.notify_all()
 
     def stop(self) -> None:
-        """Drain and stop the round clock."""
+        """Drain, stop the round clock and write pending notes."""
         self.drain()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
+        with self._cond:
+            self._write_notes()
 
     def _run_clock(self) -> None:
         failing = ""  # the error the clock keeps hitting: logged in full once, not every tick
@@ -170,6 +173,7 @@ class RoundCoordinator:
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
+        self._notes_pending = False  # the record goes with the sum
         if self._round is None or self._round.secure is None:
             return self._store.prepare_upload(self._round, self._total)
         return self._store.prepare_upload(self._round, self._total, self.secure.to_write())
@@ -184,7 +188,8 @@ class RoundCoordinator:
             self._aggregate(self._clock())
 
     def _tick(self) -> None:
-        """Close or fail the open round when its quorum or deadline says so."""
+        """Write pending notes; close or fail the open round when its quorum or deadline says so."""
+        self._write_notes()
         r, now = self._round, self._clock()
         if r is None or r.state != OPEN or self._commits.flushing:
             return
@@ -497,13 +502,24 @@ class RoundCoordinator:
             raise
 
     def _save_record(self) -> None:
-        """Persist join/download notes, unless that would get ahead of the durable sum.
+        """Note that the round's record has join or download notes to persist.
 
-        While a group commit is pending, the record in memory lists uploads the disk's sum does
-        not hold yet; the next commit writes the notes with them.
+        They are written by the round clock within a tick (one write for every note of the tick,
+        where a write per note made a round of N joins write O(N^2) bytes), or with the next
+        upload's durable write; never ahead of the durable sum. They are notes: a join or a
+        download lost in a crash is repeated by the edge, and no receipt waits for them.
         """
-        if self._commits.idle:
+        self._notes_pending = True
+
+    def _write_notes(self) -> None:
+        """Persist pending notes (round clock, lock held) unless a group commit is under way."""
+        if not self._notes_pending or not self._commits.idle or self._round is None:
+            return
+        try:
             self._store.save_round(self._round)
+            self._notes_pending = False
+        except StorageUnavailable as exc:
+            logger.warning("join and download notes not written (retried next tick): %s", exc)
 
     # -- status ----------------------------------------------------------------------------
 
