@@ -102,6 +102,7 @@ async def _edge(spec: ClientSpec, edge: int, gate: asyncio.Semaphore, tally: Tal
     async with grpc.aio.secure_channel(f"127.0.0.1:{spec.port}", creds) as channel:
         stub = pb_grpc.FederationStub(channel)
         m = manifest(spec.floats)
+        stage = "upload"
         try:
             async with gate:
                 reply = await _call(
@@ -113,6 +114,7 @@ async def _edge(spec: ClientSpec, edge: int, gate: asyncio.Semaphore, tally: Tal
                 await _call(tally, lambda: stub.UploadIncrement(iter(body), timeout=RPC_TIMEOUT_S))
             tally.uploaded += 1
             out.put(("uploaded", spec.index, 1))
+            stage = "long-poll"
             request = pb.JoinRequest(manifest=m, wait_seconds=spec.poll_s)
             while True:
                 tally.polls += 1
@@ -129,7 +131,7 @@ async def _edge(spec: ClientSpec, edge: int, gate: asyncio.Semaphore, tally: Tal
         except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure, whatever it is
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             tally.failures[code] = tally.failures.get(code, 0) + 1
-            out.put(("failed", spec.index, f"{name}: {code} {exc}"[:300]))
+            out.put(("failed", spec.index, (stage, edge, f"{name} in {stage}: {code} {exc}"[:300])))
 
 
 def client_main(spec: ClientSpec, out: Any) -> None:
@@ -168,7 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         closer = args.edges  # the edge whose upload closes the round
         result["pki_s"] = round(issue_pki(work / "pki", args.edges + 1), 1)
         print(f"{args.edges + 1} edge certificates in {result['pki_s']} s", flush=True)
-        settings = {"join_wait_max_s": float(args.poll)}
+        settings = {"join_wait_max_s": float(args.poll),
+                    "max_concurrent_uploads": args.max_concurrent_uploads}  # fmt: skip
         agg = start_aggregator(
             work, work / "pki", args.edges + 1, settings
         )  # quorum: every edge and the closer
@@ -187,8 +190,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 procs.append(ctx.Process(target=client_main, args=(spec, out), daemon=True))
                 procs[-1].start()
-            counts = {"uploaded": 0, "finished": 0, "failed": 0}
+            counts = {
+                "uploaded": 0,
+                "finished": 0,
+                "failed": 0,
+                "failed_before_upload": 0,
+                "failed_in_long_poll": 0,
+            }
             failures: list[str] = []
+            not_uploaded: list[int] = []  # edges that failed before their upload: they close the round
             tallies: list[dict[str, Any]] = []
 
             def drain(until: float, stop: Any) -> None:
@@ -203,10 +213,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         tallies.append(value)
                     else:
                         counts[kind] += 1
-                        if kind == "failed" and len(failures) < 20:
-                            failures.append(value)
+                        if kind == "failed":
+                            stage, edge, text = value
+                            if stage == "upload":
+                                counts["failed_before_upload"] += 1
+                                not_uploaded.append(edge)
+                            else:
+                                counts["failed_in_long_poll"] += 1
+                            if len(failures) < 20:
+                                failures.append(text)
+                                print(f"failed: {text}", flush=True)
 
-            drain(t0 + args.timeout, lambda: counts["uploaded"] + counts["failed"] >= args.edges)
+            in_or_out = lambda: counts["uploaded"] + counts["failed_before_upload"] >= args.edges  # noqa: E731
+            drain(t0 + args.timeout, in_or_out)
             t_uploaded = time.monotonic()
             cpu_uploaded = _cpu_s(agg.popen.pid)
             result["uploads_s"] = round(t_uploaded - t0, 2)
@@ -225,12 +244,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (cpu_hold - cpu_uploaded) / max(1e-9, time.monotonic() - t_uploaded), 3
             )
             t_close = time.monotonic()
+            closers = (*not_uploaded, closer)  # the edges that failed before their upload, and the closer
             spec = ClientSpec(
-                args.client_procs, agg.port, str(work / "pki"), (closer,), args.floats, args.poll, 1
+                args.client_procs, agg.port, str(work / "pki"), closers, args.floats, args.poll, 8
             )
             procs.append(ctx.Process(target=client_main, args=(spec, out), daemon=True))
             procs[-1].start()
-            drain(t_close + args.timeout, lambda: counts["finished"] + counts["failed"] >= args.edges + 1)
+            drain(
+                t_close + args.timeout,
+                lambda: counts["finished"] + counts["failed_in_long_poll"] >= args.edges + 1,
+            )
             result["close_to_all_finished_s"] = round(time.monotonic() - t_close, 2)
             result["round_wall_s"] = round(time.monotonic() - t0, 2)
             drain(time.monotonic() + 60, lambda: len(tallies) == len(procs))
@@ -270,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--hold", type=float, default=45.0, help="seconds every edge waits before the round closes"
     )
+    p.add_argument("--max-concurrent-uploads", type=int, default=2, help="the aggregator's (default 2)")
     p.add_argument("--timeout", type=float, default=1200.0)
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
