@@ -47,6 +47,13 @@ KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 10
 # only past 64 MiB of free top space, so chunks do not page-fault on every message.
 MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 64 << 20
+# grpc core cancels a call that arrived but that the server has not yet taken up after this long
+# (grpc.server_max_unrequested_time_in_server; 30 s by default). The asyncio server takes calls up
+# one at a time on its loop, so with thousands of edges re-polling at once a call can wait longer:
+# 10,000 long-polling edges saw thousands of calls end CANCELLED, which edges do not retry. Past an
+# hour the caller's own deadline (an edge's RPC timeout plus its wait) has long expired: the call ends
+# DEADLINE_EXCEEDED on the edge, which retries it.
+UNREQUESTED_S = 3600
 POLL_CHECK_THREADS = 4  # the long-polls' checks of the coordinator (each holds its lock briefly)
 T = TypeVar("T")
 
@@ -181,6 +188,7 @@ async def _build(
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
             ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_S),
         ]
         + _window_options(config.stream_window_bytes),
     )

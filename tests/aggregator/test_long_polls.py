@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import numpy as np
 
+from aggregator import server
 from fedocr.v1 import federation_pb2 as pb
 
 LENGTHS = [1000]
@@ -34,3 +36,41 @@ def test_more_waiting_polls_than_threads_do_not_hold_up_the_round(serve, connect
         t.join(20)
     assert len(answers) == 8
     assert {(a.action, a.round_id) for a in answers} == {(pb.JoinResponse.ACTION_TRAIN, r + 1)}
+
+
+
+def _joins_while_the_loop_is_busy(running, clients, busy_s: float) -> list[pb.JoinResponse | grpc.RpcError]:
+    """Joins sent at once while the server's event loop is held for ``busy_s`` (it takes up no call)."""
+    answers: list[pb.JoinResponse | grpc.RpcError] = []
+
+    def join(client) -> None:
+        try:
+            answers.append(client.join(LENGTHS))
+        except grpc.RpcError as exc:
+            answers.append(exc)
+
+    running.loop.loop.call_soon_threadsafe(time.sleep, busy_s)
+    time.sleep(0.2)
+    threads = [threading.Thread(target=join, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return answers
+
+
+def test_calls_that_wait_for_a_busy_loop_are_not_cancelled(serve, connect, monkeypatch, tmp_path) -> None:
+    # With grpc's default, a call the loop has not taken up within 30 s is cancelled (CANCELLED, which
+    # edges do not retry); the server raises that limit past any edge's deadline. Shown at small scale:
+    # a 1-second limit cancels Joins that wait 2.5 s for the loop; the server's own limit lets them through.
+    monkeypatch.setattr(server, "UNREQUESTED_S", 1)
+    short = serve(state_dir=tmp_path / "short")
+    answers = _joins_while_the_loop_is_busy(short, [connect(short, f"edge-{k}") for k in range(4)], 2.5)
+    codes = [a.code() for a in answers if isinstance(a, grpc.RpcError)]
+    assert len(answers) == 4 and grpc.StatusCode.CANCELLED in codes, answers
+    short.stop(grace=0.5)
+    monkeypatch.undo()
+    assert server.UNREQUESTED_S >= 600
+    default = serve(state_dir=tmp_path / "default")
+    answers = _joins_while_the_loop_is_busy(default, [connect(default, f"edge-{k}") for k in range(4)], 2.5)
+    assert [getattr(a, "action", a) for a in answers] == [pb.JoinResponse.ACTION_TRAIN] * 4
