@@ -38,7 +38,6 @@ def test_more_waiting_polls_than_threads_do_not_hold_up_the_round(serve, connect
     assert {(a.action, a.round_id) for a in answers} == {(pb.JoinResponse.ACTION_TRAIN, r + 1)}
 
 
-
 def _joins_while_the_loop_is_busy(running, clients, busy_s: float) -> list[pb.JoinResponse | grpc.RpcError]:
     """Joins sent at once while the server's event loop is held for ``busy_s`` (it takes up no call)."""
     answers: list[pb.JoinResponse | grpc.RpcError] = []
