@@ -92,6 +92,9 @@ class RoundRecord:
     # Federated evaluation of this round's result: edge id -> {"generic": {...}, "personal": {...}}
     # with samples, loss, word_accuracy and char_accuracy each (ReportEvaluation).
     evaluations: dict[str, dict] = field(default_factory=dict)
+    # Edges whose record changed since the store last wrote it: the current round's edges are stored
+    # one key each, and a durable write puts only these (O(changes), not O(edges)). Not serialised.
+    dirty: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class RoundRecord:
         """The edge's record in this round, created on first use."""
         if edge_id not in self.edges:
             self.edges[edge_id] = EdgeRecord(edge_id=edge_id)
+        self.dirty.add(edge_id)  # every change to an edge's record goes through here
         return self.edges[edge_id]
 
     def join(self, edge_id: str, now: float) -> None:
@@ -201,24 +205,51 @@ class RoundRecord:
 
     # -- serialisation ---------------------------------------------------------------------
 
-    def to_json(self) -> bytes:
-        """Serialise to UTF-8 JSON (a secure record without its blobs: SecureRecord.core)."""
-        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def to_json(self, with_edges: bool = True) -> bytes:
+        """Serialise to UTF-8 JSON (a secure record without its blobs: SecureRecord.core); without
+        the edges when ``with_edges`` is false (the store keeps the current round's one key each)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         doc["plan"] = dataclasses.asdict(self.plan)
-        # vars, not asdict: this runs on every durable write, and asdict deep-copies each edge
-        doc["edges"] = {k: {**vars(e), "bytes": vars(e.bytes)} for k, e in self.edges.items()}
+        if with_edges:  # vars, not asdict: asdict deep-copies each edge
+            doc["edges"] = {k: _edge_doc(e) for k, e in self.edges.items()}
+        else:
+            del doc["edges"]
         doc["secure"] = self.secure.core() if self.secure is not None else None
         return json.dumps(doc, sort_keys=True).encode()
 
+    def edge_json(self, edge_id: str) -> bytes:
+        """One edge's record as UTF-8 JSON (``edge_from_json`` reads it)."""
+        return json.dumps(_edge_doc(self.edges[edge_id]), sort_keys=True).encode()
+
     @classmethod
-    def from_json(cls, data: bytes) -> RoundRecord:
-        """Inverse of to_json."""
+    def from_json(cls, data: bytes, edges: list[EdgeRecord] | None = None) -> RoundRecord:
+        """Inverse of to_json; ``edges``: those stored apart (overriding any in ``data``).
+
+        A record stored with its edges inside (every record before the per-edge layout) comes
+        back with all of them marked dirty, so that its next write moves them to their own keys.
+        """
         doc: dict[str, Any] = json.loads(data)
         doc["plan"] = TrainingPlan(**doc["plan"])
-        doc["edges"] = {k: EdgeRecord(**{**e, "bytes": Bytes(**e["bytes"])}) for k, e in doc["edges"].items()}
+        inside = {k: _edge_from_doc(e) for k, e in doc.get("edges", {}).items()}
+        doc["edges"] = {**inside, **{e.edge_id: e for e in edges or []}}
         if doc.get("secure") is not None:
             doc["secure"] = SecureRecord.from_dict(doc["secure"])
-        return cls(**doc)
+        record = cls(**doc)
+        record.dirty.update(inside)
+        return record
+
+
+def _edge_doc(edge: EdgeRecord) -> dict[str, Any]:
+    return {**vars(edge), "bytes": vars(edge.bytes)}
+
+
+def _edge_from_doc(doc: dict[str, Any]) -> EdgeRecord:
+    return EdgeRecord(**{**doc, "bytes": Bytes(**doc["bytes"])})
+
+
+def edge_from_json(data: bytes) -> EdgeRecord:
+    """Inverse of RoundRecord.edge_json."""
+    return _edge_from_doc(json.loads(data))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from aggregator.rounds import RoundRecord
+from aggregator.rounds import RoundRecord, edge_from_json
 from fedocr.errors import MalformedRequest, ModelMismatch, StorageUnavailable, TooLarge
 from fedocr.tensors import spec_tuple
 
@@ -27,11 +27,14 @@ logger = logging.getLogger(__name__)
 
 # The on-disk format: key names, defined once here (writer and reader).
 KEY_FORMAT = b"format"
-FORMAT_VERSION = b"fedocr-aggregator/1"
+FORMAT_VERSION = b"fedocr-aggregator/2"
+# Read and upgraded on open: /1 kept the current round's edges inside its record (KEY_ROUND).
+UPGRADABLE = (b"fedocr-aggregator/1",)
 KEY_MANIFEST = b"manifest"  # JSON {"tensors": [[id, length, exact], ...], "fingerprint": hex}
 KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
 KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
-KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round
+KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round, without its edges
+ROUND_EDGE_PREFIX = b"round/edge/"  # JSON EdgeRecord of each edge of the current round, by edge id
 KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
 # Secure aggregation: uint32 little-endian sum mod 2^32 of the round's masked uploads; absent = zeros.
 # Never a single edge's unmasked vector: masks cancel only in the sum, and only after unmasking.
@@ -71,12 +74,28 @@ def secure_prefix(round_id: int) -> bytes:
     return SECURE_PREFIX + b"%012d/" % round_id
 
 
-def _put_record(txn: lmdb.Transaction, record: RoundRecord) -> None:
-    """Write the current round's record and its new secure-aggregation blobs."""
-    txn.put(KEY_ROUND, record.to_json())
+def _put_record(txn: lmdb.Transaction, record: RoundRecord) -> set[str]:
+    """Write the current round's record, the edges changed since its last write and its new
+    secure-aggregation blobs; returns the edges written (``_unwritten`` puts them back if the
+    transaction does not commit)."""
+    txn.put(KEY_ROUND, record.to_json(with_edges=False))
+    written, record.dirty = record.dirty, set()
+    for edge_id in written:
+        txn.put(ROUND_EDGE_PREFIX + edge_id.encode(), record.edge_json(edge_id))
     if record.secure is not None:
         for name, data in record.secure.take_blobs():
             txn.put(secure_prefix(record.round_id) + name.encode(), data)
+    return written
+
+
+def _unwritten(record: RoundRecord, written: set[str]) -> None:
+    """A write of ``record`` did not commit: its edges are still to be written."""
+    record.dirty |= written
+
+
+def _drop_round_edges(txn: lmdb.Transaction) -> None:
+    for key in [bytes(k) for k, _ in _prefix(txn, ROUND_EDGE_PREFIX)]:
+        txn.delete(key)
 
 
 def change_key(version: int) -> bytes:
@@ -186,7 +205,7 @@ class Store:
         try:
             with self._write() as txn:
                 found = txn.get(KEY_FORMAT)
-                if found is None:
+                if found is None or found in UPGRADABLE:  # load() reads either round layout
                     txn.put(KEY_FORMAT, FORMAT_VERSION)
                 elif found != FORMAT_VERSION:
                     raise StateFormatMismatch(
@@ -235,7 +254,8 @@ class Store:
             version = txn.get(KEY_STATE_VERSION)
             rnd = txn.get(KEY_ROUND)
             history = [RoundRecord.from_json(bytes(v)) for _, v in _prefix(txn, HISTORY_PREFIX)]
-            current = RoundRecord.from_json(bytes(rnd)) if rnd is not None else None
+            edges = [edge_from_json(bytes(v)) for _, v in _prefix(txn, ROUND_EDGE_PREFIX)]
+            current = RoundRecord.from_json(bytes(rnd), edges) if rnd is not None else None
             if current is not None and current.secure is not None:
                 prefix = secure_prefix(current.round_id)
                 for key, value in _prefix(txn, prefix):
@@ -271,6 +291,7 @@ class Store:
             for key in [bytes(k) for k, _ in _prefix(txn, SLOT_PREFIX)]:
                 txn.delete(key)
             txn.put(KEY_STATE_VERSION, b"%d" % version)
+            _drop_round_edges(txn)
             _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
             txn.delete(KEY_MASKED_SUM)
@@ -288,8 +309,13 @@ class Store:
 
     def save_round(self, record: RoundRecord) -> None:
         """Persist the current round's record alone (joins, downloads: not tied to the sum)."""
-        with self._write() as txn:
-            _put_record(txn, record)
+        written: set[str] = set()
+        try:
+            with self._write() as txn:
+                written = _put_record(txn, record)
+        except BaseException:
+            _unwritten(record, written)
+            raise
 
     def save_history(self, record: RoundRecord) -> None:
         """Rewrite a finished round's record (downloads of the final state are counted there)."""
@@ -313,13 +339,15 @@ class Store:
             txn = self._env.begin(write=True)
         except lmdb.Error as exc:
             raise self._unwritable("cannot write", exc) from exc
+        written: set[str] = set()
         try:
             if record.secure is None:
                 txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
             elif masked is not None:
                 txn.put(KEY_MASKED_SUM, _bytes(masked, MASKED_DTYPE))
-            _put_record(txn, record)
+            written = _put_record(txn, record)
         except BaseException as exc:
+            _unwritten(record, written)
             txn.abort()
             if isinstance(exc, lmdb.Error):
                 raise self._unwritable("cannot write", exc) from exc
@@ -329,6 +357,7 @@ class Store:
             try:
                 txn.commit()
             except BaseException as exc:
+                _unwritten(record, written)
                 txn.abort()
                 if isinstance(exc, lmdb.Error):
                     raise self._unwritable("cannot write", exc) from exc
@@ -368,6 +397,7 @@ class Store:
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.delete(KEY_ROUND_SUM)
             txn.delete(KEY_MASKED_SUM)
+            _drop_round_edges(txn)
             if following is not None:
                 _put_record(txn, following)
             else:

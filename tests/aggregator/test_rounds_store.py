@@ -10,7 +10,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.rounds import CLOSED, FAILED, OPEN, Bytes, RoundRecord, TrainingPlan, new_round
-from aggregator.store import Manifest, StateLocked, Store
+from aggregator.store import FORMAT_VERSION, KEY_ROUND, Manifest, StateLocked, Store, _put_record, _unwritten
 from fedocr import errors, tensors
 
 
@@ -99,6 +99,74 @@ def test_store_finish_round_moves_to_history(tmp_path: Path) -> None:
     snap = store.load()
     assert [h.round_id for h in snap.history] == [1] and snap.round.round_id == 2
     assert snap.total is None and snap.state.tolist() == [0.5] and snap.state_version == 2
+
+
+
+
+def _round_keys(store: Store) -> dict[bytes, bytes]:
+    with store._env.begin() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor() if bytes(k).startswith(b"round/")}
+
+
+def test_a_durable_write_puts_only_the_edges_that_changed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.init_model(Manifest(((0, 1),), b"fp"), np.zeros(1, dtype=np.float32), 1, record(1))
+    r = record(1)
+    for k in range(50):
+        r.join(f"edge-{k}", 101.0)
+    store.save_round(r)
+    assert not r.dirty and b'"edges":' not in _round_keys(store)[KEY_ROUND]
+    r.commit("edge-7", 3, 3.0, Bytes(raw_up=40), 110.0)
+    assert r.dirty == {"edge-7"}
+    puts: list[bytes] = []
+
+    class Recorder:  # what the next write puts, key by key
+        def put(self, key: bytes, value: bytes) -> None:
+            puts.append(bytes(key))
+
+    written = _put_record(Recorder(), r)  # type: ignore[arg-type]
+    assert sorted(puts) == [KEY_ROUND, b"round/edge/edge-7"] and len(_round_keys(store)) == 51
+    _unwritten(r, written)  # that write was not committed: the edge is still to be written
+    assert r.dirty == {"edge-7"}
+    store.commit_upload(r, np.array([3.0]))
+    store.close()
+    again = Store(tmp_path / "s").load().round
+    assert again == r and again.edges["edge-7"].uploaded and len(again.edges) == 50
+
+
+def test_finishing_a_round_drops_its_edges_and_the_history_keeps_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.init_model(Manifest(((0, 1),), b"fp"), np.zeros(1, dtype=np.float32), 1, record(1))
+    done = record(1)
+    done.commit("a", 2, 2.0, Bytes(), 3.0)
+    store.commit_upload(done, np.array([2.0]))
+    done.close(5.0)
+    store.finish_round(done, np.array([0.5], dtype=np.float32), 2, record(2))
+    assert [k for k in _round_keys(store) if k.startswith(b"round/edge/")] == []
+    snap = store.load()
+    assert snap.round.edges == {} and snap.history[0].edges["a"].uploaded
+
+
+def test_a_state_directory_of_the_previous_format_is_read_and_upgraded(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.init_model(Manifest(((0, 1),), b"fp"), np.zeros(1, dtype=np.float32), 1, record(1))
+    old = record(1)
+    old.join("a", 101.0)
+    old.commit("b", 4, 4.0, Bytes(raw_up=8), 102.0)
+    with store._env.begin(write=True) as txn:  # format 1: the round's edges inside its record
+        txn.put(b"format", b"fedocr-aggregator/1")
+        txn.put(KEY_ROUND, old.to_json())
+    store.close()
+    store = Store(tmp_path / "s")
+    loaded = store.load().round
+    assert loaded == old and loaded.dirty == {"a", "b"}
+    store.save_round(loaded)  # the next write moves the edges to their own keys
+    keys = _round_keys(store)
+    assert b'"edges":' not in keys[KEY_ROUND] and {b"round/edge/a", b"round/edge/b"} <= set(keys)
+    with store._env.begin() as txn:
+        assert bytes(txn.get(b"format")) == FORMAT_VERSION
+    store.close()
+    assert Store(tmp_path / "s").load().round == old
 
 
 def test_status_table() -> None:
