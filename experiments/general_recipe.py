@@ -6,8 +6,8 @@ where it stopped; the timings of stages run before are kept in timings.json):
 
 1. the classic words of the first stage (20,000, seed 1), rendered;
 2. the first stage (fedocr-cpu, 4 epochs, lr 0.003, cosine from epoch 1, one thread), and beside it,
-   on the other core, the recipe's varied words (GENERAL.synth_count, seed 11) and 20,000 classic words
-   of seed 12, rendered by one process;
+   on the other core, the recipe's varied words (GENERAL.synth_count, seed 11), its long words
+   (GENERAL.long_count, seed 13) and 20,000 classic words of seed 12, rendered one set after another;
 3. the recipe: `recognizer train --recipe general --init` the first stage's model (two threads).
 
 With --scale N every count is divided by N (a quick check of the pipeline, not a result). Writes
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     n = max(1, args.scale)
-    words, varied, classic = work / "words", work / "varied", work / "classic"
+    words, varied, long, classic = work / "words", work / "varied", work / "long", work / "classic"
     stage1, model = work / "classic.npz", work / "general.npz"
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -81,19 +81,24 @@ def main(argv: list[str] | None = None) -> int:
                 stage1_epochs, "--lr", "0.003", "--cosine-from", "1" if n == 1 else "0",
                 "--threads", "1", "--out", str(stage1), "--progress", "log"), stage1),
             "varied words": (_recognizer(*GENERAL.synth_argv(str(varied)), "--progress", "log"), varied),
+            **({"long words": (_recognizer(*GENERAL.long_argv(str(long)), "--progress", "log"), long)}
+               if GENERAL.long_count else {}),
             "classic words": (_recognizer(
                 "synth", "--out", str(classic), "--count", str(20_000 // n), "--seed", "12", "--labels",
                 "words", "--progress", "log"), classic),
         },
         "the recipe": {"general": (_recognizer(
             "train", "--recipe", "general", "--init", str(stage1), "--key", str(stage1.with_suffix(".key")),
-            "--data", str(varied), "--data", str(classic), "--gamma", "1/2", "--out", str(model),
+            "--data", str(varied), *(["--data", str(long)] if GENERAL.long_count else []),
+            "--data", str(classic), "--gamma", "1/2", "--out", str(model),
             "--progress", "log", *(["--epochs", "1"] if n > 1 else [])), model)},
     }  # fmt: skip
-    if n > 1:  # the varied set at 1/n of its size
+    if n > 1:  # the varied sets at 1/n of their size
         jobs = stages["first stage, and the recipe's data beside it"]
-        cmd, _ = jobs["varied words"]
-        cmd[cmd.index("--count") + 1] = str(GENERAL.synth_count // n)
+        for name, count in (("varied words", GENERAL.synth_count), ("long words", GENERAL.long_count)):
+            if name in jobs:
+                cmd, _ = jobs[name]
+                cmd[cmd.index("--count") + 1] = str(count // n)
     started_all = time.monotonic()
     for stage, jobs in stages.items():
         if all(_done(out) for _, out in jobs.values()):

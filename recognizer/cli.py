@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named recipe (recognizer/recipe.py) that sets preset, optimizer, batch size, "
                         "epochs, lr, cosine and augmentation where not given; general: a recognizer for "
                         "text it was not rendered for (its data: recognizer synth "
-                        f"{' '.join(RECIPES['general'].synth_argv('OUT')[1:])})")
+                        f"{' '.join(RECIPES['general'].synth_argv('OUT')[1:])}, and "
+                        f"{' '.join(RECIPES['general'].long_argv('LONG')[1:])})")
     p.add_argument("--preset", default="fedocr-cpu", action=_Given)
     p.add_argument("--alphabet", choices=sorted(ALPHABETS),
                    help="symbols the model reads (default: the preset's, alnum36: case-insensitive "

@@ -10,7 +10,7 @@ import torch
 from recognizer import cli
 from recognizer.augment import FAMILIES, AugmentConfig, augment, gaussian_blur, gaussian_noise
 from recognizer.dataset import WordDataset, array_to_tensor, collate, image_to_array, make_loader
-from recognizer.recipe import GENERAL
+from recognizer.recipe import GENERAL, NamedRecipe
 from recognizer.synth import render_dataset
 from recognizer.train import evaluate
 
@@ -102,6 +102,15 @@ def test_recipe_fills_only_the_train_options_not_given() -> None:
     filled = (general.augment, general.lr, general.cosine_from, general.preset, general.batch_size)
     assert filled == (GENERAL.augment, GENERAL.lr, GENERAL.cosine_from, GENERAL.preset, GENERAL.batch_size)
     assert filled == ("straug", 3e-3, 0, "fedocr-cpu-wide", 64)
+
+
+def test_the_recipes_data_commands_are_synth_commands_of_its_label_kinds() -> None:
+    parse = cli.build_parser().parse_args
+    varied, long = parse(GENERAL.synth_argv("v")), parse(GENERAL.long_argv("l"))
+    assert (varied.labels, varied.count, varied.styles) == ("general", GENERAL.synth_count, "varied")
+    assert (long.labels, long.count, long.fonts, long.seed) == ("long", GENERAL.long_count, "train", 13)
+    assert long.seed != varied.seed and GENERAL.long_count > 0
+    assert NamedRecipe("plain").long_argv("l") == []  # a recipe without long words renders none
 
 
 # The model that reads: the session's digit reader (conftest.py), trained until it reads MIN_CLEAN of
