@@ -93,8 +93,9 @@ def _unwritten(record: RoundRecord, written: set[str]) -> None:
     record.dirty |= written
 
 
-def _drop_round_edges(txn: lmdb.Transaction) -> None:
-    for key in [bytes(k) for k, _ in _prefix(txn, ROUND_EDGE_PREFIX)]:
+def _delete_prefix(txn: lmdb.Transaction, prefix: bytes) -> None:
+    """Delete every key that starts with ``prefix``."""
+    for key in [bytes(k) for k, _ in _prefix(txn, prefix)]:
         txn.delete(key)
 
 
@@ -288,10 +289,9 @@ class Store:
             txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             if visible:
                 txn.put(KEY_VISIBLE, _bytes(state, STATE_DTYPE))
-            for key in [bytes(k) for k, _ in _prefix(txn, SLOT_PREFIX)]:
-                txn.delete(key)
+            _delete_prefix(txn, SLOT_PREFIX)
             txn.put(KEY_STATE_VERSION, b"%d" % version)
-            _drop_round_edges(txn)
+            _delete_prefix(txn, ROUND_EDGE_PREFIX)
             _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
             txn.delete(KEY_MASKED_SUM)
@@ -300,8 +300,7 @@ class Store:
         """Start the visible state over (the download encoding changed): store ``visible`` as it,
         or none at all, and drop every stored change."""
         with self._write() as txn:
-            for key in [bytes(k) for k, _ in _prefix(txn, CHANGE_PREFIX)]:
-                txn.delete(key)
+            _delete_prefix(txn, CHANGE_PREFIX)
             if visible is None:
                 txn.delete(KEY_VISIBLE)
             else:
@@ -390,14 +389,13 @@ class Store:
                 for old in dropped:
                     txn.delete(change_key(old))
             txn.put(history_key(done.round_id), done.to_json())
-            for key in [bytes(k) for k, _ in _prefix(txn, secure_prefix(done.round_id))]:
-                txn.delete(key)  # the shares of a finished round are of no further use
+            _delete_prefix(txn, secure_prefix(done.round_id))  # its shares are of no further use
             if state is not None:
                 txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.delete(KEY_ROUND_SUM)
             txn.delete(KEY_MASKED_SUM)
-            _drop_round_edges(txn)
+            _delete_prefix(txn, ROUND_EDGE_PREFIX)
             if following is not None:
                 _put_record(txn, following)
             else:
