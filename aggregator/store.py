@@ -80,8 +80,12 @@ def _put_record(txn: lmdb.Transaction, record: RoundRecord) -> set[str]:
     transaction does not commit)."""
     txn.put(KEY_ROUND, record.to_json(with_edges=False))
     written, record.dirty = record.dirty, set()
-    for edge_id in written:
-        txn.put(ROUND_EDGE_PREFIX + edge_id.encode(), record.edge_json(edge_id))
+    try:
+        for edge_id in written:
+            txn.put(ROUND_EDGE_PREFIX + edge_id.encode(), record.edge_json(edge_id))
+    except BaseException:
+        _unwritten(record, written)  # a put failed: the caller gets no set back to restore
+        raise
     if record.secure is not None:
         for name, data in record.secure.take_blobs():
             txn.put(secure_prefix(record.round_id) + name.encode(), data)

@@ -101,8 +101,6 @@ def test_store_finish_round_moves_to_history(tmp_path: Path) -> None:
     assert snap.total is None and snap.state.tolist() == [0.5] and snap.state_version == 2
 
 
-
-
 def _round_keys(store: Store) -> dict[bytes, bytes]:
     with store._env.begin() as txn:
         return {bytes(k): bytes(v) for k, v in txn.cursor() if bytes(k).startswith(b"round/")}
@@ -127,6 +125,16 @@ def test_a_durable_write_puts_only_the_edges_that_changed(tmp_path: Path) -> Non
     written = _put_record(Recorder(), r)  # type: ignore[arg-type]
     assert sorted(puts) == [KEY_ROUND, b"round/edge/edge-7"] and len(_round_keys(store)) == 51
     _unwritten(r, written)  # that write was not committed: the edge is still to be written
+    assert r.dirty == {"edge-7"}
+
+
+    class Failing:  # a write whose put of an edge fails (a full disk): the edge stays marked
+        def put(self, key: bytes, value: bytes) -> None:
+            if key.startswith(b"round/edge/"):
+                raise OSError("no space left")
+
+    with pytest.raises(OSError):
+        _put_record(Failing(), r)  # type: ignore[arg-type]
     assert r.dirty == {"edge-7"}
     store.commit_upload(r, np.array([3.0]))
     store.close()
