@@ -58,6 +58,19 @@ def test_quorum_deadline_and_failure() -> None:
     assert r.state == OPEN and (r.close(1.0) or r.state) == CLOSED
 
 
+def test_the_committed_count_is_kept_and_restored() -> None:
+    r = record()
+    r.join("a", 101.0)
+    r.commit("a", 5, 5.0, Bytes(), 110.0)
+    r.commit("a", 5, 5.0, Bytes(), 111.0)  # the same edge again (the coordinator refuses it first)
+    r.join("b", 112.0)
+    assert r.committed == 1 and r.has_uploaded("a") and not r.has_uploaded("b")
+    back = RoundRecord.from_json(r.to_json())
+    assert back.committed == 1
+    apart = RoundRecord.from_json(r.to_json(with_edges=False), edges=list(r.edges.values()))
+    assert apart.committed == 1 and apart.brief().committed == 0  # a brief copy holds no edges
+
+
 def test_record_json_round_trip() -> None:
     r = record()
     r.join("edge-1", 101.5)
