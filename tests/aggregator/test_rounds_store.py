@@ -140,7 +140,6 @@ def test_a_durable_write_puts_only_the_edges_that_changed(tmp_path: Path) -> Non
     _unwritten(r, written)  # that write was not committed: the edge is still to be written
     assert r.dirty == {"edge-7"}
 
-
     class Failing:  # a write whose put of an edge fails (a full disk): the edge stays marked
         def put(self, key: bytes, value: bytes) -> None:
             if key.startswith(b"round/edge/"):
