@@ -88,11 +88,11 @@ class NamedRecipe:
 # letter of words up to 25 long); batches of 64 on two threads process about twice the images per second
 # of batches of 16 on one. Its data: the rich renderer's varied style over the training font families and
 # backgrounds, realistic labels of up to 25 characters, and dictionary words of 11 to 25 letters apart
-# (only 4.7% of the realistic labels are such words; 17% of the varied images with them); STRAug-style
+# (only 4.7% of the realistic labels are such words; 21% of the varied images with them); STRAug-style
 # augmentation; two epochs at lr 0.003 decayed along a cosine from the start.
 GENERAL = NamedRecipe(
     "general", preset="fedocr-cpu-wide", batch_size=64, epochs=2, lr=3e-3, cosine_from=0, augment="straug",
-    synth_count=136_000, synth_seed=11, synth_labels="general", long_count=24_000,
+    synth_count=136_000, synth_seed=11, synth_labels="general", long_count=36_000,
 )
 RECIPES: dict[str, NamedRecipe] = {r.name: r for r in (GENERAL,)}
 
