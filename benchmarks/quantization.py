@@ -93,7 +93,7 @@ class SecureEncoding:
     (secagg.next_code_range) unless the variant fixes it.
     """
 
-    def __init__(self, bits: int, code_range: float, statistics: int, length: int) -> None:
+    def __init__(self, bits: int, code_range: float, statistics: int, length: int, seed: int = 0) -> None:
         from aggregator.config import AggregatorConfig
 
         config = AggregatorConfig(secure_aggregation=True, quorum=3, secagg_code_bits=bits)
@@ -101,7 +101,7 @@ class SecureEncoding:
         self.range, self.cap = code_range or config.secagg_code_range, config.secagg_sample_cap
         self.adapt = not code_range
         self.cut = length - statistics if bits else 0  # values [0, cut) go as codes
-        self.rng = np.random.default_rng(7)
+        self.rng = np.random.default_rng(7 + seed)
         self.start()
 
     def start(self) -> None:
@@ -256,8 +256,17 @@ def make_data(data_dir: Path) -> tuple[list[Path], Path]:
     return [data_dir / "shards" / f"shard{k}" for k in range(EDGES)], held_out
 
 
-def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) -> dict:
-    """Run ``rounds`` FedAvg rounds with ``variant``'s uploads; the global accuracy after each."""
+def seeded_key(seed: int) -> bytes:
+    """The hashing key of run ``seed``: KEY itself for seed 0, so earlier results stay comparable."""
+    return bytes((b + seed) % 256 for b in KEY)
+
+
+def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int, seed: int = 0) -> dict:
+    """Run ``rounds`` FedAvg rounds with ``variant``'s uploads; the global accuracy after each.
+
+    ``seed`` changes the hashing key (and with it the initial weights), each edge's data order and
+    the uploads' rounding draws; the data stay the same.
+    """
     import torch
 
     from aggregator import fedavg
@@ -269,7 +278,8 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     from edge_agent.client import manifest_specs
 
     encoding, download = encodings.NAMES[variant.encoding], encodings.NAMES[variant.download]
-    edges = [LocalModel(s, KEY, "fedocr-tiny", 0.5, seed=k) for k, s in enumerate(shards)]
+    key = seeded_key(seed)
+    edges = [LocalModel(s, key, "fedocr-tiny", 0.5, seed=k + 100 * seed) for k, s in enumerate(shards)]
     residuals = [np.zeros(edges[0].length, dtype=np.float32) for _ in edges]
     global_state = np.zeros(edges[0].length, dtype=np.float32)
     visible = global_state.copy()  # what edges hold: the global state itself for float32 downloads
@@ -278,7 +288,8 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
     curve, started = [], time.process_time()
     secure = None
     if variant.secure_bits >= 0:
-        secure = SecureEncoding(variant.secure_bits, variant.code_range, edges[0].statistics, edges[0].length)
+        secure = SecureEncoding(variant.secure_bits, variant.code_range, edges[0].statistics, edges[0].length,
+                                seed)
     for t in range(rounds):
         total = np.zeros(global_state.size, dtype=np.float64)
         if secure is not None:
@@ -290,7 +301,8 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
             if secure is not None:
                 decoded = secure.add(sent, edge.samples)
             else:
-                decoded = upload(sent, edge.statistics, encoding, variant.rounding, seed=1000 * t + k).values
+                decoded = upload(sent, edge.statistics, encoding, variant.rounding,
+                                 seed=1000 * t + k + 1_000_000 * seed).values
             if variant.feedback:
                 residuals[k] = sent - decoded
             fedavg.accumulate(total, decoded, float(edge.samples))
@@ -310,21 +322,28 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int) 
         if secure is not None and secure.bits:
             point["next_code_range"] = round(secure.range, 6)
         curve.append(point)
-        print(json.dumps({"variant": variant.name, **point}), flush=True)
-    return {"variant": dataclasses.asdict(variant), "rounds": rounds, "edges": len(edges),
+        print(json.dumps({"variant": variant.name, "seed": seed, **point}), flush=True)
+    return {"variant": dataclasses.asdict(variant), "seed": seed, "rounds": rounds, "edges": len(edges),
             "shard_size": SHARD_SIZE, "curve": curve}
 
 
+def result_name(variant: str, seed: int) -> str:
+    """The result file's name: seed 0 keeps the name results had before runs were seeded."""
+    return f"{variant}.json" if seed == 0 else f"{variant}-seed{seed}.json"
+
+
 def print_accuracy(results: list[dict]) -> None:
-    base = next((r for r in results if r["variant"]["name"] == "float32"), None)
-    print(f"\n{'variant':<24} {'feedback':>8} {'rounding':>10} {'download':>8} {'final acc.':>10} "
-          f"{'vs float32':>10} {'best acc.':>9} {'1-NED':>6}")
+    """One row per result, each compared with the float32 run of its own seed."""
+    print(f"\n{'variant':<24} {'seed':>4} {'feedback':>8} {'rounding':>10} {'download':>8} "
+          f"{'final acc.':>10} {'vs float32':>10} {'best acc.':>9} {'1-NED':>6}")
     for r in results:
-        v, last = r["variant"], r["curve"][-1]
+        v, last, seed = r["variant"], r["curve"][-1], r.get("seed", 0)
+        base = next((b for b in results if b["variant"]["name"] == "float32" and b.get("seed", 0) == seed),
+                    None)
         delta = "-" if base is None else f"{100 * (last['accuracy'] - base['curve'][-1]['accuracy']):+.1f} pt"
         best = max(p["accuracy"] for p in r["curve"])
         rounding = v["rounding"] if v["encoding"] in ("int8", "int4", "int3", "int2") else "-"
-        print(f"{v['name']:<24} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
+        print(f"{v['name']:<24} {seed:>4} {'on' if v['feedback'] else 'off':>8} {rounding:>10} "
               f"{v.get('download', 'float32'):>8} "
               f"{100 * last['accuracy']:>9.1f}% {delta:>10} {100 * best:>8.1f}% "
               f"{last['char_accuracy']:>6.3f}")
@@ -340,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=Path("runs/quantization"))
     p.add_argument("--results", type=Path, default=Path("results/quantization"))
     p.add_argument("--paper-steps", type=int, default=3, help="Adam steps of the paper-width model")
+    p.add_argument("--seeds", default="0", help="comma-separated run seeds (key, data order, rounding; "
+                   "default 0: the results' original runs)")
     p.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one federation in this process
     args = p.parse_args(argv)
     by_name = {v.name: v for v in VARIANTS}
@@ -347,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(by_name)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
     shards, held_out = make_data(args.data_dir)
     if args.run_variant:
-        result = federate(by_name[args.run_variant], shards, held_out, args.rounds)
+        result = federate(by_name[args.run_variant], shards, held_out, args.rounds, seeds[0])
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / f"{args.run_variant}.json").write_text(json.dumps(result, indent=1))
+        (args.results / result_name(args.run_variant, seeds[0])).write_text(json.dumps(result, indent=1))
         return 0
     if not args.accuracy:
         import torch
@@ -367,19 +389,21 @@ def main(argv: list[str] | None = None) -> int:
                     stats, rows)
         print_downloads(paper.size, rows, download_rows(paper, stats))
         return 0
-    todo = [n for n in names if not (args.results / f"{n}.json").exists()]
+    runs = [(n, s) for s in seeds for n in names]
+    todo = [(n, s) for n, s in runs if not (args.results / result_name(n, s)).exists()]
     running: list[subprocess.Popen] = []
     while todo or running:
         running = [proc for proc in running if proc.poll() is None]
         if todo and len(running) < args.parallel:
-            cmd = [sys.executable, "-m", "benchmarks.quantization", "--run-variant", todo.pop(0),
-                   "--rounds", str(args.rounds), "--data-dir", str(args.data_dir),
+            name, seed = todo.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.quantization", "--run-variant", name,
+                   "--seeds", str(seed), "--rounds", str(args.rounds), "--data-dir", str(args.data_dir),
                    "--results", str(args.results)]
             running.append(subprocess.Popen(cmd))
             continue
         time.sleep(2)
-    results = [json.loads((args.results / f"{n}.json").read_text()) for n in names
-               if (args.results / f"{n}.json").exists()]
+    results = [json.loads((args.results / result_name(n, s)).read_text()) for n, s in runs
+               if (args.results / result_name(n, s)).exists()]
     print(f"{EDGES} edges x {SHARD_SIZE} clean digit strings, {args.rounds} rounds of one local epoch")
     print_accuracy(results)
     return 0
