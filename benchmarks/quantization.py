@@ -6,7 +6,7 @@ they leave.
 
 Bytes: a real increment (``fedocr-tiny`` at gamma 1/2, and the paper-width ``fedocr`` at gamma
 1/4, each after a few Adam steps from W_0 on clean digit strings) is encoded the way an edge
-uploads it (edge_agent.client.encode_upload: chunks of 65,536 values, zstd level 3, the running
+uploads it (fedocr.client.encode_upload: chunks of 65,536 values, zstd level 3, the running
 statistics in float32 whatever the encoding) in every encoding. Printed: raw and wire bytes, their
 ratios to float32's, and the relative error of one round's decoded increment, for nearest and
 stochastic rounding. Downloads: the same increment as the change of the state an edge sees,
@@ -188,8 +188,8 @@ class Decoded:
 
 
 def upload(increment: np.ndarray, statistics: int, encoding: int, rounding: str, seed: int) -> Decoded:
-    """Encode ``increment`` as edge_agent.client uploads it; what the aggregator decodes."""
-    from edge_agent.client import encode_upload
+    """Encode ``increment`` as fedocr.client uploads it; what the aggregator decodes."""
+    from fedocr.client import encode_upload
 
     enc = encode_upload(increment, statistics, encoding, rounding=rounding, seed=seed)
     for _ in enc.chunks():
@@ -202,7 +202,7 @@ def download_rows(increment: np.ndarray, statistics: int) -> list[dict]:
     (aggregator.visible.encode_change), per lossy encoding, and the relative error it leaves."""
     from aggregator.config import AggregatorConfig
     from aggregator.visible import encode_change
-    from edge_agent.client import manifest_specs
+    from fedocr.client import manifest_specs
 
     defaults = AggregatorConfig()
     specs = tuple((s.id, s.length, s.exact) for s in manifest_specs(increment.size, statistics))
@@ -275,7 +275,7 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int, 
 
     torch.set_num_threads(1)
     from aggregator.visible import encode_change
-    from edge_agent.client import manifest_specs
+    from fedocr.client import manifest_specs
 
     encoding, download = encodings.NAMES[variant.encoding], encodings.NAMES[variant.download]
     key = seeded_key(seed)

@@ -32,10 +32,10 @@ from aggregator.config import AggregatorConfig
 from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Bytes
 from aggregator.store import Manifest, Store
-from edge_agent.client import encode_upload
 from edge_agent.secure.protocol import settings_of
 from edge_agent.secure.session import EdgeSession
 from fedocr import encodings, secagg
+from fedocr.client import encode_upload
 from fedocr.v1 import federation_pb2 as pb
 
 FINGERPRINT = b"\x5a" * 32

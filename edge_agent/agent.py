@@ -12,13 +12,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.client import FederationClient, Upload, UploadUnconfirmed
 from edge_agent.feedback import RESIDUAL_FILE, Residual
 from edge_agent.local import LocalModel, Plan
 from edge_agent.report import Journal, Progress, megabytes
 from edge_agent.secure import protocol
 from edge_agent.warmup import warmup_data
 from fedocr import encodings, retry, secagg
+from fedocr.client import FederationClient, Upload, UploadUnconfirmed
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -143,10 +143,10 @@ def run(argv: Sequence[str]) -> int:
     import grpc
 
     from edge_agent.agent import FINAL_MODEL_FILE, PERSONAL_MODEL_FILE, AgentError, AgentSettings, EdgeAgent
-    from edge_agent.client import Endpoint, FederationClient
     from edge_agent.local import LocalModel, set_threads
     from edge_agent.report import Progress, megabytes
     from fedocr import retry
+    from fedocr.client import Endpoint, FederationClient
     from fedocr.tls import CredentialsError
     from recognizer.keys import KeyFileError, load_key
     from recognizer.lmdb_data import DatasetError

@@ -18,9 +18,9 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge_agent.client import FederationClient, Upload
 from edge_agent.secure.session import EdgeSession, SecureSettings
 from fedocr import encodings, retry, secagg
+from fedocr.client import FederationClient, Upload
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Quantized downloads with error feedback on the aggregator: a real `aggregator serve` process, the
-edge's own wire client (edge_agent.client), byte-equal visible states however an edge got there."""
+edge's own wire client (fedocr.client), byte-equal visible states however an edge got there."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from fedclient import Client
 
 from aggregator.store import change_key
 from aggregator.visible import Change
-from edge_agent.client import Endpoint, FederationClient, read_state
 from fedocr import encodings, harness, retry, tensors
+from fedocr.client import Endpoint, FederationClient, read_state
 from fedocr.v1 import federation_pb2 as pb
 
 PARAMS, STATS = 200_000, 300

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from fedclient import FINGERPRINT, code_of, upload_messages
 
-from edge_agent.client import Endpoint, FederationClient
 from edge_agent.secure import protocol
 from edge_agent.secure.session import EdgeSession
 from fedocr import retry, secagg
+from fedocr.client import Endpoint, FederationClient
 from fedocr.v1 import federation_pb2 as pb
 
 C = grpc.StatusCode

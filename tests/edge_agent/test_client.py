@@ -12,8 +12,8 @@ import pytest
 
 from aggregator.config import AggregatorConfig
 from aggregator.server import start
-from edge_agent.client import Endpoint, FederationClient
 from fedocr import retry, tensors
+from fedocr.client import Endpoint, FederationClient
 from fedocr.v1 import federation_pb2 as pb
 
 LENGTH = 50_000

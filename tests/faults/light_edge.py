@@ -31,9 +31,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.client import Endpoint, FederationClient, upload_header
 from edge_agent.secure import protocol
 from fedocr import encodings, pki, retry, secagg, tensors, tls
+from fedocr.client import Endpoint, FederationClient, upload_header
 from fedocr.errors import WireFormatError
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc

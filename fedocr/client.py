@@ -1,4 +1,5 @@
-"""The edge's side of fedocr.v1.Federation: join, download the global state, upload an increment.
+"""A participant's side of fedocr.v1.Federation (an edge, or a leaf aggregator toward its root): join,
+download the global state, upload an increment.
 
 Every call retries transient failures (aggregator down or restarting) with capped exponential
 backoff and full jitter; anything else is raised as a grpc.RpcError for the agent to judge.
@@ -200,11 +201,12 @@ class FederationClient:
         self, length: int, fingerprint: bytes, held_version: int, wait_s: int, statistics: int = 0
     ) -> pb.JoinResponse:
         """Ask for work with the manifest of a packed vector of ``length`` values (manifest_specs)."""
-        request = pb.JoinRequest(
-            manifest=pb.Manifest(tensors=manifest_specs(length, statistics), fingerprint=fingerprint),
-            held_state_version=held_version,
-            wait_seconds=wait_s,
-        )
+        manifest = pb.Manifest(tensors=manifest_specs(length, statistics), fingerprint=fingerprint)
+        return self.join_manifest(manifest, held_version, wait_s)
+
+    def join_manifest(self, manifest: pb.Manifest, held_version: int, wait_s: int) -> pb.JoinResponse:
+        """Ask for work with a manifest as it is (a leaf aggregator passes on its edges')."""
+        request = pb.JoinRequest(manifest=manifest, held_state_version=held_version, wait_seconds=wait_s)
         return self._invoker.call(self._stub.Join, request, timeout=RPC_TIMEOUT_S + wait_s)
 
     def download(self, held_version: int = 0, held: np.ndarray | None = None) -> Download | None:
@@ -252,6 +254,11 @@ class FederationClient:
         """
         header = upload_header(round_id, samples, fingerprint, encoding, base_version)
         encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed, hidden=hidden)
+        return self.send(header, encoder, edge_id)
+
+    def send(self, header: pb.UploadHeader, encoder: tensors.ChunkEncoder, edge_id: str) -> Upload:
+        """Stream an encoded upload (``upload`` says how refusals and ALREADY_EXISTS are taken)."""
+        round_id = header.round_id
         chunks = list(encoder.chunks())  # encoded once; every retry resends the same bytes
         trailer = encoder.trailer()
         moved = Transfer(raw=encoder.raw_bytes, wire=encoder.wire_bytes)
