@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="masked uploads: the server learns only the round's sum ([secure_aggregation] in the config)",
     )
+    add("--root", help="run as a leaf aggregator of the root at host:port ([tier] root)")
+    add("--root-cert", dest="root_cert", type=Path, help="the leaf's certificate toward the root (role leaf)")
+    add("--root-key", dest="root_key", type=Path, help="the leaf's private key toward the root")
     add("--secure-code-bits", dest="secagg_code_bits", type=int,
         help="secure uploads as b-bit codes, 2..8 (0: 32-bit fixed point; [secure_aggregation] code_bits)")
     return parser

@@ -63,11 +63,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "code_range",
         "hide_weights",
     ),
+    # A leaf aggregator: its root's address and the leaf's own certificate (role leaf) toward it.
+    "tier": ("root", "cert", "key"),
 }
 # TOML keys whose field has another name: [secure_aggregation] keys carry the "secagg_" prefix.
 RENAMED: dict[tuple[str, str], str] = {
     ("secure_aggregation", "enabled"): "secure_aggregation",
     **{("secure_aggregation", k): "secagg_" + k for k in SECTIONS["secure_aggregation"][1:]},
+    ("tier", "cert"): "root_cert",
+    ("tier", "key"): "root_key",
 }
 
 
@@ -164,6 +168,12 @@ class AggregatorConfig:
     secagg_code_range: float = 0.1
     # Edges send their weights masked, as the upload's last values: the server learns only their sum.
     secagg_hide_weights: bool = False
+    # A leaf aggregator (docs/aggregator.md, "Two tiers"): host:port of the root it forwards each
+    # round's sum to, and the leaf's client certificate and key there (role leaf; CA: ``ca``).
+    # Its rounds and plans are the root's; quorum, min_edges and deadline_s stay its own.
+    root: str = ""
+    root_cert: Path | None = None
+    root_key: Path | None = None
 
     def __post_init__(self) -> None:
         """Validate cross-field constraints."""
@@ -226,6 +236,23 @@ class AggregatorConfig:
         if not isinstance(logging.getLevelNamesMapping().get(str(self.log_level).upper()), int):
             raise ConfigError(f"log_level {self.log_level!r} is not a level (DEBUG, INFO, WARNING ...)")
         self._check_secure_aggregation()
+        self._check_leaf()
+
+    def _check_leaf(self) -> None:
+        """A leaf needs its certificate toward the root, and sums plainly what its edges send."""
+        if not self.root:
+            return
+        if not (self.root_cert and self.root_key):
+            raise ConfigError("a leaf (root set) needs its leaf certificate and key: [tier] cert and key")
+        if (
+            self.secure_aggregation
+            or self.server_optimizer != "fedavg"
+            or self.download_encoding != "float32"
+        ):
+            raise ConfigError(
+                "a leaf aggregator runs plain rounds: secure_aggregation off, server_optimizer fedavg "
+                "and download_encoding float32 (the root applies its own optimizer and encodings)"
+            )
 
     def _check_secure_aggregation(self) -> None:
         """Validate the [secure_aggregation] table (checked even when it is off, so typos surface)."""
@@ -346,7 +373,14 @@ class AggregatorConfig:
                     values[RENAMED.get((section, key), key)] = value
             values = _coerce(values, f"{path}: ")
             base = Path(path).resolve().parent
-            for key in ("state_dir", "cert", "key", "ca"):  # relative paths are relative to the file
+            for key in (
+                "state_dir",
+                "cert",
+                "key",
+                "ca",
+                "root_cert",
+                "root_key",
+            ):  # relative paths are relative to the file
                 if key in values:
                     values[key] = base / values[key]
         values.update(_coerce({k: v for k, v in overrides.items() if v is not None}))

@@ -19,7 +19,19 @@ from aggregator import fedavg, rounds, server_opt
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
 from aggregator.longpoll import LongPolls, NotifyingCondition
-from aggregator.rounds import CLOSED, OPEN, Bytes, JoinResult, Receipt, RoundRecord, new_round
+from aggregator.rounds import (
+    AGGREGATING,
+    CLOSED,
+    FAILED,
+    OPEN,
+    Bytes,
+    Forward,
+    JoinResult,
+    Receipt,
+    RoundRecord,
+    UpstreamRound,
+    new_round,
+)
 from aggregator.secure import SecureRecord
 from aggregator.secure.phases import SecureRounds, Wiring
 from aggregator.store import Manifest, Store
@@ -36,6 +48,7 @@ from fedocr.errors import (
     RoundClosed,
     StorageUnavailable,
     UnknownRound,
+    WrongMode,
 )
 from fedocr.v1 import federation_pb2 as pb
 
@@ -74,6 +87,9 @@ class RoundCoordinator:
         )
         self.secure = SecureRounds(config, wiring)
         self._download_encoding = encodings.NAMES[config.download_encoding]
+        # A leaf aggregator (config.root set): its rounds follow the root's, and a round whose quorum
+        # is in hands its sum up (aggregator/upstream.py) instead of averaging it here.
+        self._leaf = bool(config.root)
         self._load()
         self._reconcile_visible()
 
@@ -239,11 +255,17 @@ class RoundCoordinator:
     @property
     def finished(self) -> bool:
         """True once every planned round closed."""
-        return self.manifest is not None and self._round is None
+        return self.manifest is not None and self._round is None and not self._awaiting_root()
+
+    def _awaiting_root(self) -> bool:
+        """A leaf that knows the model but was not yet given its first round by the root."""
+        return self._leaf and self._round is None and not self._history
 
     def _new_round(self, index: int, now: float, version: int) -> RoundRecord:
         last = max([h.round_id for h in self._history] + [self._round.round_id if self._round else 0])
         record = new_round(self.config, last + 1, index, now, version)
+        if self._leaf and self._round is not None:  # a leaf's retry keeps the root's plan
+            record.plan, record.total_rounds = copy.deepcopy(self._round.plan), self._round.total_rounds
         before = self._round.secure if self._round is not None else None
         if record.secure is not None and before is not None and before.bits:
             # a retry keeps the codes' range and sample cap; a close sets them anew (_aggregate)
@@ -265,7 +287,11 @@ class RoundCoordinator:
         """W_{t+1} = W_t + sum / weight (Algorithm 2), persisted with the next round, atomically.
 
         ``mean``: a secure round's unmasked mean of the survivors' increments, float32 (n,).
+        A leaf hands its sum up to the root instead (_hand_up).
         """
+        if self._leaf:
+            self._hand_up(now)
+            return
         r = self._round
         state = self._state.copy()
         slots = self._slots
@@ -323,10 +349,11 @@ class RoundCoordinator:
             self._match_or_init(manifest)
             while True:
                 r = self._round
-                if r is None:
+                if r is None and not self._awaiting_root():
                     return JoinResult("FINISHED", edge_id, self._history[-1], self.state_version)
                 if (
-                    r.state == OPEN
+                    r is not None
+                    and r.state == OPEN
                     and not r.has_uploaded(edge_id)
                     and edge_id not in self._in_flight
                     and (r.secure is None or r.secure.takes_join(edge_id))
@@ -338,7 +365,8 @@ class RoundCoordinator:
                     return JoinResult("TRAIN", edge_id, r.brief(), self.state_version)
                 remaining = until - self._clock()
                 if remaining <= 0 or self._polls.draining:
-                    return JoinResult("WAIT", edge_id, r.brief(), self.state_version)
+                    brief = r.brief() if r is not None else None  # None: a leaf awaiting the root
+                    return JoinResult("WAIT", edge_id, brief, self.state_version)
                 self._cond.wait(min(remaining, TICK_S * 5))
 
     def _match_or_init(self, manifest: Manifest) -> None:
@@ -346,6 +374,10 @@ class RoundCoordinator:
             self.manifest.check_same(manifest)
             return
         manifest.check_first(MAX_MODEL_VALUES)
+        if self._leaf:  # stored with the root's first round (adopt); the relay joins with it
+            self.manifest = manifest
+            self._cond.notify_all()
+            return
         now = self._clock()
         self.manifest, self.state_version = manifest, 1
         self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0
@@ -365,7 +397,7 @@ class RoundCoordinator:
         """The state edges train from: a header alone when the edge holds the current version, the
         chain of changes since its version when they are kept, else the full state in float32."""
         with self._cond:
-            if self.manifest is None:
+            if self.manifest is None or self._awaiting_root():
                 raise NotReady("no model yet: an edge must Join with its manifest first")
             state, version, specs = self._state, self.state_version, self.manifest.tensors
             if self._visible is not None:
@@ -409,18 +441,24 @@ class RoundCoordinator:
                 except StorageUnavailable as exc:
                     logger.warning("download by %s not recorded on disk: %s", edge_id, exc)
 
-    def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage]) -> Receipt:
-        """Stage, verify, then add one increment into the running sum; durable before returning."""
+    def upload(self, edge_id: str, messages: Iterator[pb.UploadMessage], leaf: bool = False) -> Receipt:
+        """Stage, verify, then add one increment into the running sum; durable before returning.
+
+        ``leaf``: the caller is a leaf aggregator forwarding its edges' weighted sum (float64), whose
+        weight is its sample_count; it adds to the sum as it is, as if its edges had uploaded here.
+        """
         header = read_header(messages)
         t0 = time.perf_counter()
         with self._cond:
             self._polls.check_serving()
-            if self.manifest is None:
+            if self.manifest is None or self._awaiting_root():
                 raise NotReady("no model yet: Join first")
-            self._check_upload(edge_id, header)
+            self._check_upload(edge_id, header, leaf)
             specs = list(self.manifest.tensors)
             hidden = self._round.secure.hidden_count() if self._round.secure is not None else 0
-            if hidden:  # weights travel masked: the header declares none
+            if leaf:
+                weight = fedavg.sum_weight(header.sample_count)
+            elif hidden:  # weights travel masked: the header declares none
                 if header.sample_count:
                     raise MalformedRequest(
                         "this round hides weights: send sample_count 0 and the weight masked"
@@ -436,17 +474,27 @@ class RoundCoordinator:
             try:
                 t1 = time.perf_counter()
                 staged = stage(header, messages, specs, self.config.max_chunk_bytes)
-                return self._commit(edge_id, header, staged, weight, (t0, t1, time.perf_counter()))
+                times = (t0, t1, time.perf_counter())
+                return self._commit(edge_id, header, staged, weight, times, leaf)
             finally:
                 self._uploads.release()
         finally:
             with self._cond:
                 self._in_flight.discard(edge_id)
 
-    def _check_upload(self, edge_id: str, header: pb.UploadHeader) -> None:
+    def _check_upload(self, edge_id: str, header: pb.UploadHeader, leaf: bool = False) -> None:
         if header.fingerprint != self.manifest.fingerprint:
             raise ModelMismatch("upload fingerprint differs from the federation's model")
-        self.secure.check_encoding(header.encoding)
+        if leaf:
+            if self.config.secure_aggregation:
+                raise WrongMode("this federation runs secure aggregation: a leaf's plain sum is refused")
+            if header.encoding != pb.ENCODING_FLOAT64:
+                raise MalformedRequest(
+                    "a leaf aggregator forwards its edges' sum in ENCODING_FLOAT64, "
+                    f"not {encodings.name_of(header.encoding)}"
+                )
+        else:
+            self.secure.check_encoding(header.encoding)
         r = self._round
         if r is None:
             rounds.check_after_the_last(self._history, header.round_id)
@@ -459,7 +507,13 @@ class RoundCoordinator:
         r.check_base(header.base_state_version)
 
     def _commit(
-        self, edge_id: str, header: pb.UploadHeader, staged, weight: float, times: tuple[float, ...]
+        self,
+        edge_id: str,
+        header: pb.UploadHeader,
+        staged,
+        weight: float,
+        times: tuple[float, ...],
+        leaf: bool = False,
     ) -> Receipt:
         with self._cond:
             r = self._round
@@ -469,9 +523,13 @@ class RoundCoordinator:
             if r.secure is not None:
                 self.secure.add(r, edge_id, staged.arrays, weight)
             else:
-                fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
+                if leaf:  # a sum of weighted increments: its mean is what must fit in float32
+                    fedavg.check_sum_headroom(staged.peak, weight, self._state_peak())
+                else:
+                    fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
+                scale = 1.0 if leaf else weight  # a leaf's sum is weighted already
                 for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
-                    fedavg.accumulate(self._total[off : off + n], values, weight)
+                    fedavg.accumulate(self._total[off : off + n], values, scale)
             moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
             r.commit(edge_id, header.sample_count, weight, moved, self._clock())
             committed = r.committed
@@ -520,6 +578,100 @@ class RoundCoordinator:
             self._notes_pending = False
         except StorageUnavailable as exc:
             logger.warning("join and download notes not written (retried next tick): %s", exc)
+
+    # -- a leaf's side of the second tier (aggregator/upstream.py calls these) ------------------
+
+    def _hand_up(self, now: float) -> None:
+        """A leaf's quorum is in: stop taking uploads and offer the sum to the relay (durable)."""
+        r = self._round
+        r.state = AGGREGATING
+        r.message = f"the sum of {r.committed} upload(s) goes to the root"
+        self._save_phase(r)
+        logger.info(
+            "round %s: %s upload(s) in, weight %s; forwarding to the root", r.round_id, r.committed, r.weight
+        )
+        self._cond.notify_all()
+
+    def wait_manifest(self, timeout: float) -> Manifest | None:
+        """The model's manifest once an edge joined (None after ``timeout`` seconds without one)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.manifest is not None or self._polls.draining, timeout)
+            return self.manifest
+
+    def needs_state(self, version: int) -> bool:
+        """Whether a leaf must adopt the root's state ``version``: it has no round yet, or another
+        version."""
+        with self._cond:
+            return self._awaiting_root() or (self._round is not None and version != self.state_version)
+
+    def wait_forwardable(self, timeout: float) -> Forward | None:
+        """A leaf's round sum once its quorum or deadline closed it (None after ``timeout``)."""
+        with self._cond:
+            ready = self._cond.wait_for(
+                lambda: self._round is not None and self._round.state == AGGREGATING, timeout
+            )
+            if not ready:
+                return None
+            r = self._round
+            return Forward(r.round_id, self._total.copy(), int(r.weight), r.committed, self.state_version)
+
+    def adopt(self, root: UpstreamRound, state: np.ndarray, version: int) -> None:
+        """A leaf takes the root's state ``version`` and the root's round (TRAIN) or end (FINISHED).
+
+        The first time, this opens the leaf's first round. Later, it ends the leaf's round: closed
+        when its sum went up (AGGREGATING), failed when the root's round closed without it.
+        """
+        with self._cond:
+            now, r = self._clock(), self._round
+            state = np.ascontiguousarray(state, dtype=np.float32)
+            if self._awaiting_root():
+                if root.finished:
+                    raise NotReady("the root's federation is over; this leaf has nothing to join")
+                first = self._new_round(root.index, now, version)
+                first.plan, first.total_rounds = root.plan, root.total_rounds
+                self._store.init_model(self.manifest, state, version, first)
+                self._state, self.state_version, self._round = state, version, first
+                self._total = np.zeros(self.manifest.size, dtype=np.float64)
+                self.secure.load(None, self.manifest.size)
+                self._visible, self._changes, self._slots = None, [], {}
+                logger.info(
+                    "root round index %s adopted at state version %s: round %s opened",
+                    root.index,
+                    version,
+                    first.round_id,
+                )
+                self._cond.notify_all()
+                return
+            if r is None or version == self.state_version:
+                return
+            if r.state == AGGREGATING:
+                r.close(now)
+                r.message = (
+                    f"the sum of {r.committed} upload(s) went to the root; root state version {version}"
+                )
+            else:
+                r.state, r.closed_at = FAILED, now
+                r.message = (
+                    f"the root's round closed (state version {version}) before this leaf's sum reached "
+                    f"it; {r.committed} upload(s) dropped"
+                )
+            following = None
+            if not root.finished:
+                following = self._new_round(root.index, now, version)
+                following.plan, following.total_rounds = root.plan, root.total_rounds
+            self._finish(r, state, version, following)
+            self._state, self.state_version, self._round = state, version, following
+            self._history.append(r)
+            self._total.fill(0.0)
+            self._commits.mark_all_durable()
+            logger.info(
+                "round %s ended (%s): root state version %s%s",
+                r.round_id,
+                r.state.lower(),
+                version,
+                "" if following else "; federation finished",
+            )
+            self._cond.notify_all()
 
     # -- status ----------------------------------------------------------------------------
 

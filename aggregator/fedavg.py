@@ -47,6 +47,22 @@ def weight_for(samples: int, weighting: str) -> float:
     return float(samples)
 
 
+def sum_weight(weight: int) -> float:
+    """The weight of a leaf aggregator's forwarded sum: its sample_count, the sum of its uploads'
+    weights (sample counts, or one each for the uniform mean)."""
+    if not 0 < weight <= MAX_SAMPLES:
+        raise MalformedRequest(
+            f"a forwarded sum needs a weight in 1..2**53 as its sample_count, got {weight}"
+        )
+    return float(weight)
+
+
+def check_sum_headroom(peak: float, weight: float, state_peak: float) -> None:
+    """Raise MalformedRequest unless state + sum / weight surely stays within float32."""
+    if state_peak + peak / weight > FLOAT32_MAX:
+        raise MalformedRequest("the forwarded sum's mean would take the global state beyond float32")
+
+
 def check_increment(values: np.ndarray, expected_length: int) -> None:
     """Raise MalformedRequest unless `values` is a 1-D float array of the length with finite values."""
     if values.ndim != 1 or values.shape[0] != expected_length:

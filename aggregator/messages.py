@@ -121,6 +121,30 @@ def sealed_from(request: pb.ShareKeysRequest, dealer: str) -> tuple[dict, dict]:
     return sealed, commits
 
 
+def plan_from(message: pb.TrainingPlan) -> TrainingPlan:
+    """The plan record of a plain round's TrainingPlan message (a leaf copies the root's)."""
+    warmup = message.warmup if message.HasField("warmup") else pb.WarmUp()
+    return TrainingPlan(
+        local_epochs=message.local_epochs,
+        learning_rate=message.learning_rate,
+        batch_size=message.batch_size,
+        optimizer=message.optimizer,
+        encoding=encodings.name_of(message.encoding or pb.ENCODING_FLOAT32),
+        error_feedback=message.error_feedback,
+        proximal_mu=message.proximal_mu,
+        warmup_words=warmup.words,
+        warmup_styles=warmup.styles,
+        warmup_labels=warmup.labels,
+        warmup_seed=warmup.seed,
+    )
+
+
+def manifest_message(manifest: Manifest) -> pb.Manifest:
+    """The Manifest message of a domain Manifest (inverse of manifest_from)."""
+    specs = [pb.TensorSpec(id=i, length=n, exact=exact) for i, n, exact in manifest.tensors]
+    return pb.Manifest(tensors=specs, fingerprint=manifest.fingerprint)
+
+
 def manifest_from(message: pb.Manifest) -> Manifest:
     """The domain Manifest of a Join request's manifest."""
     if not message.tensors:

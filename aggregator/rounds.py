@@ -283,6 +283,27 @@ class Receipt:
     sha256: bytes
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A leaf's round sum, ready to go to the root: the float64 sum, its weight and upload count."""
+
+    round_id: int
+    total: Any  # np.ndarray, float64 (n,)
+    weight: int
+    uploads: int
+    state_version: int  # the version every upload in the sum was computed from
+
+
+@dataclass(frozen=True)
+class UpstreamRound:
+    """What a leaf takes from the root's Join answer: the round's index and plan, or the end."""
+
+    index: int
+    total_rounds: int
+    plan: TrainingPlan
+    finished: bool = False
+
+
 def find(current: RoundRecord | None, history: list[RoundRecord], round_id: int) -> RoundRecord:
     """The record of ``round_id`` (0 = current; the last one, FINISHED, once every round ended).
 

@@ -26,7 +26,9 @@ from aggregator.coordinator import RoundCoordinator
 from aggregator.longpoll import Wakeups
 from aggregator.servicer import FederationServicer, ParseRequests
 from aggregator.store import Store
+from aggregator.upstream import Upstream
 from fedocr import tls
+from fedocr.client import Endpoint
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -87,6 +89,7 @@ class Running:
     health: health.aio.HealthServicer
     loop: EventLoopThread
     pools: tuple[futures.ThreadPoolExecutor, ...]
+    upstream: Upstream | None = None  # a leaf's relay to its root
     stopped: bool = False
 
     def stop(self, grace: float = 5.0) -> None:
@@ -94,6 +97,8 @@ class Running:
         if self.stopped:
             return
         self.stopped = True
+        if self.upstream is not None:
+            self.upstream.stop()
         self.loop.run(self.health.enter_graceful_shutdown())
         self.federation.drain()
         self.loop.run(self.server.stop(grace))
@@ -151,6 +156,12 @@ def start(config: AggregatorConfig) -> Running:
         store.close()
         raise
     federation.start()
+    upstream = None
+    if config.root:
+        endpoint = Endpoint(config.root, config.ca, config.root_cert, config.root_key)
+        upstream = Upstream(federation, endpoint)
+        upstream.start()
+        logger.info("leaf aggregator: rounds follow the root at %s, as %r", config.root, upstream.name)
     loop.run(server.start())
     for name in ("", SERVICE_NAME):
         loop.run(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
@@ -164,7 +175,7 @@ def start(config: AggregatorConfig) -> Running:
         config.round_min_edges,
         config.deadline_s,
     )
-    return Running(server, port, federation, store, health_servicer, loop, (rpc_pool, checks))
+    return Running(server, port, federation, store, health_servicer, loop, (rpc_pool, checks), upstream)
 
 
 async def _build(

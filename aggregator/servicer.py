@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["Federation"].full_name + "/"
 EDGE_ONLY = frozenset({pki.ROLE_EDGE})
-READERS = frozenset({pki.ROLE_EDGE, pki.ROLE_OBSERVER})
+# A leaf aggregator joins, downloads and uploads (its edges' sum) like an edge.
+PARTICIPANTS = frozenset({pki.ROLE_EDGE, pki.ROLE_LEAF})
+READERS = frozenset({pki.ROLE_EDGE, pki.ROLE_OBSERVER, pki.ROLE_LEAF})
 
 
 def _caller(context: grpc.ServicerContext, roles: frozenset[str], method: str) -> str:
@@ -123,7 +125,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         """Long-poll for work: the coordinator answers at once; a WAIT waits here for a change."""
         try:
-            caller = _caller(context, EDGE_ONLY, "Join")
+            caller = _caller(context, PARTICIPANTS, "Join")
             manifest = messages.manifest_from(request.manifest)
             result = await self._wakeups.poll(
                 lambda: self._check(self._rounds.join, caller, manifest, 0.0),
@@ -141,10 +143,11 @@ class FederationServicer(pb_grpc.FederationServicer):
 
         The stream is read here, on the loop, and staged by the coordinator on a worker thread."""
         try:
-            caller = _caller(context, EDGE_ONLY, "UploadIncrement")
+            caller = _caller(context, PARTICIPANTS, "UploadIncrement")
+            leaf = tls.peer_identity(context).role == pki.ROLE_LEAF
             bridge = StreamBridge(asyncio.get_running_loop())
             receipt = await bridge.run(
-                request_iterator, functools.partial(self._rounds.upload, caller), self._work
+                request_iterator, functools.partial(self._rounds.upload, caller, leaf=leaf), self._work
             )
             return messages.receipt(receipt)
         except asyncio.CancelledError:
@@ -235,7 +238,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         or a cold state is CPU work); the loop only sends."""
         loop = asyncio.get_running_loop()
         try:
-            caller = _caller(context, EDGE_ONLY, "DownloadState")
+            caller = _caller(context, PARTICIPANTS, "DownloadState")
             stream = await loop.run_in_executor(
                 self._work, self._rounds.download, caller, request.held_state_version
             )

@@ -4,6 +4,8 @@ A chunk holds ``count`` consecutive values of one tensor. Its payload (before co
 
 - ENCODING_FLOAT32: ``count`` little-endian binary32 values;
 - ENCODING_FLOAT16: ``count`` little-endian binary16 values;
+- ENCODING_FLOAT64: ``count`` little-endian binary64 values (a leaf aggregator's weighted sum,
+  forwarded to the root; exact tensors too);
 - ENCODING_INT8_QUANTIZED: the values in blocks of BLOCK (the last one may be shorter); first one
   little-endian binary32 scale per block, then ``count`` signed bytes q in [-127, 127]; value =
   q * scale of its block;
@@ -36,6 +38,7 @@ from fedocr.v1 import federation_pb2 as pb
 BLOCK = 256  # values per quantization scale
 FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
+FLOAT64 = np.dtype("<f8")
 MASKED = np.dtype("<u4")
 # The masked encodings and the little-endian unsigned type of their values (a value's width in bits
 # is 8 * itemsize: the modulus of its masks).
@@ -95,7 +98,7 @@ def name_of(encoding: int) -> str:
 
 def is_lossy(encoding: int) -> bool:
     """Whether decoding loses precision against float32 (so error feedback has work to do)."""
-    return encoding != pb.ENCODING_FLOAT32
+    return encoding not in (pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT64)
 
 
 def blocks(count: int) -> int:
@@ -107,6 +110,8 @@ def payload_size(encoding: int, count: int) -> int:
     """Bytes of the uncompressed payload of ``count`` values."""
     if encoding == pb.ENCODING_FLOAT32:
         return 4 * count
+    if encoding == pb.ENCODING_FLOAT64:
+        return 8 * count
     if encoding in MASKED_DTYPES:
         return MASKED_DTYPES[encoding].itemsize * count
     if encoding == pb.ENCODING_FLOAT16:
@@ -133,6 +138,9 @@ def encode(
         if dtype.itemsize < 4 and (masked >> (8 * dtype.itemsize)).any():
             raise EncodingError(f"masked values exceed {8 * dtype.itemsize} bits for {name_of(encoding)}")
         return masked.astype(dtype).tobytes(), masked
+    if encoding == pb.ENCODING_FLOAT64:
+        values = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        return values.astype(FLOAT64).tobytes(), values
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if encoding == pb.ENCODING_FLOAT32:
         return values.astype(FLOAT32).tobytes(), values
@@ -200,7 +208,8 @@ def _unpack(body: np.ndarray, encoding: int, count: int, where: str) -> np.ndarr
 
 
 def decode(payload: bytes, encoding: int, count: int, where: str = "payload") -> np.ndarray:
-    """The float32 values of a payload of ``count`` values; raises an EncodingError naming ``where``."""
+    """The float32 values of a payload of ``count`` values (float64 for ENCODING_FLOAT64, uint32 for
+    the masked encodings); raises an EncodingError naming ``where``."""
     size = payload_size(encoding, count)
     if len(payload) != size:
         detail = ""
@@ -211,6 +220,8 @@ def decode(payload: bytes, encoding: int, count: int, where: str = "payload") ->
         )
     if encoding == pb.ENCODING_FLOAT32:
         return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32)
+    if encoding == pb.ENCODING_FLOAT64:
+        return np.frombuffer(payload, dtype=FLOAT64).astype(np.float64)
     if encoding in MASKED_DTYPES:
         return np.frombuffer(payload, dtype=MASKED_DTYPES[encoding]).astype(np.uint32)
     if encoding == pb.ENCODING_FLOAT16:

@@ -29,7 +29,7 @@ DEFAULT_ZSTD_LEVEL = 3
 # n + n/256 + at most 64, plus an 18-byte header); allow that, no more.
 _ZSTD_SLACK_BYTES = 256
 
-_ENCODINGS = (*encodings.NAMES.values(), *encodings.MASKED_DTYPES)
+_ENCODINGS = (*encodings.NAMES.values(), *encodings.MASKED_DTYPES, pb.ENCODING_FLOAT64)
 _COMPRESSIONS = (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD)
 
 
@@ -81,8 +81,15 @@ def _check_codec(encoding: int, compression: int) -> None:
 def exact_encoding(encoding: int) -> int:
     """How a tensor marked exact travels in a stream of ``encoding``: float32, or in a masked stream
     32-bit masked fixed point (secure aggregation masks every tensor; the narrow masked widths carry
-    b-bit codes, too coarse for running statistics)."""
+    b-bit codes, too coarse for running statistics); a leaf's float64 sum carries them in float64."""
+    if encoding == pb.ENCODING_FLOAT64:
+        return encoding
     return pb.ENCODING_MASKED_INT if encoding in encodings.MASKED_DTYPES else pb.ENCODING_FLOAT32
+
+
+def _value_dtype(encoding: int) -> np.dtype:
+    """The dtype values are held in on both sides: float64 for a leaf's sum, else float32."""
+    return np.dtype(np.float64) if encoding == pb.ENCODING_FLOAT64 else np.dtype(np.float32)
 
 
 def _quantized(encoding: int) -> bool:
@@ -129,7 +136,7 @@ class ChunkEncoder:
         if len(self._exact) != len(tensors):
             raise ValueError("exact must have one flag per tensor")
         masked = encoding in encodings.MASKED_DTYPES  # uint32, every tensor: masks cover them all
-        dtype = encodings.MASKED if masked else FLOAT32
+        dtype = encodings.MASKED if masked else _value_dtype(encoding)
         self._tensors = [np.ascontiguousarray(t, dtype=dtype).reshape(-1) for t in tensors]
         self._ids = ids
         self._encodings = [exact_encoding(encoding) if e else encoding for e in self._exact]
@@ -219,7 +226,8 @@ def spec_tuple(spec: pb.TensorSpec | tuple[int, int] | tuple[int, int, bool]) ->
 
 
 class ChunkAssembler:
-    """Reader side: checks chunks one at a time and writes them into preallocated float32 arrays.
+    """Reader side: checks chunks one at a time and writes them into preallocated arrays (float32;
+    float64 for a leaf's ENCODING_FLOAT64 sum; uint32 when masked).
 
     Parameters: ``specs`` are the manifest's TensorSpec messages or (id, length[, exact])
     tuples; tensors marked exact are read as float32 whatever ``encoding`` is;
@@ -242,7 +250,7 @@ class ChunkAssembler:
         self._ids = [tensor_id for tensor_id, _, _ in triples]
         masked = encoding in encodings.MASKED_DTYPES  # uint32 arrays; exact tensors are masked too
         self._encodings = [exact_encoding(encoding) if exact else encoding for _, _, exact in triples]
-        dtype = np.uint32 if masked else np.float32
+        dtype = np.uint32 if masked else _value_dtype(encoding)
         self._arrays = [np.empty(length, dtype=dtype) for _, length, _ in triples]
         self._filled = [0] * len(triples)  # next expected offset per tensor
         # The limit is on decoded float32 values, whatever the encoding carries them in.

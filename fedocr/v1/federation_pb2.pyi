@@ -31,6 +31,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_INT3_QUANTIZED: _ClassVar[Encoding]
     ENCODING_MASKED_INT16: _ClassVar[Encoding]
     ENCODING_MASKED_INT8: _ClassVar[Encoding]
+    ENCODING_FLOAT64: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -68,6 +69,7 @@ ENCODING_INT2_QUANTIZED: Encoding
 ENCODING_INT3_QUANTIZED: Encoding
 ENCODING_MASKED_INT16: Encoding
 ENCODING_MASKED_INT8: Encoding
+ENCODING_FLOAT64: Encoding
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression

@@ -21,10 +21,11 @@ EDGES = 12
 
 
 class AggPki:
-    """A federation PKI: CA, server `aggregator`, edges edge-0..edge-11, observer `ops`."""
+    """A federation PKI: CA, server `aggregator`, edges edge-0..edge-11, observer `ops`, leaf `leaf-0`."""
 
     def __init__(self, root: Path) -> None:
         self.dir = harness.make_pki(root, EDGES)
+        pki.issue(self.dir, pki.ROLE_LEAF, "leaf-0")  # a leaf aggregator, to this one its root
 
     @property
     def ca(self) -> Path:

@@ -170,6 +170,28 @@ def test_encodings_outside_the_accepted_ones_are_refused(serve, connect) -> None
     assert connect(running, "ops").get_round().edges[0].uploaded
 
 
+def test_a_leaf_sum_adds_as_it_is_and_only_leaves_send_sums(serve, connect) -> None:
+    running = serve(quorum=2, min_edges=2)
+    leaf, edge = connect(running, "leaf-0"), connect(running, "edge-0")
+    r = leaf.join(LENGTHS).round_id
+    edge.join(LENGTHS)
+    with pytest.raises(grpc.RpcError) as err:
+        leaf.upload(r, ones(), samples=2)
+    assert err.value.code() == C.INVALID_ARGUMENT
+    assert "a leaf aggregator forwards its edges' sum in ENCODING_FLOAT64, not float32" in err.value.details()
+    assert code_of(leaf.upload, r, ones(), samples=0, encoding=pb.ENCODING_FLOAT64) == C.INVALID_ARGUMENT
+    assert code_of(edge.upload, r, ones(), encoding=pb.ENCODING_FLOAT64) == C.INVALID_ARGUMENT
+    assert not [e for e in connect(running, "ops").get_round().edges if e.uploaded]
+    # the leaf's edges: 1 sample of ones and 2 of fours, summed weighted (9) with their weight (3)
+    summed = [np.full(n, 9.0, dtype=np.float64) for n in LENGTHS]
+    assert leaf.upload(r, summed, samples=3, encoding=pb.ENCODING_FLOAT64).committed_edges == 1
+    edge.upload(r, ones(-1.0), samples=1)
+    _, state = edge.download()
+    np.testing.assert_array_equal(state[0], np.full(6, 2.0, dtype=np.float32))  # (9 - 1) / (3 + 1)
+    counted = {e.edge_id: e.samples for e in connect(running, "ops").get_round(r).edges}
+    assert counted == {"leaf-0": 3, "edge-0": 1}
+
+
 def test_second_upload_and_late_upload(fed, connect) -> None:
     running, r = fed
     a = connect(running, "edge-0")

@@ -173,12 +173,48 @@ def test_strict_validation_catches_a_misspelt_nested_field() -> None:
         kubernetes_validate.validate(sts, K8S_VERSION, strict=True)
 
 
-def test_kustomization_lists_the_long_lived_manifests() -> None:
-    (kustomization,) = [d for _, d in DOCS if d.get("kind") == "Kustomization"]
+@pytest.mark.parametrize("directory", [K8S, K8S / "tiers"], ids=["root", "tiers"])
+def test_kustomization_lists_the_long_lived_manifests(directory: Path) -> None:
+    (kustomization,) = [d for p, d in DOCS if d.get("kind") == "Kustomization" and p.parent == directory]
     listed = set(kustomization["resources"])
 
     assert kustomization["namespace"] == NAMESPACE
-    assert listed == {p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert listed == {p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml"}
+
+
+def test_leaves_load_as_leaves_of_the_root_service_with_their_own_certificate() -> None:
+    sts = _one("StatefulSet", "fedocr-leaf")
+    pod = _pod_spec(sts)
+    (container,) = pod["containers"]
+    toml = _one("ConfigMap", "fedocr-leaf-config")["data"]["leaf.toml"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert container["command"][-1] == mount["mountPath"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name"}
+    args = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    # the pod's own name, substituted by the kubelet, names its leaf certificate
+    cert = Path(args["--root-cert"].replace("$(POD_NAME)", "fedocr-leaf-0"))
+    key = Path(args["--root-key"].replace("$(POD_NAME)", "fedocr-leaf-0"))
+    config = AggregatorConfig.load(None, **_toml_values(toml), root_cert=cert, root_key=key)
+    assert config.root == f"{_one('Service', 'fedocr-aggregator')['metadata']['name']}:50051"
+    assert config.state_dir == Path(_volume_mount(container, "state"))
+    assert cert.parent == Path(_volume_mount(container, "tls"))
+    assert sts["spec"]["serviceName"] == _one("Service", "fedocr-leaf")["metadata"]["name"]
+
+
+def _toml_values(text: str) -> dict[str, Any]:
+    """A config TOML's keys as AggregatorConfig fields (what AggregatorConfig.load reads)."""
+    import tomllib
+
+    from aggregator.config import RENAMED
+
+    doc = tomllib.loads(text)
+    return {RENAMED.get((s, k), k): v for s, table in doc.items() for k, v in table.items()}
+
+
+def _volume_mount(container: Doc, name: str) -> str:
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == name]
+    return mount["mountPath"]
 
 
 # Images

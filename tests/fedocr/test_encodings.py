@@ -313,3 +313,17 @@ def test_bad_scales_and_codes_are_defined_once_and_answer_invalid_argument():
     assert not hasattr(T, "BadScale") and not hasattr(T, "BadCode")
     assert T.WireFormatError is errors.WireFormatError
     assert errors.status_name_for(T.ChunkTooLarge("x")) == "RESOURCE_EXHAUSTED"
+
+
+def test_a_leaf_sum_travels_in_float64_bit_for_bit_exact_tensors_too():
+    rng = np.random.default_rng(3)
+    total = [rng.standard_normal(1000) * 1e3, rng.standard_normal(7) / 3]  # not float32 values
+    sender = T.ChunkEncoder(total, pb.ENCODING_FLOAT64, chunk_elems=300, exact=[False, True])
+    chunks = list(sender.chunks())
+    assert sender.raw_bytes == 8 * 1007 and {c.tensor_id for c in chunks} == {0, 1}
+    receiver = T.ChunkAssembler([(0, 1000, False), (1, 7, True)], pb.ENCODING_FLOAT64)
+    for chunk in chunks:
+        receiver.add(chunk)
+    got = receiver.finish(sender.trailer())
+    assert all(g.dtype == np.float64 and np.array_equal(g, t) for g, t in zip(got, total, strict=True))
+    assert not E.is_lossy(pb.ENCODING_FLOAT64) and "float64" not in E.NAMES  # no edge sends it
