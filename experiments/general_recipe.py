@@ -28,6 +28,7 @@ from recognizer.lmdb_data import DatasetError, LmdbReader
 from recognizer.recipe import GENERAL
 
 PY = sys.executable
+SEEDS = 9  # replicates: their render seeds (1 + 100 s ...) stay below the held-out sets' 1001
 
 
 def _recognizer(*args: str) -> list[str]:
@@ -57,11 +58,25 @@ def _run_together(jobs: dict[str, tuple[list[str], Path]], logs: Path) -> None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}")
 
 
+def reseed(cmd: list[str], seed: int) -> None:
+    """Make ``cmd`` (a recognizer synth or train command line) another replicate, in place: a
+    render's seed moves by 100 x ``seed`` (below the held-out sets' 1001 for seed < SEEDS), and a
+    training run gets ``--seed seed`` (its batch order and augmentation draws)."""
+    if "synth" in cmd:
+        at = cmd.index("--seed") + 1
+        cmd[at] = str(int(cmd[at]) + 100 * seed)
+    else:
+        cmd += ["--seed", str(seed)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.general_recipe",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("runs/general-recipe"))
     p.add_argument("--scale", type=int, default=1, help="divide every count by this (a quick check)")
+    p.add_argument("--seed", type=int, default=0, choices=range(SEEDS),
+                   help="another replicate: every render seed + 100 x this, training seeded with it "
+                   "(default 0: the recipe's own seeds)")
     args = p.parse_args(argv)
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -99,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             if name in jobs:
                 cmd, _ = jobs[name]
                 cmd[cmd.index("--count") + 1] = str(count // n)
+    if args.seed:
+        for jobs in stages.values():
+            for cmd, _ in jobs.values():
+                reseed(cmd, args.seed)
     started_all = time.monotonic()
     for stage, jobs in stages.items():
         if all(_done(out) for _, out in jobs.values()):
