@@ -239,19 +239,15 @@ class AggregatorConfig:
         self._check_leaf()
 
     def _check_leaf(self) -> None:
-        """A leaf needs its certificate toward the root, and sums plainly what its edges send."""
+        """A leaf needs its certificate toward the root, and forwards its sum as it is."""
         if not self.root:
             return
         if not (self.root_cert and self.root_key):
             raise ConfigError("a leaf (root set) needs its leaf certificate and key: [tier] cert and key")
-        if (
-            self.secure_aggregation
-            or self.server_optimizer != "fedavg"
-            or self.download_encoding != "float32"
-        ):
+        if self.server_optimizer != "fedavg" or self.download_encoding != "float32":
             raise ConfigError(
-                "a leaf aggregator runs plain rounds: secure_aggregation off, server_optimizer fedavg "
-                "and download_encoding float32 (the root applies its own optimizer and encodings)"
+                "a leaf aggregator forwards its sum as it is: server_optimizer fedavg and "
+                "download_encoding float32 (the root applies its own optimizer and encodings)"
             )
 
     def _check_secure_aggregation(self) -> None:

@@ -290,7 +290,7 @@ class RoundCoordinator:
         A leaf hands its sum up to the root instead (_hand_up).
         """
         if self._leaf:
-            self._hand_up(now)
+            self._hand_up(now, mean)
             return
         r = self._round
         state = self._state.copy()
@@ -581,12 +581,22 @@ class RoundCoordinator:
 
     # -- a leaf's side of the second tier (aggregator/upstream.py calls these) ------------------
 
-    def _hand_up(self, now: float) -> None:
-        """A leaf's quorum is in: stop taking uploads and offer the sum to the relay (durable)."""
+    def _hand_up(self, now: float, mean: np.ndarray | None = None) -> None:
+        """A leaf's quorum is in: stop taking uploads and offer the sum to the relay (durable).
+
+        ``mean``: a secure round's unmasked mean; the leaf forwards mean x weight, the sum of its
+        survivors' weighted increments (what the root would have summed had they uploaded there).
+        """
         r = self._round
+        if mean is not None:
+            np.multiply(mean, r.weight, out=self._total, dtype=np.float64)
         r.state = AGGREGATING
         r.message = f"the sum of {r.committed} upload(s) goes to the root"
-        self._save_phase(r)
+        try:  # the sum with the record: a secure round's sum exists only from now on
+            self._store.commit_upload(r, self._total)
+        except Exception:
+            self._load()  # the clock retries
+            raise
         logger.info(
             "round %s: %s upload(s) in, weight %s; forwarding to the root", r.round_id, r.committed, r.weight
         )
@@ -613,7 +623,8 @@ class RoundCoordinator:
             if not ready:
                 return None
             r = self._round
-            return Forward(r.round_id, self._total.copy(), int(r.weight), r.committed, self.state_version)
+            weight = max(1, round(r.weight))  # secure rounds with capped codes weigh in fractions
+            return Forward(r.round_id, self._total.copy(), weight, r.committed, self.state_version)
 
     def adopt(self, root: UpstreamRound, state: np.ndarray, version: int) -> None:
         """A leaf takes the root's state ``version`` and the root's round (TRAIN) or end (FINISHED).
@@ -663,6 +674,7 @@ class RoundCoordinator:
             self._state, self.state_version, self._round = state, version, following
             self._history.append(r)
             self._total.fill(0.0)
+            self.secure.clear()
             self._commits.mark_all_durable()
             logger.info(
                 "round %s ended (%s): root state version %s%s",
