@@ -614,6 +614,11 @@ class RoundCoordinator:
         with self._cond:
             return self._awaiting_root() or (self._round is not None and version != self.state_version)
 
+    def current_round_id(self) -> int:
+        """The id of the open (or AGGREGATING) round; 0 when there is none."""
+        with self._cond:
+            return self._round.round_id if self._round is not None else 0
+
     def wait_forwardable(self, timeout: float) -> Forward | None:
         """A leaf's round sum once its quorum or deadline closed it (None after ``timeout``)."""
         with self._cond:
@@ -626,11 +631,15 @@ class RoundCoordinator:
             weight = max(1, round(r.weight))  # secure rounds with capped codes weigh in fractions
             return Forward(r.round_id, self._total.copy(), weight, r.committed, self.state_version)
 
-    def adopt(self, root: UpstreamRound, state: np.ndarray, version: int) -> None:
+    def adopt(
+        self, root: UpstreamRound, state: np.ndarray, version: int, counted: bool | None = None
+    ) -> None:
         """A leaf takes the root's state ``version`` and the root's round (TRAIN) or end (FINISHED).
 
-        The first time, this opens the leaf's first round. Later, it ends the leaf's round: closed
-        when its sum went up (AGGREGATING), failed when the root's round closed without it.
+        The first time, this opens the leaf's first round. Later, it ends the leaf's round: CLOSED
+        when the root acknowledged its sum, FAILED when the root's round closed without it.
+        ``counted``: what the relay knows of the round's sum (True: acknowledged, False: refused,
+        its round had closed; None: not known, as after a restart).
         """
         with self._cond:
             now, r = self._clock(), self._round
@@ -655,10 +664,13 @@ class RoundCoordinator:
                 return
             if r is None or version == self.state_version:
                 return
-            if r.state == AGGREGATING:
+            if r.state == AGGREGATING and counted is not False:
                 r.close(now)
                 r.message = (
                     f"the sum of {r.committed} upload(s) went to the root; root state version {version}"
+                    if counted
+                    else f"the sum of {r.committed} upload(s) was handed up before a restart; the root's "
+                    f"round record says whether it counted it; root state version {version}"
                 )
             else:
                 r.state, r.closed_at = FAILED, now

@@ -49,6 +49,9 @@ class Upstream:
         self.name = tls.identity_from_pem(endpoint.cert.read_bytes()).name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # leaf round id -> True once the root acknowledged its sum, False when it refused it (its
+        # round had closed); what this process saw, for the leaf's round record (adopt)
+        self._outcome: dict[int, bool] = {}
 
     def start(self) -> None:
         """Run the relay in a daemon thread."""
@@ -96,7 +99,8 @@ class Upstream:
             root = UpstreamRound(
                 reply.round_index, reply.total_rounds, messages.plan_from(reply.plan), finished
             )
-            self._rounds.adopt(root, download.vector, download.version)
+            counted = self._outcome.get(self._rounds.current_round_id())
+            self._rounds.adopt(root, download.vector, download.version, counted)
             return not finished
         forward = self._rounds.wait_forwardable(SUM_WAIT_S)
         if forward is not None and forward.state_version == reply.state_version:
@@ -125,8 +129,10 @@ class Upstream:
             if retry.status_code(exc) in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
                 # the root's round closed first: the next Join brings its new state
                 logger.warning("root round %s took no sum from this leaf: %s", root_round, exc.details())
+                self._outcome.setdefault(forward.round_id, False)
                 return
             raise
+        self._outcome[forward.round_id] = True
         logger.info(
             "leaf round %s: sum of %s upload(s), weight %s, forwarded to root round %s (%s wire bytes)",
             forward.round_id,

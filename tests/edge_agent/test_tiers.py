@@ -4,6 +4,7 @@ mid-round loses nothing it acknowledged and counts nothing twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -161,3 +162,27 @@ def test_secure_leaves_forward_only_their_unmasked_sums(six, flat, federation_ke
     # whose largest value is 0.11); a sum forwarded at the wrong scale would move all of it.
     diff = np.abs(state - flat_state)
     assert np.median(diff) < 1e-3 and diff.max() < 0.25 * np.abs(flat_state).max()
+
+
+def test_a_leaf_whose_sum_missed_the_roots_round_fails_its_round(six, federation_key: Path, tmp_path: Path):
+    """leaf-b waits for three edges and has one: the root closes at its deadline with leaf-a's sum."""
+    pki_dir, shards = six
+    root_settings = dataclasses.replace(SETTINGS, rounds=1, deadline_s=8.0, min_edges=1)
+    with LocalFederation(tmp_path, pki_dir, federation_key, root_settings) as fed:
+        root_port = fed.start_aggregator(len(LEAVES))
+        for name, edges in LEAVES.items():
+            leaf = start_leaf(fed, name, root_port)
+            fed.helpers[name] = leaf.popen
+            fed.port = leaf.port
+            for edge in edges if name == "leaf-a" else edges[:1]:
+                fed.start_edge(edge, shards[edge])
+        fed.wait_edges(300)
+        fed.stop()
+    _, history = stored(tmp_path / "aggregator" / "state")
+    closed = [r for r in history if r.state == "CLOSED"]
+    assert [sorted(e for e, rec in r.edges.items() if rec.uploaded) for r in closed] == [["leaf-a"]]
+    _, leaf_b = stored(tmp_path / "leaf-b" / "state")
+    assert [r.state for r in leaf_b] == ["FAILED"]
+    assert "before this leaf's sum reached it; 1 upload(s) dropped" in leaf_b[0].message
+    _, leaf_a = stored(tmp_path / "leaf-a" / "state")
+    assert [r.state for r in leaf_a] == ["CLOSED"] and "went to the root" in leaf_a[0].message
