@@ -593,7 +593,7 @@ class RoundCoordinator:
         r.state = AGGREGATING
         r.message = f"the sum of {r.committed} upload(s) goes to the root"
         try:  # the sum with the record: a secure round's sum exists only from now on
-            self._store.commit_upload(r, self._total)
+            self._store.save_sum(r, self._total)
         except Exception:
             self._load()  # the clock retries
             raise

@@ -325,6 +325,18 @@ class Store:
         with self._write() as txn:
             txn.put(history_key(record.round_id), record.to_json())
 
+    def save_sum(self, record: RoundRecord, total: np.ndarray) -> None:
+        """Persist a round's float64 sum with its record, secure or not: a leaf's sum when it hands
+        it up (a secure round's exists only once unmasked)."""
+        written: set[str] = set()
+        try:
+            with self._write() as txn:
+                txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+                written = _put_record(txn, record)
+        except BaseException:
+            _unwritten(record, written)
+            raise
+
     def commit_upload(self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None) -> None:
         """Persist the running sum, its weight (in the record) and the committed edges together."""
         self.prepare_upload(record, total, masked)()
