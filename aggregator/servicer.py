@@ -29,7 +29,7 @@ from aggregator.rounds import Bytes
 from aggregator.secure.phases import still_waiting
 from aggregator.streams import StreamBridge
 from fedocr import pki, tls
-from fedocr.errors import MalformedRequest, WrongRole, status_for
+from fedocr.errors import MalformedRequest, WrongMode, WrongRole, status_for
 from fedocr.v1 import federation_pb2 as pb
 from fedocr.v1 import federation_pb2_grpc as pb_grpc
 
@@ -126,6 +126,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Long-poll for work: the coordinator answers at once; a WAIT waits here for a change."""
         try:
             caller = _caller(context, PARTICIPANTS, "Join")
+            if self._rounds.config.secure_aggregation and tls.peer_identity(context).role == pki.ROLE_LEAF:
+                raise WrongMode("this federation runs secure aggregation: it takes no leaf aggregators")
             manifest = messages.manifest_from(request.manifest)
             result = await self._wakeups.poll(
                 lambda: self._check(self._rounds.join, caller, manifest, 0.0),

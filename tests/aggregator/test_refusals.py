@@ -192,6 +192,14 @@ def test_a_leaf_sum_adds_as_it_is_and_only_leaves_send_sums(serve, connect) -> N
     assert counted == {"leaf-0": 3, "edge-0": 1}
 
 
+def test_a_secure_federation_takes_no_leaves(serve, connect) -> None:
+    running = serve(quorum=3, min_edges=3, secure_aggregation=True)
+    with pytest.raises(grpc.RpcError) as err:
+        connect(running, "leaf-0").join(LENGTHS)
+    assert err.value.code() == C.FAILED_PRECONDITION
+    assert "runs secure aggregation: it takes no leaf aggregators" in err.value.details()
+
+
 def test_second_upload_and_late_upload(fed, connect) -> None:
     running, r = fed
     a = connect(running, "edge-0")
