@@ -23,13 +23,12 @@ import logging
 import threading
 
 import grpc
-import numpy as np
 
 from aggregator import messages
 from aggregator.coordinator import RoundCoordinator
 from aggregator.rounds import Forward, UpstreamRound
-from fedocr import retry, tensors, tls
-from fedocr.client import Endpoint, FederationClient, upload_header
+from fedocr import retry, tls
+from fedocr.client import Endpoint, FederationClient, encode_tensors, upload_header
 from fedocr.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -114,15 +113,7 @@ class Upstream:
         header = upload_header(
             root_round, forward.weight, fingerprint, pb.ENCODING_FLOAT64, forward.state_version
         )
-        parts = np.split(forward.total, np.cumsum([n for _, n, _ in specs])[:-1])
-        encoder = tensors.ChunkEncoder(
-            parts,
-            pb.ENCODING_FLOAT64,
-            pb.COMPRESSION_ZSTD,
-            chunk_elems=UPLOAD_CHUNK_ELEMS,
-            ids=[i for i, _, _ in specs],
-            exact=[e for _, _, e in specs],
-        )
+        encoder = encode_tensors(forward.total, specs, pb.ENCODING_FLOAT64, chunk_elems=UPLOAD_CHUNK_ELEMS)
         try:
             sent = self._client.send(header, encoder, self.name)
         except grpc.RpcError as exc:

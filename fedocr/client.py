@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,16 +106,31 @@ def encode_upload(
     """The ChunkEncoder of an upload: the parameters in ``encoding``, the last ``statistics`` exact
     (and after them ``hidden`` hidden weights of a secure upload)."""
     specs = manifest_specs(increment.size, statistics, hidden)
+    return encode_tensors(increment, specs, encoding, zstd_level, rounding=rounding, seed=seed)
+
+
+def encode_tensors(
+    vector: np.ndarray,
+    specs: Sequence[pb.TensorSpec | tuple[int, int, bool]],
+    encoding: int,
+    zstd_level: int = 3,
+    chunk_elems: int = UPLOAD_CHUNK_ELEMS,
+    rounding: str = UPLOAD_ROUNDING,
+    seed: int = 0,
+) -> tensors.ChunkEncoder:
+    """The ChunkEncoder of a flat ``vector`` cut into the tensors of ``specs`` (TensorSpecs or
+    (id, length, exact)), zstd-compressed: an edge's upload, or a leaf's sum for its root."""
+    triples = [tensors.spec_tuple(s) for s in specs]
     return tensors.ChunkEncoder(
-        np.split(increment, np.cumsum([s.length for s in specs])[:-1]),
+        np.split(vector, np.cumsum([n for _, n, _ in triples])[:-1]),
         encoding,
         pb.COMPRESSION_ZSTD,
         level=zstd_level,
-        chunk_elems=UPLOAD_CHUNK_ELEMS,
-        ids=[s.id for s in specs],
+        chunk_elems=chunk_elems,
+        ids=[i for i, _, _ in triples],
         rounding=rounding,
         seed=seed,
-        exact=[s.exact for s in specs],
+        exact=[e for _, _, e in triples],
     )
 
 
