@@ -378,19 +378,23 @@ class RoundCoordinator:
             self.manifest = manifest
             self._cond.notify_all()
             return
-        now = self._clock()
-        self.manifest, self.state_version = manifest, 1
-        self._state = np.zeros(manifest.size, dtype=np.float32)  # DESIGN 2: G_0 = 0
-        self._total = np.zeros(manifest.size, dtype=np.float64)
-        self.secure.load(None, manifest.size)
-        self._round = self._new_round(0, now, 1)
-        lossy = encodings.is_lossy(self._download_encoding)
-        self._visible, self._changes, self._slots = (self._state.copy() if lossy else None), [], {}
-        self._store.init_model(manifest, self._state, 1, self._round, visible=lossy)
+        self.manifest = manifest
+        first = self._new_round(0, self._clock(), 1)
+        self._open_model(np.zeros(manifest.size, dtype=np.float32), 1, first)  # DESIGN 2: G_0 = 0
         logger.info(
             "model registered: %s tensor(s), %s values; round %s opened",
             len(manifest.tensors), manifest.size, self._round.round_id
         )
+
+    def _open_model(self, state: np.ndarray, version: int, first: RoundRecord) -> None:
+        """Take ``state`` at ``version`` as the global state and ``first`` as the open round, in
+        memory and then on disk: the federation's first round, or a leaf's first from its root."""
+        self._state, self.state_version, self._round = state, version, first
+        self._total = np.zeros(self.manifest.size, dtype=np.float64)
+        self.secure.load(None, self.manifest.size)
+        lossy = encodings.is_lossy(self._download_encoding)
+        self._visible, self._changes, self._slots = (state.copy() if lossy else None), [], {}
+        self._store.init_model(self.manifest, state, version, first, visible=lossy)
         self._cond.notify_all()
 
     def download(self, edge_id: str, held_version: int) -> StateStream:
@@ -649,18 +653,13 @@ class RoundCoordinator:
                     raise NotReady("the root's federation is over; this leaf has nothing to join")
                 first = self._new_round(root.index, now, version)
                 first.plan, first.total_rounds = root.plan, root.total_rounds
-                self._store.init_model(self.manifest, state, version, first)
-                self._state, self.state_version, self._round = state, version, first
-                self._total = np.zeros(self.manifest.size, dtype=np.float64)
-                self.secure.load(None, self.manifest.size)
-                self._visible, self._changes, self._slots = None, [], {}
+                self._open_model(state, version, first)
                 logger.info(
                     "root round index %s adopted at state version %s: round %s opened",
                     root.index,
                     version,
                     first.round_id,
                 )
-                self._cond.notify_all()
                 return
             if r is None or version == self.state_version:
                 return
