@@ -92,12 +92,7 @@ def test_a_secure_leaf_hands_up_mean_times_weight_and_keeps_it_across_a_restart(
     try:
         assert s.fed.join(s.ids[0], SECURE_MANIFEST, 0).action == "WAIT"
         s.fed.adopt(UpstreamRound(0, 3, plan(0.1)), np.zeros(1000, dtype=np.float32), 1)
-        s.join_and_advertise(s.ids)
-        s.deal(s.ids)
-        s.upload(s.ids)
-        s.tick()
-        s.reveal(s.ids)
-        s.tick()
+        s.whole_round(s.ids)
         assert s.round.state == "AGGREGATING"
         forward = s.fed.wait_forwardable(0)
         weight = sum(s.samples.values())

@@ -77,6 +77,15 @@ class Sim:
             self.fed.secure.advertise(e, result.round.round_id, *self.sessions[e].advertisement(), Bytes())
         self.tick()
 
+    def whole_round(self, edges: list[str]) -> None:
+        """Every phase with ``edges`` and none dropping: joined to unmasked."""
+        self.join_and_advertise(edges)
+        self.deal(edges)
+        self.upload(edges)
+        self.tick()
+        self.reveal(edges)
+        self.tick()
+
     def deal(self, edges: list[str]) -> None:
         for e in edges:
             s = self.sessions[e]
@@ -240,12 +249,7 @@ def test_compressed_uploads_unmask_to_exactly_the_sum_of_their_codes(sim, weight
 @pytest.mark.parametrize("bits", [0, 4])
 def test_hidden_weights_give_the_same_mean_and_the_server_only_their_sum(sim, bits) -> None:
     s = sim(5, secagg_hide_weights=True, secagg_code_bits=bits, secagg_code_range=8.0)
-    s.join_and_advertise(s.ids)
-    s.deal(s.ids)
-    s.upload(s.ids)
-    s.tick()
-    s.reveal(s.ids)
-    s.tick()
+    s.whole_round(s.ids)
     closed = s.fed.round_status(1)
     assert closed.state == "CLOSED", closed.message
     # No upload declared its sample count; the round's weight is the unmasked sum of them.
