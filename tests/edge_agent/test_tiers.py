@@ -5,9 +5,9 @@ mid-round loses nothing it acknowledged and counts nothing twice."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,10 @@ from fedocr import harness, pki
 from fedocr.harness import LocalFederation, Settings
 from fedocr.harness.processes import Service
 from recognizer.shard import split_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest runs in importlib mode
+
+from test_federation import counted_rounds, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 SETTINGS = Settings(rounds=2, local_epochs=1, preset="fedocr-tiny", gamma="1/2", batch_size=32)
@@ -36,23 +40,6 @@ def six(edge_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     for k, shard in enumerate(edge_data.shards):
         shards += split_dataset(shard, 3, root / f"shards{k}", seed=k)
     return pki_dir, dict(zip(EDGES, shards, strict=True))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def counted(fed: LocalFederation, edge: str) -> bool:
-    journal = fed.work / "edges" / edge / "rounds.jsonl"
-    lines = journal.read_text().splitlines() if journal.exists() else []
-    return any(json.loads(line).get("status") == "counted" for line in lines)
 
 
 def stored(state_dir: Path) -> tuple[np.ndarray, list]:
@@ -110,7 +97,9 @@ def test_two_tiers_equal_the_flat_federation_bit_for_bit(six, flat, federation_k
         first, *rest = LEAVES["leaf-a"]
         fed.port = leaves["leaf-a"].port
         fed.start_edge(first, shards[first])
-        wait_for(lambda: counted(fed, first), 240, f"{first}'s upload to be acknowledged by leaf-a")
+        journal = fed.work / "edges" / first / "rounds.jsonl"
+        wait_for(lambda: journal.exists() and counted_rounds(fed, first), 240,
+                 f"{first}'s upload to be acknowledged by leaf-a")
         os.killpg(leaves["leaf-a"].pid, signal.SIGKILL)
         leaves["leaf-a"].popen.wait(timeout=30)
         leaves["leaf-a"] = start_leaf(fed, "leaf-a", root_port, port=fed.port)
