@@ -369,14 +369,7 @@ class AggregatorConfig:
                     values[RENAMED.get((section, key), key)] = value
             values = _coerce(values, f"{path}: ")
             base = Path(path).resolve().parent
-            for key in (
-                "state_dir",
-                "cert",
-                "key",
-                "ca",
-                "root_cert",
-                "root_key",
-            ):  # relative paths are relative to the file
+            for key in ("state_dir", "cert", "key", "ca", "root_cert", "root_key"):  # relative to the file
                 if key in values:
                     values[key] = base / values[key]
         values.update(_coerce({k: v for k, v in overrides.items() if v is not None}))

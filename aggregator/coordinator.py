@@ -635,6 +635,12 @@ class RoundCoordinator:
             weight = max(1, round(r.weight))  # secure rounds with capped codes weigh in fractions
             return Forward(r.round_id, self._total.copy(), weight, r.committed, self.state_version)
 
+    def _root_round(self, root: UpstreamRound, now: float, version: int) -> RoundRecord:
+        """A leaf's new round: the root's index, plan and length, the leaf's own quorum and clock."""
+        record = self._new_round(root.index, now, version)
+        record.plan, record.total_rounds = root.plan, root.total_rounds
+        return record
+
     def adopt(
         self, root: UpstreamRound, state: np.ndarray, version: int, counted: bool | None = None
     ) -> None:
@@ -651,8 +657,7 @@ class RoundCoordinator:
             if self._awaiting_root():
                 if root.finished:
                     raise NotReady("the root's federation is over; this leaf has nothing to join")
-                first = self._new_round(root.index, now, version)
-                first.plan, first.total_rounds = root.plan, root.total_rounds
+                first = self._root_round(root, now, version)
                 self._open_model(state, version, first)
                 logger.info(
                     "root round index %s adopted at state version %s: round %s opened",
@@ -677,10 +682,7 @@ class RoundCoordinator:
                     f"the root's round closed (state version {version}) before this leaf's sum reached "
                     f"it; {r.committed} upload(s) dropped"
                 )
-            following = None
-            if not root.finished:
-                following = self._new_round(root.index, now, version)
-                following.plan, following.total_rounds = root.plan, root.total_rounds
+            following = None if root.finished else self._root_round(root, now, version)
             self._finish(r, state, version, following)
             self._state, self.state_version, self._round = state, version, following
             self._history.append(r)
