@@ -5,10 +5,10 @@ Run: .venv/bin/python -m benchmarks.encrypted_federation [--edges 3] [--rounds 8
 
 Two real federations (one aggregator and --edges edge agents over mutual TLS on 127.0.0.1) of
 `vitstr-tiny-seq` (or --preset) at gamma 1/2, on the same shards, key, plan and seeds: one on the
-plain images, one whose edges encrypt their shards with a common image key (`edge_agent --image-key`, all four
-transforms). Each final model is scored on the held-out set as it reads it (plain, or encrypted with
-the same key); the plain model is also scored on the encrypted set. Prints the table and writes
-results/encrypted_federation/NAME.json.
+plain images, one whose edges encrypt their shards with a common image key (`edge_agent --image-key`;
+the transforms of --transforms, all four by default). Each final model is scored on the held-out
+set as it reads it (plain, or encrypted with the same key); the plain model is also scored on the
+encrypted set. Prints the table and writes results/encrypted_federation/NAME.json.
 """
 
 from __future__ import annotations
