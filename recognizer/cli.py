@@ -48,7 +48,7 @@ class _Given(argparse.Action):
 
 # The train options a named recipe (recognizer.recipe.NamedRecipe) sets when they are not given.
 RECIPE_OPTIONS = ("preset", "optimizer", "batch_size", "epochs", "lr", "cosine_from",
-                  "augment", "augment_ops", "augment_magnitude", "augment_prob")
+                  "augment", "augment_ops", "augment_magnitude", "augment_prob", "average")
 
 
 def _apply_recipe(args: argparse.Namespace) -> None:
@@ -109,6 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--cosine-from {args.cosine_from} must be within 0..{args.epochs - 1} (--epochs {args.epochs})"
         )
+    if args.average and not 0.0 < args.average < 1.0:
+        raise ValueError(f"--average {args.average} must be a decay in (0, 1), or 0 for the last weights")
     import torch
 
     from fedocr.schedule import cosine_lr
@@ -119,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recognizer.model_io import save_model, start_from
     from recognizer.recipe import DEFAULT_LR
     from recognizer.state import fingerprint
-    from recognizer.train import evaluate, lr_at, make_optimizer, set_lr, train_epoch
+    from recognizer.train import WeightAverage, evaluate, lr_at, make_optimizer, set_lr, train_epoch
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -146,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              "on" if bf16 else "off", workers)
     base_lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = make_optimizer(model, base_lr, args.optimizer)
+    average = WeightAverage(model, args.average) if args.average else None
     history = []
     started = time.perf_counter()
     for epoch in range(args.epochs):
@@ -156,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         with Progress(len(loader), f"epoch {epoch + 1}/{args.epochs}", rate_unit="images",
                       mode=args.progress, every=args.progress_every) as progress:
             stats = train_epoch(model, loader, optimizer, epoch=epoch, bf16=bf16, device=device,
-                                progress=progress)
+                                progress=progress,
+                                on_batch=None if average is None else lambda _s, _l: average.update(model))
         row = {"epoch": epoch + 1, "lr": float(f"{lr:.4g}"), "loss": round(stats.loss, 4),
                "images_per_s": round(stats.images_per_second, 1)}
         if val is not None:
@@ -168,9 +172,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         key_path.parent.mkdir(parents=True, exist_ok=True)
         write_key(key_path, key)
         log.info("created federation key %s", key_path)
-    save_model(Path(args.out), model, key, args.preset, initial_fingerprint)
     summary = {"model": args.out, "key": str(key_path), "seconds": round(time.perf_counter() - started, 1),
                "history": history}
+    if average is not None:  # the last weights beside the averaged ones, which OUT holds
+        last = Path(args.out).with_suffix(".last.npz")
+        save_model(last, model, key, args.preset, initial_fingerprint)
+        average.copy_to(model)
+        summary.update(average=args.average, last_weights=str(last))
+    save_model(Path(args.out), model, key, args.preset, initial_fingerprint)
     if args.recipe or augment:  # runs without either print what they always have
         summary.update(recipe=args.recipe, augment=args.augment, augment_ops=args.augment_ops,
                        augment_magnitude=args.augment_magnitude, augment_prob=args.augment_prob)
@@ -377,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default %(default)s)")
     p.add_argument("--augment-prob", type=float, default=AugmentConfig.prob, action=_Given, metavar="P",
                    help="probability that each drawn op is applied (default %(default)s)")
+    p.add_argument("--average", type=float, default=0.0, action=_Given, metavar="DECAY",
+                   help="write a moving average of the weights (decay in (0, 1), e.g. 0.999: about the "
+                        "last 1,000 steps) to OUT and the last weights to OUT with .last.npz "
+                        "(default 0: the last weights only)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this model file's weights instead of W_0 (fine-tuning): same preset, "
                         "gamma, alphabet and --key")

@@ -100,6 +100,36 @@ class Proximal:
                 p.grad.add_(p.detach() - a, alpha=self.mu)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers, updated after every step
+    (Polyak averaging, as timm's ModelEmaV2 and many STR recipes do): the averaged weights read
+    better than the last ones when the last steps still move. Its decay is ramped over the first
+    steps, ``min(decay, (1 + n) / (10 + n))``, so the start weights fade quickly."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average toward ``model``'s weights as they are now."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            mine = self.state[k]
+            if mine.is_floating_point():
+                mine.mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:  # counters such as BatchNorm's num_batches_tracked
+                mine.copy_(v)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model``."""
+        model.load_state_dict(self.state)
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,

@@ -141,6 +141,8 @@ def test_a_model_starts_a_preset_that_reads_wider_images(tmp_path: Path) -> None
         (["info", "--preset", "no-such-preset"], "fedocr-tiny"),
         (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--epochs", "2", "--cosine-from", "2"],
          "--cosine-from 2 must be within 0..1 (--epochs 2)"),
+        (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--average", "1.5"],
+         "--average 1.5 must be a decay in (0, 1)"),
         (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--key", "{key}", "--init", "{model}"],
          "{model}: cannot start from it: preset 'fedocr-tiny' (here 'fedocr-cpu')"),
         (["train", "--data", "{words}", "--out", "{tmp}/m.npz", "--preset", "fedocr-tiny", "--gamma", "1/2",
@@ -166,6 +168,22 @@ def test_cosine_from_holds_the_lr_then_decays_it_each_epoch(words: Path, tmp_pat
     assert code == 0
     lrs = [row["lr"] for row in json.loads(out)["history"]]
     assert lrs[0] == 0.002 and 0.002 > lrs[1] > lrs[2] > 0.00002
+
+
+def test_average_writes_the_averaged_weights_and_the_last_beside_them(words: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    """--average: OUT holds the moving average, OUT.last.npz the same weights a run without it ends at."""
+    argv = ["train", "--data", str(words), "--preset", "fedocr-tiny", "--epochs", "2", "--batch-size", "12",
+            "--threads", "1", "--key", str(tmp_path / "fed.key")]
+    assert run_cli([*argv, "--out", str(tmp_path / "plain.npz")], capsys)[0] == 0
+    code, out, _ = run_cli([*argv, "--average", "0.5", "--out", str(tmp_path / "avg.npz")], capsys)
+
+    assert code == 0 and json.loads(out)["last_weights"] == str(tmp_path / "avg.last.npz")
+    plain, last, averaged = (read_model_file(tmp_path / name)[1] for name in ("plain.npz", "avg.last.npz",
+                                                                             "avg.npz"))
+    np.testing.assert_array_equal(plain, last)
+    assert np.abs(last - averaged).max() > 1e-4
+    load_model(tmp_path / "avg.npz", load_key(tmp_path / "fed.key"))  # a model file like any other
 
 
 def test_bad_gamma_is_a_usage_error(capsys) -> None:

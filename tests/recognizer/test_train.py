@@ -11,7 +11,7 @@ from torch import nn
 from fedocr.schedule import cosine_lr
 from recognizer import charset
 from recognizer.model import build_model
-from recognizer.train import Proximal, lr_at, make_optimizer, sequence_loss, train_step
+from recognizer.train import Proximal, WeightAverage, lr_at, make_optimizer, sequence_loss, train_step
 
 
 def test_optimizers_by_name() -> None:
@@ -62,3 +62,27 @@ def test_a_proximal_term_holds_local_training_near_the_rounds_weights() -> None:
         moved = [float((p.detach() - s).norm() ** 2) for p, s in zip(model.parameters(), start, strict=True)]
         drift[mu] = sum(moved) ** 0.5
     assert drift[10.0] < 0.5 * drift[0.0], drift
+
+
+def test_the_weight_average_follows_its_recurrence_and_copies_buffers() -> None:
+    """After n updates each weight is the ramped exponential average of the weights it was given;
+    BatchNorm's running statistics are averaged too, its step counter copied."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(model, 0.9)
+    expected = model[0].weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model.train()(torch.randn(4, 3))  # moves the running statistics, counts a batch
+        average.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * model[0].weight.detach()
+    torch.testing.assert_close(average.state["0.weight"], expected)
+    assert int(average.state["1.num_batches_tracked"]) == 5
+    assert not torch.equal(average.state["1.running_mean"], model[1].running_mean)
+
+    average.copy_to(model)
+    torch.testing.assert_close(model[0].weight, expected)
+    for decay in (0.0, 1.0):
+        with pytest.raises(ValueError, match="decay must be in"):
+            WeightAverage(model, decay)
