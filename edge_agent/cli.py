@@ -68,7 +68,8 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="keep the --val scores on this edge (default: report them to the aggregator)")
     p.add_argument("--image-key", type=Path,
                    help="the federation's common image key: the shard, --val and warm-up words are encrypted "
-                        "with it before training (a vit preset; the model then reads only encrypted images)")
+                        "with it before training, by a model aligned to the key (a vit preset); the written "
+                        "model keeps the plain meaning: recognizer encrypt-model makes the one to serve")
     p.add_argument("--image-transforms", default="all",
                    help="which encryption transforms: blocks, pixels, negate, channels (default all)")
     p.add_argument("--out", type=Path, help="final global model file (default: WORK_DIR/final.npz)")
@@ -179,6 +180,7 @@ def run(argv: Sequence[str]) -> int:
             device=device,
             bf16=default_bf16(device) if args.bf16 is None else args.bf16,
             init=args.init,
+            cipher=None if encryption is None else encryption.cipher,
         )
         endpoint = Endpoint(args.server, args.ca, args.cert, args.cert_key, args.server_name)
         policy = retry.RetryPolicy(

@@ -1,6 +1,7 @@
 """Encrypted training data on an edge (`edge_agent --image-key`): the edge encrypts its shard, its
-held-out set and any warm-up words with the federation's common image key before training, so the
-federation trains a model that reads only images encrypted with that key (recognizer/image_crypt.py).
+held-out set and any warm-up words with the federation's common image key before training, and its
+model is aligned to that key (recognizer.image_crypt.align_model), so it reads them as the plain model
+reads plain images and its uploads keep their plain meaning.
 
 Each set is encrypted once into the work directory (named by what it was made from) and reused after a
 restart; an interrupted encryption is redone, never reused.

@@ -17,6 +17,7 @@ import torch
 from recognizer import state, train
 from recognizer.charset import MAX_SEQ_LEN
 from recognizer.dataset import label_report, make_loader
+from recognizer.image_crypt import BlockCipher, align_model
 from recognizer.lmdb_data import LmdbReader
 from recognizer.model import build_model
 from recognizer.model_io import save_model, start_from
@@ -60,6 +61,7 @@ class LocalModel:
         device: torch.device | str = "cpu",
         bf16: bool = False,
         init: Path | None = None,
+        cipher: BlockCipher | None = None,
     ) -> None:
         reader = LmdbReader(shard)  # a missing or corrupt shard fails here, naming the path
         self.model = build_model(preset, key, gamma, alphabet)
@@ -75,6 +77,8 @@ class LocalModel:
         self._file_fingerprint = state.fingerprint(self.model, key)  # of W_0 as built: model files name it
         if init is not None:  # fine-tuning: the pretrained weights stand in for W_0 on every edge
             start_from(self.model, init, key, preset, self._file_fingerprint)
+        if cipher is not None:  # it reads the shard's encrypted images (recognizer.image_crypt.align_model)
+            align_model(self.model, cipher)
         # Of the starting point: edges that start from other weights are refused, like another key.
         self.fingerprint = state.fingerprint(self.model, key)
         self._w0 = state.pack_model(self.model, key)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recognizer.hashing import INDEX_SUFFIX, is_hashed
 from recognizer.keys import derive_seed
 from recognizer.model import Recognizer
 from recognizer.vit import ViTEncoder
@@ -177,6 +178,53 @@ def encrypt_model(
 
 
 
+def align_model(model: Recognizer, cipher: BlockCipher) -> Recognizer:
+    """Make ``model`` read images encrypted with ``cipher`` exactly as it read plain ones, in place,
+    without changing a single trained value: a hashed layer's index map (R[Idx]) is permuted instead of
+    its weights, so the real vectors, and what an edge uploads, keep their plain meaning.
+
+    The patch embedding's columns (or their index map) follow ``value_order`` and its input is
+    multiplied by the negation signs; the position table's rows follow ``block_order``; the output
+    tokens are read back in the plain order. Training such a model on encrypted images is, step for
+    step, training the plain model on plain ones (up to the order of float sums), which is what lets a
+    federation of edges that encrypt their shards learn as fast as on plain images. Call it once,
+    on a model built plain.
+
+    Raises:
+        ValueError: the model has no patch embedding, its grid is not the cipher's, or it is aligned.
+    """
+    if not isinstance(model.encoder, ViTEncoder):
+        name = model.config.name
+        raise ValueError(f"preset {name} has no patch embedding: image encryption needs a vit preset")
+    encoder: ViTEncoder = model.encoder
+    embedding = encoder.patch_embedding
+    if (embedding.patch, encoder.grid) != (cipher.patch, tuple(cipher.grid)):
+        raise ValueError(f"the cipher's {cipher.patch}-pixel blocks in a {cipher.grid} grid are not the "
+                         f"model's {embedding.patch}-pixel blocks in {encoder.grid}")
+    if embedding.signs is not None:
+        raise ValueError("the model is aligned to an image key already")
+    device = encoder.token_order.device
+    values = torch.from_numpy(cipher.value_order).to(device)
+    blocks = torch.from_numpy(cipher.block_order).to(device)
+    _permute(embedding.proj, "weight", lambda w: w[:, values])
+    _permute(encoder.position, "weight", lambda w: w[blocks])
+    embedding.signs = torch.from_numpy(np.where(cipher.negated, -1.0, 1.0).astype(np.float32)).to(device)
+    encoder.token_order.copy_(torch.from_numpy(np.argsort(cipher.block_order)))
+    return model
+
+
+def _permute(layer: torch.nn.Module, name: str, take: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Rearrange weight ``name`` of ``layer`` by ``take``: its index map when hashed, else the weight."""
+    with torch.no_grad():
+        if is_hashed(layer):
+            index = layer.index_map(name)
+            layer._buffers[name + INDEX_SUFFIX] = take(index).reshape(-1).contiguous()
+            layer._hash_cache = None if layer._hash_cache is None else {}
+        else:
+            weight = getattr(layer, name)
+            weight.copy_(take(weight.detach().clone()))
+
+
 def cipher_for_preset(
     key: bytes, preset: str, options: EncryptionOptions = EncryptionOptions()
 ) -> BlockCipher:
@@ -219,5 +267,5 @@ def encrypt_dataset(
     return len(reader)
 
 
-__all__ = ["BlockCipher", "EncryptionOptions", "cipher_for_preset", "encrypt_dataset", "encrypt_model",
-           "image_key_fingerprint", "plain_copy", "token_order_of"]  # fmt: skip
+__all__ = ["BlockCipher", "EncryptionOptions", "align_model", "cipher_for_preset", "encrypt_dataset",
+           "encrypt_model", "image_key_fingerprint", "plain_copy", "token_order_of"]  # fmt: skip

@@ -30,6 +30,9 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         self.patch = patch
         self.proj = nn.Linear(3 * patch * patch, dim)
+        # ±1 per block value in a model aligned to an image key (recognizer/image_crypt.py, align_model):
+        # it undoes the negative-positive transform before the projection. None: plain images.
+        self.register_buffer("signs", None, persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         b, c, h, w = images.shape
@@ -37,6 +40,8 @@ class PatchEmbedding(nn.Module):
         if c != 3 or h % p or w % p:
             raise ValueError(f"images must be [B, 3, H, W], H and W multiples of {p}: {tuple(images.shape)}")
         blocks = F.unfold(images, kernel_size=p, stride=p)  # [B, 3·P·P, L]
+        if self.signs is not None:
+            blocks = blocks * self.signs[:, None]
         return self.proj(blocks.transpose(1, 2))
 
 

@@ -248,7 +248,8 @@ def test_warm_up_rounds_train_on_words_each_edge_renders(launch, edge_data, test
     assert {e["edge_id"]: int(e["samples"]) for e in rounds[0]["edges"]} == {"edge-0": 48, "edge-1": 48}
 
 
-def test_edges_train_on_data_encrypted_with_the_common_image_key(launch, edge_data, test_pki, tmp_path):
+def test_edges_train_on_data_encrypted_with_the_common_image_key(launch, edge_data, test_pki, federation_key,
+                                                                tmp_path):
     from recognizer.dataset import image_to_array
     from recognizer.image_crypt import cipher_for_preset
     from recognizer.keys import generate_key
@@ -287,6 +288,15 @@ def test_edges_train_on_data_encrypted_with_the_common_image_key(launch, edge_da
         counted = [r for r in journal(fed, f"edge-{k}") if r["event"] == "round"]
         assert [r["warmup"] for r in counted] == [True, False] and all(r["val"] for r in counted)
         assert log_says(fed, f"edge-{k}", "encrypting")
+    # The edge's model is aligned to the image key: its score of the final state on the encrypted held-out
+    # set is the plain model file's score on the plain set (the file keeps the plain meaning).
+    (finished,) = [r for r in journal(fed, "edge-0") if r["event"] == "finished"]
+    model, _ = load_model(Path(finished["model"]), load_key(federation_key))
+    loader = make_loader(edge_data.test, 64, shuffle=False, **model.image_options)
+    result = evaluate(model, loader, beam_width=1)
+    assert finished["val"]["samples"] == result.samples
+    assert abs(finished["val"]["loss"] - result.loss) < 1e-4 * max(1.0, result.loss)
+    assert finished["val"]["accuracy"] == result.accuracy
 
 
 def test_killed_edge_round_closes_at_minimum_and_edge_rejoins(launch, edge_data, test_pki) -> None:

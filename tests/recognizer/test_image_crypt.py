@@ -20,6 +20,7 @@ from recognizer.dataset import array_to_tensor
 from recognizer.image_crypt import (
     BlockCipher,
     EncryptionOptions,
+    align_model,
     cipher_for_preset,
     encrypt_model,
     token_order_of,
@@ -92,6 +93,44 @@ def test_the_transformed_model_reads_encrypted_images_with_the_plain_models_logi
     assert (got - want).abs().max().item() <= 1e-4
     assert (blind - want).abs().max().item() > 1e-2  # the original does not read encrypted images alike
     assert transformed.predict(encrypted, beam_width=1) == model.predict(plain, beam_width=1)
+
+
+@pytest.mark.parametrize("preset", VIT_PRESETS)
+@pytest.mark.parametrize("gamma", [0.5, None])
+def test_an_aligned_model_trains_on_encrypted_images_as_the_plain_model_on_plain_ones(preset, gamma) -> None:
+    """align_model changes no trained value (the packed state and its fingerprint stay), reads encrypted
+    images with the plain model's logits, and an optimizer step on encrypted images moves the weights as
+    the same step on plain images does: a federation on encrypted shards trains like one on plain shards."""
+    from recognizer.train import train_step
+
+    key = b"\x07" * 32
+    torch.manual_seed(0)
+    images = _images(4)
+    targets = torch.randint(3, 30, (4, 7))
+    plain_model, aligned = build_model(preset, key, gamma), build_model(preset, key, gamma)
+    cipher = BlockCipher.for_model(KEY, aligned, EncryptionOptions())
+    before = state.pack_model(aligned, key)
+    align_model(aligned, cipher)
+    if gamma is not None:  # hashed: only the index maps moved
+        np.testing.assert_array_equal(state.pack_model(aligned, key), before)
+    plain = torch.stack([array_to_tensor(x) for x in images])
+    encrypted = torch.stack([array_to_tensor(cipher.encrypt(x)) for x in images])
+    with torch.no_grad():
+        want, got = plain_model.eval()(plain, targets), aligned.eval()(encrypted, targets)
+    assert (got - want).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="aligned to an image key already"):
+        align_model(aligned, cipher)
+    with pytest.raises(ValueError, match="grid"):
+        align_model(build_model(preset, key, gamma), BlockCipher.from_key(KEY, 8, (2, 2)))
+    if gamma is None:  # unhashed: the weights themselves were permuted, so the steps are in other coordinates
+        return
+    for model, batch in ((plain_model, plain), (aligned, encrypted)):  # plain SGD: the step is the gradient
+        model.train()
+        train_step(model, batch, targets, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=0)
+    moved = state.pack_model(plain_model, key) - before
+    assert np.abs(moved).max() > 1e-2
+    stepped = state.pack_model(aligned, key) - before
+    np.testing.assert_allclose(stepped, moved, atol=1e-5 * np.abs(moved).max())
 
 
 def test_a_transformed_model_file_keeps_the_order_its_columns_are_read_in(tmp_path: Path) -> None:
