@@ -58,6 +58,7 @@ class NamedRecipe:
     augment_ops: int = 2  # N ops drawn per image ...
     augment_magnitude: float = 0.5  # ... at magnitude M in [0, 1] ...
     augment_prob: float = 0.5  # ... each applied with this probability
+    average: float = 0.0  # decay of the weights' moving average written as the model; 0: the last weights
     synth_count: int = 20_000
     synth_seed: int = 1
     synth_styles: str = "varied"  # recognizer.synth.ALL_STYLES, comma-separated
@@ -88,11 +89,11 @@ class NamedRecipe:
 # letter of words up to 25 long); batches of 64 on two threads process about twice the images per second
 # of batches of 16 on one. Its data: the rich renderer's varied style over the training font families and
 # backgrounds, realistic labels of up to 25 characters, and dictionary words of 11 to 25 letters apart
-# (only 4.7% of the realistic labels are such words; 21% of the varied images with them); STRAug-style
+# (only 4.7% of the realistic labels are such words; 28% of the varied images with them); STRAug-style
 # augmentation; two epochs at lr 0.003 decayed along a cosine from the start.
 GENERAL = NamedRecipe(
     "general", preset="fedocr-cpu-wide", batch_size=64, epochs=2, lr=3e-3, cosine_from=0, augment="straug",
-    synth_count=136_000, synth_seed=11, synth_labels="general", long_count=36_000,
+    synth_count=124_000, synth_seed=11, synth_labels="general", long_count=48_000,
 )
 RECIPES: dict[str, NamedRecipe] = {r.name: r for r in (GENERAL,)}
 
