@@ -26,6 +26,9 @@ from fedocr.tensors import apply_segment, state_sha256
 from fedocr.v1 import federation_pb2 as pb
 
 _FRAME = struct.Struct("<I")  # a stored change: length-prefixed StateChunk messages
+# A change rounds to the nearest level at each block's fitted scale (fedocr.encodings): error
+# feedback here carries what the clipping drops into the next change.
+DOWNLOAD_ROUNDING = "fit"
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,20 @@ def encode_change(
     encoding: int,
     zstd_level: int,
     chunk_elements: int,
+    rounding: str = DOWNLOAD_ROUNDING,
 ) -> tuple[Change, np.ndarray]:
     """The change from ``visible`` (V at ``version - 1``) to ``target`` (the new G), and V at ``version``.
 
     The change is decoded with the edges' own reader (ChunkAssembler), so the returned state is the
-    one every edge computes, byte for byte. Exact tensors (running statistics) travel in float32.
+    one every edge computes, byte for byte. Exact tensors (running statistics) travel in float32;
+    the others round as ``rounding`` says (fedocr.encodings).
     """
     change = np.subtract(target, visible, dtype=np.float32)
     lengths = [n for _, n, _ in specs]
     encoder = tensors.ChunkEncoder(
         fedavg.split(change, lengths), encoding, pb.COMPRESSION_ZSTD, level=zstd_level,
         chunk_elems=chunk_elements, ids=[i for i, _, _ in specs], exact=[e for _, _, e in specs],
+        rounding=rounding,
     )
     chunks = tuple(encoder.chunks())
     trailer = encoder.trailer()
@@ -116,4 +122,4 @@ def chain_to_keep(changes: Sequence[Change], state_bytes: int) -> list[Change]:
     return kept[::-1]
 
 
-__all__ = ["Change", "chain_to_keep", "encode_change"]
+__all__ = ["DOWNLOAD_ROUNDING", "Change", "chain_to_keep", "encode_change"]

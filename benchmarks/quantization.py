@@ -54,6 +54,7 @@ class Variant:
     feedback: bool
     rounding: str = "stochastic"
     download: str = "float32"  # lossy: each round's change of the visible state, error feedback on the server
+    download_rounding: str = "nearest"  # "fit": each block's scale fitted to the least squared error
     # Secure aggregation's encodings (the masks, which cancel exactly, left out): -1 = plain uploads;
     # 0 = every value in 32-bit fixed point; b = the parameters as b-bit codes (statistics fixed point).
     secure_bits: int = -1
@@ -75,6 +76,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("float16-ef", "float16", True),
     Variant("int3-ef-down-int3", "int3", True, download="int3"),
     Variant("float32-down-int3", "float32", False, download="int3"),
+    Variant("int3-ef-down-int3-fit", "int3", True, download="int3", download_rounding="fit"),
+    Variant("int3-fit-down-int3-fit", "int3", True, "fit", download="int3", download_rounding="fit"),
     Variant("secure-fixed32", "float32", False, secure_bits=0),
     Variant("secure-int8-ef", "float32", True, secure_bits=8),
     Variant("secure-int4-ef", "float32", True, secure_bits=4),
@@ -170,7 +173,7 @@ def byte_rows(increment: np.ndarray, statistics: int) -> list[dict]:
     rows = []
     norm = float(np.linalg.norm(increment))
     for name, encoding in encodings.NAMES.items():
-        for rounding in ("nearest", "stochastic") if encoding in encodings.QMAX else ("nearest",):
+        for rounding in ("nearest", "stochastic", "fit") if encoding in encodings.QMAX else ("nearest",):
             decoded = upload(increment, statistics, encoding, rounding, 0)
             error = float(np.linalg.norm(decoded.values - increment)) / norm
             rows.append({"encoding": name, "rounding": rounding if encoding in encodings.QMAX else "-",
@@ -311,7 +314,8 @@ def federate(variant: Variant, shards: list[Path], held_out: Path, rounds: int, 
         else:
             fedavg.apply_mean(global_state, total, float(sum(e.samples for e in edges)))
         if encodings.is_lossy(download):
-            _, visible = encode_change(visible, global_state, t + 2, specs, download, 3, 1 << 16)
+            _, visible = encode_change(visible, global_state, t + 2, specs, download, 3, 1 << 16,
+                                       variant.download_rounding)
         else:
             visible = global_state.copy()
         edges[0].apply_global(visible)

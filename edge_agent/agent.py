@@ -18,7 +18,7 @@ from edge_agent.report import Journal, Progress, megabytes
 from edge_agent.secure import protocol
 from edge_agent.warmup import warmup_data
 from fedocr import encodings, retry, secagg
-from fedocr.client import FederationClient, Upload, UploadUnconfirmed
+from fedocr.client import FEEDBACK_ROUNDING, UPLOAD_ROUNDING, FederationClient, Upload, UploadUnconfirmed
 from fedocr.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ class EdgeAgent:
                     "round %s (%s): waiting for the next round", reply.round_id, _position(reply)
                 )
 
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call the aggregator; a non-transient refusal becomes an AgentError with the server's reason."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except grpc.RpcError as exc:
             code = retry.status_code(exc)
             if code in (
@@ -189,6 +189,7 @@ class EdgeAgent:
         # Error feedback where the upload drops precision: a lossy encoding, or secure codes of b bits.
         lossy = reply.plan.secure.bits > 0 if secure else encodings.is_lossy(encoding)
         feedback = reply.plan.error_feedback and lossy
+        rounding = FEEDBACK_ROUNDING if feedback else UPLOAD_ROUNDING  # of quantized uploads
         try:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:
@@ -225,6 +226,7 @@ class EdgeAgent:
                 "error_feedback": feedback,
                 "proximal_mu": plan.proximal_mu,
             },
+            "rounding": rounding,
             "down": down,
             "val": _scores(generic),
             "up": {"raw": 0, "wire": 0},
@@ -294,6 +296,7 @@ class EdgeAgent:
                     encoding,
                     seed,
                     self.local.statistics,
+                    rounding=rounding,
                 )
         except grpc.RpcError as exc:
             if retry.status_code(exc) not in ROUND_GONE:

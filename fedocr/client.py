@@ -33,8 +33,11 @@ STATISTICS_ID = 1
 # Upload chunks of 256 KiB decoded: well under the aggregator's per-chunk limit.
 UPLOAD_CHUNK_ELEMS = 65536
 RPC_TIMEOUT_S = 120.0
-# How quantized uploads round (benchmarks/quantization.py measures both with error feedback).
+# How quantized uploads round: stochastically (unbiased) without error feedback; with it, to the
+# nearest level at each block's fitted scale, the residual carrying what that drops
+# (fedocr.encodings; benchmarks/quantization.py measures them).
 UPLOAD_ROUNDING = "stochastic"
+FEEDBACK_ROUNDING = "fit"
 # How often an ALREADY_EXISTS answer is checked against the round's record before giving up.
 DUPLICATE_CHECKS = 6
 
@@ -257,18 +260,21 @@ class FederationClient:
         seed: int = 0,
         statistics: int = 0,
         hidden: int = 0,
+        rounding: str = UPLOAD_ROUNDING,
     ) -> Upload:
         """Stream ``increment`` for ``round_id`` in ``encoding`` (fedocr.encodings), zstd-compressed.
 
-        Quantized encodings round stochastically, drawing from ``seed``; the last ``statistics``
-        values go as the exact tensor (float32, manifest_specs).
+        Quantized encodings round as ``rounding`` says (stochastic rounding draws from ``seed``); the
+        last ``statistics`` values go as the exact tensor (float32, manifest_specs).
 
         ALREADY_EXISTS counts as acknowledged, with no receipt, once the round's record lists this
         edge (a retry after the first attempt was counted but its receipt lost). Other refusals are
         raised.
         """
         header = upload_header(round_id, samples, fingerprint, encoding, base_version)
-        encoder = encode_upload(increment, statistics, encoding, zstd_level, seed=seed, hidden=hidden)
+        encoder = encode_upload(
+            increment, statistics, encoding, zstd_level, rounding=rounding, seed=seed, hidden=hidden
+        )
         return self.send(header, encoder, edge_id)
 
     def send(self, header: pb.UploadHeader, encoder: tensors.ChunkEncoder, edge_id: str) -> Upload:

@@ -26,6 +26,11 @@ In int8, int4 and int3 the encoder picks scale = max |value| / qmax per block, s
 largest value is exact. In int2 it picks the block's mean |value|: with the max, nearly every
 value of a block would round to 0. Rounding is to the nearest level, or stochastic with an rng
 (unbiased, E[decoded] = value, for every value within qmax * scale: all of them but in int2).
+Rounding "fit" is to the nearest level with each block's scale chosen, among the max rule's scale
+and FIT_FRACTIONS of it, to leave the least squared error: it clips a block's few largest values
+so that its many small ones get levels of their own, and is meant for senders with error
+feedback, which carries what the clipping dropped into the next message. The receiver decodes
+every rule the same way.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ QMAX = {
 # Bits per code of the bit-packed encodings.
 BITS = {pb.ENCODING_INT4_QUANTIZED: 4, pb.ENCODING_INT3_QUANTIZED: 3, pb.ENCODING_INT2_QUANTIZED: 2}
 MAX_SCALE = float(np.finfo(np.float32).max) / 128  # q * scale stays finite for |q| <= 127
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "fit")
+# The fractions of the max rule's scale that rounding "fit" tries in each block besides the max rule's.
+FIT_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22)
 
 # Names used in configuration files and on the command line.
 NAMES: dict[str, int] = {
@@ -165,12 +172,14 @@ def encode(
             peaks = np.abs(grid).sum(axis=1, dtype=np.float64) / sizes
     else:
         peaks = np.abs(grid).max(axis=1) / qmax
+        if rounding == "fit":
+            peaks = _fitted_scales(grid, peaks, qmax)
     # Non-finite values give a non-finite scale, which the receiver refuses: nothing is hidden.
     scales = np.where(np.isfinite(peaks), np.minimum(peaks, MAX_SCALE), peaks).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float32)[:, None]
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: refused by the receiver
         scaled = grid / safe
-        if rounding == "nearest":
+        if rounding != "stochastic":
             q = np.rint(scaled)
         else:
             q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
@@ -181,6 +190,21 @@ def encode(
     if encoding == pb.ENCODING_INT8_QUANTIZED:
         return head + codes.tobytes(), decoded
     return head + _pack(codes, encoding), decoded
+
+
+def _fitted_scales(grid: np.ndarray, peaks: np.ndarray, qmax: int) -> np.ndarray:
+    """Per block (row of ``grid``), the scale among ``peaks`` and FIT_FRACTIONS of it whose nearest,
+    clipped codes leave the least squared error; ``peaks`` where a block is 0 or not finite."""
+    best, best_error = peaks.copy(), np.full(peaks.shape, np.inf)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for fraction in (1.0, *FIT_FRACTIONS):
+            scale = (peaks * fraction).astype(np.float32)
+            safe = np.where(scale > 0, scale, 1.0).astype(np.float32)[:, None]
+            q = np.clip(np.rint(grid / safe), -qmax, qmax)
+            error = np.square(q * safe - grid).sum(axis=1, dtype=np.float64)
+            better = error < best_error
+            best[better], best_error[better] = scale[better], error[better]
+    return np.where(np.isfinite(peaks) & (peaks > 0), best, peaks)
 
 
 def _pack(q: np.ndarray, encoding: int) -> bytes:

@@ -98,8 +98,10 @@ def test_edges_that_left_or_just_joined_end_on_the_same_visible_state(agg_pki, t
     assert [m.raw for m in steady.moved] == [4 * LENGTH] + [change_bytes] * ROUNDS
     assert away.moved[-1].raw == ROUNDS * change_bytes
     assert change_bytes < 4 * LENGTH / 8
-    # The visible state tracks the exact one: what int3 dropped is carried into the next change.
-    assert np.abs(steady.state - exact)[:PARAMS].max() < 0.2 * np.abs(increment(ROUNDS - 1)[:PARAMS]).max()
+    # The visible state tracks the exact one: what int3 dropped is carried into the next change, so
+    # the gap stays a fraction of one round's increment (about 0.22 with fitted scales, 0.31 without).
+    gap = np.linalg.norm(steady.state[:PARAMS] - exact[:PARAMS])
+    assert gap < 0.25 * np.linalg.norm(increment(ROUNDS - 1)[:PARAMS])
     assert not np.array_equal(steady.state, exact)
     np.testing.assert_allclose(steady.state[PARAMS:], exact[PARAMS:], rtol=1e-5)
     # Operators see the download bytes per round, raw and wire, as before.

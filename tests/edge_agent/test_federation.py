@@ -120,6 +120,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     for name, recs in records.items():
         counted = [r for r in recs if r["event"] == "round"]
         assert all(r["plan"]["encoding"] == "int8" and r["plan"]["error_feedback"] for r in counted)
+        assert all(r["rounding"] == "fit" for r in counted)  # nearest at fitted scales, with feedback
         assert all(r["plan"]["proximal_mu"] == 0.01 for r in counted)
         # The parameters in int8 (about a quarter of float32), the running statistics in float32.
         int8_bytes = encodings.payload_size(pb.ENCODING_INT8_QUANTIZED, length - statistics) + 4 * statistics

@@ -79,6 +79,23 @@ def test_stochastic_rounding_is_unbiased():
     assert E.encode(x, I4, "nearest")[1][1] == 0.0
 
 
+@pytest.mark.parametrize("encoding", [I8, I4, I3])
+def test_fit_rounding_leaves_no_block_worse_than_the_max_rule_and_the_receiver_reads_it_unchanged(encoding):
+    x = (np.random.default_rng(5).standard_t(2, 16 * E.BLOCK) * 1e-3).astype(np.float32)  # heavy tails
+    x[:300] = 0.0  # a block of zeros (scale 0) and part of the next
+    enc, chunks, trailer = stream([x], encoding, chunk_elems=x.size, rounding="fit")
+
+    (got,) = assemble([(0, x.size)], chunks, trailer, encoding)
+
+    np.testing.assert_array_equal(got, enc.decoded()[0])
+    fit = np.square(got - x).reshape(-1, E.BLOCK).sum(axis=1)
+    nearest = np.square(E.encode(x, encoding)[1] - x).reshape(-1, E.BLOCK).sum(axis=1)
+    assert (fit <= nearest * (1 + 1e-6)).all()
+    assert got[:300].tolist() == [0.0] * 300
+    if encoding == I3:  # few levels: clipping the tails pays
+        assert fit.sum() < 0.9 * nearest.sum()
+
+
 def test_int2_is_ternary_at_each_blocks_mean_magnitude():
     x = values(1000)  # a short last block: its mean is over its 232 values only
     payload, decoded = E.encode(x, I2)
