@@ -189,7 +189,7 @@ class EdgeAgent:
         # Error feedback where the upload drops precision: a lossy encoding, or secure codes of b bits.
         lossy = reply.plan.secure.bits > 0 if secure else encodings.is_lossy(encoding)
         feedback = reply.plan.error_feedback and lossy
-        rounding = FEEDBACK_ROUNDING if feedback else UPLOAD_ROUNDING  # of quantized uploads
+        rounding = FEEDBACK_ROUNDING if feedback else UPLOAD_ROUNDING  # of plain quantized uploads
         try:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:
@@ -226,7 +226,8 @@ class EdgeAgent:
                 "error_feedback": feedback,
                 "proximal_mu": plan.proximal_mu,
             },
-            "rounding": rounding,
+            # Secure codes round stochastically in their own encoder; float32 rounds nothing.
+            "rounding": rounding if lossy and not secure else None,
             "down": down,
             "val": _scores(generic),
             "up": {"raw": 0, "wire": 0},

@@ -29,8 +29,8 @@ value of a block would round to 0. Rounding is to the nearest level, or stochast
 Rounding "fit" is to the nearest level with each block's scale chosen, among the max rule's scale
 and FIT_FRACTIONS of it, to leave the least squared error: it clips a block's few largest values
 so that its many small ones get levels of their own, and is meant for senders with error
-feedback, which carries what the clipping dropped into the next message. The receiver decodes
-every rule the same way.
+feedback, which carries what the clipping dropped into the next message (int2 keeps its mean
+rule and rounds to the nearest level). The receiver decodes every rule the same way.
 """
 
 from __future__ import annotations

@@ -212,6 +212,7 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
         # a byte a parameter, four a statistic: against 4 * length in 32-bit fixed point
         assert record["status"] == "counted" and record["up"]["raw"] == (length - statistics) + 4 * statistics
         assert record["plan"]["encoding"] == "ENCODING_MASKED_INT" and record["plan"]["error_feedback"]
+        assert record["rounding"] is None  # the secure codes' own (stochastic) rounding, not "fit"
         residual = np.load(fed.work / "edges" / name / "residual.npz")["residual"]
         assert residual.shape == (length,) and np.abs(residual[: length - statistics]).max() > 0
     first = read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1]
