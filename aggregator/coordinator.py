@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from aggregator import fedavg, rounds, server_opt
+from aggregator import fedavg, rounds, server_opt, spool
 from aggregator.config import AggregatorConfig
 from aggregator.groupcommit import GroupCommitter
 from aggregator.longpoll import LongPolls, NotifyingCondition
@@ -34,6 +34,7 @@ from aggregator.rounds import (
 )
 from aggregator.secure import SecureRecord
 from aggregator.secure.phases import SecureRounds, Wiring
+from aggregator.spool import LogEntry, SpoolFile
 from aggregator.store import Manifest, Store
 from aggregator.transfer import StateCache, StateStream, chain_stream
 from aggregator.upload import read_header, stage
@@ -77,6 +78,11 @@ class RoundCoordinator:
         self._polls = LongPolls(config)
         self._ticker: threading.Thread | None = None
         self._notes_pending = False  # the round's record has join/download notes not on disk
+        # The upload log (aggregator/spool.py): uploads applied but not yet durable, and those
+        # durable in the log but not in the stored sum.
+        self._pending: list[tuple[SpoolFile, LogEntry]] = []
+        self._logged: list[LogEntry] = []
+        self._next_seq = 0
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
         self._commits = GroupCommitter(self._cond, self._prepare_write, self._load, self._maybe_close)
         wiring = Wiring(  # what SecureRounds may use of this object: nothing else of it reaches there
@@ -96,7 +102,9 @@ class RoundCoordinator:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        """(Re)load everything from the store."""
+        """(Re)load everything from the store; uploads applied but not durable are dropped."""
+        for spooled, _ in getattr(self, "_pending", ()):
+            spooled.discard()
         snap = self._store.load()
         self.manifest: Manifest | None = snap.manifest
         self._state = snap.state
@@ -110,6 +118,11 @@ class RoundCoordinator:
         self._peak = (-1, 0.0)  # (state version, its largest magnitude): see _state_peak
         if self.manifest is not None and self._total is None:
             self._total = np.zeros(self.manifest.size, dtype=np.float64)
+        self._pending, self._logged = [], [entry for _, entry in snap.log]
+        self._next_seq = snap.log[-1][0] + 1 if snap.log else 0
+        if self._logged:  # the durable uploads since the stored sum, added again in their order
+            specs, limit = self.manifest.tensors, self.config.max_chunk_bytes
+            spool.replay(self._store.spool, self._logged, specs, self._total, limit)
         self.secure.load(snap.masked, self.manifest.size if self.manifest is not None else None)
         if self._round is not None:
             r = self._round
@@ -189,10 +202,56 @@ class RoundCoordinator:
                 self._cond.wait(TICK_S)
 
     def _prepare_write(self) -> Callable[[], None]:
+        """The group commit's write (lock held); returns what runs unlocked: the fsyncs."""
         self._notes_pending = False  # the record goes with the sum
-        if self._round is None or self._round.secure is None:
-            return self._store.prepare_upload(self._round, self._total)
-        return self._store.prepare_upload(self._round, self._total, self.secure.to_write())
+        r = self._round
+        if r is not None and r.secure is not None:
+            return self._store.prepare_upload(r, None, self.secure.to_write())
+        pending = self._pending
+        self._pending = []
+        logged = sum(e.size for e in self._logged) + sum(e.size for _, e in pending)
+        if pending and (
+            logged < spool.CHECKPOINT_FACTOR * self._total.nbytes
+            and len(self._logged) + len(pending) <= spool.CHECKPOINT_ENTRIES
+        ):
+            entries = [(self._next_seq + k, entry) for k, (_, entry) in enumerate(pending)]
+            self._next_seq += len(pending)
+            self._logged += [entry for _, entry in pending]
+            commit = self._store.prepare_upload(r, None, log=entries)
+            files = [spooled for spooled, _ in pending]
+
+            def sync_then_commit() -> None:
+                try:
+                    for spooled in files:
+                        spooled.sync()
+                    spool.sync_directory(self._store.spool)
+                    commit()
+                except BaseException as exc:
+                    for spooled in files:  # their uploads are lost (CommitLost): nothing names them
+                        spooled.discard()
+                    if isinstance(exc, OSError):
+                        raise self._store.unwritable("cannot write", exc) from exc
+                    raise
+                for spooled in files:
+                    spooled.close()
+
+            return sync_then_commit
+        # a checkpoint: the sum holds every applied upload, so the log and its files go
+        commit = self._store.prepare_upload(r, self._total)
+        folded = [e.file for e in self._logged] + [spooled.name for spooled, _ in pending]
+        self._logged = []
+
+        def commit_then_drop() -> None:
+            for spooled, _ in pending:
+                spooled.close()
+            try:
+                commit()
+            except BaseException:
+                spool.remove(self._store.spool, [spooled.name for spooled, _ in pending])
+                raise
+            spool.remove(self._store.spool, folded)
+
+        return commit_then_drop
 
     def _maybe_close(self) -> None:
         """After a durable write: close the round at once if the quorum is in (secure: next phase)."""
@@ -246,6 +305,8 @@ class RoundCoordinator:
             self._store.finish_round(r, state, version, following, visible, slots)
             if r.secure is not None:
                 r.secure.drop_blobs()  # kept on disk only until now; the history holds the core
+            self._fold_spool()
+            spool.remove_rounds_upto(self._store.spool, r.round_id)
         except Exception as exc:
             self._load()
             # uploads applied to the sum in memory but not yet written are gone with it
@@ -471,20 +532,37 @@ class RoundCoordinator:
                 specs.append((secagg.WEIGHT_TENSOR_ID, hidden, True))
             else:
                 weight = fedavg.weight_for(header.sample_count, self.config.weighting)
+            plain = self._round.secure is None
             self._in_flight.add(edge_id)
         try:
             if not self._uploads.acquire(timeout=self.config.upload_wait_s):
                 raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
             try:
                 t1 = time.perf_counter()
-                staged = stage(header, messages, specs, self.config.max_chunk_bytes)
+                spooled = self._open_spool(header.round_id) if plain else None
+                try:
+                    staged = stage(header, messages, specs, self.config.max_chunk_bytes, spooled)
+                except OSError as exc:  # the spool file could not be written
+                    spooled.discard()
+                    raise self._store.unwritable("cannot write", exc) from exc
+                except BaseException:
+                    if spooled is not None:
+                        spooled.discard()
+                    raise
                 times = (t0, t1, time.perf_counter())
-                return self._commit(edge_id, header, staged, weight, times, leaf)
+                return self._commit(edge_id, header, staged, weight, times, leaf, spooled)
             finally:
                 self._uploads.release()
         finally:
             with self._cond:
                 self._in_flight.discard(edge_id)
+
+    def _open_spool(self, round_id: int) -> SpoolFile:
+        """A new spool file for a plain round's upload (StorageUnavailable if it cannot be made)."""
+        try:
+            return SpoolFile(self._store.spool, round_id)
+        except OSError as exc:
+            raise self._store.unwritable("cannot write", exc) from exc
 
     def _check_upload(self, edge_id: str, header: pb.UploadHeader, leaf: bool = False) -> None:
         if header.fingerprint != self.manifest.fingerprint:
@@ -518,22 +596,34 @@ class RoundCoordinator:
         weight: float,
         times: tuple[float, ...],
         leaf: bool = False,
+        spooled: SpoolFile | None = None,
     ) -> Receipt:
         with self._cond:
-            r = self._round
-            if r is None:
-                raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
-            r.check_upload(edge_id, header.round_id)
-            if r.secure is not None:
-                self.secure.add(r, edge_id, staged.arrays, weight)
-            else:
-                if leaf:  # a sum of weighted increments: its mean is what must fit in float32
-                    fedavg.check_sum_headroom(staged.peak, weight, self._state_peak())
+            try:
+                r = self._round
+                if r is None:
+                    raise RoundClosed(f"round {header.round_id} closed while the upload streamed")
+                r.check_upload(edge_id, header.round_id)
+                if r.secure is not None:
+                    self.secure.add(r, edge_id, staged.arrays, weight)
                 else:
-                    fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
-                scale = 1.0 if leaf else weight  # a leaf's sum is weighted already
-                for (off, n), values in zip(fedavg.layout(self.manifest.lengths), staged.arrays, strict=True):
-                    fedavg.accumulate(self._total[off : off + n], values, scale)
+                    if leaf:  # a sum of weighted increments: its mean is what must fit in float32
+                        fedavg.check_sum_headroom(staged.peak, weight, self._state_peak())
+                    else:
+                        fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
+                    scale = 1.0 if leaf else weight  # a leaf's sum is weighted already
+                    for (off, n), values in zip(
+                        fedavg.layout(self.manifest.lengths), staged.arrays, strict=True
+                    ):
+                        fedavg.accumulate(self._total[off : off + n], values, scale)
+                    if spooled is not None:  # written with the next durable write
+                        codec = (header.encoding, header.compression)
+                        entry = spooled.entry(scale, *codec, staged.chunks, staged.sha256)
+                        self._pending.append((spooled, entry))
+                        spooled = None
+            finally:
+                if spooled is not None:  # refused: its file goes
+                    spooled.discard()
             moved = Bytes(raw_up=staged.raw_bytes, wire_up=staged.wire_bytes)
             r.commit(edge_id, header.sample_count, weight, moved, self._clock())
             committed = r.committed
@@ -548,6 +638,15 @@ class RoundCoordinator:
             return Receipt(
                 r.round_id, edge_id, staged.raw_bytes, staged.wire_bytes, committed, r.state, staged.sha256
             )
+
+    def _fold_spool(self) -> list[str]:
+        """The stored sum or state now holds every applied upload: forget the upload log (the
+        next durable writes have nothing of it to write); returns the names of its files."""
+        names = [e.file for e in self._logged] + [spooled.name for spooled, _ in self._pending]
+        for spooled, _ in self._pending:
+            spooled.close()
+        self._logged, self._pending = [], []
+        return names
 
     def _state_peak(self) -> float:
         """The largest magnitude in the global state, computed once per state version."""
@@ -601,6 +700,7 @@ class RoundCoordinator:
         except Exception:
             self._load()  # the clock retries
             raise
+        spool.remove(self._store.spool, self._fold_spool())
         logger.info(
             "round %s: %s upload(s) in, weight %s; forwarding to the root", r.round_id, r.committed, r.weight
         )

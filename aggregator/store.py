@@ -1,8 +1,10 @@
 """Durable aggregator state in LMDB: manifest, global state, the open round's sum and the history.
 
 Every write is one LMDB transaction, committed with fsync (sync=True) before it returns, so a
-receipt sent after `commit_upload` survives `kill -9`. An upload's sum, weight and committed-edge
-list move together in one transaction: after a crash either all of it is there or none of it.
+receipt sent after `commit_upload` survives `kill -9`. An upload's log entry (or the sum that holds
+it), weight and committed-edge list move together in one transaction: after a crash either all of
+it is there or none of it. The uploads a log entry names are files in the spool directory
+(aggregator/spool.py), synced before the transaction that names them.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from aggregator import spool
 from aggregator.rounds import RoundRecord, edge_from_json
+from aggregator.spool import LogEntry
 from fedocr.errors import MalformedRequest, ModelMismatch, StorageUnavailable, TooLarge
 from fedocr.tensors import spec_tuple
 
@@ -27,15 +31,20 @@ logger = logging.getLogger(__name__)
 
 # The on-disk format: key names, defined once here (writer and reader).
 KEY_FORMAT = b"format"
-FORMAT_VERSION = b"fedocr-aggregator/2"
-# Read and upgraded on open: /1 kept the current round's edges inside its record (KEY_ROUND).
-UPGRADABLE = (b"fedocr-aggregator/1",)
+FORMAT_VERSION = b"fedocr-aggregator/3"
+# Read and upgraded on open: /1 kept the current round's edges inside its record (KEY_ROUND); /2 had
+# no upload log (its stored sum held every durable upload, which /3 reads as a log left empty).
+UPGRADABLE = (b"fedocr-aggregator/1", b"fedocr-aggregator/2")
 KEY_MANIFEST = b"manifest"  # JSON {"tensors": [[id, length, exact], ...], "fingerprint": hex}
 KEY_STATE = b"state"  # float32 little-endian, the flat global state G_t
 KEY_STATE_VERSION = b"state_version"  # ASCII integer; 1 = the initial zeros
 KEY_ROUND = b"round/current"  # JSON RoundRecord of the current round, without its edges
 ROUND_EDGE_PREFIX = b"round/edge/"  # JSON EdgeRecord of each edge of the current round, by edge id
 KEY_ROUND_SUM = b"round/sum"  # float64 little-endian running weighted sum; absent = zeros
+# A plain round's durable uploads not yet in KEY_ROUND_SUM, b"round/log/000000000003": JSON LogEntry of
+# each upload's file in the spool directory (aggregator/spool.py); the sum is KEY_ROUND_SUM plus these,
+# replayed in key order.
+LOG_PREFIX = b"round/log/"
 # Secure aggregation: uint32 little-endian sum mod 2^32 of the round's masked uploads; absent = zeros.
 # Never a single edge's unmasked vector: masks cancel only in the sum, and only after unmasking.
 KEY_MASKED_SUM = b"round/masked_sum"
@@ -106,6 +115,11 @@ def _delete_prefix(txn: lmdb.Transaction, prefix: bytes) -> None:
 def change_key(version: int) -> bytes:
     """The key of the stored change that leads to visible ``version``."""
     return CHANGE_PREFIX + b"%012d" % version
+
+
+def log_key(seq: int) -> bytes:
+    """The key of the upload log's entry ``seq`` (keys sort in the order uploads were added)."""
+    return LOG_PREFIX + b"%012d" % seq
 
 
 def history_key(round_id: int) -> bytes:
@@ -186,6 +200,7 @@ class Snapshot:
     visible: np.ndarray | None = None  # None: edges see the global state itself
     changes: dict[int, bytes] = field(default_factory=dict)  # visible version -> its stored change
     slots: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, by name
+    log: list[tuple[int, LogEntry]] = field(default_factory=list)  # uploads not in ``total``, in order
 
 
 class Store:
@@ -206,7 +221,7 @@ class Store:
             self._env = lmdb.open(str(state_dir), map_size=map_size, sync=True, metasync=True, max_dbs=0)
         except (OSError, lmdb.Error) as exc:
             self._release()
-            raise self._unwritable("cannot open", exc) from exc
+            raise self.unwritable("cannot open", exc) from exc
         try:
             with self._write() as txn:
                 found = txn.get(KEY_FORMAT)
@@ -216,6 +231,14 @@ class Store:
                     raise StateFormatMismatch(
                         f"{state_dir} holds state format {found!r}, expected {FORMAT_VERSION!r}"
                     )
+            self.spool = spool.spool_dir(state_dir)
+            self.spool.mkdir(exist_ok=True)
+            with self._env.begin(buffers=True) as txn:
+                named = {LogEntry.from_json(bytes(v)).file for _, v in _prefix(txn, LOG_PREFIX)}
+            spool.remove_unreferenced(self.spool, named)
+        except OSError as exc:
+            self.close()
+            raise self.unwritable("cannot open", exc) from exc
         except BaseException:
             self.close()
             raise
@@ -230,7 +253,7 @@ class Store:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
-    def _unwritable(self, what: str, exc: BaseException) -> StorageUnavailable:
+    def unwritable(self, what: str, exc: BaseException) -> StorageUnavailable:
         """The error for a failed open or write: names the directory, the cause and the free space."""
         try:
             st = os.statvfs(self.path)
@@ -247,7 +270,7 @@ class Store:
             with self._env.begin(write=True) as txn:
                 yield txn
         except lmdb.Error as exc:
-            raise self._unwritable("cannot write", exc) from exc
+            raise self.unwritable("cannot write", exc) from exc
 
     def load(self) -> Snapshot:
         """Read the durable state (copies out of the map, so nothing stays pinned)."""
@@ -281,6 +304,10 @@ class Store:
                     bytes(k)[len(SLOT_PREFIX) :].decode(): _array(v, STATE_DTYPE)
                     for k, v in _prefix(txn, SLOT_PREFIX)
                 },
+                log=[
+                    (int(bytes(k)[len(LOG_PREFIX) :]), LogEntry.from_json(bytes(v)))
+                    for k, v in _prefix(txn, LOG_PREFIX)
+                ],
             )
 
     def init_model(
@@ -298,6 +325,7 @@ class Store:
             _delete_prefix(txn, ROUND_EDGE_PREFIX)
             _put_record(txn, first)
             txn.delete(KEY_ROUND_SUM)
+            _delete_prefix(txn, LOG_PREFIX)
             txn.delete(KEY_MASKED_SUM)
 
     def reset_visible(self, visible: np.ndarray | None) -> None:
@@ -332,32 +360,50 @@ class Store:
         try:
             with self._write() as txn:
                 txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+                _delete_prefix(txn, LOG_PREFIX)  # the sum holds the logged uploads now
                 written = _put_record(txn, record)
         except BaseException:
             _unwritten(record, written)
             raise
 
-    def commit_upload(self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None) -> None:
-        """Persist the running sum, its weight (in the record) and the committed edges together."""
-        self.prepare_upload(record, total, masked)()
+    def commit_upload(
+        self,
+        record: RoundRecord,
+        total: np.ndarray | None,
+        masked: np.ndarray | None = None,
+        log: Sequence[tuple[int, LogEntry]] = (),
+    ) -> None:
+        """Persist an upload's part of the round (see prepare_upload) with the committed edges."""
+        self.prepare_upload(record, total, masked, log)()
 
     def prepare_upload(
-        self, record: RoundRecord, total: np.ndarray, masked: np.ndarray | None = None
+        self,
+        record: RoundRecord,
+        total: np.ndarray | None,
+        masked: np.ndarray | None = None,
+        log: Sequence[tuple[int, LogEntry]] = (),
     ) -> Callable[[], None]:
-        """Copy the sum and record into an open write transaction; return its commit (the fsync).
+        """Copy the round's record and its new uploads into an open write transaction; return its
+        commit (the fsync).
 
         Group commit: the copy happens under the caller's lock, the returned commit without it.
-        A secure round's record comes with ``masked``, its uint32 sum of masked uploads, when that
-        changed (None: the record alone); a plain round's with its float64 sum ``total``.
+        A plain round writes either its float64 sum ``total``, which then holds every upload so far
+        (the log is emptied), or, with ``total`` None, the ``log`` entries (sequence number, entry)
+        of its new uploads, whose spool files the caller synced first. A secure round's record comes
+        with ``masked``, its uint32 sum of masked uploads, when that changed (None: the record alone).
         """
         try:
             txn = self._env.begin(write=True)
         except lmdb.Error as exc:
-            raise self._unwritable("cannot write", exc) from exc
+            raise self.unwritable("cannot write", exc) from exc
         written: set[str] = set()
         try:
-            if record.secure is None:
+            if record.secure is None and total is not None:
                 txn.put(KEY_ROUND_SUM, _bytes(total, SUM_DTYPE))
+                _delete_prefix(txn, LOG_PREFIX)
+            elif record.secure is None:
+                for seq, entry in log:
+                    txn.put(log_key(seq), entry.to_json())
             elif masked is not None:
                 txn.put(KEY_MASKED_SUM, _bytes(masked, MASKED_DTYPE))
             written = _put_record(txn, record)
@@ -365,7 +411,7 @@ class Store:
             _unwritten(record, written)
             txn.abort()
             if isinstance(exc, lmdb.Error):
-                raise self._unwritable("cannot write", exc) from exc
+                raise self.unwritable("cannot write", exc) from exc
             raise
 
         def commit() -> None:
@@ -375,7 +421,7 @@ class Store:
                 _unwritten(record, written)
                 txn.abort()
                 if isinstance(exc, lmdb.Error):
-                    raise self._unwritable("cannot write", exc) from exc
+                    raise self.unwritable("cannot write", exc) from exc
                 raise
 
         return commit
@@ -410,6 +456,7 @@ class Store:
                 txn.put(KEY_STATE, _bytes(state, STATE_DTYPE))
             txn.put(KEY_STATE_VERSION, b"%d" % version)
             txn.delete(KEY_ROUND_SUM)
+            _delete_prefix(txn, LOG_PREFIX)
             txn.delete(KEY_MASKED_SUM)
             _delete_prefix(txn, ROUND_EDGE_PREFIX)
             if following is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator import fedavg
+from aggregator.spool import SpoolFile
 from fedocr import encodings, tensors
 from fedocr.errors import MalformedRequest
 from fedocr.v1 import federation_pb2 as pb
@@ -25,6 +26,7 @@ class Staged:
     wire_bytes: int
     sha256: bytes
     peak: float  # the largest magnitude among the values
+    chunks: int = 0
 
 
 def read_header(messages: Iterator[pb.UploadMessage]) -> pb.UploadHeader:
@@ -42,8 +44,10 @@ def stage(
     messages: Iterator[pb.UploadMessage],
     specs: list[tuple[int, int, bool]],
     max_chunk_bytes: int,
+    spooled: SpoolFile | None = None,
 ) -> Staged:
-    """Consume chunks up to the trailer and return the verified arrays.
+    """Consume chunks up to the trailer and return the verified arrays; ``spooled``, when given,
+    gets each chunk once it was accepted (aggregator/spool.py).
 
     Raises a fedocr.errors.WireFormatError subclass (order, lengths, checksum, encoding, size,
     non-finite values) or MalformedRequest (stream shape: missing trailer, second header).
@@ -53,15 +57,19 @@ def stage(
         kind = message.WhichOneof("kind")
         if kind == "chunk":
             assembler.add(message.chunk)
+            if spooled is not None:
+                spooled.write(message.chunk)
         elif kind == "trailer":
             arrays = assembler.finish(message.trailer)
             if next(messages, None) is not None:
                 raise MalformedRequest("upload stream continues after the trailer")
             if header.encoding in encodings.MASKED_DTYPES:  # uint32 masked values: no float checks
-                return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, 0.0)
-            tensors.check_finite(arrays, [i for i, _, _ in specs])
-            peak = fedavg.peak(arrays)
-            return Staged(arrays, assembler.raw_bytes, assembler.wire_bytes, message.trailer.sha256, peak)
+                peak = 0.0
+            else:
+                tensors.check_finite(arrays, [i for i, _, _ in specs])
+                peak = fedavg.peak(arrays)
+            sizes = (assembler.raw_bytes, assembler.wire_bytes)
+            return Staged(arrays, *sizes, message.trailer.sha256, peak, assembler.chunk_count)
         else:
             raise MalformedRequest(f"unexpected {kind} after the header of an upload stream")
     raise MalformedRequest(

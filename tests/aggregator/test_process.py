@@ -61,6 +61,8 @@ def test_kill_9_loses_nothing_acknowledged(agg_pki, tmp_path: Path, procs) -> No
     for k in (0, 1):
         edges[k].join(LENGTHS)
         assert edges[k].upload(round_id, increment(k), samples=k + 1).committed_edges == k + 1
+    logged = set((tmp_path / "state" / "spool").iterdir())
+    assert len(logged) == 2  # acknowledged as logged uploads: the restart must replay them
     # edge-2 is mid-stream (header and one chunk sent, no trailer) when the process dies
     edges[2].join(LENGTHS)
     sent, hold = threading.Event(), threading.Event()
@@ -83,8 +85,10 @@ def test_kill_9_loses_nothing_acknowledged(agg_pki, tmp_path: Path, procs) -> No
     for c in edges:
         c.close()
 
+    assert len(set((tmp_path / "state" / "spool").iterdir())) == 3  # edge-2's partial file
     second = Proc(agg_pki, tmp_path / "state", *flags)
     procs.append(second)
+    assert set((tmp_path / "state" / "spool").iterdir()) == logged  # the partial one went
     clients = [Client(second.port, agg_pki.ca, *agg_pki.pair(f"edge-{k}")) for k in range(4)]
     status = clients[0].get_round()
     assert status.round_id == round_id and [e.edge_id for e in status.edges if e.uploaded] == [

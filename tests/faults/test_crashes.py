@@ -645,8 +645,8 @@ def test_a_failed_round_close_acknowledges_no_upload_it_dropped(tmp_path: Path) 
     release, writes, closes = threading.Event(), [], []
     prepare, finish = store.prepare_upload, store.finish_round
 
-    def slow_first_write(record, total):
-        commit = prepare(record, total)
+    def slow_first_write(record, total, *rest, **kwargs):
+        commit = prepare(record, total, *rest, **kwargs)
         writes.append(record.committed)
         return (lambda: (release.wait(10), commit())) if len(writes) == 1 else commit
 
