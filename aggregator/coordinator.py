@@ -83,6 +83,7 @@ class RoundCoordinator:
         self._pending: list[tuple[SpoolFile, LogEntry]] = []
         self._logged: list[LogEntry] = []
         self._next_seq = 0
+        self._buffers: list[np.ndarray] = []  # staging buffers (at most one per upload slot)
         self._cache = StateCache(config.zstd_level, config.chunk_elements)
         self._commits = GroupCommitter(self._cond, self._prepare_write, self._load, self._maybe_close)
         wiring = Wiring(  # what SecureRounds may use of this object: nothing else of it reaches there
@@ -539,9 +540,13 @@ class RoundCoordinator:
                 raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
             try:
                 t1 = time.perf_counter()
+                buffer = None
                 spooled = self._open_spool(header.round_id) if plain else None
+                float32 = header.encoding != pb.ENCODING_FLOAT64  # what every plain encoding decodes to
+                buffer = self._staging_buffer() if plain and float32 else None
+                out = None if buffer is None else fedavg.split(buffer, self.manifest.lengths)
                 try:
-                    staged = stage(header, messages, specs, self.config.max_chunk_bytes, spooled)
+                    staged = stage(header, messages, specs, self.config.max_chunk_bytes, spooled, out)
                 except OSError as exc:  # the spool file could not be written
                     spooled.discard()
                     raise self._store.unwritable("cannot write", exc) from exc
@@ -552,10 +557,22 @@ class RoundCoordinator:
                 times = (t0, t1, time.perf_counter())
                 return self._commit(edge_id, header, staged, weight, times, leaf, spooled)
             finally:
+                if buffer is not None:
+                    self._buffers.append(buffer)
                 self._uploads.release()
         finally:
             with self._cond:
                 self._in_flight.discard(edge_id)
+
+    def _staging_buffer(self) -> np.ndarray:
+        """A flat float32 buffer to decode a plain upload into, reused: a fresh model-sized array
+        per upload costs its page faults (allocations of this size are mapped anew each time)."""
+        size = self.manifest.size
+        while self._buffers:
+            buffer = self._buffers.pop()
+            if buffer.size == size:
+                return buffer
+        return np.empty(size, dtype=np.float32)
 
     def _open_spool(self, round_id: int) -> SpoolFile:
         """A new spool file for a plain round's upload (StorageUnavailable if it cannot be made)."""

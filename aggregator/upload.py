@@ -45,14 +45,15 @@ def stage(
     specs: list[tuple[int, int, bool]],
     max_chunk_bytes: int,
     spooled: SpoolFile | None = None,
+    out: list[np.ndarray] | None = None,
 ) -> Staged:
     """Consume chunks up to the trailer and return the verified arrays; ``spooled``, when given,
-    gets each chunk once it was accepted (aggregator/spool.py).
+    gets each chunk once it was accepted (aggregator/spool.py); ``out``: arrays to decode into.
 
     Raises a fedocr.errors.WireFormatError subclass (order, lengths, checksum, encoding, size,
     non-finite values) or MalformedRequest (stream shape: missing trailer, second header).
     """
-    assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression, max_chunk_bytes)
+    assembler = tensors.ChunkAssembler(specs, header.encoding, header.compression, max_chunk_bytes, out)
     for message in messages:
         kind = message.WhichOneof("kind")
         if kind == "chunk":

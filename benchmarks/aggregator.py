@@ -116,19 +116,21 @@ def channel(pki_dir: Path, port: int, name: str) -> grpc.Channel:
     )
 
 
-def encode(values: np.ndarray, compression: int) -> tuple[list[pb.TensorChunk], pb.Trailer, int]:
+def encode(
+    values: np.ndarray, compression: int, encoding: int = pb.ENCODING_FLOAT32
+) -> tuple[list[pb.TensorChunk], pb.Trailer, int]:
     """Chunks, trailer and wire bytes of one increment, encoded once and reused by every upload."""
-    enc = tensors.ChunkEncoder([values], pb.ENCODING_FLOAT32, compression, level=1, chunk_elems=CHUNK_ELEMS)
+    enc = tensors.ChunkEncoder([values], encoding, compression, level=1, chunk_elems=CHUNK_ELEMS)
     chunks = list(enc.chunks())
     return chunks, enc.trailer(), enc.wire_bytes
 
 
-def stream(round_id: int, chunks, trailer, compression: int):
+def stream(round_id: int, chunks, trailer, compression: int, encoding: int = pb.ENCODING_FLOAT32):
     header = pb.UploadHeader(
         round_id=round_id,
         sample_count=10,
         fingerprint=FINGERPRINT,
-        encoding=pb.ENCODING_FLOAT32,
+        encoding=encoding,
         compression=compression,
     )
     yield pb.UploadMessage(header=header)
@@ -146,7 +148,13 @@ def join(ch: grpc.Channel, values: int) -> int:
 
 
 def ingest(
-    pki_dir: Path, work: Path, values: np.ndarray, uploads: int, compression: int, streams: int
+    pki_dir: Path,
+    work: Path,
+    values: np.ndarray,
+    uploads: int,
+    compression: int,
+    streams: int,
+    encoding: int = pb.ENCODING_FLOAT32,
 ) -> None:
     """Ingest rate of UploadIncrement vs the raw sink, same serialized messages, `streams` at once.
 
@@ -154,8 +162,9 @@ def ingest(
     aggregator, then the same to the raw sink; the rate is bytes over wall time, median of rounds.
     Both get the same messages, serialized once, so the client's cost is the same for both.
     """
-    chunks, trailer, wire = encode(values, compression)
-    agg = aggregator(pki_dir, work / f"ingest-{compression}-{streams}", quorum=(uploads + 2) * streams + 1)
+    chunks, trailer, wire = encode(values, compression, encoding)
+    name = f"{pb.Encoding.Name(encoding)}-{pb.Compression.Name(compression)}-{streams}"
+    agg = aggregator(pki_dir, work / f"ingest-{name}", quorum=(uploads + 2) * streams + 1)
     sink = start_sink(pki_dir)
     pool = futures.ThreadPoolExecutor(streams)
     try:
@@ -163,7 +172,9 @@ def ingest(
         senders = [ch.stream_unary(SINK_METHOD) for ch in sink_chans]
         chans = [channel(pki_dir, agg.port, f"edge-{k}") for k in range((uploads + 2) * streams)]
         round_id = [join(ch, values.size) for ch in chans][0]
-        raw_messages = [m.SerializeToString() for m in stream(round_id, chunks, trailer, compression)]
+        raw_messages = [
+            m.SerializeToString() for m in stream(round_id, chunks, trailer, compression, encoding)
+        ]
         nbytes = sum(len(m) for m in raw_messages)
         list(pool.map(lambda send: send(iter(raw_messages), timeout=60), senders))  # warm up
 
@@ -181,12 +192,12 @@ def ingest(
             list(pool.map(lambda send: send(iter(raw_messages), timeout=60), senders))
             raw_rates.append(streams * nbytes / (time.perf_counter() - t0) / MB)
         a, r = statistics.median(agg_rates), statistics.median(raw_rates)
-        name = pb.Compression.Name(compression)
+        what = f"{pb.Encoding.Name(encoding)[9:]} {pb.Compression.Name(compression)[12:]}"
         print(
-            f"ingest {name:17s} x{streams} streams, {nbytes / MB:.1f} MB/upload "
-            f"(payload {wire / MB:.1f} MB): "
-            f"UploadIncrement {a:6.1f} MB/s, raw grpcio mTLS stream {r:6.1f} MB/s, ratio {a / r:.2f} "
-            f"(median of {uploads}); {phases(agg.log, uploads * streams)}",
+            f"ingest {what:17s} x{streams} streams, {nbytes / MB:.2f} MB/upload "
+            f"(payload {wire / MB:.2f} MB): "
+            f"UploadIncrement {a:6.1f} MB/s ({a * MB / nbytes:.0f} uploads/s), raw grpcio mTLS stream "
+            f"{r:6.1f} MB/s, ratio {a / r:.2f} (median of {uploads}); {phases(agg.log, uploads * streams)}",
             flush=True,
         )
         for ch in [*chans, *sink_chans]:
@@ -265,7 +276,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedocr-bench-") as tmp:
         work = Path(tmp)
         pki_dir = work / "pki"
-        harness.make_pki(pki_dir, max(counts + [(args.uploads + 2) * 4]))
+        harness.make_pki(pki_dir, max(counts + [(4 * args.uploads + 2) * 4]))
         values = np.random.default_rng(0).normal(0, 1e-3, args.values).astype(np.float32)
         print(
             f"increment: {args.values} float32 ({values.nbytes / MB:.1f} MB) in {args.chunk_kib} KiB chunks; "
@@ -275,6 +286,7 @@ def main() -> int:
         for streams in (1, 4):
             ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_NONE, streams)
         ingest(pki_dir, work, values, args.uploads, pb.COMPRESSION_ZSTD, 4)
+        ingest(pki_dir, work, values, 4 * args.uploads, pb.COMPRESSION_ZSTD, 4, pb.ENCODING_INT3_QUANTIZED)
         for n in counts:
             rss(pki_dir, work, values, n)
     return 0

@@ -231,7 +231,8 @@ class ChunkAssembler:
 
     Parameters: ``specs`` are the manifest's TensorSpec messages or (id, length[, exact])
     tuples; tensors marked exact are read as float32 whatever ``encoding`` is;
-    ``max_chunk_bytes`` caps one chunk's decoded size. After any error the assembler refuses
+    ``max_chunk_bytes`` caps one chunk's decoded size; ``out``, arrays of the specs' lengths and
+    the values' dtype to write into (reused buffers), else new ones. After any error the assembler refuses
     further input. ``raw_bytes`` / ``wire_bytes`` count decoded and received payload bytes.
     """
 
@@ -241,6 +242,7 @@ class ChunkAssembler:
         encoding: int = pb.ENCODING_FLOAT32,
         compression: int = pb.COMPRESSION_ZSTD,
         max_chunk_bytes: int = MAX_CHUNK_RAW_BYTES,
+        out: Sequence[np.ndarray] | None = None,
     ) -> None:
         _check_codec(encoding, compression)
         triples = [spec_tuple(s) for s in specs]
@@ -251,7 +253,12 @@ class ChunkAssembler:
         masked = encoding in encodings.MASKED_DTYPES  # uint32 arrays; exact tensors are masked too
         self._encodings = [exact_encoding(encoding) if exact else encoding for _, _, exact in triples]
         dtype = np.uint32 if masked else _value_dtype(encoding)
-        self._arrays = [np.empty(length, dtype=dtype) for _, length, _ in triples]
+        if out is None:
+            self._arrays = [np.empty(length, dtype=dtype) for _, length, _ in triples]
+        elif [(a.dtype, a.shape) for a in out] != [(np.dtype(dtype), (n,)) for _, n, _ in triples]:
+            raise ValueError("the output arrays do not match the specs' lengths and the values' dtype")
+        else:
+            self._arrays = list(out)
         self._filled = [0] * len(triples)  # next expected offset per tensor
         # The limit is on decoded float32 values, whatever the encoding carries them in.
         self._max_elems = max_chunk_bytes // FLOAT32.itemsize

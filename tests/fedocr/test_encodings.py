@@ -344,3 +344,15 @@ def test_a_leaf_sum_travels_in_float64_bit_for_bit_exact_tensors_too():
     got = receiver.finish(sender.trailer())
     assert all(g.dtype == np.float64 and np.array_equal(g, t) for g, t in zip(got, total, strict=True))
     assert not E.is_lossy(pb.ENCODING_FLOAT64) and "float64" not in E.NAMES  # no edge sends it
+
+
+@pytest.mark.parametrize("encoding", sorted(E.BITS))
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 1000, 1 << 16])
+def test_group_unpacking_reads_what_bit_by_bit_reading_does(encoding, count):
+    qmax = E.QMAX[encoding]
+    q = np.random.default_rng(count).integers(-qmax, qmax + 1, count)
+    body = np.frombuffer(E._pack(q, encoding), dtype=np.uint8)
+    fast = E._unpack(body, encoding, count, "x")
+    assert fast.dtype == np.float32
+    np.testing.assert_array_equal(fast, q.astype(np.float32))
+    np.testing.assert_array_equal(fast, E._unpack_bits(body, encoding, count, "x"))
