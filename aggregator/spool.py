@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,9 @@ SUFFIX = ".upl"
 # (so its cost is spread over them), or once this many uploads wait in the log.
 CHECKPOINT_FACTOR = 4
 CHECKPOINT_ENTRIES = 256
-_LENGTH = 4  # each record: its length (little-endian uint32), then a serialized TensorChunk
+# Each chunk: the length (little-endian uint32) of its other fields, serialized as a TensorChunk,
+# those bytes, then the payload's length and the payload.
+_LENGTH = 4
 
 
 class SpoolError(RuntimeError):
@@ -91,15 +93,22 @@ class SpoolFile:
         self.size = 0
 
     def write(self, chunk: pb.TensorChunk) -> None:
-        """Append one accepted chunk."""
-        data = chunk.SerializeToString()
-        self._write_all(len(data).to_bytes(_LENGTH, "little") + data)
-        self.size += _LENGTH + len(data)
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        """Append one accepted chunk: its fields but the payload, serialized, then the payload as
+        it is (no copy of it is made here)."""
+        head = pb.TensorChunk(
+            seq=chunk.seq, tensor_id=chunk.tensor_id, offset=chunk.offset, count=chunk.count
+        ).SerializeToString()
+        payload = memoryview(chunk.payload)
+        parts = [_prefix(len(head)) + head + _prefix(len(payload)), payload]
+        total = sum(len(part) for part in parts)
+        while parts:
+            written = os.writev(self._fd, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts[0])
+                parts.pop(0)
+            if parts and written:
+                parts[0] = memoryview(parts[0])[written:]
+        self.size += total
 
     def entry(self, scale: float, encoding: int, compression: int, chunks: int, sha256: bytes) -> LogEntry:
         """The log entry of this (complete) upload."""
@@ -130,22 +139,32 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_chunks(path: Path) -> Iterable[pb.TensorChunk]:
+def _prefix(n: int) -> bytes:
+    return n.to_bytes(_LENGTH, "little")
+
+
+def read_chunks(path: Path) -> Iterator[pb.TensorChunk]:
     """The chunks of a spool file, in order; SpoolError if it is truncated."""
     try:
-        data = path.read_bytes()
+        data = memoryview(path.read_bytes())
     except OSError as exc:
         raise SpoolError(f"logged upload {path} cannot be read: {exc.strerror or exc}") from exc
     at = 0
-    while at < len(data):
+
+    def take() -> memoryview:
+        nonlocal at
         if at + _LENGTH > len(data):
             raise SpoolError(f"logged upload {path} is truncated")
         n = int.from_bytes(data[at : at + _LENGTH], "little")
-        at += _LENGTH
-        if at + n > len(data):
+        if at + _LENGTH + n > len(data):
             raise SpoolError(f"logged upload {path} is truncated")
-        yield pb.TensorChunk.FromString(data[at : at + n])
-        at += n
+        at += _LENGTH + n
+        return data[at - n : at]
+
+    while at < len(data):
+        chunk = pb.TensorChunk.FromString(take())
+        chunk.payload = bytes(take())
+        yield chunk
 
 
 def replay(

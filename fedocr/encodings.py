@@ -255,9 +255,12 @@ def _unpack_bits(body: np.ndarray, encoding: int, count: int, where: str) -> np.
     return u.astype(np.float32) - (QMAX[encoding] + 1)
 
 
-def decode(payload: bytes, encoding: int, count: int, where: str = "payload") -> np.ndarray:
+def decode(
+    payload: bytes, encoding: int, count: int, where: str = "payload", copy: bool = True
+) -> np.ndarray:
     """The float32 values of a payload of ``count`` values (float64 for ENCODING_FLOAT64, uint32 for
-    the masked encodings); raises an EncodingError naming ``where``."""
+    the masked encodings); raises an EncodingError naming ``where``. ``copy=False``: values sent
+    as they are held may come back as a read-only view of ``payload``."""
     size = payload_size(encoding, count)
     if len(payload) != size:
         detail = ""
@@ -267,11 +270,11 @@ def decode(payload: bytes, encoding: int, count: int, where: str = "payload") ->
             f"{where} has {len(payload)} payload bytes for {count} values; expected {size}{detail}"
         )
     if encoding == pb.ENCODING_FLOAT32:
-        return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32)
+        return np.frombuffer(payload, dtype=FLOAT32).astype(np.float32, copy=copy)
     if encoding == pb.ENCODING_FLOAT64:
-        return np.frombuffer(payload, dtype=FLOAT64).astype(np.float64)
+        return np.frombuffer(payload, dtype=FLOAT64).astype(np.float64, copy=copy)
     if encoding in MASKED_DTYPES:
-        return np.frombuffer(payload, dtype=MASKED_DTYPES[encoding]).astype(np.uint32)
+        return np.frombuffer(payload, dtype=MASKED_DTYPES[encoding]).astype(np.uint32, copy=copy)
     if encoding == pb.ENCODING_FLOAT16:
         return np.frombuffer(payload, dtype=FLOAT16).astype(np.float32)
     nblocks = blocks(count)

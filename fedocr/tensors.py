@@ -315,7 +315,7 @@ class ChunkAssembler:
         raw = self._decode(chunk, encoding)
         where = f"chunk {chunk.seq}"
         try:
-            values = encodings.decode(raw, encoding, chunk.count, where)
+            values = encodings.decode(raw, encoding, chunk.count, where, copy=False)  # copied below
         except (encodings.BadScale, encodings.BadCode):
             raise  # already the wire error it is; only a wrong size is reported as a length
         except encodings.EncodingError as exc:
