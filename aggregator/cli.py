@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)
     add("--max-workers", dest="max_workers", type=int, help="threads for uploads, downloads, unary RPCs")
+    add("--log-uploads-from-bytes", dest="log_uploads_from_bytes", type=int,
+        help="write plain uploads to the upload log when the round's sum has this many bytes (0: always)")
     add("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
     add(
         "--secure-aggregation",

@@ -48,6 +48,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "upload_wait_s",
         "join_wait_max_s",
         "stream_window_bytes",
+        "log_uploads_from_bytes",
     ),
     "aggregation": ("server_optimizer", "server_lr", "server_beta1", "server_beta2", "server_tau"),
     "secure_aggregation": (
@@ -137,6 +138,9 @@ class AggregatorConfig:
     # at 256 KiB), so small chunks keep memory flat with hundreds of edges.
     chunk_elements: int = 1 << 16
     max_concurrent_uploads: int = 2  # each staged upload holds one model copy in memory
+    # Plain uploads are written to the upload log (aggregator/spool.py) when the round's float64 sum
+    # is at least this large; a smaller sum is rewritten with each durable write, which costs less.
+    log_uploads_from_bytes: int = 4 << 20
     upload_wait_s: float = 60.0  # an upload beyond the bound waits this long, then RESOURCE_EXHAUSTED
     join_wait_max_s: float = 30.0  # cap on a Join long-poll
     # Fixed HTTP/2 stream window: bounds what a waiting upload holds in the transport (0 = BDP).
@@ -226,6 +230,8 @@ class AggregatorConfig:
             raise ConfigError(f"chunk_elements must be within 1..{MAX_MESSAGE_PAYLOAD // 4}")
         if self.max_concurrent_uploads < 1 or self.deadline_s <= 0:
             raise ConfigError("max_concurrent_uploads must be >= 1 and deadline_s > 0")
+        if self.log_uploads_from_bytes < 0:
+            raise ConfigError(f"log_uploads_from_bytes must be >= 0, got {self.log_uploads_from_bytes}")
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {self.max_workers}")
         for name in ("deadline_s", "upload_wait_s", "join_wait_max_s", "learning_rate"):

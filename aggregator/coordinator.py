@@ -534,6 +534,7 @@ class RoundCoordinator:
             else:
                 weight = fedavg.weight_for(header.sample_count, self.config.weighting)
             plain = self._round.secure is None
+            logged = plain and 8 * self.manifest.size >= self.config.log_uploads_from_bytes  # float64 sum
             self._in_flight.add(edge_id)
         try:
             if not self._uploads.acquire(timeout=self.config.upload_wait_s):
@@ -541,7 +542,7 @@ class RoundCoordinator:
             try:
                 t1 = time.perf_counter()
                 buffer = None
-                spooled = self._open_spool(header.round_id) if plain else None
+                spooled = self._open_spool(header.round_id) if logged else None
                 float32 = header.encoding != pb.ENCODING_FLOAT64  # what every plain encoding decodes to
                 buffer = self._staging_buffer() if plain and float32 else None
                 out = None if buffer is None else fedavg.split(buffer, self.manifest.lengths)

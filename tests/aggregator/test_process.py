@@ -53,7 +53,7 @@ def increment(seed: int) -> list[np.ndarray]:
 
 
 def test_kill_9_loses_nothing_acknowledged(agg_pki, tmp_path: Path, procs) -> None:
-    flags = ("--quorum", "4", "--min-edges", "4", "--weighting", "samples")
+    flags = ("--quorum", "4", "--min-edges", "4", "--weighting", "samples", "--log-uploads-from-bytes", "0")
     first = Proc(agg_pki, tmp_path / "state", *flags)
     procs.append(first)
     edges = [Client(first.port, agg_pki.ca, *agg_pki.pair(f"edge-{k}")) for k in range(3)]

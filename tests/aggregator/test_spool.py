@@ -29,9 +29,12 @@ def increment(k: int) -> list[np.ndarray]:
     return [rng.normal(0, 1e-2, n).astype(np.float32) for n in LENGTHS]
 
 
-def open_federation(state: Path, quorum: int = 7) -> tuple[Store, RoundCoordinator]:
+def open_federation(state: Path, quorum: int = 7, log_from: int = 0) -> tuple[Store, RoundCoordinator]:
     store = Store(state)
-    config = AggregatorConfig(state_dir=state, quorum=quorum, min_edges=1, total_rounds=2, deadline_s=3600)
+    config = AggregatorConfig(
+        state_dir=state, quorum=quorum, min_edges=1, total_rounds=2, deadline_s=3600,
+        log_uploads_from_bytes=log_from,
+    )
     fed = RoundCoordinator(config, store)
     manifest = wire.manifest_from(
         pb.Manifest(tensors=[pb.TensorSpec(id=i, length=n) for i, n in enumerate(LENGTHS)], fingerprint=FP)
@@ -111,3 +114,14 @@ def test_a_damaged_logged_upload_stops_the_start_naming_its_file(tmp_path: Path)
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(spool.SpoolError, match=name):
         open_federation(state)
+
+
+def test_a_small_sum_is_written_with_every_upload_and_nothing_is_logged(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store, fed = open_federation(state, log_from=AggregatorConfig().log_uploads_from_bytes)
+    upload(fed, 0)
+    upload(fed, 1)
+    snap = store.load()
+    assert files(state) == set() and snap.log == []
+    assert snap.total.tobytes() == fed._total.tobytes() and fed._total.any()
+    store.close()

@@ -313,7 +313,9 @@ def test_aggregator_killed_at_random_points_loses_and_repeats_nothing(
     out = tmp_path / "edges"
     out.mkdir()
     agg = Aggregator(fault_pki, tmp_path, "--rounds", str(rounds), "--quorum", str(EDGES))
+    # every plain upload goes through the upload log (aggregator/spool.py), cut by the kills too
     agg.flags += ("--min-edges", "1", "--deadline", "8", "--weighting", "samples")
+    agg.flags += ("--log-uploads-from-bytes", "0")
     procs.aggregators.append(agg)
     agg.start()
     names = [f"edge-{k}" for k in range(EDGES)]
@@ -572,7 +574,7 @@ def test_disk_full_during_a_round_refuses_cleanly_and_recovers(
     agg = Aggregator(
         fault_pki, tmp_path, "--quorum", "3", "--min-edges", "3", "--rounds", "2", state_dir=state_dir
     )
-    agg.flags += ("--weighting", "samples")
+    agg.flags += ("--weighting", "samples", "--log-uploads-from-bytes", "0")  # uploads logged
     procs.aggregators.append(agg)
     agg.start()
     names = [f"edge-{k}" for k in range(3)]
