@@ -56,6 +56,12 @@ TRIM_THRESHOLD = 64 << 20
 # hour the caller's own deadline (an edge's RPC timeout plus its wait) has long expired: the call ends
 # DEADLINE_EXCEEDED on the edge, which retries it.
 UNREQUESTED_S = 3600
+# grpc core also rejects arriving calls while more than grpc.server.max_pending_requests (1,000) are
+# waiting to be taken up, with a probability that reaches 1 at the hard limit (3,000): the client sees
+# CANCELLED at once, which edges do not retry. Thousands of edges re-polling together pass those
+# counts (10,000 concurrent Joins over 50 connections: 5,627 of them CANCELLED), so the limits are
+# raised past any federation one aggregator serves; a waiting call costs a few KiB.
+MAX_PENDING_CALLS = 1_000_000
 POLL_CHECK_THREADS = 4  # the long-polls' checks of the coordinator (each holds its lock briefly)
 T = TypeVar("T")
 
@@ -200,6 +206,8 @@ async def _build(
             ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_S),
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ]
         + _window_options(config.stream_window_bytes),
     )
