@@ -541,19 +541,19 @@ class RoundCoordinator:
                 raise Busy(f"{self.config.max_concurrent_uploads} uploads in progress; retry later")
             try:
                 t1 = time.perf_counter()
-                buffer = None
+                buffer = None  # (the finally below returns it)
                 spooled = self._open_spool(header.round_id) if logged else None
                 float32 = header.encoding != pb.ENCODING_FLOAT64  # what every plain encoding decodes to
                 buffer = self._staging_buffer() if plain and float32 else None
                 out = None if buffer is None else fedavg.split(buffer, self.manifest.lengths)
                 try:
                     staged = stage(header, messages, specs, self.config.max_chunk_bytes, spooled, out)
-                except OSError as exc:  # the spool file could not be written
+                except BaseException as exc:
+                    if spooled is None:
+                        raise
                     spooled.discard()
-                    raise self._store.unwritable("cannot write", exc) from exc
-                except BaseException:
-                    if spooled is not None:
-                        spooled.discard()
+                    if isinstance(exc, OSError):  # the spool file could not be written
+                        raise self._store.unwritable("cannot write", exc) from exc
                     raise
                 times = (t0, t1, time.perf_counter())
                 return self._commit(edge_id, header, staged, weight, times, leaf, spooled)
