@@ -77,6 +77,10 @@ def test_kill_9_loses_nothing_acknowledged(agg_pki, tmp_path: Path, procs) -> No
     uploader = threading.Thread(target=lambda: outcome.append(code_of(edges[2].send, stalled())))
     uploader.start()
     assert sent.wait(10)
+    spool_dir = tmp_path / "state" / "spool"
+    deadline = time.monotonic() + 10
+    while len(set(spool_dir.iterdir())) < 3 and time.monotonic() < deadline:  # edge-2's file, begun
+        time.sleep(0.05)
     time.sleep(0.3)
     first.kill9()
     hold.set()
@@ -85,7 +89,7 @@ def test_kill_9_loses_nothing_acknowledged(agg_pki, tmp_path: Path, procs) -> No
     for c in edges:
         c.close()
 
-    assert len(set((tmp_path / "state" / "spool").iterdir())) == 3  # edge-2's partial file
+    assert len(set(spool_dir.iterdir())) == 3  # edge-2's partial file
     second = Proc(agg_pki, tmp_path / "state", *flags)
     procs.append(second)
     assert set((tmp_path / "state" / "spool").iterdir()) == logged  # the partial one went
