@@ -630,10 +630,7 @@ class RoundCoordinator:
                     else:
                         fedavg.check_headroom(self._state, staged.arrays, staged.peak, self._state_peak())
                     scale = 1.0 if leaf else weight  # a leaf's sum is weighted already
-                    for (off, n), values in zip(
-                        fedavg.layout(self.manifest.lengths), staged.arrays, strict=True
-                    ):
-                        fedavg.accumulate(self._total[off : off + n], values, scale)
+                    fedavg.accumulate_tensors(self._total, staged.arrays, self.manifest.lengths, scale)
                     if spooled is not None:  # written with the next durable write
                         codec = (header.encoding, header.compression)
                         entry = spooled.entry(scale, *codec, staged.chunks, staged.sha256)

@@ -123,6 +123,16 @@ def accumulate(total: np.ndarray, increment: np.ndarray, weight: float) -> None:
         total[part] += tmp
 
 
+def accumulate_tensors(
+    total: np.ndarray, arrays: Sequence[np.ndarray], lengths: Sequence[int], weight: float
+) -> None:
+    """total += weight * each tensor of an upload, at its place in the flat sum (``lengths``: the
+    manifest's). The one way an upload enters the sum, live or replayed from the upload log, so
+    both give the same float64 sum bit for bit."""
+    for (off, n), values in zip(layout(lengths), arrays, strict=True):
+        accumulate(total[off : off + n], values, weight)
+
+
 def apply_mean(state: np.ndarray, total: np.ndarray, weight: float) -> None:
     """state += total / weight, in place (float32 state, float64 sum): the new global state."""
     if weight <= 0:

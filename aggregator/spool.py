@@ -185,8 +185,7 @@ def replay(
             arrays = assembler.finish(pb.Trailer(sha256=entry.sha256, chunk_count=entry.chunks))
         except tensors.WireFormatError as exc:
             raise SpoolError(f"logged upload {path} is damaged: {exc}") from exc
-        for (off, n), values in zip(fedavg.layout(lengths), arrays, strict=True):
-            fedavg.accumulate(total[off : off + n], values, entry.scale)
+        fedavg.accumulate_tensors(total, arrays, lengths, entry.scale)
 
 
 def remove(directory: Path, names: Iterable[str]) -> None:
