@@ -29,6 +29,9 @@ ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT
 JOURNAL_FILE = "rounds.jsonl"
 FINAL_MODEL_FILE = "final.npz"
 PERSONAL_MODEL_FILE = "personal.npz"
+# Weights of the local fine-tune in the personal model, W_0 + G + w * increment; 0 keeps the global
+# model, so on the held-out set the personal model never reads worse than the generic one.
+PERSONAL_MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class AgentError(RuntimeError):
@@ -46,7 +49,9 @@ class AgentSettings:
     val: Path | None = None  # a local held-out LMDB: the global model is scored on it each round
     report_evaluation: bool = True  # send those scores to the aggregator (federated evaluation)
     # A personalized model beside the generic one, never uploaded: each round's local fine-tune of
-    # the global model on this edge's shard, written here (FedAvg with local adaptation).
+    # the global model on this edge's shard, written here (FedAvg with local adaptation). With a
+    # held-out set, the point between the global model and its fine-tune (PERSONAL_MIXES) that reads
+    # the held-out set best.
     personal_model: Path | None = None
     # The common image key's encryption (edge_agent/encrypted.py): warm-up words are encrypted too.
     encryption: Any = None
@@ -162,14 +167,31 @@ class EdgeAgent:
         except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
             log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
 
-    def _personalize(self) -> Any:
-        """Keep the model as trained now (a local fine-tune of the global one) as the personal model;
-        its score, when a held-out set was given."""
+    def _personalize(self, generic: Any) -> tuple[Any, float | None]:
+        """Write the personal model: the model as trained now (a local fine-tune of the global model,
+        whose held-out score is ``generic``), or, with a held-out set, the mix of the two
+        (PERSONAL_MIXES) that reads it best (ties: the least fine-tune). Returns its score and weight.
+
+        The model is left as trained, so the upload is the same with personalization on or off.
+        """
         path = self.settings.personal_model
         if path is None:
-            return None
+            return None, None
+        if generic is None:  # nothing to choose by
+            self.local.save(path)
+            return self._score(f"personal model ({path.name})"), 1.0
+        trained = self.local.packed()
+        scores = {0.0: generic}
+        for weight in PERSONAL_MIXES:
+            if weight not in scores:
+                self.local.mix(trained, weight)
+                scores[weight] = self._score(f"the global model + {weight:g} x its fine-tune")
+        best = max(PERSONAL_MIXES, key=lambda w: (scores[w].accuracy, -scores[w].loss, -w))
+        self.local.mix(trained, best)
         self.local.save(path)
-        return self._score(f"personal model ({path.name})")
+        self.local.load(trained)
+        self.progress.info("personal model (%s): the global model + %g x its fine-tune", path.name, best)
+        return scores[best], best
 
     def _train_round(self, reply: pb.JoinResponse) -> None:
         where = f"round {reply.round_id} ({_position(reply)})"
@@ -275,8 +297,9 @@ class EdgeAgent:
         personal = None
         if warmup is None:  # a personal model learns this edge's own words
             self._last_plan = plan
-            personal = self._personalize()
+            personal, weight = self._personalize(generic)
             record["personal_val"] = _scores(personal)
+            record["personal_mix"] = weight
         self._report(version, generic, personal)
         increment = self.local.increment()
         sent = self.residual.add_to(increment) if feedback else increment
@@ -374,11 +397,11 @@ class EdgeAgent:
         path = self.settings.final_model
         self.local.save(path)
         generic = self._score(f"global state v{self.held_version}")
-        personal = None
+        personal, weight = None, None
         if self.settings.personal_model is not None and self._last_plan is not None:
             self.progress.info("fine-tuning the final global model on this edge's shard: the personal model")
             self.local.train_round(self._last_plan)
-            personal = self._personalize()
+            personal, weight = self._personalize(generic)
         self._report(self.held_version, generic, personal)
         self.journal.write(
             {
@@ -387,6 +410,7 @@ class EdgeAgent:
                 "down": down,
                 "val": _scores(generic),
                 "personal_val": _scores(personal),
+                "personal_mix": weight,
                 "model": str(path),
                 "personal_model": str(self.settings.personal_model) if personal is not None else None,
             }

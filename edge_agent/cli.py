@@ -63,7 +63,8 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--personalize", action="store_true",
                    help="keep a personalized model beside the generic one (WORK_DIR/personal.npz): each "
-                        "round's local fine-tune of the global model, never uploaded; scored on --val too")
+                        "round's local fine-tune of the global model, never uploaded; with --val, the mix of "
+                        "the global model and its fine-tune that reads --val best")
     p.add_argument("--no-report-evaluation", dest="report_evaluation", action="store_false",
                    help="keep the --val scores on this edge (default: report them to the aggregator)")
     p.add_argument("--image-key", type=Path,

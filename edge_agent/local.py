@@ -186,10 +186,22 @@ class LocalModel:
         )
         return train.evaluate(self.model, loader, beam_width=beam_width, device=self.device)
 
+    def packed(self) -> np.ndarray:
+        """The model as it is now, in the packed layout (``W_0 + G + increment``)."""
+        return state.pack_model(self.model, self._key)
+
+    def load(self, packed: np.ndarray) -> None:
+        """Set the model to a packed vector (from ``packed``), keeping the global state it started from."""
+        state.load_packed(self.model, packed, self._key)
+
+    def mix(self, trained: np.ndarray, weight: float) -> None:
+        """Set the model to ``W_0 + G + weight * (trained - W_0 - G)``: 0 is the global model, 1 is
+        ``trained`` (a vector from ``packed``)."""
+        self.load(trained if weight == 1 else self._base + np.float32(weight) * (trained - self._base))
+
     def increment(self) -> np.ndarray:
         """``W_local - (W_0 + G)`` in the packed layout: what the edge uploads."""
-        local = state.pack_model(self.model, self._key)
-        return (local - self._base).astype(np.float32, copy=False)
+        return (self.packed() - self._base).astype(np.float32, copy=False)
 
     def save(self, path: Path) -> None:
         """Write the model as it is now (after apply_global: the global model) for `recognizer eval`."""

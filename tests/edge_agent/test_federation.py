@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.agent import PERSONAL_MIXES
 from fedocr import encodings, harness
 from fedocr.v1 import federation_pb2 as pb
 from recognizer import state
@@ -142,14 +143,25 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         assert abs(r["evaluation"].get("word_accuracy", 0.0) - mean) < 1e-9
         assert all(e["personal"]["samples"] == e["generic"]["samples"] for e in r["evaluations"])
 
-    # Each edge kept a personal model, never uploaded, scored every round beside the generic one;
-    # at the end it is the final global model fine-tuned on the edge's shard, a model file like it.
+    # Each edge kept a personal model, never uploaded, scored every round beside the generic one: of
+    # the global model and its fine-tune on the edge's shard, the mix that read --val best, so never
+    # worse there than the generic model. At the end it is that mix for the final global model, a
+    # model file like it, which reads --val as journalled.
     for name, recs in records.items():
-        assert all(r["personal_val"]["samples"] > 0 for r in recs if r["event"] in ("round", "finished"))
-        personal, _ = load_model(fed.work / "edges" / name / "personal.npz", load_key(federation_key))
+        scored = [r for r in recs if r["event"] in ("round", "finished")]
+        assert all(r["personal_val"]["samples"] > 0 for r in scored)
+        assert all(r["personal_mix"] in PERSONAL_MIXES for r in scored), scored
+        assert all(r["personal_val"]["accuracy"] >= r["val"]["accuracy"] for r in scored), scored
         assert recs[-1]["personal_model"].endswith("personal.npz")
-    assert read_model_file(fed.work / "edges" / "edge-0" / "personal.npz")[1].tobytes() != \
-        read_model_file(fed.work / "edges" / "edge-0" / "final.npz")[1].tobytes()
+        personal, _ = load_model(fed.work / "edges" / name / "personal.npz", load_key(federation_key))
+        torch.set_num_threads(1)
+        loader = make_loader(edge_data.test, 64, shuffle=False, **personal.image_options)  # as the edge's
+        scored_here = evaluate(personal, loader, beam_width=1)
+        assert scored_here.accuracy == recs[-1]["personal_val"]["accuracy"]
+        assert scored_here.loss == pytest.approx(recs[-1]["personal_val"]["loss"], rel=1e-4)
+        same = read_model_file(fed.work / "edges" / name / "personal.npz")[1].tobytes() == \
+            read_model_file(fed.work / "edges" / name / "final.npz")[1].tobytes()
+        assert same == (recs[-1]["personal_mix"] == 0), recs[-1]
 
     # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
     first = records["edge-0"][0]["val"]

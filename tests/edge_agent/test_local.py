@@ -34,6 +34,23 @@ def test_increment_is_zero_until_trained_and_reproduces_the_local_weights(local:
     np.testing.assert_allclose(local._w0 + g + delta, trained, rtol=0, atol=1e-6)
 
 
+def test_mixes_of_the_global_model_and_its_fine_tune_leave_the_upload_as_it_was(local: LocalModel) -> None:
+    rng = np.random.default_rng(1)
+    g = rng.normal(0, 0.001, local.length).astype(np.float32)
+    local.apply_global(g)
+    local.train_round(Plan(local_epochs=1, learning_rate=1e-3, batch_size=32))
+    delta, trained = local.increment(), local.packed()
+    local.mix(trained, 0.0)
+    np.testing.assert_array_equal(local.packed(), local._w0 + g)  # the global model
+    local.mix(trained, 0.5)
+    np.testing.assert_allclose(local.packed(), local._w0 + g + 0.5 * delta, rtol=0, atol=1e-6)
+    local.mix(trained, 1.0)
+    np.testing.assert_array_equal(local.packed(), trained)
+    local.mix(trained, 0.25)
+    local.load(trained)  # what the personal model's choice does before the upload
+    np.testing.assert_array_equal(local.increment(), delta)
+
+
 def test_apply_global_refuses_another_length(local: LocalModel) -> None:
     with pytest.raises(ValueError, match="values"):
         local.apply_global(np.zeros(local.length + 1, np.float32))
