@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--server-optimizer", dest="server_optimizer", choices=SERVER_OPTIMIZERS,
         help="how the round's mean increment moves the global state (default fedavg: added as it is)")
     add("--server-lr", dest="server_lr", type=float, help="the server optimizer's lr (default: its own)")
+    add("--server-beta1", dest="server_beta1", type=float,
+        help="fedavgm's momentum, fedadam's and fedyogi's first-moment decay (default 0.9)")
+    add("--server-tau", dest="server_tau", type=float,
+        help="fedadam's and fedyogi's floor under sqrt(v) (default 0.001)")
     add("--accept-encodings", dest="accept_encodings", type=_names, help="e.g. float32,int8")
     add("--zstd-level", dest="zstd_level", type=int, help="compression level of downloads (1..22)")
     add("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int)

@@ -50,6 +50,8 @@ class Settings:
     warmup_labels: str = "words"
     server_optimizer: str = "fedavg"  # how the mean increment moves the state (aggregator.server_opt)
     server_lr: float = 0.0  # the server optimizer's lr (0: its default)
+    server_beta1: float = 0.0  # its momentum or first-moment decay (0: its default)
+    server_tau: float = 0.0  # fedadam's and fedyogi's floor under sqrt(v) (0: its default)
     extra_edge_args: tuple[str, ...] = ()
     secure_aggregation: bool = False  # masked uploads; the server learns only each round's sum
     secure_code_bits: int = 0  # with secure_aggregation: the parameters as b-bit codes (0: 32-bit)
@@ -78,6 +80,8 @@ class Settings:
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),
             "--server-optimizer", self.server_optimizer,
             *(["--server-lr", str(self.server_lr)] if self.server_lr else []),
+            *(["--server-beta1", str(self.server_beta1)] if self.server_beta1 else []),
+            *(["--server-tau", str(self.server_tau)] if self.server_tau else []),
             *(["--secure-aggregation"] if self.secure_aggregation else []),
             *(["--secure-code-bits", str(self.secure_code_bits)] if self.secure_code_bits else []),
         ]  # fmt: skip

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fedclient import Client
 
-from aggregator import server_opt
+from aggregator import cli, server_opt
 from aggregator.config import AggregatorConfig, ConfigError
 from fedocr import harness
 
@@ -50,6 +50,12 @@ def test_bad_server_optimizer_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="server_beta1 and server_beta2 within"):
         AggregatorConfig(server_optimizer="fedadam", server_beta2=1.0)
     assert AggregatorConfig(server_optimizer="fedadam").server_step_lr == 0.01
+
+
+def test_the_command_line_sets_each_server_optimizer_constant(capsys) -> None:
+    for flag, bad in (("--server-lr", "-1"), ("--server-beta1", "1.5"), ("--server-tau", "0")):
+        assert cli.main(["serve", "--server-optimizer", "fedadam", flag, bad]) == 2
+        assert "configuration error: server_lr must be >= 0" in capsys.readouterr().err
 
 
 def test_a_killed_aggregator_keeps_its_server_optimizer_state(agg_pki, tmp_path) -> None:
