@@ -82,16 +82,18 @@ class OwnersScale:
     name: str
     rounds: int = 8
     local_epochs: int = 2
-    warmup_rounds: int = 3
-    # Per edge (and for the warm-up model of the owners alone): 4,000 words give each edge 1,500 steps of
-    # warm-up, past fedocr-cpu's take-off on words; with 2,000 (750 steps) the warm-up ended on the
-    # initial plateau and cost the owners three of their eight rounds (measured 2026-12-04).
-    warmup_words: int = 4000
+    # One warm-up round of 12,000 words per edge (and for the warm-up model of the owners alone): 1,500
+    # steps of warm-up in one round, so that it costs the owners' data one of their eight rounds.
+    # Measured (results/owners/earlier): 3 rounds of 4,000 words ended 1.3 pt under no warm-up, 2 of
+    # 6,000 4.2 pt under (the warm-up ended on the initial plateau), 3 of 2,000 on the plateau too.
+    warmup_rounds: int = 1
+    warmup_words: int = 12000
     warmup_styles: str = "clean,rotated"
     warmup_labels: str = "words"
     cosine_from_round: int = 6  # 1-based round from which the lr falls along a cosine (0: constant)
     size: float = 1.0  # owners' shards are Owner.words x size
     test_words: int = 300  # per owner
+    val_words: int = 300  # per owner: the edge's --val (its round scores, its personal model's choice)
     mini_words: int = 3000  # the mini data: digits of every style, split among mini_edges
     mini_edges: int = 3
     mini_test_words: int = 600
@@ -114,8 +116,8 @@ SCALES = {
     "owners": OwnersScale("owners"),
     # Checks the whole pipeline in about a minute a run (a test runs some of it): not a result.
     "smoke": OwnersScale("owners-smoke", rounds=2, local_epochs=1, warmup_rounds=1, warmup_words=32,
-                         cosine_from_round=0, size=0.04, test_words=16, mini_words=48, mini_edges=2,
-                         mini_test_words=16, preset="fedocr-tiny", batch_size=8),
+                         cosine_from_round=0, size=0.04, test_words=16, val_words=12, mini_words=48,
+                         mini_edges=2, mini_test_words=16, preset="fedocr-tiny", batch_size=8),
 }  # fmt: skip
 
 
@@ -129,6 +131,8 @@ class Run:
     warmup: bool = False
     server_optimizer: str = "fedavg"
     server_lr: float = 0.0  # 0: the aggregator's default for that optimizer
+    server_beta1: float = 0.0  # its momentum or first-moment decay (0: the aggregator's default)
+    server_tau: float = 0.0  # fedadam's floor under sqrt(v) (0: the aggregator's default)
     proximal: bool = False
     personalize: bool = False
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
@@ -139,11 +143,15 @@ RUNS: tuple[Run, ...] = (
     Run("alone-warmup", "each owner alone, from the warm-up model", "alone", warmup=True),
     Run("fedavg", "federated FedAvg, no warm-up", "federated"),
     Run("fedavg-warmup", "federated FedAvg, warm-up", "federated", warmup=True),
-    Run("fedavgm-warmup", "FedAvgM, warm-up", "federated", warmup=True, server_optimizer="fedavgm"),
-    # lr 1 - momentum: in a steady state the same step as FedAvg, the momentum only smoothing it
-    Run("fedavgm-damped-warmup", "FedAvgM, server lr 0.1, warm-up", "federated", warmup=True,
-        server_optimizer="fedavgm", server_lr=0.1),
-    Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam"),
+    # At the aggregator's defaults (FedAvgM lr 1, momentum 0.9; FedAdam lr 0.01, tau 0.001) neither
+    # left the plateau in 8 rounds (measured 2026-12-04, results/owners/three-warmup-rounds): momentum
+    # 0.9 needs more rounds to build up, and FedAdam's steps were capped near its lr. Here the momentum
+    # is 0.5 and a steady, small increment moves the state as far as FedAvg's does: lr / (1 - momentum)
+    # = 1 for FedAvgM, and lr = tau for FedAdam, whose steps are capped only where |mean| >> tau.
+    Run("fedavgm-warmup", "FedAvgM, warm-up", "federated", warmup=True, server_optimizer="fedavgm",
+        server_lr=0.5, server_beta1=0.5),
+    Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam",
+        server_lr=0.02, server_beta1=0.5, server_tau=0.02),
     Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True),
     Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True),
     Run("mini-iid", "mini data, IID, FedAvg", "federated", data="iid"),
@@ -151,7 +159,7 @@ RUNS: tuple[Run, ...] = (
     Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet"),
 )  # fmt: skip
 RUN_NAMES = tuple(r.name for r in RUNS)
-SERVER_OPTIMIZER_RUNS = ("fedavgm-warmup", "fedavgm-damped-warmup", "fedadam-warmup")
+SERVER_OPTIMIZER_RUNS = ("fedavgm-warmup", "fedadam-warmup")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -196,7 +204,8 @@ class OwnersData:
     """Paths of the rendered data."""
 
     shards: dict[str, Path]  # owner -> training shard
-    tests: dict[str, Path]  # owner -> held-out set of its kind
+    tests: dict[str, Path]  # owner -> held-out set of its kind (the scores reported)
+    vals: dict[str, Path]  # owner -> its edge's validation set of its kind (another seed)
     warmup: Path  # one edge's worth of warm-up words, for the owners alone
     mini_shards: dict[str, tuple[Path, ...]]  # "iid" / "dirichlet" -> shards of the mini data
     mini_test: Path
@@ -204,8 +213,8 @@ class OwnersData:
 
 def make_data(root: Path, scale: OwnersScale) -> OwnersData:
     """Render (or find) every owner's shard and held-out set, the warm-up words and the mini data."""
-    decisive = ("size", "test_words", "warmup_words", "warmup_styles", "warmup_labels", "mini_words",
-                "mini_edges", "mini_test_words", "alpha", "seed")  # fmt: skip
+    decisive = ("size", "test_words", "val_words", "warmup_words", "warmup_styles", "warmup_labels",
+                "mini_words", "mini_edges", "mini_test_words", "alpha", "seed")  # fmt: skip
     settings = {k: v for k, v in asdict(scale).items() if k in decisive}
     settings = json.loads(json.dumps({**settings, "owners": [asdict(o) for o in OWNERS]}))  # as read back
     root.mkdir(parents=True, exist_ok=True)
@@ -215,12 +224,14 @@ def make_data(root: Path, scale: OwnersScale) -> OwnersData:
             f"{root} holds data of other settings (settings.json): delete it or use another --work"
         )
     stamp.write_text(json.dumps(settings) + "\n")
-    shards, tests = {}, {}
+    shards, tests, vals = {}, {}, {}
     for k, owner in enumerate(OWNERS):
         shards[owner.name] = root / "shards" / owner.name
         tests[owner.name] = root / "test" / owner.name
+        vals[owner.name] = root / "val" / owner.name
         _render_owner(shards[owner.name], owner, max(8, round(owner.words * scale.size)), scale.seed + 10 * k)
         _render_owner(tests[owner.name], owner, scale.test_words, scale.seed + 1000 + 10 * k)
+        _render_owner(vals[owner.name], owner, scale.val_words, scale.seed + 5000 + 10 * k)
     warmup = root / "warmup"
     _render(warmup, scale.warmup_words, scale.seed + 2000, scale.warmup_styles, scale.warmup_labels)
     mini = root / "mini" / "train"
@@ -234,7 +245,7 @@ def make_data(root: Path, scale: OwnersScale) -> OwnersData:
             shutil.rmtree(out, ignore_errors=True)
             split_dataset(mini, scale.mini_edges, out, mode, scale.seed, alpha=scale.alpha)
         mini_shards[split] = tuple(out / f"shard{k}" for k in range(scale.mini_edges))
-    return OwnersData(shards, tests, warmup, mini_shards, mini_test)
+    return OwnersData(shards, tests, vals, warmup, mini_shards, mini_test)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -332,16 +343,13 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 
 
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
-    if run.name == "mini-dirichlet-best":
-        best_run = next(r for r in RUNS if r.name == best)
-        optimizer, server_lr = best_run.server_optimizer, best_run.server_lr
-    else:
-        optimizer, server_lr = run.server_optimizer, run.server_lr
+    chosen = next(r for r in RUNS if r.name == best) if run.name == "mini-dirichlet-best" else run
     edge_args = ("--personalize",) if run.personalize else ()
     return Settings(
         rounds=scale.rounds, local_epochs=scale.local_epochs, preset=scale.preset, gamma=scale.gamma,
         lr=scale.lr, batch_size=scale.batch_size, optimizer=scale.optimizer,
-        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=optimizer, server_lr=server_lr,
+        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=chosen.server_optimizer,
+        server_lr=chosen.server_lr, server_beta1=chosen.server_beta1, server_tau=chosen.server_tau,
         proximal_mu=scale.proximal_mu if run.proximal else 0.0,
         warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
         warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels, extra_edge_args=edge_args,
@@ -352,7 +360,7 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
                   best: str = SERVER_OPTIMIZER_RUNS[0]) -> dict:  # fmt: skip
     """One aggregator and an edge per owner (or per mini shard), real processes over mutual TLS."""
     if run.data == "owners":
-        edges = {o.name: (data.shards[o.name], data.tests[o.name]) for o in OWNERS}
+        edges = {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
         sets = dict(data.tests)
     else:
         edges = {f"mini-{k}": (s, data.mini_test) for k, s in enumerate(data.mini_shards[run.data])}
@@ -374,14 +382,17 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
         "wall_s": wall,
         "server_optimizer": settings.server_optimizer,
         "server_lr": settings.server_lr,
+        "server_beta1": settings.server_beta1,
+        "server_tau": settings.server_tau,
         "bytes_per_edge": _bytes_per_edge(rounds, len(edges)),
         "rounds": _round_evaluations(rounds),
     }
     if run.data == "owners":
         record["own"] = {name: generic[name] for name in edges}
     if run.personalize:
-        record["personal"] = {name: score(home / "edges" / name / "personal.npz", key, {name: val})[name]
-                              for name, (_, val) in edges.items()}  # fmt: skip
+        edge_dir = home / "edges"
+        record["personal"] = {name: score(edge_dir / name / "personal.npz", key, {name: sets[name]})[name]
+                              for name in edges}  # fmt: skip
     return record
 
 
@@ -408,6 +419,12 @@ def _round_evaluations(rounds: dict) -> list[dict]:
         out.append({"round": r["round_index"] + 1, "accuracy": mean.get("word_accuracy"),
                     "loss": mean.get("loss"), "edges": edges})  # fmt: skip
     return out
+
+
+def _constants(record: dict) -> str:
+    """The server optimizer's constants a run set, as " (lr 0.5, beta1 0.5)"; "" if it set none."""
+    named = [f"{k} {record[f'server_{k}']:g}" for k in ("lr", "beta1", "tau") if record.get(f"server_{k}")]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _mb(record: dict) -> float:
@@ -467,8 +484,7 @@ def tables(results: dict[str, dict]) -> str:
         if r is not None and run.data != "owners":
             mb = _mb(r)
             lines.append(
-                f"| {run.label} | {r['server_optimizer']}"
-                + (f" (lr {r['server_lr']:g})" if r.get("server_lr") else "")
+                f"| {run.label} | {r['server_optimizer']}{_constants(r)}"
                 + f" | {_pct(r['generic']['mini']['accuracy'])} | "
                 f"{mb:.1f} | {r['wall_s'] / 60:.1f} min |"
             )

@@ -45,6 +45,8 @@ def test_each_owner_holds_its_own_kind_and_a_held_out_set_of_it(smoke: Path) -> 
     for owner in OWNERS:
         shard, test = LmdbReader(data / "shards" / owner.name), LmdbReader(data / "test" / owner.name)
         assert len(shard) == max(8, round(owner.words * SMOKE.size)) and len(test) == SMOKE.test_words
+        val = LmdbReader(data / "val" / owner.name)  # the edge's --val: other images than the test set's
+        assert len(val) == SMOKE.val_words and val.get_raw(0)[0] != test.get_raw(0)[0]
         styles = {shard.get_raw(i)[2] for i in range(len(shard))}
         assert styles <= {s for part in owner.parts for s in part.styles.split(",")}, owner.name
         if all(part.labels == "digits" for part in owner.parts):
@@ -70,7 +72,13 @@ def test_a_personalized_federation_scores_both_models_and_the_aggregator_keeps_t
     last = r["rounds"][-1]["edges"]
     assert set(last) == names and all({"generic", "personal"} <= set(v) for v in last.values())
     for owner in OWNERS:  # the personal models stay on the edges: each wrote its own file
-        assert (smoke / "work" / "runs" / "personal-warmup" / "edges" / owner.name / "personal.npz").is_file()
+        edge = smoke / "work" / "runs" / "personal-warmup" / "edges" / owner.name
+        assert (edge / "personal.npz").is_file()
+        # Each edge scored on its validation set, not the test set, and chose its personal mix by it.
+        journal = [json.loads(line) for line in (edge / "rounds.jsonl").read_text().splitlines()]
+        scored = [x for x in journal if x["event"] in ("round", "finished") and x.get("personal_val")]
+        assert scored and all(x["personal_val"]["samples"] == SMOKE.val_words for x in scored)
+        assert all(x["personal_val"]["accuracy"] >= x["val"]["accuracy"] for x in scored)
 
 
 def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
