@@ -104,7 +104,7 @@ class RoundCoordinator:
 
     def _load(self) -> None:
         """(Re)load everything from the store; uploads applied but not durable are dropped."""
-        for spooled, _ in getattr(self, "_pending", ()):
+        for spooled, _ in self._pending:
             spooled.discard()
         snap = self._store.load()
         self.manifest: Manifest | None = snap.manifest
@@ -209,12 +209,12 @@ class RoundCoordinator:
         if r is not None and r.secure is not None:
             return self._store.prepare_upload(r, None, self.secure.to_write())
         pending = self._pending
-        self._pending = []
         logged = sum(e.size for e in self._logged) + sum(e.size for _, e in pending)
         if pending and (
             logged < spool.CHECKPOINT_FACTOR * self._total.nbytes
             and len(self._logged) + len(pending) <= spool.CHECKPOINT_ENTRIES
         ):
+            self._pending = []
             entries = [(self._next_seq + k, entry) for k, (_, entry) in enumerate(pending)]
             self._next_seq += len(pending)
             self._logged += [entry for _, entry in pending]
@@ -239,16 +239,14 @@ class RoundCoordinator:
             return sync_then_commit
         # a checkpoint: the sum holds every applied upload, so the log and its files go
         commit = self._store.prepare_upload(r, self._total)
-        folded = [e.file for e in self._logged] + [spooled.name for spooled, _ in pending]
-        self._logged = []
+        unlogged = [spooled.name for spooled, _ in pending]  # named by no durable log entry
+        folded = self._fold_spool()
 
         def commit_then_drop() -> None:
-            for spooled, _ in pending:
-                spooled.close()
             try:
                 commit()
             except BaseException:
-                spool.remove(self._store.spool, [spooled.name for spooled, _ in pending])
+                spool.remove(self._store.spool, unlogged)
                 raise
             spool.remove(self._store.spool, folded)
 
