@@ -80,17 +80,26 @@ class OwnersScale:
     """Sizes and schedule of one owners experiment; every run trains rounds x local_epochs epochs."""
 
     name: str
-    rounds: int = 8
-    local_epochs: int = 2
-    # One warm-up round of 12,000 words per edge (and for the warm-up model of the owners alone): 1,500
-    # steps of warm-up in one round, so that it costs the owners' data one of their eight rounds.
-    # Measured (results/owners/earlier): 3 rounds of 4,000 words ended 1.3 pt under no warm-up, 2 of
-    # 6,000 4.2 pt under (the warm-up ended on the initial plateau), 3 of 2,000 on the plateau too.
-    warmup_rounds: int = 1
-    warmup_words: int = 12000
+    # 16 rounds of 1 local epoch: the owners alone train the same 16 epochs as before with 8 of 2, and
+    # a federation averages after at most 94 local steps (meters' shard) instead of 188.
+    rounds: int = 16
+    local_epochs: int = 1
+    # Eight warm-up rounds of 4,500 words per edge: 281 local steps a round, 2,250 in all. Models
+    # trained apart from the same start for 1,500 steps on different words read nothing when averaged
+    # (0% and a loss of 2.4-2.7 on held-out warm-up words, against 1.3-2.0 for each alone; measured
+    # 2026-12-07 with two and three models), so one long warm-up round only resets the take-off
+    # (results/owners/earlier: one round of 12,000 words +0.8 pt over no warm-up, 3 of 4,000 -1.3 pt,
+    # 2 of 6,000 -4.2 pt). Averaged every 125-250 steps, two edges took off like one model alone, at
+    # about 2,000 steps on these words.
+    warmup_rounds: int = 8
+    warmup_words: int = 4500
     warmup_styles: str = "clean,rotated"
     warmup_labels: str = "words"
-    cosine_from_round: int = 6  # 1-based round from which the lr falls along a cosine (0: constant)
+    cosine_from_round: int = 11  # 1-based round from which the lr falls along a cosine (0: constant)
+    # The mini data keep their schedule of 2026-12-04: 8 rounds of 2 local epochs, cosine from round 6.
+    mini_rounds: int = 8
+    mini_local_epochs: int = 2
+    mini_cosine_from_round: int = 6
     size: float = 1.0  # owners' shards are Owner.words x size
     test_words: int = 300  # per owner
     val_words: int = 300  # per owner: the edge's --val (its round scores, its personal model's choice)
@@ -116,7 +125,8 @@ SCALES = {
     "owners": OwnersScale("owners"),
     # Checks the whole pipeline in about a minute a run (a test runs some of it): not a result.
     "smoke": OwnersScale("owners-smoke", rounds=2, local_epochs=1, warmup_rounds=1, warmup_words=32,
-                         cosine_from_round=0, size=0.04, test_words=16, val_words=12, mini_words=48,
+                         cosine_from_round=0, mini_rounds=2, mini_local_epochs=1, mini_cosine_from_round=0,
+                         size=0.04, test_words=16, val_words=12, mini_words=48,
                          mini_edges=2, mini_test_words=16, preset="fedocr-tiny", batch_size=8),
 }  # fmt: skip
 
@@ -345,10 +355,14 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
     chosen = next(r for r in RUNS if r.name == best) if run.name == "mini-dirichlet-best" else run
     edge_args = ("--personalize",) if run.personalize else ()
+    owners = run.data == "owners"
     return Settings(
-        rounds=scale.rounds, local_epochs=scale.local_epochs, preset=scale.preset, gamma=scale.gamma,
-        lr=scale.lr, batch_size=scale.batch_size, optimizer=scale.optimizer,
-        lr_cosine_from_round=scale.cosine_from_round, server_optimizer=chosen.server_optimizer,
+        rounds=scale.rounds if owners else scale.mini_rounds,
+        local_epochs=scale.local_epochs if owners else scale.mini_local_epochs,
+        preset=scale.preset, gamma=scale.gamma, lr=scale.lr, batch_size=scale.batch_size,
+        optimizer=scale.optimizer,
+        lr_cosine_from_round=scale.cosine_from_round if owners else scale.mini_cosine_from_round,
+        server_optimizer=chosen.server_optimizer,
         server_lr=chosen.server_lr, server_beta1=chosen.server_beta1, server_tau=chosen.server_tau,
         proximal_mu=scale.proximal_mu if run.proximal else 0.0,
         warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
@@ -372,7 +386,7 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
         fed.start_aggregator(len(edges))
         for name, (shard, val) in edges.items():
             fed.start_edge(name, shard, val=val)
-        fed.wait_edges(timeout_s=scale.rounds * settings.deadline_s)
+        fed.wait_edges(timeout_s=settings.rounds * settings.deadline_s)
         rounds = list_rounds(pki, fed.port)
     wall = time.monotonic() - started
     first = next(iter(edges))
