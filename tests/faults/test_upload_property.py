@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zstandard
 from fedclient import FINGERPRINT, Client, upload_messages
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.fedavg import FLOAT32_MAX, MAX_SAMPLES
@@ -206,6 +206,8 @@ def reference(m: list[pb.UploadMessage], round_id: int, version: int, state: np.
         return None
     if not 1 <= h.sample_count <= MAX_SAMPLES:
         return None
+    if h.encoding in encodings.MASKED_DTYPES:  # masked codes belong to secure aggregation, not run here
+        return None
     try:
         assembler = tensors.ChunkAssembler(
             list(enumerate(LENGTHS)), h.encoding, h.compression, MAX_CHUNK_BYTES
@@ -258,6 +260,13 @@ mutations = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(params=stream_params, changes=mutations)
+# Found by a run of this test: a float32 stream relabelled as masked codes (100 % 6 = 4), which only a
+# secure-aggregation federation accepts; the reference had decoded it.
+@example(
+    params={"seed": 0, "chunk_elems": 16, "compression": pb.COMPRESSION_ZSTD, "encoding": pb.ENCODING_FLOAT32,
+            "samples": 1, "special": []},
+    changes=[("encoding", 0, 0, 100)],
+)  # fmt: skip
 def test_mutated_upload_commits_exactly_or_is_refused(
     world: World, params: dict, changes: list[Mutation]
 ) -> None:
