@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from recognizer import state
 from recognizer import train as tr
 from recognizer.dataset import make_loader
 from recognizer.model import build_model, resolve_preset
@@ -36,13 +37,11 @@ def _batches(path: Path, batch_size: int, options: dict) -> Iterator:
         yield from make_loader(path, batch_size, shuffle=True, drop_last=True, **options)
 
 
-def mean_state(states: Sequence[dict]) -> dict:
-    """The element-wise mean of models' state dicts (integer buffers taken from the first)."""
-    first = states[0]
-    return {
-        k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-        for k, v in first.items()
-    }
+def mean_state(models: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """The element-wise mean of models' exported state (``state.export_state``: what an edge uploads
+    and FedAvg averages; integer buffers stay each model's own)."""
+    exported = [state.export_state(m) for m in models]
+    return [(sum(ts[k].double() for ts in exported) / len(exported)).float() for k in range(len(exported[0]))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,17 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             render_dataset(data, args.words, 101 + k, ["clean", "rotated"], labels="words", overwrite=True)
         model = copy.deepcopy(glob)
         edges.append((model, tr.make_optimizer(model, args.lr, "adam"), _batches(data, 16, options)))
-    step, started = 0, time.process_time()
+    step, started, mean = 0, time.process_time(), state.export_state(glob)
     while step < args.steps:
         n = min(args.round_steps, args.steps - step)
         for model, optimizer, batches in edges:
-            model.load_state_dict(glob.state_dict())
+            state.load_state(model, mean)
             model.train()
             for _ in range(n):
                 images, targets, _ = next(batches)
                 tr.train_step(model, images, targets, optimizer)
         step += n
-        glob.load_state_dict(mean_state([m.state_dict() for m, _, _ in edges]))
+        mean = mean_state([m for m, _, _ in edges])
+        state.load_state(glob, mean)
         if step % 250 == 0 or step == args.steps:
             r = tr.evaluate(glob, val, beam_width=1)
             print(json.dumps({"round_steps": args.round_steps, "step": step, "mean_model_accuracy":

@@ -1,20 +1,34 @@
 """The averaging probe's mean of models (experiments/averaging.py)."""
 
 import torch
+from torch import nn
 
 from experiments.averaging import mean_state
+from recognizer import state
+
+
+def _model(weight: float, running_mean: float, batches: int) -> nn.Module:
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.fill_(weight)
+        model[1].running_mean.fill_(running_mean)
+        model[1].num_batches_tracked.fill_(batches)
+    return model
 
 
 def test_mean_state_averages_floats_and_keeps_integer_buffers() -> None:
-    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
-    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(7)}
-    mean = mean_state([a, b])
-    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0]))
-    assert mean["w"].dtype == torch.float32
-    assert mean["n"].item() == 3  # integer buffers (counters) are not averaged
+    a, b = _model(1.0, 2.0, 3), _model(3.0, 6.0, 7)
+    state.load_state(a, mean_state([a, b]))
+    assert torch.equal(a[0].weight, torch.full((2, 2), 2.0))
+    assert torch.equal(a[1].running_mean, torch.full((2,), 4.0))
+    assert a[0].weight.dtype == torch.float32
+    assert a[1].num_batches_tracked.item() == 3  # integer buffers (counters) are not averaged
 
 
 def test_mean_of_one_model_is_that_model() -> None:
-    a = {"w": torch.randn(5), "b": torch.randn(2, 2)}
+    a = _model(0.0, 0.0, 0)
+    with torch.no_grad():
+        a[0].weight.copy_(torch.randn(2, 2))
+        a[1].running_var.copy_(torch.rand(2))
     mean = mean_state([a])
-    assert all(torch.allclose(mean[k], a[k]) for k in a)
+    assert all(torch.allclose(m, t) for m, t in zip(mean, state.export_state(a), strict=True))
