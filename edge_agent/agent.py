@@ -20,6 +20,7 @@ from edge_agent.warmup import warmup_data
 from fedocr import encodings, retry, secagg
 from fedocr.client import FEEDBACK_ROUNDING, UPLOAD_ROUNDING, FederationClient, Upload, UploadUnconfirmed
 from fedocr.v1 import federation_pb2 as pb
+from recognizer.model_io import ModelFileError, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT
 JOURNAL_FILE = "rounds.jsonl"
 FINAL_MODEL_FILE = "final.npz"
 PERSONAL_MODEL_FILE = "personal.npz"
+# The edge's own model (Ditto): trained each round from its last weights, a candidate personal model.
+OWN_MODEL_FILE = "own.npz"
 # Weights of the local fine-tune in the personal model, W_0 + G + w * increment; 0 keeps the global
 # model, so on the held-out set the personal model never reads worse than the generic one.
 PERSONAL_MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -53,6 +56,11 @@ class AgentSettings:
     # held-out set, the point between the global model and its fine-tune (PERSONAL_MIXES) that reads
     # the held-out set best.
     personal_model: Path | None = None
+    # With a personal model and a held-out set: also keep the edge's own model (OWN_MODEL_FILE; Ditto,
+    # Li et al. 2021), trained one round on the shard from its last weights each round, pulled toward
+    # the global model with own_prox/2 ||w - (W_0 + G)||^2; it becomes the personal model where it
+    # reads the held-out set better than every mix. None keeps no own model.
+    own_prox: float | None = None
     # The common image key's encryption (edge_agent/encrypted.py): warm-up words are encrypted too.
     encryption: Any = None
 
@@ -167,19 +175,21 @@ class EdgeAgent:
         except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
             log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
 
-    def _personalize(self, generic: Any) -> tuple[Any, float | None]:
+    def _personalize(self, generic: Any, plan: Plan) -> tuple[Any, dict[str, Any]]:
         """Write the personal model: the model as trained now (a local fine-tune of the global model,
-        whose held-out score is ``generic``), or, with a held-out set, the mix of the two
-        (PERSONAL_MIXES) that reads it best (ties: the least fine-tune). Returns its score and weight.
+        whose held-out score is ``generic``), or, with a held-out set, the candidate that reads it
+        best: a mix of the global model and its fine-tune (PERSONAL_MIXES; ties: the least
+        fine-tune), or the edge's own model (``own_prox``) where it reads better than every mix.
+        Returns its score and the journal's record of the choice.
 
         The model is left as trained, so the upload is the same with personalization on or off.
         """
         path = self.settings.personal_model
         if path is None:
-            return None, None
+            return None, {}
         if generic is None:  # nothing to choose by
             self.local.save(path)
-            return self._score(f"personal model ({path.name})"), 1.0
+            return self._score(f"personal model ({path.name})"), {"personal_mix": 1.0}
         trained = self.local.packed()
         scores = {0.0: generic}
         for weight in PERSONAL_MIXES:
@@ -187,11 +197,40 @@ class EdgeAgent:
                 self.local.mix(trained, weight)
                 scores[weight] = self._score(f"the global model + {weight:g} x its fine-tune")
         best = max(PERSONAL_MIXES, key=lambda w: (scores[w].accuracy, -scores[w].loss, -w))
-        self.local.mix(trained, best)
+        chosen, record = scores[best], {"personal_mix": best, "personal_choice": "mix"}
+        if self.settings.own_prox is not None:
+            own = self._train_own(plan, self.settings.own_prox)  # the model is left at it
+            record["own_val"] = _scores(own)
+            if (own.accuracy, -own.loss) > (chosen.accuracy, -chosen.loss):
+                chosen, record["personal_mix"], record["personal_choice"] = own, None, "own"
+        if record["personal_choice"] == "mix":
+            self.local.mix(trained, best)
         self.local.save(path)
         self.local.load(trained)
-        self.progress.info("personal model (%s): the global model + %g x its fine-tune", path.name, best)
-        return scores[best], best
+        self.progress.info(
+            "personal model (%s): %s", path.name,
+            "this edge's own model" if record["personal_choice"] == "own"
+            else f"the global model + {best:g} x its fine-tune",
+        )
+        return chosen, record
+
+    def _train_own(self, plan: Plan, lam: float) -> Any:
+        """Train the edge's own model one round (from OWN_MODEL_FILE, or from the global model the
+        first time), write it, and leave the model at it. Returns its held-out score."""
+        path = self.settings.work_dir / OWN_MODEL_FILE
+        if path.exists():
+            try:
+                own = read_model_file(path)[1]
+            except ModelFileError as exc:
+                raise AgentError(f"this edge's own model cannot be read: {exc}") from exc
+            if own.size != self.local.length:
+                raise AgentError(f"{path}: {own.size} values, this model has {self.local.length}; "
+                                 "another model's work directory?")
+        else:
+            own = self.local.base
+        self.local.load(self.local.train_own(own, plan, lam))
+        self.local.save(path)
+        return self._score(f"own model ({path.name}, pulled toward the global model at {lam:g})")
 
     def _train_round(self, reply: pb.JoinResponse) -> None:
         where = f"round {reply.round_id} ({_position(reply)})"
@@ -295,11 +334,11 @@ class EdgeAgent:
             for s in history
         ]
         personal = None
-        if warmup is None:  # a personal model learns this edge's own words
+        if warmup is None and self.settings.personal_model is not None:  # it learns this edge's words
             self._last_plan = plan
-            personal, weight = self._personalize(generic)
+            personal, choice = self._personalize(generic, plan)
             record["personal_val"] = _scores(personal)
-            record["personal_mix"] = weight
+            record.update(choice)
         self._report(version, generic, personal)
         increment = self.local.increment()
         sent = self.residual.add_to(increment) if feedback else increment
@@ -397,11 +436,11 @@ class EdgeAgent:
         path = self.settings.final_model
         self.local.save(path)
         generic = self._score(f"global state v{self.held_version}")
-        personal, weight = None, None
+        personal, choice = None, {}
         if self.settings.personal_model is not None and self._last_plan is not None:
             self.progress.info("fine-tuning the final global model on this edge's shard: the personal model")
             self.local.train_round(self._last_plan)
-            personal, weight = self._personalize(generic)
+            personal, choice = self._personalize(generic, self._last_plan)
         self._report(self.held_version, generic, personal)
         self.journal.write(
             {
@@ -410,7 +449,8 @@ class EdgeAgent:
                 "down": down,
                 "val": _scores(generic),
                 "personal_val": _scores(personal),
-                "personal_mix": weight,
+                "personal_mix": None,
+                **choice,
                 "model": str(path),
                 "personal_model": str(self.settings.personal_model) if personal is not None else None,
             }

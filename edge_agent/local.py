@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +90,16 @@ class LocalModel:
         self._bf16 = bf16
         self._optimizer = train.make_optimizer(self.model, DEFAULT_LR[optimizer], optimizer)
         self._optimizer_kind = optimizer
+        self._own_optimizer: torch.optim.Optimizer | None = None  # the own model's (train_own)
         self._warned_lr = False
         self._workers = workers
         self._seed = seed
         self._rounds_trained = 0
+
+    @property
+    def base(self) -> np.ndarray:
+        """``W_0 + G`` of the last global state applied, packed (a copy)."""
+        return self._base.copy()
 
     @property
     def length(self) -> int:
@@ -120,6 +126,7 @@ class LocalModel:
         log.info("switching the local optimizer from %s to %s", self._optimizer_kind, kind)
         self._optimizer = train.make_optimizer(self.model, DEFAULT_LR[kind], kind)
         self._optimizer_kind = kind
+        self._own_optimizer = None
         self._warned_lr = False
 
     def train_round(
@@ -145,24 +152,60 @@ class LocalModel:
                 usual,
             )
             self._warned_lr = True
-        train.set_lr(self._optimizer, plan.learning_rate)
+        proximal = train.Proximal.around(self.model, plan.proximal_mu) if plan.proximal_mu > 0 else None
+        seed = self._rounds_trained
+        history = self._epochs(plan, self._optimizer, proximal, data, on_epoch, on_batch, seed)
+        self._rounds_trained += 1
+        return history
+
+    def train_own(self, own: np.ndarray, plan: Plan, lam: float) -> np.ndarray:
+        """Train the edge's own model (Ditto, Li et al. 2021) one round: from the packed weights
+        ``own``, ``plan.local_epochs`` over the shard with lam/2 ||w - (W_0 + G)||^2 pulling it toward
+        the global model, by an optimizer of its own. Returns its new packed weights; the model is
+        left as it was, so the upload does not change."""
+        before = self.packed()
+        state.load_packed(self.model, self._base, self._key)
+        proximal = train.Proximal.around(self.model, lam) if lam > 0 else None
+        self.load(own)
+        if self._own_optimizer is None:
+            self._own_optimizer = train.make_optimizer(
+                self.model, DEFAULT_LR[self._optimizer_kind], self._optimizer_kind
+            )
+        try:
+            # Another shuffle than the global model's fine-tune of the same round.
+            self._epochs(replace(plan, proximal_mu=0.0), self._own_optimizer, proximal, None, None, None,
+                         self._rounds_trained + 1_000_003)
+            return self.packed()
+        finally:
+            self.load(before)
+
+    def _epochs(
+        self,
+        plan: Plan,
+        optimizer: torch.optim.Optimizer,
+        proximal: train.Proximal | None,
+        data: Path | None,
+        on_epoch: Callable[[train.EpochStats], None] | None,
+        on_batch: Callable[[int, int, float], None] | None,
+        seed: int,
+    ) -> list[train.EpochStats]:
+        train.set_lr(optimizer, plan.learning_rate)
         loader = make_loader(
             data or self.shard,
             plan.batch_size,
             shuffle=True,
             workers=self._workers,
-            seed=self._seed + self._rounds_trained,
+            seed=self._seed + seed,
             pin_memory=self.device.type == "cuda",
             **self.model.image_options,
         )
-        proximal = train.Proximal.around(self.model, plan.proximal_mu) if plan.proximal_mu > 0 else None
         history = []
         for epoch in range(plan.local_epochs):
             batch_cb = (lambda step, loss, e=epoch: on_batch(e, step, loss)) if on_batch else None
             stats = train.train_epoch(
                 self.model,
                 loader,
-                self._optimizer,
+                optimizer,
                 epoch=epoch,
                 on_batch=batch_cb,
                 bf16=self._bf16,
@@ -172,7 +215,6 @@ class LocalModel:
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
-        self._rounds_trained += 1
         return history
 
     def evaluate(self, data: Path, batch_size: int = 64, beam_width: int = 1) -> train.EvalResult:

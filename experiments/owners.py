@@ -407,6 +407,10 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
         edge_dir = home / "edges"
         record["personal"] = {name: score(edge_dir / name / "personal.npz", key, {name: sets[name]})[name]
                               for name in edges}  # fmt: skip
+        own = {name: edge_dir / name / "own.npz" for name in edges}
+        if all(path.exists() for path in own.values()):  # the edges' own models (Ditto), scored apart
+            record["own_models"] = {name: score(path, key, {name: sets[name]})[name]
+                                    for name, path in own.items()}  # fmt: skip
     return record
 
 
@@ -487,6 +491,12 @@ def tables(results: dict[str, dict]) -> str:
             lines.append(
                 "| ... its personal models | " + " | ".join(cells) + f" | {_pct(_mean(r['personal']))} "
                 "| - | - | - |"
+            )
+        if "own_models" in r:
+            cells = [_pct(r["own_models"][n]["accuracy"]) for n in names]
+            lines.append(
+                "| ... its edges' own models (Ditto) | " + " | ".join(cells)
+                + f" | {_pct(_mean(r['own_models']))} | - | - | - |"
             )
     lines += [
         "",

@@ -144,24 +144,37 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         assert all(e["personal"]["samples"] == e["generic"]["samples"] for e in r["evaluations"])
 
     # Each edge kept a personal model, never uploaded, scored every round beside the generic one: of
-    # the global model and its fine-tune on the edge's shard, the mix that read --val best, so never
-    # worse there than the generic model. At the end it is that mix for the final global model, a
-    # model file like it, which reads --val as journalled.
+    # the global model, its mixes with its fine-tune on the edge's shard and the edge's own model
+    # (Ditto, own.npz, trained from its last weights), the one that read --val best, so never worse
+    # there than the generic model. At the end it is that model for the final global model, a model
+    # file like it, which reads --val as journalled; own.npz reads --val as its last score says.
     for name, recs in records.items():
         scored = [r for r in recs if r["event"] in ("round", "finished")]
-        assert all(r["personal_val"]["samples"] > 0 for r in scored)
-        assert all(r["personal_mix"] in PERSONAL_MIXES for r in scored), scored
+        assert all(r["personal_val"]["samples"] > 0 and r["own_val"]["samples"] > 0 for r in scored)
+        for r in scored:
+            if r["personal_choice"] == "own":
+                assert r["personal_mix"] is None and r["personal_val"] == r["own_val"], r
+                assert r["own_val"]["accuracy"] >= r["val"]["accuracy"], r
+            else:
+                assert r["personal_choice"] == "mix" and r["personal_mix"] in PERSONAL_MIXES, r
         assert all(r["personal_val"]["accuracy"] >= r["val"]["accuracy"] for r in scored), scored
         assert recs[-1]["personal_model"].endswith("personal.npz")
-        personal, _ = load_model(fed.work / "edges" / name / "personal.npz", load_key(federation_key))
         torch.set_num_threads(1)
-        loader = make_loader(edge_data.test, 64, shuffle=False, **personal.image_options)  # as the edge's
-        scored_here = evaluate(personal, loader, beam_width=1)
-        assert scored_here.accuracy == recs[-1]["personal_val"]["accuracy"]
-        assert scored_here.loss == pytest.approx(recs[-1]["personal_val"]["loss"], rel=1e-4)
-        same = read_model_file(fed.work / "edges" / name / "personal.npz")[1].tobytes() == \
-            read_model_file(fed.work / "edges" / name / "final.npz")[1].tobytes()
-        assert same == (recs[-1]["personal_mix"] == 0), recs[-1]
+        files = {"personal": "personal.npz", "own": "own.npz"}
+        for what, file in files.items():
+            model, _ = load_model(fed.work / "edges" / name / file, load_key(federation_key))
+            loader = make_loader(edge_data.test, 64, shuffle=False, **model.image_options)  # as the edge's
+            scored_here = evaluate(model, loader, beam_width=1)
+            assert scored_here.accuracy == recs[-1][f"{what}_val"]["accuracy"], what
+            assert scored_here.loss == pytest.approx(recs[-1][f"{what}_val"]["loss"], rel=1e-4), what
+        vectors = {f: read_model_file(fed.work / "edges" / name / f)[1] for f in ("personal.npz", "final.npz",
+                                                                                   "own.npz")}
+        assert (vectors["personal.npz"].tobytes() == vectors["final.npz"].tobytes()) == \
+            (recs[-1]["personal_mix"] == 0), recs[-1]
+        assert (vectors["personal.npz"].tobytes() == vectors["own.npz"].tobytes()) == \
+            (recs[-1]["personal_choice"] == "own"), recs[-1]
+        # Three rounds of its own (two rounds and the end) moved it away from the final global model.
+        assert not np.array_equal(vectors["own.npz"], vectors["final.npz"])
 
     # The global model's held-out loss fell from W_0 (round 1's state) to the final state.
     first = records["edge-0"][0]["val"]

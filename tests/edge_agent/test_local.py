@@ -51,6 +51,33 @@ def test_mixes_of_the_global_model_and_its_fine_tune_leave_the_upload_as_it_was(
     np.testing.assert_array_equal(local.increment(), delta)
 
 
+def test_the_own_model_trains_apart_pulled_toward_the_global_model_and_leaves_the_upload(
+    local: LocalModel,
+) -> None:
+    rng = np.random.default_rng(2)
+    g = rng.normal(0, 0.001, local.length).astype(np.float32)
+    local.apply_global(g)
+    plan = Plan(local_epochs=1, learning_rate=1e-3, batch_size=32)
+    local.train_round(plan)
+    delta, trained = local.increment(), local.packed()
+    base = local.base
+    np.testing.assert_array_equal(base, local._w0 + g)
+    start = trained  # an own model that has drifted from the global one
+
+    def distance(v: np.ndarray) -> float:
+        return float(np.linalg.norm((v - base)[: local.length - local.statistics]))
+
+    free = local.train_own(start, plan, 0.0)
+    pulled = local.train_own(start, plan, 100.0)
+    assert np.isfinite(free).all() and np.isfinite(pulled).all()
+    assert not np.array_equal(free, start)  # it trained
+    # A strong pull brings it toward W_0 + G; without one it wanders further.
+    assert distance(pulled) < distance(start) < distance(free)
+    # The model the edge uploads from is untouched.
+    np.testing.assert_array_equal(local.packed(), trained)
+    np.testing.assert_array_equal(local.increment(), delta)
+
+
 def test_apply_global_refuses_another_length(local: LocalModel) -> None:
     with pytest.raises(ValueError, match="values"):
         local.apply_global(np.zeros(local.length + 1, np.float32))
