@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.agent import (
+    FINAL_MODEL_FILE,
+    OWN_MODEL_FILE,
+    PERSONAL_MODEL_FILE,
+    AgentError,
+    AgentSettings,
+    EdgeAgent,
+)
 from edge_agent.local import LocalModel, Plan
+from edge_agent.report import Progress
 from recognizer import state, train
 from recognizer.keys import load_key
-from recognizer.model_io import load_model
+from recognizer.model_io import load_model, read_model_file
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +191,34 @@ def test_an_edge_can_start_from_a_pretrained_model(edge_data, federation_key: Pa
         LocalModel(edge_data.shards[0], bytes(32), "fedocr-tiny", 0.5, init=pretrained)
     with pytest.raises(ModelFileError, match="missing.npz: no such model file"):
         LocalModel(edge_data.shards[0], key, "fedocr-tiny", 0.5, init=tmp_path / "missing.npz")
+
+
+def test_a_restarted_edge_trains_its_own_model_on_from_its_file_and_refuses_another_models(
+    local: LocalModel, edge_data, tmp_path: Path
+) -> None:
+    settings = AgentSettings(work_dir=tmp_path, final_model=tmp_path / FINAL_MODEL_FILE, val=edge_data.test,
+                             personal_model=tmp_path / PERSONAL_MODEL_FILE, own_prox=0.001)  # fmt: skip
+    plan = Plan(local_epochs=1, learning_rate=1e-3, batch_size=32)
+    local.apply_global(np.zeros(local.length, np.float32))
+    starts: list[np.ndarray] = []
+    real = local.train_own
+
+    def spy(own: np.ndarray, plan: Plan, lam: float) -> np.ndarray:
+        starts.append(own.copy())
+        return real(own, plan, lam)
+
+    local.train_own = spy  # records where each round's own training starts, then trains for real
+    try:
+        EdgeAgent(local, None, settings, Progress(quiet=True))._train_own(plan, 0.001)
+        written = read_model_file(tmp_path / OWN_MODEL_FILE)[1]
+        # A new agent in the same work directory (the edge restarted) goes on from the file.
+        EdgeAgent(local, None, settings, Progress(quiet=True))._train_own(plan, 0.001)
+    finally:
+        del local.train_own
+    np.testing.assert_array_equal(starts[0], local.base)  # the first time: the global model
+    np.testing.assert_array_equal(starts[1], written)
+    assert not np.array_equal(read_model_file(tmp_path / OWN_MODEL_FILE)[1], written)
+
+    (tmp_path / OWN_MODEL_FILE).write_bytes(b"not a model")
+    with pytest.raises(AgentError, match="own model cannot be read.*own.npz"):
+        EdgeAgent(local, None, settings, Progress(quiet=True))._train_own(plan, 0.001)
