@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from experiments.averaging import mean_state
+from experiments.averaging import mean_state, server_step
 from recognizer import state
 
 
@@ -32,3 +32,15 @@ def test_mean_of_one_model_is_that_model() -> None:
         a[1].running_var.copy_(torch.rand(2))
     mean = mean_state([a])
     assert all(torch.allclose(m, t) for m, t in zip(mean, state.export_state(a), strict=True))
+
+
+def test_a_server_learning_rate_scales_the_parameters_step_and_not_the_running_statistics() -> None:
+    old, new = _model(1.0, 2.0, 0), _model(3.0, 6.0, 0)
+    params = len(list(old.parameters()))
+    mean = mean_state([new])
+    stepped = server_step(state.export_state(old), mean, 2.0, params)
+    state.load_state(old, stepped)
+    assert torch.equal(old[0].weight, torch.full((2, 2), 5.0))  # 1 + 2 x (3 - 1)
+    assert torch.equal(old[1].running_mean, torch.full((2,), 6.0))  # the plain mean
+    same = server_step(state.export_state(new), mean, 2.0, params)
+    assert all(torch.equal(a, b) for a, b in zip(same, mean, strict=True))  # no increment, no step
