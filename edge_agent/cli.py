@@ -64,15 +64,14 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--personalize", action="store_true",
                    help="keep a personalized model beside the generic one (WORK_DIR/personal.npz): each "
                         "round's local fine-tune of the global model, never uploaded; with --val, the mix of "
-                        "the global model and its fine-tune that reads --val best, or this edge's own model")
+                        "the global model and its fine-tune that reads --val best (or --own-model)")
+    p.add_argument("--own-model", action="store_true",
+                   help="with --personalize and --val, also keep this edge's own model (WORK_DIR/own.npz, "
+                        "Ditto): trained one round on the shard each round from its last weights, pulled "
+                        "toward the global model by --own-prox; the personal model where it reads --val best")
     p.add_argument("--own-prox", type=float, default=0.001, metavar="LAMBDA",
-                   help="with --personalize and --val, this edge's own model (WORK_DIR/own.npz, Ditto): "
-                        "trained one round on the shard each round from its last weights, pulled toward "
-                        "the global model by LAMBDA/2 ||w - global||^2; the personal model where it reads "
-                        "--val best (default 0.001)")
-    p.add_argument("--no-own-model", dest="own_model", action="store_false",
-                   help="with --personalize, keep no own model: the personal model is a mix of the global "
-                        "model and its fine-tune")
+                   help="the own model's pull toward the global model, LAMBDA/2 ||w - global||^2 "
+                        "(default 0.001; 0: none)")
     p.add_argument("--no-report-evaluation", dest="report_evaluation", action="store_false",
                    help="keep the --val scores on this edge (default: report them to the aggregator)")
     p.add_argument("--image-key", type=Path,
@@ -149,6 +148,8 @@ def run(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.own_prox < 0:
         parser.error(f"--own-prox must be 0 or more, got {args.own_prox}")
+    if args.own_model and not (args.personalize and args.val is not None):
+        parser.error("--own-model needs --personalize and --val (the own model is chosen on --val)")
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -223,7 +224,7 @@ def run(argv: Sequence[str]) -> int:
         val=args.val,
         report_evaluation=args.report_evaluation,
         personal_model=args.work_dir / PERSONAL_MODEL_FILE if args.personalize else None,
-        own_prox=args.own_prox if args.personalize and args.val is not None and args.own_model else None,
+        own_prox=args.own_prox if args.own_model else None,
         encryption=encryption,
     )
     agent = EdgeAgent(local, client, settings, progress)

@@ -145,6 +145,8 @@ class Run:
     server_tau: float = 0.0  # fedadam's floor under sqrt(v) (0: the aggregator's default)
     proximal: bool = False
     personalize: bool = False
+    own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
+    extra: bool = False  # measured apart, outside the scale's 2 hours: run only when named in --runs
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
 
 
@@ -164,11 +166,14 @@ RUNS: tuple[Run, ...] = (
         server_lr=0.02, server_beta1=0.5, server_tau=0.02),
     Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True),
     Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True),
+    Run("personal-own-warmup", "FedAvg, warm-up, personalization with own models", "federated", warmup=True,
+        personalize=True, own_models=True, extra=True),
     Run("mini-iid", "mini data, IID, FedAvg", "federated", data="iid"),
     Run("mini-dirichlet", "mini data, Dirichlet, FedAvg", "federated", data="dirichlet"),
     Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet"),
 )  # fmt: skip
 RUN_NAMES = tuple(r.name for r in RUNS)
+EXTRA_RUNS = tuple(r.name for r in RUNS if r.extra)
 SERVER_OPTIMIZER_RUNS = ("fedavgm-warmup", "fedadam-warmup")
 
 
@@ -354,7 +359,7 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
     chosen = next(r for r in RUNS if r.name == best) if run.name == "mini-dirichlet-best" else run
-    edge_args = ("--personalize",) if run.personalize else ()
+    edge_args = ("--personalize", *(["--own-model"] if run.own_models else [])) if run.personalize else ()
     owners = run.data == "owners"
     return Settings(
         rounds=scale.rounds if owners else scale.mini_rounds,
@@ -528,7 +533,8 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.owners", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="owners")
-    p.add_argument("--runs", help=f"comma-separated runs (default: all): {', '.join(RUN_NAMES)}")
+    p.add_argument("--runs", help=f"comma-separated runs (default: all but {', '.join(EXTRA_RUNS)}): "
+                   f"{', '.join(RUN_NAMES)}")  # fmt: skip
     p.add_argument("--work", type=Path, help="data, PKI, key and run directories (default: runs/owners, or "
                    "runs/owners-smoke)")  # fmt: skip
     p.add_argument("--results", type=Path, help="one JSON per run (default: results/owners, or "
@@ -544,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = SCALES[args.scale]
     work = (args.work or Path("runs") / scale.name).resolve()
     results_dir = args.results or Path("results") / scale.name
-    chosen = args.runs.split(",") if args.runs else list(RUN_NAMES)
+    chosen = args.runs.split(",") if args.runs else [r.name for r in RUNS if not r.extra]
     unknown = [n for n in chosen if n not in RUN_NAMES]
     if unknown:
         print(f"owners: unknown runs {unknown}; choose from {', '.join(RUN_NAMES)}", file=sys.stderr)

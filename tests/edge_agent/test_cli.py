@@ -106,3 +106,21 @@ def test_unknown_device_is_refused_by_argparse(edge_data, test_pki, federation_k
         main([*_args(edge_data, test_pki, federation_key), "--device", "tpu"])
     assert exc.value.code == EXIT_USAGE
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--own-model"], "--own-model needs --personalize and --val"),
+        (["--personalize", "--own-model"], "--own-model needs --personalize and --val"),
+        (["--own-prox", "-1"], "--own-prox must be 0 or more, got -1"),
+    ],
+    ids=["own-model-alone", "own-model-without-val", "negative-own-prox"],
+)
+def test_own_model_flags_are_checked_before_joining(
+    extra, message, edge_data, test_pki, federation_key: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*_args(edge_data, test_pki, federation_key), *extra])
+    assert exc.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err

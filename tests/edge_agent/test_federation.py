@@ -82,7 +82,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     # without either.
     settings = harness.Settings(
         rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8",
-        download_encoding="int4", proximal_mu=0.01, extra_edge_args=("--personalize",),
+        download_encoding="int4", proximal_mu=0.01, extra_edge_args=("--personalize", "--own-model"),
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)

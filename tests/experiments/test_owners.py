@@ -1,7 +1,8 @@
 """`python -m experiments.owners --scale smoke`: real data of four owners who differ, real `recognizer
 train` processes and real federations (an aggregator and an edge agent per owner over mutual TLS),
-for two of the runs: alone from the warm-up model, and federated with warm-up and personalization (the
-mini data's runs are federations like it). A rerun repeats nothing."""
+for two of the runs: alone from the warm-up model, and federated with warm-up and personalization with
+the edges' own models (the other federations, the mini data's too, are runs like it with less). A
+rerun repeats nothing."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from recognizer.shard import label_kind
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = SCALES["smoke"]
-RUNS = ("alone-warmup", "personal-warmup")
+RUNS = ("alone-warmup", "personal-own-warmup")
 
 
 def _owners(tmp: Path, *runs: str) -> subprocess.CompletedProcess:
@@ -63,22 +64,23 @@ def test_alone_runs_score_every_owner_on_its_own_held_out_set(smoke: Path) -> No
 
 
 def test_a_personalized_federation_scores_both_models_and_the_aggregator_keeps_the_evaluations(smoke) -> None:
-    r = _result(smoke, "personal-warmup")
+    r = _result(smoke, "personal-own-warmup")
     names = {o.name for o in OWNERS}
-    assert set(r["generic"]) == set(r["own"]) == set(r["personal"]) == names
-    assert all(s["samples"] == SMOKE.test_words for s in r["personal"].values())
+    assert set(r["generic"]) == set(r["own"]) == set(r["personal"]) == set(r["own_models"]) == names
+    assert all(s["samples"] == SMOKE.test_words for s in [*r["personal"].values(), *r["own_models"].values()])
     assert r["bytes_per_edge"]["wire_up"] > 0 and r["bytes_per_edge"]["wire_down"] > 0
     assert [e["round"] for e in r["rounds"]] == list(range(1, SMOKE.rounds + 1))
     last = r["rounds"][-1]["edges"]
     assert set(last) == names and all({"generic", "personal"} <= set(v) for v in last.values())
     for owner in OWNERS:  # the personal models stay on the edges: each wrote its own file
-        edge = smoke / "work" / "runs" / "personal-warmup" / "edges" / owner.name
-        assert (edge / "personal.npz").is_file()
+        edge = smoke / "work" / "runs" / "personal-own-warmup" / "edges" / owner.name
+        assert (edge / "personal.npz").is_file() and (edge / "own.npz").is_file()
         # Each edge scored on its validation set, not the test set, and chose its personal mix by it.
         journal = [json.loads(line) for line in (edge / "rounds.jsonl").read_text().splitlines()]
         scored = [x for x in journal if x["event"] in ("round", "finished") and x.get("personal_val")]
         assert scored and all(x["personal_val"]["samples"] == SMOKE.val_words for x in scored)
         assert all(x["personal_val"]["accuracy"] >= x["val"]["accuracy"] for x in scored)
+        assert all(x["own_val"]["samples"] == SMOKE.val_words for x in scored)
 
 
 def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
@@ -88,4 +90,5 @@ def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (smoke / "results").glob("*.json")} == before
     assert "each owner alone, from the warm-up model" in proc.stdout
-    assert "FedAvg, warm-up, personalization" in proc.stdout and "its personal models" in proc.stdout
+    assert "FedAvg, warm-up, personalization with own models" in proc.stdout
+    assert "its personal models" in proc.stdout and "its edges' own models (Ditto)" in proc.stdout
