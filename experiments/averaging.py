@@ -4,11 +4,11 @@ Simulates the warm-up rounds of a federation in one process: ``--edges`` models 
 W_0, each trains on its own rendered words (clean and rotated dictionary words, as the owners'
 warm-up), and every ``--round-steps`` local steps they are replaced by their mean, as FedAvg does
 (each edge keeps its Adam state, as an edge agent does). Prints the mean model's word accuracy and
-loss on held-out words of the same kind every 250 steps, and at the end each edge's own model before
-the last mean. ``--round-steps`` equal to ``--steps`` is one long round: models trained apart, then
-averaged once. ``--server-lr`` moves the parameters by that multiple of the mean increment, as
-FedAvg with a server learning rate (the aggregator's fedavgm at momentum 0); the running statistics
-take the plain mean.
+loss on held-out words of the same kind at the first mean past each 250 steps, and at the end each
+edge's own model before the last mean. ``--round-steps`` equal to ``--steps`` is one long round:
+models trained apart, then averaged once. ``--server-lr`` moves the parameters by that multiple of
+the mean increment, as FedAvg with a server learning rate (the aggregator's fedavgm at momentum 0);
+the running statistics take the plain mean.
 
     python -m experiments.averaging --edges 2 --round-steps 250 --steps 2500
     python -m experiments.averaging --edges 2 --round-steps 1500 --steps 1500
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step += n
         mean = server_step(mean, mean_state([m for m, _, _ in edges]), args.server_lr, params)
         state.load_state(glob, mean)
-        if step % 250 == 0 or step == args.steps:
+        if step // 250 > (step - n) // 250 or step == args.steps:  # the first mean past each 250 steps
             r = tr.evaluate(glob, val, beam_width=1)
             print(json.dumps({"round_steps": args.round_steps, "server_lr": args.server_lr, "step": step,
                               "mean_model_accuracy": round(r.accuracy, 3),
