@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedocr import encodings, retry, secagg
 from fedocr.client import FEEDBACK_ROUNDING, UPLOAD_ROUNDING, FederationClient, Upload, UploadUnconfirmed
 from fedocr.v1 import federation_pb2 as pb
 from recognizer.model_io import ModelFileError, read_model_file
+from recognizer.recipe import DEFAULT_LR
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class AgentSettings:
     # the global model with own_prox/2 ||w - (W_0 + G)||^2; it becomes the personal model where it
     # reads the held-out set better than every mix. None keeps no own model.
     own_prox: float | None = None
+    # The personal model's last fine-tune, of the final global model: its epochs (each a candidate
+    # with a held-out set) and lr (None: a tenth of the local optimizer's usual lr).
+    personal_epochs: int = 4
+    personal_lr: float | None = None
     # The common image key's encryption (edge_agent/encrypted.py): warm-up words are encrypted too.
     encryption: Any = None
 
@@ -175,12 +181,15 @@ class EdgeAgent:
         except grpc.RpcError as exc:  # the score is a courtesy: it never stops training
             log.warning("could not report the score of v%d to the aggregator: %s", version, exc)
 
-    def _personalize(self, generic: Any, plan: Plan) -> tuple[Any, dict[str, Any]]:
-        """Write the personal model: the model as trained now (a local fine-tune of the global model,
-        whose held-out score is ``generic``), or, with a held-out set, the candidate that reads it
-        best: a mix of the global model and its fine-tune (PERSONAL_MIXES; ties: the least
-        fine-tune), or the edge's own model (``own_prox``) where it reads better than every mix.
-        Returns its score and the journal's record of the choice.
+    def _personalize(
+        self, generic: Any, plan: Plan, fine_tunes: Sequence[np.ndarray]
+    ) -> tuple[Any, dict[str, Any]]:
+        """Write the personal model: the model as trained now (the last of ``fine_tunes``, local
+        fine-tunes of the global model, whose held-out score is ``generic``), or, with a held-out
+        set, the candidate that reads it best: the global model, a mix of it and one of its
+        fine-tunes (PERSONAL_MIXES; ties: the earliest fine-tune, the least of it), or the edge's own
+        model (``own_prox``) where it reads better than every mix. Returns its score and the
+        journal's record of the choice.
 
         The model is left as trained, so the upload is the same with personalization on or off.
         """
@@ -190,28 +199,31 @@ class EdgeAgent:
         if generic is None:  # nothing to choose by
             self.local.save(path)
             return self._score(f"personal model ({path.name})"), {"personal_mix": 1.0}
-        trained = self.local.packed()
-        scores = {0.0: generic}
-        for weight in PERSONAL_MIXES:
-            if weight not in scores:
-                self.local.mix(trained, weight)
-                scores[weight] = self._score(f"the global model + {weight:g} x its fine-tune")
-        best = max(PERSONAL_MIXES, key=lambda w: (scores[w].accuracy, -scores[w].loss, -w))
-        chosen, record = scores[best], {"personal_mix": best, "personal_choice": "mix"}
+        trained = fine_tunes[-1]
+        chosen, best = generic, (trained, 0.0)  # (fine-tune, weight); weight 0 is the global model
+        record: dict[str, Any] = {"personal_mix": 0.0, "personal_choice": "mix", "personal_epoch": 0}
+        for epoch, tuned in enumerate(fine_tunes, 1):
+            for weight in PERSONAL_MIXES[1:]:
+                self.local.mix(tuned, weight)
+                what = f"fine-tune {epoch}/{len(fine_tunes)}" if len(fine_tunes) > 1 else "its fine-tune"
+                score = self._score(f"the global model + {weight:g} x {what}")
+                if (score.accuracy, -score.loss) > (chosen.accuracy, -chosen.loss):
+                    chosen, best = score, (tuned, weight)
+                    record.update(personal_mix=weight, personal_epoch=epoch)
         if self.settings.own_prox is not None:
             own = self._train_own(plan, self.settings.own_prox)  # the model is left at it
             record["own_val"] = _scores(own)
             if (own.accuracy, -own.loss) > (chosen.accuracy, -chosen.loss):
                 chosen, record["personal_mix"], record["personal_choice"] = own, None, "own"
         if record["personal_choice"] == "mix":
-            self.local.mix(trained, best)
+            self.local.mix(*best)
         self.local.save(path)
         self.local.load(trained)
-        self.progress.info(
-            "personal model (%s): %s", path.name,
-            "this edge's own model" if record["personal_choice"] == "own"
-            else f"the global model + {best:g} x its fine-tune",
-        )
+        if record["personal_choice"] == "own":
+            said = "this edge's own model"
+        else:
+            said = f"the global model + {record['personal_mix']:g} x fine-tune {record['personal_epoch']}"
+        self.progress.info("personal model (%s): %s", path.name, said)
         return chosen, record
 
     def _train_own(self, plan: Plan, lam: float) -> Any:
@@ -336,7 +348,7 @@ class EdgeAgent:
         personal = None
         if warmup is None and self.settings.personal_model is not None:  # it learns this edge's words
             self._last_plan = plan
-            personal, choice = self._personalize(generic, plan)
+            personal, choice = self._personalize(generic, plan, [self.local.packed()])
             record["personal_val"] = _scores(personal)
             record.update(choice)
         self._report(version, generic, personal)
@@ -438,9 +450,18 @@ class EdgeAgent:
         generic = self._score(f"global state v{self.held_version}")
         personal, choice = None, {}
         if self.settings.personal_model is not None and self._last_plan is not None:
-            self.progress.info("fine-tuning the final global model on this edge's shard: the personal model")
-            self.local.train_round(self._last_plan)
-            personal, choice = self._personalize(generic, self._last_plan)
+            # The last round's lr has often decayed to almost nothing: the personal model's last
+            # fine-tune has its own lr and epochs, each epoch a candidate.
+            lr = self.settings.personal_lr or DEFAULT_LR[self.local.optimizer_kind] / 10
+            plan = replace(self._last_plan, local_epochs=1, learning_rate=lr, proximal_mu=0.0)
+            epochs = self.settings.personal_epochs
+            fine_tunes = []
+            for epoch in range(epochs):
+                self.progress.info("personal model: fine-tuning the final global model on this edge's shard, "
+                                   "epoch %d/%d at lr %g", epoch + 1, epochs, plan.learning_rate)
+                self.local.train_round(plan)
+                fine_tunes.append(self.local.packed())
+            personal, choice = self._personalize(generic, self._last_plan, fine_tunes)
         self._report(self.held_version, generic, personal)
         self.journal.write(
             {

@@ -65,6 +65,12 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="keep a personalized model beside the generic one (WORK_DIR/personal.npz): each "
                         "round's local fine-tune of the global model, never uploaded; with --val, the mix of "
                         "the global model and its fine-tune that reads --val best (or --own-model)")
+    p.add_argument("--personal-epochs", type=int, default=4, metavar="N",
+                   help="with --personalize, epochs of the personal model's last fine-tune, of the final "
+                        "global model; with --val each epoch's mixes are candidates (default 4)")
+    p.add_argument("--personal-lr", type=float, metavar="LR",
+                   help="the lr of that last fine-tune (default: a tenth of the optimizer's usual lr, 2e-4 "
+                        "for adam; the federation's last rounds have often decayed the plan's lr to nothing)")
     p.add_argument("--own-model", action="store_true",
                    help="with --personalize and --val, also keep this edge's own model (WORK_DIR/own.npz, "
                         "Ditto): trained one round on the shard each round from its last weights, pulled "
@@ -148,6 +154,8 @@ def run(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.own_prox < 0:
         parser.error(f"--own-prox must be 0 or more, got {args.own_prox}")
+    if args.personal_epochs < 1 or (args.personal_lr is not None and not 0 < args.personal_lr < 1e3):
+        parser.error("--personal-epochs must be 1 or more and --personal-lr a positive number")
     if args.own_model and not (args.personalize and args.val is not None):
         parser.error("--own-model needs --personalize and --val (the own model is chosen on --val)")
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -225,6 +233,8 @@ def run(argv: Sequence[str]) -> int:
         report_evaluation=args.report_evaluation,
         personal_model=args.work_dir / PERSONAL_MODEL_FILE if args.personalize else None,
         own_prox=args.own_prox if args.own_model else None,
+        personal_epochs=args.personal_epochs,
+        personal_lr=args.personal_lr,
         encryption=encryption,
     )
     agent = EdgeAgent(local, client, settings, progress)

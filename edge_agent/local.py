@@ -97,6 +97,11 @@ class LocalModel:
         self._rounds_trained = 0
 
     @property
+    def optimizer_kind(self) -> str:
+        """The local optimizer's name (recognizer.recipe.OPTIMIZERS)."""
+        return self._optimizer_kind
+
+    @property
     def base(self) -> np.ndarray:
         """``W_0 + G`` of the last global state applied, packed (a copy)."""
         return self._base.copy()

@@ -114,10 +114,12 @@ def test_unknown_device_is_refused_by_argparse(edge_data, test_pki, federation_k
         (["--own-model"], "--own-model needs --personalize and --val"),
         (["--personalize", "--own-model"], "--own-model needs --personalize and --val"),
         (["--own-prox", "-1"], "--own-prox must be 0 or more, got -1"),
+        (["--personal-epochs", "0"], "--personal-epochs must be 1 or more"),
+        (["--personal-lr", "-0.1"], "--personal-lr a positive number"),
     ],
-    ids=["own-model-alone", "own-model-without-val", "negative-own-prox"],
+    ids=["own-model-alone", "own-model-without-val", "negative-own-prox", "no-personal-epochs", "bad-lr"],
 )
-def test_own_model_flags_are_checked_before_joining(
+def test_personal_model_flags_are_checked_before_joining(
     extra, message, edge_data, test_pki, federation_key: Path, capsys
 ) -> None:
     with pytest.raises(SystemExit) as exc:

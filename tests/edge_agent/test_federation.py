@@ -82,7 +82,8 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
     # without either.
     settings = harness.Settings(
         rounds=2, local_epochs=2, preset=PRESET, gamma=GAMMA, batch_size=24, encoding="int8",
-        download_encoding="int4", proximal_mu=0.01, extra_edge_args=("--personalize", "--own-model"),
+        download_encoding="int4", proximal_mu=0.01,
+        extra_edge_args=("--personalize", "--own-model", "--personal-epochs", "2"),
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
@@ -144,7 +145,7 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
         assert all(e["personal"]["samples"] == e["generic"]["samples"] for e in r["evaluations"])
 
     # Each edge kept a personal model, never uploaded, scored every round beside the generic one: of
-    # the global model, its mixes with its fine-tune on the edge's shard and the edge's own model
+    # the global model, its mixes with its fine-tunes on the edge's shard and the edge's own model
     # (Ditto, own.npz, trained from its last weights), the one that read --val best, so never worse
     # there than the generic model. At the end it is that model for the final global model, a model
     # file like it, which reads --val as journalled; own.npz reads --val as its last score says.
@@ -157,6 +158,10 @@ def test_two_edges_two_rounds(launch, edge_data, federation_key: Path, test_pki)
                 assert r["own_val"]["accuracy"] >= r["val"]["accuracy"], r
             else:
                 assert r["personal_choice"] == "mix" and r["personal_mix"] in PERSONAL_MIXES, r
+                # The global model (epoch 0), or a mix with one of the fine-tunes: the round's one,
+                # or at the end one of the final global model's two epochs at the personal lr.
+                assert (r["personal_epoch"] == 0) == (r["personal_mix"] == 0), r
+                assert r["personal_epoch"] <= (2 if r["event"] == "finished" else 1), r
         assert all(r["personal_val"]["accuracy"] >= r["val"]["accuracy"] for r in scored), scored
         assert recs[-1]["personal_model"].endswith("personal.npz")
         torch.set_num_threads(1)
