@@ -169,7 +169,7 @@ class LocalModel:
         the global model, by an optimizer of its own. Returns its new packed weights; the model is
         left as it was, so the upload does not change."""
         before = self.packed()
-        state.load_packed(self.model, self._base, self._key)
+        self.load(self._base)  # the anchor of the pull
         proximal = train.Proximal.around(self.model, lam) if lam > 0 else None
         self.load(own)
         if self._own_optimizer is None:
