@@ -148,6 +148,8 @@ class Run:
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
     extra: bool = False  # measured apart, outside the scale's 2 hours: run only when named in --runs
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
+    best_optimizer: bool = False  # the server optimizer of the best SERVER_OPTIMIZER_RUNS row, not its own
+    length: int = 1  # the mini data's rounds (and the round its cosine starts from) times this
 
 
 RUNS: tuple[Run, ...] = (
@@ -170,7 +172,15 @@ RUNS: tuple[Run, ...] = (
         personalize=True, own_models=True, extra=True),
     Run("mini-iid", "mini data, IID, FedAvg", "federated", data="iid"),
     Run("mini-dirichlet", "mini data, Dirichlet, FedAvg", "federated", data="dirichlet"),
-    Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet"),
+    Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet",
+        best_optimizer=True),
+    # Twice the rounds, so that both splits leave the plateau and the skew, not the take-off, decides.
+    Run("mini-iid-long", "mini data, IID, FedAvg, twice the rounds", "federated", data="iid", length=2,
+        extra=True),
+    Run("mini-dirichlet-long", "mini data, Dirichlet, FedAvg, twice the rounds", "federated",
+        data="dirichlet", length=2, extra=True),
+    Run("mini-dirichlet-best-long", "mini data, Dirichlet, best server optimizer, twice the rounds",
+        "federated", data="dirichlet", best_optimizer=True, length=2, extra=True),
 )  # fmt: skip
 RUN_NAMES = tuple(r.name for r in RUNS)
 EXTRA_RUNS = tuple(r.name for r in RUNS if r.extra)
@@ -358,15 +368,16 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 
 
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
-    chosen = next(r for r in RUNS if r.name == best) if run.name == "mini-dirichlet-best" else run
+    chosen = next(r for r in RUNS if r.name == best) if run.best_optimizer else run
     edge_args = ("--personalize", *(["--own-model"] if run.own_models else [])) if run.personalize else ()
     owners = run.data == "owners"
+    mini_cosine = (scale.mini_cosine_from_round - 1) * run.length + 1 if scale.mini_cosine_from_round else 0
     return Settings(
-        rounds=scale.rounds if owners else scale.mini_rounds,
+        rounds=scale.rounds if owners else scale.mini_rounds * run.length,
         local_epochs=scale.local_epochs if owners else scale.mini_local_epochs,
         preset=scale.preset, gamma=scale.gamma, lr=scale.lr, batch_size=scale.batch_size,
         optimizer=scale.optimizer,
-        lr_cosine_from_round=scale.cosine_from_round if owners else scale.mini_cosine_from_round,
+        lr_cosine_from_round=scale.cosine_from_round if owners else mini_cosine,
         server_optimizer=chosen.server_optimizer,
         server_lr=chosen.server_lr, server_beta1=chosen.server_beta1, server_tau=chosen.server_tau,
         proximal_mu=scale.proximal_mu if run.proximal else 0.0,
@@ -500,7 +511,8 @@ def tables(results: dict[str, dict]) -> str:
         if "own_models" in r:
             cells = [_pct(r["own_models"][n]["accuracy"]) for n in names]
             lines.append(
-                "| ... its edges' own models (Ditto) | " + " | ".join(cells)
+                "| ... its edges' own models (Ditto) | "
+                + " | ".join(cells)
                 + f" | {_pct(_mean(r['own_models']))} | - | - | - |"
             )
     lines += [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments import owners
 from experiments.owners import OWNERS, SCALES
 from recognizer.lmdb_data import LmdbReader
 from recognizer.shard import label_kind
@@ -92,3 +93,18 @@ def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
     assert "each owner alone, from the warm-up model" in proc.stdout
     assert "FedAvg, warm-up, personalization with own models" in proc.stdout
     assert "its personal models" in proc.stdout and "its edges' own models (Ditto)" in proc.stdout
+
+
+def test_long_mini_runs_double_the_rounds_and_keep_the_cosine_at_the_same_share() -> None:
+    scale = SCALES["owners"]
+    runs = {r.name: r for r in owners.RUNS}
+    short, long = (
+        owners._settings(runs[n], scale, "fedavgm-warmup") for n in ("mini-dirichlet", "mini-dirichlet-long")
+    )
+    assert (short.rounds, long.rounds) == (scale.mini_rounds, 2 * scale.mini_rounds)
+    # cosine over the last 3 of 8 rounds, then over the last 6 of 16
+    assert short.rounds - short.lr_cosine_from_round + 1 == 3
+    assert long.rounds - long.lr_cosine_from_round + 1 == 6
+    best = owners._settings(runs["mini-dirichlet-best-long"], scale, "fedavgm-warmup")
+    assert (best.server_optimizer, best.rounds) == ("fedavgm", 2 * scale.mini_rounds)
+    assert all(runs[n].extra for n in ("mini-iid-long", "mini-dirichlet-long", "mini-dirichlet-best-long"))
