@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--warmup-words", dest="warmup_words", type=int, help="words each edge renders for warm-up")
     add("--warmup-styles", dest="warmup_styles", help="their styles (recognizer synth --styles)")
     add("--warmup-labels", dest="warmup_labels", help="their label kind (recognizer synth --labels)")
+    add("--warmup-rehearsal", dest="warmup_rehearsal", type=float,
+        help="after warm-up, each epoch also goes over this many warm-up words per shard image (plan; "
+        "default 0, off)")
     add("--server-optimizer", dest="server_optimizer", choices=SERVER_OPTIMIZERS,
         help="how the round's mean increment moves the global state (default fedavg: added as it is)")
     add("--server-lr", dest="server_lr", type=float, help="the server optimizer's lr (default: its own)")

@@ -37,6 +37,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "warmup_styles",
         "warmup_labels",
         "warmup_seed",
+        "warmup_rehearsal",
     ),
     "transfer": (
         "download_encoding",
@@ -127,6 +128,9 @@ class AggregatorConfig:
     warmup_styles: str = "varied"
     warmup_labels: str = "words"
     warmup_seed: int = 0
+    # After the warm-up rounds each local epoch also goes over warmup_rehearsal x (the shard's size)
+    # of the edge's warm-up words, drawn anew each round (0 = off: the shard alone).
+    warmup_rehearsal: float = 0.0
     accept_encodings: tuple[str, ...] = tuple(encodings.NAMES)  # uploads in others are refused
     # How edges download the state (aggregator/visible.py): float32 sends the global state itself; a
     # lossy encoding sends each round's change of the state edges see, with error feedback here.
@@ -190,6 +194,9 @@ class AggregatorConfig:
                                        and self.warmup_styles and self.warmup_labels):
             raise ConfigError("warmup_rounds must be within 0..total_rounds, with warmup_words >= 1 and "
                               "warmup_styles and warmup_labels named")
+        if not 0 <= self.warmup_rehearsal < math.inf or (self.warmup_rehearsal and not self.warmup_rounds):
+            raise ConfigError(f"warmup_rehearsal must be a finite number >= 0, and needs warmup_rounds, got "
+                              f"{self.warmup_rehearsal} with {self.warmup_rounds} warm-up rounds")
         if not 0 <= self.proximal_mu < math.inf:
             raise ConfigError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
@@ -310,11 +317,15 @@ class AggregatorConfig:
         except secagg.SecAggError as exc:
             raise ConfigError(f"secure_aggregation: {exc}") from None
 
-    def warmup_for(self, round_index: int) -> tuple[int, str, str, int]:
-        """The warm-up of a 0-based round index: (words, styles, labels, seed), or no words."""
+    def warmup_for(self, round_index: int) -> tuple[int, str, str, int, float]:
+        """The warm-up words of a 0-based round index and their rehearsal share: (words, styles,
+        labels, seed, 0) in a warm-up round, (..., warmup_rehearsal) after it if that is on, or none."""
+        spec = self.warmup_words, self.warmup_styles, self.warmup_labels, self.warmup_seed
         if round_index < self.warmup_rounds:
-            return self.warmup_words, self.warmup_styles, self.warmup_labels, self.warmup_seed
-        return 0, "", "", 0
+            return *spec, 0.0
+        if self.warmup_rounds and self.warmup_rehearsal:
+            return *spec, self.warmup_rehearsal
+        return 0, "", "", 0, 0.0
 
     @property
     def server_step_lr(self) -> float:

@@ -52,8 +52,12 @@ def plan_message(plan: TrainingPlan, secure: SecureRecord | None = None) -> pb.T
         proximal_mu=plan.proximal_mu,
     )
     if plan.warmup_words:
-        message.warmup.CopyFrom(pb.WarmUp(words=plan.warmup_words, styles=plan.warmup_styles,
-                                          labels=plan.warmup_labels, seed=plan.warmup_seed))
+        words = pb.WarmUp(words=plan.warmup_words, styles=plan.warmup_styles, labels=plan.warmup_labels,
+                          seed=plan.warmup_seed)
+        if plan.warmup:
+            message.warmup.CopyFrom(words)
+        else:
+            message.rehearsal.CopyFrom(pb.Rehearsal(words=words, share=plan.rehearsal_share))
     if secure is not None:
         message.encoding = pb.ENCODING_MASKED_INT
         message.error_feedback = plan.error_feedback and secure.bits > 0  # codes drop what feedback keeps
@@ -123,7 +127,11 @@ def sealed_from(request: pb.ShareKeysRequest, dealer: str) -> tuple[dict, dict]:
 
 def plan_from(message: pb.TrainingPlan) -> TrainingPlan:
     """The plan record of a plain round's TrainingPlan message (a leaf copies the root's)."""
-    warmup = message.warmup if message.HasField("warmup") else pb.WarmUp()
+    warmup, share = pb.WarmUp(), 0.0
+    if message.HasField("warmup"):
+        warmup = message.warmup
+    elif message.HasField("rehearsal"):
+        warmup, share = message.rehearsal.words, message.rehearsal.share
     return TrainingPlan(
         local_epochs=message.local_epochs,
         learning_rate=message.learning_rate,
@@ -136,6 +144,7 @@ def plan_from(message: pb.TrainingPlan) -> TrainingPlan:
         warmup_styles=warmup.styles,
         warmup_labels=warmup.labels,
         warmup_seed=warmup.seed,
+        rehearsal_share=share,
     )
 
 

@@ -68,6 +68,13 @@ class TrainingPlan:
     warmup_styles: str = ""
     warmup_labels: str = ""
     warmup_seed: int = 0
+    # > 0: an ordinary round that rehearses the warm-up words above, this many per shard image.
+    rehearsal_share: float = 0.0
+
+    @property
+    def warmup(self) -> bool:
+        """A warm-up round: edges train on their rendered words alone."""
+        return self.warmup_words > 0 and not self.rehearsal_share
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -244,6 +245,20 @@ class EdgeAgent:
         self.local.save(path)
         return self._score(f"own model ({path.name}, pulled toward the global model at {lam:g})")
 
+    def _warmup_words(self, where: str, edge_id: str, words: pb.WarmUp) -> Path:
+        """This edge's warm-up words (rendered on first use), encrypted as its shard is."""
+        try:
+            said = "%s: rendering warm-up words: %d/%d"
+            data = warmup_data(
+                self.settings.work_dir, edge_id, words,
+                lambda done, total: self.progress.info(said, where, done, total),
+            )
+            if self.settings.encryption is not None:
+                data = self.settings.encryption.copy_of(data, self.settings.work_dir)
+            return data
+        except ValueError as exc:
+            raise AgentError(f"{where}: the round's warm-up words cannot be rendered: {exc}") from exc
+
     def _train_round(self, reply: pb.JoinResponse) -> None:
         where = f"round {reply.round_id} ({_position(reply)})"
         started = time.perf_counter()
@@ -267,21 +282,20 @@ class EdgeAgent:
             self.local.use_optimizer(plan.optimizer)
         except ValueError as exc:
             raise AgentError(f"{where}: the round's plan cannot be followed: {exc}") from exc
-        data, samples = self.local.shard, self.local.samples
+        data: Path | list[Path] = self.local.shard
+        samples, take, rehearsed = self.local.samples, None, 0
         warmup = reply.plan.warmup if reply.plan.warmup.words else None
+        rehearsal = reply.plan.rehearsal if reply.plan.HasField("rehearsal") else None
         if warmup is not None:
-            try:
-                said = "%s: rendering warm-up words: %d/%d"
-                data = warmup_data(
-                    self.settings.work_dir, reply.edge_id, warmup,
-                    lambda done, total: self.progress.info(said, where, done, total),
-                )
-                if self.settings.encryption is not None:
-                    data = self.settings.encryption.copy_of(data, self.settings.work_dir)
-            except ValueError as exc:
-                raise AgentError(f"{where}: the round's warm-up cannot be followed: {exc}") from exc
-            samples = warmup.words
-        steps = -(-samples // max(1, plan.batch_size))
+            data, samples = self._warmup_words(where, reply.edge_id, warmup), warmup.words
+        elif rehearsal is not None:
+            if not (0 < rehearsal.share < math.inf and rehearsal.words.words):
+                raise AgentError(f"{where}: the round's plan cannot be followed: rehearsal share "
+                                 f"{rehearsal.share} of {rehearsal.words.words} warm-up words")
+            rehearsed = min(rehearsal.words.words, max(1, round(rehearsal.share * samples)))
+            data = [self.local.shard, self._warmup_words(where, reply.edge_id, rehearsal.words)]
+            take = [None, rehearsed]
+        steps = -(-(samples + rehearsed) // max(1, plan.batch_size))
         record: dict[str, Any] = {
             "event": "round",
             "round_id": reply.round_id,
@@ -290,6 +304,7 @@ class EdgeAgent:
             "state_version": self.held_version,
             "samples": samples,
             "warmup": warmup is not None,
+            "rehearsed": rehearsed,  # warm-up words drawn beside the shard (FedAvg weighs the shard alone)
             "plan": {
                 "local_epochs": plan.local_epochs,
                 "learning_rate": plan.learning_rate,
@@ -307,12 +322,13 @@ class EdgeAgent:
             "epochs": [],
         }
         self.progress.info(
-            "%s: training %d epoch(s) at lr %g on %d %swords",
+            "%s: training %d epoch(s) at lr %g on %d %swords%s",
             where,
             plan.local_epochs,
             plan.learning_rate,
             samples,
             "rendered warm-up " if warmup is not None else "",
+            f" and {rehearsed} warm-up words" if rehearsed else "",
         )
         try:
             history = self.local.train_round(
@@ -330,6 +346,7 @@ class EdgeAgent:
                     f"{where} epoch {e + 1}/{plan.local_epochs}", step, steps, loss
                 ),
                 data=data,
+                take=take,
             )
         except FloatingPointError as exc:
             # A diverged model is never uploaded; the next round starts again from the global state.

@@ -7,7 +7,7 @@ increment) are in the keyed packed layout, which the aggregator can average but 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,10 +139,12 @@ class LocalModel:
         plan: Plan,
         on_epoch: Callable[[train.EpochStats], None] | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
-        data: Path | None = None,
+        data: Path | Sequence[Path] | None = None,
+        take: Sequence[int | None] | None = None,
     ) -> list[train.EpochStats]:
         """Run ``plan.local_epochs`` epochs over the shard, or over ``data`` (a warm-up round's
-        words), as Algorithm 1's ClientUpdate.
+        words; or the shard and the warm-up words, ``take`` of each drawn anew each round: None is
+        all), as Algorithm 1's ClientUpdate.
 
         ``on_batch(epoch, step, loss)`` and ``on_epoch(stats)`` report progress.
         """
@@ -159,7 +161,7 @@ class LocalModel:
             self._warned_lr = True
         proximal = train.Proximal.around(self.model, plan.proximal_mu) if plan.proximal_mu > 0 else None
         seed = self._rounds_trained
-        history = self._epochs(plan, self._optimizer, proximal, data, on_epoch, on_batch, seed)
+        history = self._epochs(plan, self._optimizer, proximal, data, on_epoch, on_batch, seed, take)
         self._rounds_trained += 1
         return history
 
@@ -193,11 +195,13 @@ class LocalModel:
         on_epoch: Callable[[train.EpochStats], None] | None,
         on_batch: Callable[[int, int, float], None] | None,
         seed: int,
+        take: Sequence[int | None] | None = None,
     ) -> list[train.EpochStats]:
         train.set_lr(optimizer, plan.learning_rate)
         loader = make_loader(
             data or self.shard,
             plan.batch_size,
+            take=take,
             shuffle=True,
             workers=self._workers,
             seed=self._seed + seed,

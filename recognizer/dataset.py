@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, get_worker_info
 
 from recognizer import charset
 from recognizer.augment import AugmentConfig, augment
@@ -218,10 +218,12 @@ def make_loader(
     alphabet: Alphabet | str = DEFAULT_ALPHABET,
     keep_aspect: bool = False,
     augment: AugmentConfig | None = None,
+    take: Sequence[int | None] | None = None,
 ) -> DataLoader:
     """A DataLoader of ``WordDataset(path, ...)`` batches ``(images, targets, labels)``.
 
-    Several paths are pooled into one dataset (the centralized manner). ``seed`` fixes the
+    Several paths are pooled into one dataset (the centralized manner); ``take[i]`` images of the
+    i-th (None: all), drawn at random by ``seed``. ``seed`` fixes the
     shuffle order, so the same seed gives the same batches. ``pin_memory`` (for a CUDA model)
     returns page-locked batches, which copy to the GPU asynchronously. ``augment`` changes every
     training image at random (``WordDataset``), seeded from ``seed`` and the part's position.
@@ -233,6 +235,14 @@ def make_loader(
         WordDataset(p, input_hw, max_len, check_labels, alphabet, keep_aspect, augment, (seed, i))
         for i, p in enumerate(paths)
     ]
+    if take is not None:
+        if len(take) != len(parts):
+            raise ValueError(f"take names {len(take)} counts for {len(parts)} datasets")
+        draw = torch.Generator().manual_seed(seed + 7_919)
+        parts = [
+            p if n is None or n >= len(p) else Subset(p, torch.randperm(len(p), generator=draw)[:n].tolist())
+            for p, n in zip(parts, take, strict=True)
+        ]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(

@@ -48,6 +48,7 @@ class Settings:
     warmup_words: int = 2000
     warmup_styles: str = "varied"
     warmup_labels: str = "words"
+    warmup_rehearsal: float = 0.0  # after warm-up, warm-up words drawn per shard image each round (0: off)
     server_optimizer: str = "fedavg"  # how the mean increment moves the state (aggregator.server_opt)
     server_lr: float = 0.0  # the server optimizer's lr (0: its default)
     server_beta1: float = 0.0  # its momentum or first-moment decay (0: its default)
@@ -75,6 +76,7 @@ class Settings:
             "--warmup-words", str(self.warmup_words),
             "--warmup-styles", self.warmup_styles,
             "--warmup-labels", self.warmup_labels,
+            *(["--warmup-rehearsal", str(self.warmup_rehearsal)] if self.warmup_rehearsal else []),
             "--lr-decay-rounds", self.lr_decay_rounds,
             "--lr-decay-factors", ",".join(f"{0.1 ** (i + 1):g}" for i in range(len(decays))),
             "--lr-cosine-from-round", str(self.lr_cosine_from_round),

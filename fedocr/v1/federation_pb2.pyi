@@ -114,7 +114,7 @@ class ByteCount(_message.Message):
     def __init__(self, raw_up: _Optional[int] = ..., wire_up: _Optional[int] = ..., raw_down: _Optional[int] = ..., wire_down: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure", "proximal_mu", "warmup")
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "encoding", "error_feedback", "optimizer", "secure", "proximal_mu", "warmup", "rehearsal")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class TrainingPlan(_message.Message):
     SECURE_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
+    REHEARSAL_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     learning_rate: float
     batch_size: int
@@ -133,7 +134,16 @@ class TrainingPlan(_message.Message):
     secure: SecurePlan
     proximal_mu: float
     warmup: WarmUp
-    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., warmup: _Optional[_Union[WarmUp, _Mapping]] = ...) -> None: ...
+    rehearsal: Rehearsal
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error_feedback: _Optional[bool] = ..., optimizer: _Optional[str] = ..., secure: _Optional[_Union[SecurePlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., warmup: _Optional[_Union[WarmUp, _Mapping]] = ..., rehearsal: _Optional[_Union[Rehearsal, _Mapping]] = ...) -> None: ...
+
+class Rehearsal(_message.Message):
+    __slots__ = ("words", "share")
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    words: WarmUp
+    share: float
+    def __init__(self, words: _Optional[_Union[WarmUp, _Mapping]] = ..., share: _Optional[float] = ...) -> None: ...
 
 class WarmUp(_message.Message):
     __slots__ = ("words", "styles", "labels", "seed")

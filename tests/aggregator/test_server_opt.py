@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from fedclient import Client
 
-from aggregator import cli, server_opt
+from aggregator import cli, messages, server_opt
 from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.rounds import TrainingPlan
 from fedocr import harness
 
 LENGTHS = [5_000, 40]  # parameters, then running statistics (exact)
@@ -98,3 +101,22 @@ def test_the_plan_carries_fedprox_mu_to_the_edges(serve, connect) -> None:
     assert connect(running, "ops").get_round().plan.proximal_mu == pytest.approx(0.01)
     with pytest.raises(ConfigError, match="proximal_mu must be a finite number >= 0, got -1"):
         AggregatorConfig(proximal_mu=-1.0)
+
+
+def test_warm_up_rehearsal_is_in_the_plans_after_the_warm_up_rounds_and_refused_without_them() -> None:
+    config = AggregatorConfig(total_rounds=4, warmup_rounds=2, warmup_words=300, warmup_rehearsal=0.5)
+    spec = (300, config.warmup_styles, config.warmup_labels, config.warmup_seed)
+    assert [config.warmup_for(i) for i in range(4)] == [(*spec, 0.0)] * 2 + [(*spec, 0.5)] * 2
+    assert AggregatorConfig(total_rounds=4, warmup_rounds=2).warmup_for(2) == (0, "", "", 0, 0.0)
+    for bad in ({"warmup_rehearsal": 0.5}, {"warmup_rounds": 1, "warmup_rehearsal": -1.0},
+                {"warmup_rounds": 1, "warmup_rehearsal": float("nan")}):  # fmt: skip
+        with pytest.raises(ConfigError, match="warmup_rehearsal must be a finite number >= 0, and needs"):
+            AggregatorConfig(total_rounds=4, **bad)
+    plan = TrainingPlan(1, 0.1, 8, warmup_words=300, warmup_styles="clean", warmup_labels="words",
+                        warmup_seed=7, rehearsal_share=0.5)  # fmt: skip
+    message = messages.plan_message(plan)
+    assert not message.HasField("warmup") and message.rehearsal.share == 0.5
+    assert message.rehearsal.words.words == 300 and messages.plan_from(message) == plan
+    warm = replace(plan, rehearsal_share=0.0)
+    assert warm.warmup and messages.plan_message(warm).warmup.words == 300
+    assert messages.plan_from(messages.plan_message(warm)) == warm

@@ -250,10 +250,12 @@ def test_edge_agents_run_a_secure_round(launch, edge_data, federation_key: Path,
     assert np.abs(first).max() > 0
 
 
-def test_warm_up_rounds_train_on_words_each_edge_renders(launch, edge_data, test_pki) -> None:
+def test_warm_up_rounds_train_on_words_each_edge_renders_and_later_rounds_rehearse_them(
+    launch, edge_data, test_pki
+) -> None:
     settings = harness.Settings(
         rounds=2, local_epochs=1, preset=PRESET, gamma=GAMMA, batch_size=24, warmup_rounds=1,
-        warmup_words=48, warmup_styles="clean,rotated", warmup_labels="digits",
+        warmup_words=48, warmup_styles="clean,rotated", warmup_labels="digits", warmup_rehearsal=0.25,
     )
     fed = launch(settings)
     fed.start_aggregator(n_edges=2)
@@ -265,19 +267,26 @@ def test_warm_up_rounds_train_on_words_each_edge_renders(launch, edge_data, test
 
     assert rounds[0]["plan"]["warmup"] == {"words": 48, "styles": "clean,rotated", "labels": "digits",
                                            "seed": "0"}
-    assert "warmup" not in rounds[1]["plan"]  # unset: an ordinary round
-    rendered = []
+    assert "warmup" not in rounds[1]["plan"]  # unset: an ordinary round, which rehearses the same words
+    assert rounds[1]["plan"]["rehearsal"] == {"words": rounds[0]["plan"]["warmup"], "share": 0.25}
+    rendered, shard_sizes = [], {}
     for k, shard in enumerate(edge_data.shards):
+        size = shard_sizes[f"edge-{k}"] = len(LmdbReader(shard))
         counted = [r for r in journal(fed, f"edge-{k}") if r["event"] == "round"]
-        assert [(r["warmup"], r["samples"]) for r in counted] == [(True, 48), (False, len(LmdbReader(shard)))]
-        (data,) = (fed.work / "edges" / f"edge-{k}").glob("warmup-*")
+        assert [(r["warmup"], r["samples"]) for r in counted] == [(True, 48), (False, size)]
+        assert [r["rehearsed"] for r in counted] == [0, min(48, round(0.25 * size))]
+        (data,) = (fed.work / "edges" / f"edge-{k}").glob("warmup-*")  # rendered once, rehearsed from there
         reader = LmdbReader(data)
         rendered.append([reader.get_label(i) for i in range(len(reader))])
-        assert log_says(fed, f"edge-{k}", "rendering warm-up words: 48/48")
+        log = (fed.work / "edges" / f"edge-{k}" / "edge.log").read_text()
+        assert log.count("rendering warm-up words: 48/48") == 1
+        assert f"on {size} words and {min(48, round(0.25 * size))} warm-up words" in log
     assert all(len(labels) == 48 and all(x.isdigit() for x in labels) for labels in rendered)
     assert rendered[0] != rendered[1]  # each edge renders its own words
     # The warm-up round counted each edge at its rendered words' weight.
     assert {e["edge_id"]: int(e["samples"]) for e in rounds[0]["edges"]} == {"edge-0": 48, "edge-1": 48}
+    # The rehearsing round weighs each edge by its shard alone.
+    assert {e["edge_id"]: int(e["samples"]) for e in rounds[1]["edges"]} == shard_sizes
 
 
 def test_edges_train_on_data_encrypted_with_the_common_image_key(launch, edge_data, test_pki, federation_key,

@@ -88,6 +88,26 @@ def test_shuffle_is_fixed_by_seed(words):
     assert any(order(4) != order(s) for s in range(5, 10))
 
 
+def test_take_draws_a_seeded_sample_of_each_pooled_set(words, tmp_path):
+    more = tmp_path / "more"
+    with LmdbWriter(more) as writer:
+        for i in range(40):
+            writer.add(_png((24, 16), (0, 6 * i, 0)), f"w{i}")
+
+    def pooled(seed):
+        loader = make_loader([words, more], 4, shuffle=True, seed=seed, take=[None, 10])
+        return [label for _, _, batch in loader for label in batch]
+
+    first = pooled(3)
+    assert sorted(x for x in first if not x.startswith("w")) == sorted(LABELS)  # all of the first set
+    drawn = {x for x in first if x.startswith("w")}
+    assert len(drawn) == 10 and len(first) == len(LABELS) + 10
+    assert pooled(3) == first  # the same seed, the same draw and order
+    assert any({x for x in pooled(s) if x.startswith("w")} != drawn for s in range(4, 8))
+    with pytest.raises(ValueError, match="take names 1 counts for 2 datasets"):
+        make_loader([words, more], 4, shuffle=True, take=[3])
+
+
 def test_workers_open_their_own_environment(words):
     loader = make_loader(words, batch_size=2, shuffle=False, workers=2)
     loader.dataset[0]  # the parent holds the LMDB open when the workers fork
