@@ -95,9 +95,6 @@ class OwnersScale:
     warmup_words: int = 4500
     warmup_styles: str = "clean,rotated"
     warmup_labels: str = "words"
-    # Runs that rehearse: after the warm-up rounds each edge's epochs also go over this many of its
-    # warm-up words per shard image, drawn anew each round, so the federation keeps its words.
-    warmup_rehearsal: float = 0.5
     cosine_from_round: int = 11  # 1-based round from which the lr falls along a cosine (0: constant)
     # The mini data keep their schedule of 2026-12-04: 8 rounds of 2 local epochs, cosine from round 6.
     mini_rounds: int = 8
@@ -149,7 +146,9 @@ class Run:
     proximal: bool = False
     personalize: bool = False
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
-    rehearse: bool = False  # with warmup: the owners' rounds rehearse the warm-up words (warmup_rehearsal)
+    # With warmup: after the warm-up rounds each edge's epochs also go over this many of its warm-up
+    # words per shard image, drawn anew each round, so the federation keeps its words (0: off).
+    rehearsal: float = 0.0
     extra: bool = False  # measured apart, outside the scale's 2 hours: run only when named in --runs
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
     best_optimizer: bool = False  # the server optimizer of the best SERVER_OPTIMIZER_RUNS row, not its own
@@ -175,7 +174,9 @@ RUNS: tuple[Run, ...] = (
     Run("personal-own-warmup", "FedAvg, warm-up, personalization with own models", "federated", warmup=True,
         personalize=True, own_models=True, extra=True),
     Run("personal-rehearsal-warmup", "FedAvg, warm-up rehearsed, personalization", "federated", warmup=True,
-        rehearse=True, personalize=True, extra=True),
+        rehearsal=0.5, personalize=True, extra=True),
+    Run("personal-rehearsal1-warmup", "FedAvg, warm-up rehearsed 1:1, personalization", "federated",
+        warmup=True, rehearsal=1.0, personalize=True, extra=True),
     Run("mini-iid", "mini data, IID, FedAvg", "federated", data="iid"),
     Run("mini-dirichlet", "mini data, Dirichlet, FedAvg", "federated", data="dirichlet"),
     Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet",
@@ -389,7 +390,7 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
         proximal_mu=scale.proximal_mu if run.proximal else 0.0,
         warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
         warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels,
-        warmup_rehearsal=scale.warmup_rehearsal if run.rehearse else 0.0, extra_edge_args=edge_args,
+        warmup_rehearsal=run.rehearsal, extra_edge_args=edge_args,
     )  # fmt: skip
 
 
