@@ -177,6 +177,8 @@ RUNS: tuple[Run, ...] = (
         rehearsal=0.5, personalize=True, extra=True),
     Run("personal-rehearsal1-warmup", "FedAvg, warm-up rehearsed 1:1, personalization", "federated",
         warmup=True, rehearsal=1.0, personalize=True, extra=True),
+    Run("personal-rehearsal2-warmup", "FedAvg, warm-up rehearsed 2:1, personalization", "federated",
+        warmup=True, rehearsal=2.0, personalize=True, extra=True),
     Run("mini-iid", "mini data, IID, FedAvg", "federated", data="iid"),
     Run("mini-dirichlet", "mini data, Dirichlet, FedAvg", "federated", data="dirichlet"),
     Run("mini-dirichlet-best", "mini data, Dirichlet, best server optimizer", "federated", data="dirichlet",
