@@ -146,6 +146,7 @@ class Run:
     proximal: bool = False
     personalize: bool = False
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
+    steps: int = 1  # alone: the epochs on the shard (and the epoch its cosine starts from) times this
     # With warmup: after the warm-up rounds each edge's epochs also go over this many of its warm-up
     # words per shard image, drawn anew each round, so the federation keeps its words (0: off).
     rehearsal: float = 0.0
@@ -158,6 +159,9 @@ class Run:
 RUNS: tuple[Run, ...] = (
     Run("alone-scratch", "each owner alone, from scratch", "alone"),
     Run("alone-warmup", "each owner alone, from the warm-up model", "alone", warmup=True),
+    # As many local steps on the shard as a federation that rehearses twice the shard in its rounds.
+    Run("alone-warmup-3x", "each owner alone, from the warm-up model, 3x the epochs on its shard", "alone",
+        warmup=True, steps=3, extra=True),
     Run("fedavg", "federated FedAvg, no warm-up", "federated"),
     Run("fedavg-warmup", "federated FedAvg, warm-up", "federated", warmup=True),
     # At the aggregator's defaults (FedAvgM lr 1, momentum 0.9; FedAdam lr 0.01, tau 0.001) neither
@@ -369,8 +373,10 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
         cmd = _train_command(scale, data.warmup, init, key, warmup_epochs, None)
         seconds.update(_parallel({"warmup": cmd}, home))
         epochs -= warmup_epochs
-    jobs = {o.name: _train_command(scale, data.shards[o.name], home / f"{o.name}.npz", key, epochs,
-                                   _cosine_from(scale, skipped), init) for o in OWNERS}  # fmt: skip
+    cosine = _cosine_from(scale, skipped)
+    epochs, cosine = epochs * run.steps, None if cosine is None else cosine * run.steps
+    jobs = {o.name: _train_command(scale, data.shards[o.name], home / f"{o.name}.npz", key, epochs, cosine,
+                                   init) for o in OWNERS}  # fmt: skip
     seconds.update(_parallel(jobs, home))
     own = {o.name: score(home / f"{o.name}.npz", key, {o.name: data.tests[o.name]})[o.name] for o in OWNERS}
     return {"own": own, "seconds": seconds, "wall_s": time.monotonic() - started}
