@@ -527,8 +527,7 @@ def tables(results: dict[str, dict]) -> str:
         if "own_models" in r:
             cells = [_pct(r["own_models"][n]["accuracy"]) for n in names]
             lines.append(
-                "| ... its edges' own models (Ditto) | "
-                + " | ".join(cells)
+                "| ... its edges' own models (Ditto) | " + " | ".join(cells)
                 + f" | {_pct(_mean(r['own_models']))} | - | - | - |"
             )
     lines += [
