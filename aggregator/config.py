@@ -323,7 +323,7 @@ class AggregatorConfig:
         spec = self.warmup_words, self.warmup_styles, self.warmup_labels, self.warmup_seed
         if round_index < self.warmup_rounds:
             return *spec, 0.0
-        if self.warmup_rounds and self.warmup_rehearsal:
+        if self.warmup_rehearsal:  # validated: only with warm-up rounds
             return *spec, self.warmup_rehearsal
         return 0, "", "", 0, 0.0
 

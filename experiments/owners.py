@@ -146,14 +146,15 @@ class Run:
     proximal: bool = False
     personalize: bool = False
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
-    steps: int = 1  # alone: the epochs on the shard (and the epoch its cosine starts from) times this
     # With warmup: after the warm-up rounds each edge's epochs also go over this many of its warm-up
     # words per shard image, drawn anew each round, so the federation keeps its words (0: off).
     rehearsal: float = 0.0
     extra: bool = False  # measured apart, outside the scale's 2 hours: run only when named in --runs
     data: str = "owners"  # "owners", or the mini data split "iid" or "dirichlet"
     best_optimizer: bool = False  # the server optimizer of the best SERVER_OPTIMIZER_RUNS row, not its own
-    length: int = 1  # the mini data's rounds (and the round its cosine starts from) times this
+    # The training after warm-up, times this: the mini data's rounds, or alone the epochs on the shard
+    # (and the round or epoch its cosine starts from).
+    length: int = 1
 
 
 RUNS: tuple[Run, ...] = (
@@ -161,7 +162,7 @@ RUNS: tuple[Run, ...] = (
     Run("alone-warmup", "each owner alone, from the warm-up model", "alone", warmup=True),
     # As many local steps on the shard as a federation that rehearses twice the shard in its rounds.
     Run("alone-warmup-3x", "each owner alone, from the warm-up model, 3x the epochs on its shard", "alone",
-        warmup=True, steps=3, extra=True),
+        warmup=True, length=3, extra=True),
     Run("fedavg", "federated FedAvg, no warm-up", "federated"),
     Run("fedavg-warmup", "federated FedAvg, warm-up", "federated", warmup=True),
     # At the aggregator's defaults (FedAvgM lr 1, momentum 0.9; FedAdam lr 0.01, tau 0.001) neither
@@ -374,7 +375,7 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
         seconds.update(_parallel({"warmup": cmd}, home))
         epochs -= warmup_epochs
     cosine = _cosine_from(scale, skipped)
-    epochs, cosine = epochs * run.steps, None if cosine is None else cosine * run.steps
+    epochs, cosine = epochs * run.length, None if cosine is None else cosine * run.length
     jobs = {o.name: _train_command(scale, data.shards[o.name], home / f"{o.name}.npz", key, epochs, cosine,
                                    init) for o in OWNERS}  # fmt: skip
     seconds.update(_parallel(jobs, home))
