@@ -99,12 +99,27 @@ def test_long_mini_runs_double_the_rounds_and_keep_the_cosine_at_the_same_share(
     scale = SCALES["owners"]
     runs = {r.name: r for r in owners.RUNS}
     short, long = (
-        owners._settings(runs[n], scale, "fedavgm-warmup") for n in ("mini-dirichlet", "mini-dirichlet-long")
+        owners._settings(runs[n], scale, "fedavgm-rehearsal")
+        for n in ("mini-dirichlet", "mini-dirichlet-long")
     )
     assert (short.rounds, long.rounds) == (scale.mini_rounds, 2 * scale.mini_rounds)
     # cosine over the last 3 of 8 rounds, then over the last 6 of 16
     assert short.rounds - short.lr_cosine_from_round + 1 == 3
     assert long.rounds - long.lr_cosine_from_round + 1 == 6
-    best = owners._settings(runs["mini-dirichlet-best-long"], scale, "fedavgm-warmup")
+    best = owners._settings(runs["mini-dirichlet-best-long"], scale, "fedavgm-rehearsal")
     assert (best.server_optimizer, best.rounds) == ("fedavgm", 2 * scale.mini_rounds)
     assert all(runs[n].extra for n in ("mini-iid-long", "mini-dirichlet-long", "mini-dirichlet-best-long"))
+
+
+def test_the_scales_federations_with_warm_up_rehearse_and_the_best_optimizer_is_one_of_them() -> None:
+    scale = SCALES["owners"]
+    default = [r for r in owners.RUNS if not r.extra]
+    warm = [r for r in default if r.kind == "federated" and r.warmup]
+    assert {r.server_optimizer for r in warm} == {"fedavg", "fedavgm", "fedadam"}
+    assert any(r.proximal for r in warm) and any(r.personalize for r in warm)
+    for run in warm:
+        settings = owners._settings(run, scale, owners.SERVER_OPTIMIZER_RUNS[0])
+        assert settings.warmup_rounds == scale.warmup_rounds and settings.warmup_rehearsal == owners.REHEARSAL
+    assert set(owners.SERVER_OPTIMIZER_RUNS) <= {r.name for r in warm}
+    best = owners._settings(next(r for r in default if r.best_optimizer), scale, "fedadam-rehearsal")
+    assert (best.server_optimizer, best.server_tau, best.warmup_rounds) == ("fedadam", 0.02, 0)
