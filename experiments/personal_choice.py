@@ -1,0 +1,155 @@
+"""`python -m experiments.personal_choice`: how an edge should choose its personal model.
+
+Replays the personal model's last step (edge_agent: the final global model G fine-tuned on the
+edge's shard for a few epochs at a tenth of the usual lr, candidates G + w (F_e - G)) on the final
+global models of finished `owners` federations, and compares rules that choose among the candidates
+on the edge's validation set (300 images, as the edge has). Each choice is scored on a check set of
+the owner's kind rendered with yet another seed, so no rule and no figure here touches the owners'
+test sets. The fine-tune starts a fresh Adam (the edge's continues its own); one run each.
+
+Rules (each can choose G itself):
+- accuracy: the best word accuracy, ties by loss (the edge agent's rule);
+- loss: the lowest loss;
+- one-se: accuracy's choice, unless its gain over G is within one standard error of the paired
+  difference of the two on the validation set (then G);
+- full: the last epoch's fine-tune, w = 1, without looking;
+- half: the last epoch's fine-tune, w = 0.5, without looking.
+
+    python -m experiments.personal_choice --runs fedavgm-rehearsal,fedadam-rehearsal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.owners import OWNERS, SCALES, _render_owner
+from recognizer import metrics, state
+from recognizer import train as tr
+from recognizer.dataset import make_loader
+from recognizer.keys import load_key
+from recognizer.model_io import load_model
+from recognizer.recipe import DEFAULT_LR
+
+MIXES = (0.25, 0.5, 0.75, 1.0)  # edge_agent.agent.PERSONAL_MIXES without the global model
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A candidate on one set: word accuracy, loss and which images it read."""
+
+    accuracy: float
+    loss: float
+    correct: np.ndarray
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, loader) -> Scored:
+        r = tr.evaluate(model, loader, beam_width=1)
+        hits = [metrics.word_accuracy([p], [t]) for p, t in zip(r.predictions, r.labels, strict=True)]
+        return cls(r.accuracy, r.loss, np.array(hits, dtype=bool))
+
+
+def _one_se(val: dict, best: tuple) -> tuple:
+    """``best`` unless its validation gain over the global model is within one standard error."""
+    g, c = val[(0, 0.0)].correct, val[best].correct
+    diff = c.astype(float) - g.astype(float)
+    se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+    return best if diff.mean() > se else (0, 0.0)
+
+
+RULES: dict[str, Callable[[dict, int], tuple]] = {
+    "accuracy": lambda val, n: max(val, key=lambda k: (val[k].accuracy, -val[k].loss, -k[0], -k[1])),
+    "loss": lambda val, n: min(val, key=lambda k: val[k].loss),
+    "one-se": lambda val, n: _one_se(val, RULES["accuracy"](val, n)),
+    "full": lambda val, n: (n, 1.0),
+    "half": lambda val, n: (n, 0.5),
+}
+
+
+def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: int, batch_size: int,
+           seed: int) -> dict[str, dict[tuple, Scored]]:  # fmt: skip
+    """Fine-tune ``final`` on ``shard`` and score every candidate (epoch, w) on each named set."""
+    model, _ = load_model(final, key)
+    g = state.pack_model(model, key)
+    options = model.image_options
+    loaders = {name: make_loader(path, 64, shuffle=False, **options) for name, path in sets.items()}
+    scores = {name: {(0, 0.0): Scored.of(model, ld)} for name, ld in loaders.items()}
+    optimizer = tr.make_optimizer(model, DEFAULT_LR["adam"] / 10, "adam")
+    loader = make_loader(shard, batch_size, shuffle=True, seed=seed, **options)
+    tuned = g
+    for epoch in range(1, epochs + 1):
+        state.load_packed(model, tuned, key)  # the fine-tune goes on from its last epoch, not a mix
+        tr.train_epoch(model, loader, optimizer, epoch=epoch - 1)
+        tuned = state.pack_model(model, key)
+        for w in MIXES:
+            state.load_packed(model, g + np.float32(w) * (tuned - g), key)
+            for name, ld in loaders.items():
+                scores[name][(epoch, w)] = Scored.of(model, ld)
+    return scores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.personal_choice",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", required=True, help="comma-separated finished owners federations")
+    p.add_argument("--work", type=Path, default=Path("runs/owners"), help="the owners scale's --work")
+    p.add_argument("--check-words", type=int, default=1000, help="images of each owner's check set")
+    p.add_argument("--epochs", type=int, default=4, help="the fine-tune's epochs (edge agent: 4)")
+    p.add_argument("--out", type=Path, default=Path("results/owners/personal-choice.json"))
+    args = p.parse_args(argv)
+    scale = SCALES["owners"]
+    torch.set_num_threads(2)
+    key = load_key(args.work / "federation.key")
+    data = args.work / "data"
+    cases = []
+    for run in args.runs.split(","):
+        for k, owner in enumerate(OWNERS):
+            final = args.work / "runs" / run / "edges" / owner.name / "final.npz"
+            if not final.is_file():
+                print(f"personal_choice: {final} is missing: is {run} a finished owners federation?",
+                      file=sys.stderr)
+                return 2
+            check = data / "check" / owner.name
+            check.parent.mkdir(parents=True, exist_ok=True)
+            _render_owner(check, owner, args.check_words, scale.seed + 7000 + 10 * k)
+            started = time.monotonic()
+            scores = replay(final, key, data / "shards" / owner.name,
+                            {"val": data / "val" / owner.name, "check": check}, args.epochs, scale.batch_size,
+                            scale.seed + k)  # fmt: skip
+            generic = scores["check"][(0, 0.0)]
+            case = {"run": run, "owner": owner.name, "generic_val": scores["val"][(0, 0.0)].accuracy,
+                    "generic_check": generic.accuracy, "seconds": time.monotonic() - started,
+                    "rules": {}}  # fmt: skip
+            for rule, choose in RULES.items():
+                chosen = choose(scores["val"], args.epochs)
+                case["rules"][rule] = {"epoch": chosen[0], "w": chosen[1],
+                                       "val": scores["val"][chosen].accuracy,
+                                       "check": scores["check"][chosen].accuracy,
+                                       "check_loss": scores["check"][chosen].loss}  # fmt: skip
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+            # After every case, so a stopped study keeps what it measured.
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"cases": cases, "check_words": args.check_words,
+                                            "epochs": args.epochs, "date": time.strftime("%Y-%m-%d")},
+                                           indent=2) + "\n")  # fmt: skip
+    print("\n| rule | cases at or above the generic model | mean gain (pt) | least gain (pt) |")
+    print("|---|---|---|---|")
+    for rule in RULES:
+        gains = [100 * (c["rules"][rule]["check"] - c["generic_check"]) for c in cases]
+        print(f"| {rule} | {sum(g >= 0 for g in gains)} of {len(gains)} | {np.mean(gains):+.1f} "
+              f"| {min(gains):+.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
