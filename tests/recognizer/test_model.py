@@ -189,7 +189,7 @@ def test_tps_with_source_equal_to_target_is_the_identity():
     torch.testing.assert_close(out, torch.stack([xs, ys], -1), atol=1e-4, rtol=0)
 
 
-def test_tiny_loss_falls_on_a_fixed_batch():
+def test_tiny_loss_falls_on_a_fixed_batch(one_thread):
     model = build_model("fedocr-tiny", KEY_A, gamma=0.25)
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
     images, targets = _images(8, seed=3), _targets(8, 6, seed=3)
