@@ -144,6 +144,7 @@ class Run:
     server_beta1: float = 0.0  # its momentum or first-moment decay (0: the aggregator's default)
     server_tau: float = 0.0  # fedadam's floor under sqrt(v) (0: the aggregator's default)
     proximal: bool = False
+    proximal_mu: float = 0.0  # with proximal: this mu (0: the scale's proximal_mu)
     personalize: bool = False
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
     # With warmup: after the warm-up rounds each edge's epochs also go over this many of its warm-up
@@ -194,6 +195,10 @@ RUNS: tuple[Run, ...] = (
     Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam",
         server_lr=0.02, server_beta1=0.5, server_tau=0.02, extra=True),
     Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True, extra=True),
+    # A tenth of the scale's mu: the edges train with Adam, which scales each parameter's step by the
+    # size of its gradient, the proximal pull's included.
+    Run("fedprox-mu0.001-rehearsal", "FedProx mu 0.001, warm-up rehearsed 2:1", "federated", warmup=True,
+        rehearsal=REHEARSAL, proximal=True, proximal_mu=0.001, extra=True),
     Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True,
         extra=True),
     Run("personal-own-warmup", "FedAvg, warm-up, personalization with own models", "federated", warmup=True,
@@ -410,7 +415,7 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
         lr_cosine_from_round=scale.cosine_from_round if owners else mini_cosine,
         server_optimizer=chosen.server_optimizer,
         server_lr=chosen.server_lr, server_beta1=chosen.server_beta1, server_tau=chosen.server_tau,
-        proximal_mu=scale.proximal_mu if run.proximal else 0.0,
+        proximal_mu=(run.proximal_mu or scale.proximal_mu) if run.proximal else 0.0,
         warmup_rounds=scale.warmup_rounds if run.warmup else 0, warmup_words=scale.warmup_words,
         warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels,
         warmup_rehearsal=run.rehearsal, extra_edge_args=edge_args,

@@ -111,7 +111,7 @@ def test_long_mini_runs_double_the_rounds_and_keep_the_cosine_at_the_same_share(
     assert all(runs[n].extra for n in ("mini-iid-long", "mini-dirichlet-long", "mini-dirichlet-best-long"))
 
 
-def test_the_scales_federations_with_warm_up_rehearse_and_the_best_optimizer_is_one_of_them() -> None:
+def test_the_scales_federations_with_warm_up_rehearse_and_a_run_may_set_its_own_mu() -> None:
     scale = SCALES["owners"]
     default = [r for r in owners.RUNS if not r.extra]
     warm = [r for r in default if r.kind == "federated" and r.warmup]
@@ -121,5 +121,9 @@ def test_the_scales_federations_with_warm_up_rehearse_and_the_best_optimizer_is_
         settings = owners._settings(run, scale, owners.SERVER_OPTIMIZER_RUNS[0])
         assert settings.warmup_rounds == scale.warmup_rounds and settings.warmup_rehearsal == owners.REHEARSAL
     assert set(owners.SERVER_OPTIMIZER_RUNS) <= {r.name for r in warm}
+    runs = {r.name: r for r in owners.RUNS}
+    assert owners._settings(runs["fedprox-rehearsal"], scale, "").proximal_mu == scale.proximal_mu
+    assert owners._settings(runs["fedprox-mu0.001-rehearsal"], scale, "").proximal_mu == 0.001
+    assert owners._settings(runs["personal-rehearsal2-warmup"], scale, "").proximal_mu == 0.0
     best = owners._settings(next(r for r in default if r.best_optimizer), scale, "fedadam-rehearsal")
     assert (best.server_optimizer, best.server_tau, best.warmup_rounds) == ("fedadam", 0.02, 0)
