@@ -223,7 +223,7 @@ SERVER_OPTIMIZER_RUNS = ("fedavgm-rehearsal", "fedadam-rehearsal")
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _render_owner(path: Path, owner: Owner, count: int, seed: int) -> None:
+def render_owner(path: Path, owner: Owner, count: int, seed: int) -> None:
     """Render ``count`` words of ``owner``'s kind into one LMDB (its parts in their shares)."""
     if (path / "data.mdb").exists():
         return
@@ -287,9 +287,9 @@ def make_data(root: Path, scale: OwnersScale) -> OwnersData:
         shards[owner.name] = root / "shards" / owner.name
         tests[owner.name] = root / "test" / owner.name
         vals[owner.name] = root / "val" / owner.name
-        _render_owner(shards[owner.name], owner, max(8, round(owner.words * scale.size)), scale.seed + 10 * k)
-        _render_owner(tests[owner.name], owner, scale.test_words, scale.seed + 1000 + 10 * k)
-        _render_owner(vals[owner.name], owner, scale.val_words, scale.seed + 5000 + 10 * k)
+        render_owner(shards[owner.name], owner, max(8, round(owner.words * scale.size)), scale.seed + 10 * k)
+        render_owner(tests[owner.name], owner, scale.test_words, scale.seed + 1000 + 10 * k)
+        render_owner(vals[owner.name], owner, scale.val_words, scale.seed + 5000 + 10 * k)
     warmup = root / "warmup"
     _render(warmup, scale.warmup_words, scale.seed + 2000, scale.warmup_styles, scale.warmup_labels)
     mini = root / "mini" / "train"

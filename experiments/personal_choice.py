@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.owners import OWNERS, SCALES, _render_owner
+from edge_agent.agent import PERSONAL_MIXES
+from experiments.owners import OWNERS, SCALES, render_owner
+from fedocr.harness.services import KEY_FILE
 from recognizer import metrics, state
 from recognizer import train as tr
 from recognizer.dataset import make_loader
@@ -40,7 +42,8 @@ from recognizer.keys import load_key
 from recognizer.model_io import load_model
 from recognizer.recipe import DEFAULT_LR
 
-MIXES = (0.25, 0.5, 0.75, 1.0)  # edge_agent.agent.PERSONAL_MIXES without the global model
+MIXES = PERSONAL_MIXES[1:]  # the edge agent's mixes but w = 0, which is the global model
+GLOBAL = (0, 0.0)  # the candidate (epoch, w) that is the global model itself
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,17 @@ class Scored:
     @classmethod
     def of(cls, model: torch.nn.Module, loader) -> Scored:
         r = tr.evaluate(model, loader, beam_width=1)
-        hits = [metrics.word_accuracy([p], [t]) for p, t in zip(r.predictions, r.labels, strict=True)]
+        pairs = zip(r.predictions, r.labels, strict=True)
+        hits = [metrics.normalize(p) == metrics.normalize(t) for p, t in pairs]  # as word_accuracy counts
         return cls(r.accuracy, r.loss, np.array(hits, dtype=bool))
 
 
 def _one_se(val: dict, best: tuple) -> tuple:
     """``best`` unless its validation gain over the global model is within one standard error."""
-    g, c = val[(0, 0.0)].correct, val[best].correct
+    g, c = val[GLOBAL].correct, val[best].correct
     diff = c.astype(float) - g.astype(float)
     se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
-    return best if diff.mean() > se else (0, 0.0)
+    return best if diff.mean() > se else GLOBAL
 
 
 RULES: dict[str, Callable[[dict, int], tuple]] = {
@@ -82,7 +86,7 @@ def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: 
     g = state.pack_model(model, key)
     options = model.image_options
     loaders = {name: make_loader(path, 64, shuffle=False, **options) for name, path in sets.items()}
-    scores = {name: {(0, 0.0): Scored.of(model, ld)} for name, ld in loaders.items()}
+    scores = {name: {GLOBAL: Scored.of(model, ld)} for name, ld in loaders.items()}
     optimizer = tr.make_optimizer(model, DEFAULT_LR["adam"] / 10, "adam")
     loader = make_loader(shard, batch_size, shuffle=True, seed=seed, **options)
     tuned = g
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     scale = SCALES["owners"]
     torch.set_num_threads(2)
-    key = load_key(args.work / "federation.key")
+    key = load_key(args.work / KEY_FILE)
     data = args.work / "data"
     cases = []
     for run in args.runs.split(","):
@@ -120,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             check = data / "check" / owner.name
             check.parent.mkdir(parents=True, exist_ok=True)
-            _render_owner(check, owner, args.check_words, scale.seed + 7000 + 10 * k)
+            render_owner(check, owner, args.check_words, scale.seed + 7000 + 10 * k)
             started = time.monotonic()
             scores = replay(final, key, data / "shards" / owner.name,
                             {"val": data / "val" / owner.name, "check": check}, args.epochs, scale.batch_size,
                             scale.seed + k)  # fmt: skip
-            generic = scores["check"][(0, 0.0)]
-            case = {"run": run, "owner": owner.name, "generic_val": scores["val"][(0, 0.0)].accuracy,
+            generic = scores["check"][GLOBAL]
+            case = {"run": run, "owner": owner.name, "generic_val": scores["val"][GLOBAL].accuracy,
                     "generic_check": generic.accuracy, "seconds": time.monotonic() - started,
                     "rules": {}}  # fmt: skip
             for rule, choose in RULES.items():
