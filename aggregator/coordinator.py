@@ -99,6 +99,7 @@ class RoundCoordinator:
         self._leaf = bool(config.root)
         self._load()
         self._reconcile_visible()
+        self._extend()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,6 +143,22 @@ class RoundCoordinator:
         self._changes = []
         self._store.reset_visible(self._visible)
         logger.info("download encoding %s: visible state started over", self.config.download_encoding)
+
+    def _extend(self) -> None:
+        """A finished federation restarted with more total_rounds goes on: its next round opens
+        from the final state, with the plan and server optimizer the configuration names now."""
+        if self._leaf or self.manifest is None or self._round is not None or not self._history:
+            return
+        last = self._history[-1]
+        if last.round_index + 1 >= self.config.total_rounds:
+            return
+        following = self._new_round(last.round_index + 1, self._clock(), self.state_version)
+        self._store.save_round(following)
+        self._round = following
+        logger.info(
+            "federation extended to %s rounds: round %s opened (index %s)",
+            self.config.total_rounds, following.round_id, following.round_index
+        )
 
     def start(self) -> None:
         """Start the round clock (deadlines, and a quorum reached just before a crash)."""

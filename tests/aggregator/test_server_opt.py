@@ -12,6 +12,7 @@ from aggregator import cli, messages, server_opt
 from aggregator.config import AggregatorConfig, ConfigError
 from aggregator.rounds import TrainingPlan
 from fedocr import harness
+from fedocr.v1 import federation_pb2 as pb
 
 LENGTHS = [5_000, 40]  # parameters, then running statistics (exact)
 
@@ -120,3 +121,53 @@ def test_warm_up_rehearsal_is_in_the_plans_after_the_warm_up_rounds_and_refused_
     warm = replace(plan, rehearsal_share=0.0)
     assert warm.warmup and messages.plan_message(warm).warmup.words == 300
     assert messages.plan_from(messages.plan_message(warm)) == warm
+
+
+def test_a_finished_federation_restarted_with_more_rounds_goes_on_under_its_new_config(
+    agg_pki, tmp_path
+) -> None:
+    """Two FedAvg rounds finish the federation; restarted with four rounds and FedAvgM, it opens round 3
+    from the final state, keeps its history, and moves the state as FedAvgM from there on."""
+    flags = ["--log-level", "WARNING", "--quorum", "1", "--min-edges", "1"]
+    state_dir, log = tmp_path / "state", tmp_path / "aggregator.log"
+    rng = np.random.default_rng(2)
+    increments = [[rng.normal(0, 1e-2, n).astype(np.float32) for n in LENGTHS] for _ in range(4)]
+
+    def rounds(more: list[str], uploads: list[list[np.ndarray]]) -> tuple[list[int], pb.JoinResponse]:
+        running = harness.start_aggregator(agg_pki.dir, state_dir, log, flags=flags + more)
+        client = Client(running.port, agg_pki.ca, *agg_pki.pair("edge-0"))
+        try:
+            ids = []
+            for increment in uploads:
+                reply = client.join(LENGTHS)
+                assert reply.action == pb.JoinResponse.ACTION_TRAIN
+                client.upload(reply.round_id, increment)
+                ids.append(reply.round_id)
+            return ids, client.join(LENGTHS)
+        finally:
+            client.close()
+            running.stop()
+
+    first, finished = rounds(["--rounds", "2"], increments[:2])
+    assert finished.action == pb.JoinResponse.ACTION_FINISHED
+    _, still = rounds(["--rounds", "2", "--server-optimizer", "fedavgm"], [])  # no more rounds: finished
+    assert still.action == pb.JoinResponse.ACTION_FINISHED
+    more = ["--rounds", "4", "--server-optimizer", "fedavgm", "--server-lr", "0.5", "--server-beta1", "0.5"]
+    then, done = rounds(more, increments[2:])
+    assert first == [1, 2] and then == [3, 4] and done.action == pb.JoinResponse.ACTION_FINISHED
+
+    running = harness.start_aggregator(agg_pki.dir, state_dir, log, flags=flags + more)
+    client = Client(running.port, agg_pki.ca, *agg_pki.pair("edge-0"))
+    try:
+        final = np.concatenate(client.download()[1])
+        listed = client.list_rounds().rounds
+    finally:
+        client.close()
+        running.stop()
+    assert [(r.round_index, r.total_rounds) for r in listed] == [(0, 2), (1, 2), (2, 4), (3, 4)]
+    exact = np.zeros(sum(LENGTHS), bool)  # this client's manifest marks no tensor exact
+    expected = np.concatenate([a + b for a, b in zip(*increments[:2], strict=True)])
+    slots: dict[str, np.ndarray] = {}
+    for increment in increments[2:]:
+        slots = server_opt.step("fedavgm", expected, np.concatenate(increment), slots, exact, 0.5, 0.5, 0, 0)
+    np.testing.assert_allclose(final, expected, rtol=0, atol=1e-6)
