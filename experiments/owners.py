@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -112,7 +112,10 @@ class OwnersScale:
     optimizer: str = "adam"
     lr: float = 2e-3
     batch_size: int = 16
-    proximal_mu: float = 0.01
+    # FedProx's mu. The edges train with Adam, which scales each parameter's step by the size of its
+    # gradient, the proximal pull's included: at 0.01 the federation stalled at a loss of 2 (6.7%), at
+    # 0.001 it learned (50.6%; both with their own warm-up, measured 2026-12-07).
+    proximal_mu: float = 0.001
     seed: int = 20261204
 
     @property
@@ -137,7 +140,7 @@ class Run:
 
     name: str
     label: str
-    kind: str  # "alone" or "federated"
+    kind: str  # "alone", "federated", or "warmup" (the federations' shared warm-up rounds)
     warmup: bool = False
     server_optimizer: str = "fedavg"
     server_lr: float = 0.0  # 0: the aggregator's default for that optimizer
@@ -158,6 +161,8 @@ class Run:
     length: int = 1
 
 
+WARMUP = "warmup-federation"
+
 # The rounds after warm-up rehearse twice as many warm-up words as each shard holds (Run.rehearsal): without
 # it the federation forgets the words it was warmed up on (signs, the one owner of words, read 0.0% in
 # every federation that did not rehearse; rehearsal 0.5, 1 and 2 measured 2026-12-07 as extra runs).
@@ -170,6 +175,9 @@ RUNS: tuple[Run, ...] = (
     Run("alone-warmup-3x", "each owner alone, from the warm-up model, 3x the epochs on its shard", "alone",
         warmup=True, length=3, extra=True),
     Run("fedavg", "federated FedAvg, no warm-up", "federated"),
+    # The warm-up rounds run once, as FedAvg; every federation with warm-up goes on from their final state
+    # (shared_warmup), so its server optimizer, mu and personalization act on the owners' rounds.
+    Run(WARMUP, "the shared warm-up rounds, FedAvg (the model they end at)", "warmup", warmup=True),
     # FedAvg with warm-up is this run's generic model: personalization does not change the upload
     # (fedavg-warmup and personal-warmup, measured 2026-12-07, read the same to the image).
     Run("personal-rehearsal2-warmup", "FedAvg, warm-up rehearsed 2:1, personalization", "federated",
@@ -194,11 +202,10 @@ RUNS: tuple[Run, ...] = (
         server_lr=0.5, server_beta1=0.5, extra=True),
     Run("fedadam-warmup", "FedAdam, warm-up", "federated", warmup=True, server_optimizer="fedadam",
         server_lr=0.02, server_beta1=0.5, server_tau=0.02, extra=True),
-    Run("fedprox-warmup", "FedProx, warm-up", "federated", warmup=True, proximal=True, extra=True),
-    # A tenth of the scale's mu: the edges train with Adam, which scales each parameter's step by the
-    # size of its gradient, the proximal pull's included.
-    Run("fedprox-mu0.001-rehearsal", "FedProx mu 0.001, warm-up rehearsed 2:1", "federated", warmup=True,
-        rehearsal=REHEARSAL, proximal=True, proximal_mu=0.001, extra=True),
+    Run("fedprox-warmup", "FedProx mu 0.01, warm-up", "federated", warmup=True, proximal=True,
+        proximal_mu=0.01, extra=True),
+    Run("fedprox-mu0.01-rehearsal", "FedProx mu 0.01, warm-up rehearsed 2:1", "federated", warmup=True,
+        rehearsal=REHEARSAL, proximal=True, proximal_mu=0.01, extra=True),
     Run("personal-warmup", "FedAvg, warm-up, personalization", "federated", warmup=True, personalize=True,
         extra=True),
     Run("personal-own-warmup", "FedAvg, warm-up, personalization with own models", "federated", warmup=True,
@@ -216,6 +223,7 @@ RUNS: tuple[Run, ...] = (
         "federated", data="dirichlet", best_optimizer=True, length=2, extra=True),
 )  # fmt: skip
 RUN_NAMES = tuple(r.name for r in RUNS)
+RUNS_BY_NAME = {r.name: r for r in RUNS}
 EXTRA_RUNS = tuple(r.name for r in RUNS if r.extra)
 SERVER_OPTIMIZER_RUNS = ("fedavgm-rehearsal", "fedadam-rehearsal")
 
@@ -407,6 +415,11 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
     edge_args = ("--personalize", *(["--own-model"] if run.own_models else [])) if run.personalize else ()
     owners = run.data == "owners"
     mini_cosine = (scale.mini_cosine_from_round - 1) * run.length + 1 if scale.mini_cosine_from_round else 0
+    if run.kind == "warmup":  # the warm-up rounds alone: FedAvg, no mu, nothing personal, the lr held
+        if scale.cosine_from_round and scale.cosine_from_round <= scale.warmup_rounds:
+            raise ValueError("the shared warm-up holds the lr: the cosine must start after it")
+        full = _settings(replace(run, kind="federated"), scale, best)
+        return replace(full, rounds=scale.warmup_rounds, lr_cosine_from_round=0)
     return Settings(
         rounds=scale.rounds if owners else scale.mini_rounds * run.length,
         local_epochs=scale.local_epochs if owners else scale.mini_local_epochs,
@@ -422,9 +435,47 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
     )  # fmt: skip
 
 
+def _federate(settings: Settings, edges: dict[str, tuple[Path, Path]], key: Path, pki: Path,
+              home: Path) -> tuple[dict, float]:  # fmt: skip
+    """Run (or go on with) the federation under ``home`` until its edges finish: its rounds, wall seconds."""
+    started = time.monotonic()
+    with LocalFederation(home, pki, key, settings) as fed:
+        fed.start_aggregator(len(edges))
+        for name, (shard, val) in edges.items():
+            fed.start_edge(name, shard, val=val)
+        fed.wait_edges(timeout_s=settings.rounds * settings.deadline_s)
+        rounds = list_rounds(pki, fed.port)
+    return rounds, time.monotonic() - started
+
+
+def shared_warmup(scale: OwnersScale, data: OwnersData, key: Path, pki: Path,
+                  work: Path) -> tuple[Path, dict]:  # fmt: skip
+    """The federation of the warm-up rounds alone (FedAvg), run once under WORK/runs/warmup-federation.
+
+    Every federation with warm-up starts from a copy of it: its aggregator, restarted with all the
+    rounds, opens the first owners' round from the warm-up's final state (aggregator/coordinator.py,
+    _extend) and the edges keep the warm-up words they rendered. Returns the directory and its rounds
+    and wall seconds.
+    """
+    home = work / "runs" / WARMUP
+    done = home / "done.json"
+    if done.exists():
+        return home, json.loads(done.read_text())
+    shutil.rmtree(home, ignore_errors=True)
+    edges = {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
+    rounds, wall = _federate(_settings(RUNS_BY_NAME[WARMUP], scale, ""), edges, key, pki, home)
+    record = {"rounds": rounds, "wall_s": wall}
+    done.write_text(json.dumps(record) + "\n")
+    return home, record
+
+
 def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki: Path, home: Path,
                   best: str = SERVER_OPTIMIZER_RUNS[0]) -> dict:  # fmt: skip
-    """One aggregator and an edge per owner (or per mini shard), real processes over mutual TLS."""
+    """One aggregator and an edge per owner (or per mini shard), real processes over mutual TLS.
+
+    A run with warm-up goes on from the shared warm-up (shared_warmup): its wall time is that of the
+    owners' rounds, and its rounds and bytes include the warm-up's.
+    """
     if run.data == "owners":
         edges = {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
         sets = dict(data.tests)
@@ -433,14 +484,15 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
         sets = {"mini": data.mini_test}
     shutil.rmtree(home, ignore_errors=True)
     settings = _settings(run, scale, best)
-    started = time.monotonic()
-    with LocalFederation(home, pki, key, settings) as fed:
-        fed.start_aggregator(len(edges))
-        for name, (shard, val) in edges.items():
-            fed.start_edge(name, shard, val=val)
-        fed.wait_edges(timeout_s=settings.rounds * settings.deadline_s)
-        rounds = list_rounds(pki, fed.port)
-    wall = time.monotonic() - started
+    if run.kind == "warmup":
+        start, warmup = shared_warmup(scale, data, key, pki, home.parent.parent)
+        rounds, wall = warmup["rounds"], warmup["wall_s"]
+        home = start
+    else:
+        if run.warmup:
+            start, _ = shared_warmup(scale, data, key, pki, home.parent.parent)
+            shutil.copytree(start, home, ignore=shutil.ignore_patterns("done.json"))
+        rounds, wall = _federate(settings, edges, key, pki, home)
     first = next(iter(edges))
     generic = score(home / "edges" / first / "final.npz", key, sets)
     record = {

@@ -16,6 +16,9 @@ Rules (each can choose G itself):
 - half: the last epoch's fine-tune, w = 0.5, without looking.
 
     python -m experiments.personal_choice --runs fedavgm-rehearsal,fedadam-rehearsal
+
+With ``--edges`` it replays nothing: it scores the models a personalized federation's edges wrote
+(final.npz and personal.npz) on the same check sets.
 """
 
 from __future__ import annotations
@@ -101,6 +104,34 @@ def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: 
     return scores
 
 
+def score_edges(work: Path, run: str, check_words: int) -> list[dict]:
+    """Each owner's generic (final.npz) and personal (personal.npz) model on its check set."""
+    key, data, scale = load_key(work / KEY_FILE), work / "data", SCALES["owners"]
+    cases = []
+    for k, owner in enumerate(OWNERS):
+        edge = work / "runs" / run / "edges" / owner.name
+        check = _check_set(data, owner, k, check_words, scale.seed)
+        case = {"run": run, "owner": owner.name}
+        for name in ("final", "personal"):
+            path = edge / f"{name}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: is {run} a finished, personalized owners run?")
+            model, _ = load_model(path, key)
+            scored = Scored.of(model, make_loader(check, 64, shuffle=False, **model.image_options))
+            case[name] = {"accuracy": scored.accuracy, "loss": scored.loss}
+        cases.append(case)
+        print(json.dumps(case), flush=True)
+    return cases
+
+
+def _check_set(data: Path, owner, k: int, words: int, seed: int) -> Path:
+    """The owner's check set: ``words`` images of its kind from a seed no other set uses."""
+    check = data / "check" / owner.name
+    check.parent.mkdir(parents=True, exist_ok=True)
+    render_owner(check, owner, words, seed + 7000 + 10 * k)
+    return check
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.personal_choice",
                                 description=__doc__.split("\n\n")[0])
@@ -108,10 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/owners"), help="the owners scale's --work")
     p.add_argument("--check-words", type=int, default=1000, help="images of each owner's check set")
     p.add_argument("--epochs", type=int, default=4, help="the fine-tune's epochs (edge agent: 4)")
-    p.add_argument("--out", type=Path, default=Path("results/owners/personal-choice.json"))
+    p.add_argument("--edges", action="store_true", help="score the edges' own final and personal models on "
+                   "the check sets instead (default --out: results/owners/personal-check.json)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="default: results/owners/personal-choice.json")
     args = p.parse_args(argv)
     scale = SCALES["owners"]
     torch.set_num_threads(2)
+    if args.edges:
+        out = args.out or Path("results/owners/personal-check.json")
+        try:
+            cases = [c for run in args.runs.split(",") for c in score_edges(args.work, run, args.check_words)]
+        except FileNotFoundError as exc:
+            print(f"personal_choice: {exc}", file=sys.stderr)
+            return 2
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"cases": cases, "check_words": args.check_words,
+                                   "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")  # fmt: skip
+        print("\n| run | owner | generic | personal | gain (pt) |\n|---|---|---|---|---|")
+        for c in cases:
+            gain = 100 * (c["personal"]["accuracy"] - c["final"]["accuracy"])
+            print(f"| {c['run']} | {c['owner']} | {100 * c['final']['accuracy']:.1f} "
+                  f"| {100 * c['personal']['accuracy']:.1f} | {gain:+.1f} |")
+        return 0
+    args.out = args.out or Path("results/owners/personal-choice.json")
     key = load_key(args.work / KEY_FILE)
     data = args.work / "data"
     cases = []
@@ -122,9 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"personal_choice: {final} is missing: is {run} a finished owners federation?",
                       file=sys.stderr)
                 return 2
-            check = data / "check" / owner.name
-            check.parent.mkdir(parents=True, exist_ok=True)
-            render_owner(check, owner, args.check_words, scale.seed + 7000 + 10 * k)
+            check = _check_set(data, owner, k, args.check_words, scale.seed)
             started = time.monotonic()
             scores = replay(final, key, data / "shards" / owner.name,
                             {"val": data / "val" / owner.name, "check": check}, args.epochs, scale.batch_size,

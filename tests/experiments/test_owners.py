@@ -71,6 +71,15 @@ def test_a_personalized_federation_scores_both_models_and_the_aggregator_keeps_t
     assert all(s["samples"] == SMOKE.test_words for s in [*r["personal"].values(), *r["own_models"].values()])
     assert r["bytes_per_edge"]["wire_up"] > 0 and r["bytes_per_edge"]["wire_down"] > 0
     assert [e["round"] for e in r["rounds"]] == list(range(1, SMOKE.rounds + 1))
+    # It went on from the shared warm-up: its warm-up rounds are that federation's, with the same scores
+    # (the restarted edges scored the warm-up's last model again, their personal model beside it).
+    done = smoke / "work" / "runs" / owners.WARMUP / "done.json"
+    warmup = owners._round_evaluations(json.loads(done.read_text())["rounds"])
+    assert [e["round"] for e in warmup] == list(range(1, SMOKE.warmup_rounds + 1))
+    went_on = r["rounds"][: len(warmup)]
+    for e in went_on:
+        e["edges"] = {name: {"generic": v["generic"]} for name, v in e["edges"].items()}
+    assert went_on == warmup
     last = r["rounds"][-1]["edges"]
     assert set(last) == names and all({"generic", "personal"} <= set(v) for v in last.values())
     for owner in OWNERS:  # the personal models stay on the edges: each wrote its own file
@@ -123,7 +132,34 @@ def test_the_scales_federations_with_warm_up_rehearse_and_a_run_may_set_its_own_
     assert set(owners.SERVER_OPTIMIZER_RUNS) <= {r.name for r in warm}
     runs = {r.name: r for r in owners.RUNS}
     assert owners._settings(runs["fedprox-rehearsal"], scale, "").proximal_mu == scale.proximal_mu
-    assert owners._settings(runs["fedprox-mu0.001-rehearsal"], scale, "").proximal_mu == 0.001
+    assert owners._settings(runs["fedprox-mu0.01-rehearsal"], scale, "").proximal_mu == 0.01
+    # The shared warm-up: the warm-up rounds alone, plain FedAvg, nothing personal.
+    shared = owners._settings(runs[owners.WARMUP], scale, "fedavgm-rehearsal")
+    assert (shared.rounds, shared.warmup_rounds) == (scale.warmup_rounds, scale.warmup_rounds)
+    assert (shared.server_optimizer, shared.lr_cosine_from_round) == ("fedavg", 0)
+    assert shared.proximal_mu == 0.0 and shared.extra_edge_args == ()
     assert owners._settings(runs["personal-rehearsal2-warmup"], scale, "").proximal_mu == 0.0
     best = owners._settings(next(r for r in default if r.best_optimizer), scale, "fedadam-rehearsal")
     assert (best.server_optimizer, best.server_tau, best.warmup_rounds) == ("fedadam", 0.02, 0)
+
+
+def test_the_edges_own_models_are_scored_on_fresh_check_sets(smoke: Path, tmp_path: Path) -> None:
+    """`personal_choice --edges` scores what the edges wrote (final.npz, personal.npz) on images of each
+    owner's kind from a seed no other set uses; a run without those files is named in the error."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "experiments.personal_choice", "--edges", "--runs", "personal-own-warmup",
+           "--work", str(smoke / "work"), "--check-words", "8", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["owner"] for c in cases] == [o.name for o in OWNERS]
+    assert all(0 <= c[m]["accuracy"] <= 1 and c[m]["loss"] > 0 for c in cases for m in ("final", "personal"))
+    check = smoke / "work" / "data" / "check"
+    for owner in OWNERS:
+        images = {LmdbReader(check / owner.name).get_raw(i)[0] for i in range(8)}
+        assert not images & {LmdbReader(smoke / "work" / "data" / "test" / owner.name).get_raw(i)[0]
+                             for i in range(SMOKE.test_words)}  # fmt: skip
+    assert "| personal-own-warmup | receipts |" in proc.stdout
+    cmd[cmd.index("personal-own-warmup")] = "alone-warmup"  # no edges there
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "final.npz is missing" in proc.stderr
