@@ -482,13 +482,12 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
     else:
         edges = {f"mini-{k}": (s, data.mini_test) for k, s in enumerate(data.mini_shards[run.data])}
         sets = {"mini": data.mini_test}
-    shutil.rmtree(home, ignore_errors=True)
     settings = _settings(run, scale, best)
-    if run.kind == "warmup":
-        start, warmup = shared_warmup(scale, data, key, pki, home.parent.parent)
+    if run.kind == "warmup":  # run once, or found finished (then kept: the other runs went on from it)
+        home, warmup = shared_warmup(scale, data, key, pki, home.parent.parent)
         rounds, wall = warmup["rounds"], warmup["wall_s"]
-        home = start
     else:
+        shutil.rmtree(home, ignore_errors=True)
         if run.warmup:
             start, _ = shared_warmup(scale, data, key, pki, home.parent.parent)
             shutil.copytree(start, home, ignore=shutil.ignore_patterns("done.json"))

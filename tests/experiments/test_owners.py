@@ -93,6 +93,20 @@ def test_a_personalized_federation_scores_both_models_and_the_aggregator_keeps_t
         assert all(x["own_val"]["samples"] == SMOKE.val_words for x in scored)
 
 
+def test_the_shared_warm_up_row_takes_the_warm_up_the_runs_went_on_from(smoke: Path, tmp_path: Path) -> None:
+    """Asked for after a run that went on from it, the shared warm-up's row scores that warm-up as it is."""
+    done = smoke / "work" / "runs" / owners.WARMUP / "done.json"
+    before = done.stat().st_mtime_ns
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "experiments.owners", "--scale", "smoke", "--work", str(smoke / "work"),
+           "--results", str(results), "--runs", owners.WARMUP]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert done.stat().st_mtime_ns == before
+    r = json.loads((results / f"{owners.WARMUP}.json").read_text())
+    assert r["wall_s"] == json.loads(done.read_text())["wall_s"] and set(r["own"]) == {o.name for o in OWNERS}
+
+
 def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (smoke / "results").glob("*.json")}
     assert set(before) == {f"{run}.json" for run in RUNS}
