@@ -411,7 +411,7 @@ def run_alone(run: Run, scale: OwnersScale, data: OwnersData, key: Path, home: P
 
 
 def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
-    chosen = next(r for r in RUNS if r.name == best) if run.best_optimizer else run
+    chosen = RUNS_BY_NAME[best] if run.best_optimizer else run
     edge_args = ("--personalize", *(["--own-model"] if run.own_models else [])) if run.personalize else ()
     owners = run.data == "owners"
     mini_cosine = (scale.mini_cosine_from_round - 1) * run.length + 1 if scale.mini_cosine_from_round else 0
@@ -433,6 +433,11 @@ def _settings(run: Run, scale: OwnersScale, best: str) -> Settings:
         warmup_styles=scale.warmup_styles, warmup_labels=scale.warmup_labels,
         warmup_rehearsal=run.rehearsal, extra_edge_args=edge_args,
     )  # fmt: skip
+
+
+def _owner_edges(data: OwnersData) -> dict[str, tuple[Path, Path]]:
+    """Each owner's edge: its shard and its validation set (the edge's --val)."""
+    return {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
 
 
 def _federate(settings: Settings, edges: dict[str, tuple[Path, Path]], key: Path, pki: Path,
@@ -462,7 +467,7 @@ def shared_warmup(scale: OwnersScale, data: OwnersData, key: Path, pki: Path,
     if done.exists():
         return home, json.loads(done.read_text())
     shutil.rmtree(home, ignore_errors=True)
-    edges = {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
+    edges = _owner_edges(data)
     rounds, wall = _federate(_settings(RUNS_BY_NAME[WARMUP], scale, ""), edges, key, pki, home)
     record = {"rounds": rounds, "wall_s": wall}
     done.write_text(json.dumps(record) + "\n")
@@ -477,7 +482,7 @@ def run_federated(run: Run, scale: OwnersScale, data: OwnersData, key: Path, pki
     owners' rounds, and its rounds and bytes include the warm-up's.
     """
     if run.data == "owners":
-        edges = {o.name: (data.shards[o.name], data.vals[o.name]) for o in OWNERS}
+        edges = _owner_edges(data)
         sets = dict(data.tests)
     else:
         edges = {f"mini-{k}": (s, data.mini_test) for k, s in enumerate(data.mini_shards[run.data])}

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from edge_agent.agent import PERSONAL_MIXES
-from experiments.owners import OWNERS, SCALES, render_owner
+from experiments.owners import OWNERS, SCALES, render_owner, score
 from fedocr.harness.services import KEY_FILE
 from recognizer import metrics, state
 from recognizer import train as tr
@@ -106,22 +106,24 @@ def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: 
 
 def score_edges(work: Path, run: str, check_words: int) -> list[dict]:
     """Each owner's generic (final.npz) and personal (personal.npz) model on its check set."""
-    key, data, scale = load_key(work / KEY_FILE), work / "data", SCALES["owners"]
     cases = []
     for k, owner in enumerate(OWNERS):
-        edge = work / "runs" / run / "edges" / owner.name
-        check = _check_set(data, owner, k, check_words, scale.seed)
+        check = _check_set(work / "data", owner, k, check_words, SCALES["owners"].seed)
         case = {"run": run, "owner": owner.name}
         for name in ("final", "personal"):
-            path = edge / f"{name}.npz"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: is {run} a finished, personalized owners run?")
-            model, _ = load_model(path, key)
-            scored = Scored.of(model, make_loader(check, 64, shuffle=False, **model.image_options))
-            case[name] = {"accuracy": scored.accuracy, "loss": scored.loss}
+            model = _edge_model(work, run, owner.name, name, "a finished, personalized owners run")
+            case[name] = score(model, work / KEY_FILE, {owner.name: check})[owner.name]
         cases.append(case)
         print(json.dumps(case), flush=True)
     return cases
+
+
+def _edge_model(work: Path, run: str, owner: str, name: str, what: str) -> Path:
+    """The model file ``name``.npz that ``owner``'s edge wrote in ``run``; FileNotFoundError if none."""
+    path = work / "runs" / run / "edges" / owner / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {run} {what}?")
+    return path
 
 
 def _check_set(data: Path, owner, k: int, words: int, seed: int) -> Path:
@@ -143,35 +145,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the check sets instead (default --out: results/owners/personal-check.json)")  # fmt: skip
     p.add_argument("--out", type=Path, help="default: results/owners/personal-choice.json")
     args = p.parse_args(argv)
-    scale = SCALES["owners"]
     torch.set_num_threads(2)
-    if args.edges:
-        out = args.out or Path("results/owners/personal-check.json")
-        try:
-            cases = [c for run in args.runs.split(",") for c in score_edges(args.work, run, args.check_words)]
-        except FileNotFoundError as exc:
-            print(f"personal_choice: {exc}", file=sys.stderr)
-            return 2
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"cases": cases, "check_words": args.check_words,
-                                   "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")  # fmt: skip
-        print("\n| run | owner | generic | personal | gain (pt) |\n|---|---|---|---|---|")
-        for c in cases:
-            gain = 100 * (c["personal"]["accuracy"] - c["final"]["accuracy"])
-            print(f"| {c['run']} | {c['owner']} | {100 * c['final']['accuracy']:.1f} "
-                  f"| {100 * c['personal']['accuracy']:.1f} | {gain:+.1f} |")
-        return 0
+    try:
+        return _check_edges(args) if args.edges else _study(args)
+    except FileNotFoundError as exc:
+        print(f"personal_choice: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_edges(args: argparse.Namespace) -> int:
+    """--edges: score the edges' own final and personal models, write them and print the table."""
+    out = args.out or Path("results/owners/personal-check.json")
+    cases = [c for run in args.runs.split(",") for c in score_edges(args.work, run, args.check_words)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cases": cases, "check_words": args.check_words,
+                               "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")  # fmt: skip
+    print("\n| run | owner | generic | personal | gain (pt) |\n|---|---|---|---|---|")
+    for c in cases:
+        gain = 100 * (c["personal"]["accuracy"] - c["final"]["accuracy"])
+        print(f"| {c['run']} | {c['owner']} | {100 * c['final']['accuracy']:.1f} "
+              f"| {100 * c['personal']['accuracy']:.1f} | {gain:+.1f} |")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    """Replay each run's last personalization step per owner, compare the rules, write after each case."""
+    scale = SCALES["owners"]
     args.out = args.out or Path("results/owners/personal-choice.json")
     key = load_key(args.work / KEY_FILE)
     data = args.work / "data"
     cases = []
     for run in args.runs.split(","):
         for k, owner in enumerate(OWNERS):
-            final = args.work / "runs" / run / "edges" / owner.name / "final.npz"
-            if not final.is_file():
-                print(f"personal_choice: {final} is missing: is {run} a finished owners federation?",
-                      file=sys.stderr)
-                return 2
+            final = _edge_model(args.work, run, owner.name, "final", "a finished owners federation")
             check = _check_set(data, owner, k, args.check_words, scale.seed)
             started = time.monotonic()
             scores = replay(final, key, data / "shards" / owner.name,

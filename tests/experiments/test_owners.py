@@ -120,7 +120,7 @@ def test_a_rerun_repeats_nothing_and_prints_the_table(smoke: Path) -> None:
 
 def test_long_mini_runs_double_the_rounds_and_keep_the_cosine_at_the_same_share() -> None:
     scale = SCALES["owners"]
-    runs = {r.name: r for r in owners.RUNS}
+    runs = owners.RUNS_BY_NAME
     short, long = (
         owners._settings(runs[n], scale, "fedavgm-rehearsal")
         for n in ("mini-dirichlet", "mini-dirichlet-long")
@@ -144,7 +144,7 @@ def test_the_scales_federations_with_warm_up_rehearse_and_a_run_may_set_its_own_
         settings = owners._settings(run, scale, owners.SERVER_OPTIMIZER_RUNS[0])
         assert settings.warmup_rounds == scale.warmup_rounds and settings.warmup_rehearsal == owners.REHEARSAL
     assert set(owners.SERVER_OPTIMIZER_RUNS) <= {r.name for r in warm}
-    runs = {r.name: r for r in owners.RUNS}
+    runs = owners.RUNS_BY_NAME
     assert owners._settings(runs["fedprox-rehearsal"], scale, "").proximal_mu == scale.proximal_mu
     assert owners._settings(runs["fedprox-mu0.01-rehearsal"], scale, "").proximal_mu == 0.01
     # The shared warm-up: the warm-up rounds alone, plain FedAvg, nothing personal.
