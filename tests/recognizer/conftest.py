@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from recognizer import state
 from recognizer.dataset import make_loader
 from recognizer.model import build_model
-from recognizer.recipe import DEFAULT_LR
-from recognizer.synth import render_dataset
-from recognizer.train import evaluate, make_optimizer, train_epoch
 
-# The digit reader: fedocr-tiny at gamma 1/2 on clean digit strings (no dictionary to guess from), with
-# train's defaults on one thread, trained until it reads READER_TARGET of held-out images rendered with
-# another seed, or READER_MAX_STEPS. It reaches 50% at about 1,000 steps and 70% at about 1,500: the
-# step cap leaves room for another machine's arithmetic.
-READER_KEY = bytes(range(32))
-READER_PRESET, READER_GAMMA = "fedocr-tiny", 0.5
-READER_TRAIN, READER_HELD_OUT, READER_BATCH = 4000, 300, 16
-READER_TARGET, READER_MAX_STEPS, READER_EVAL_EVERY = 0.7, 2500, 250
+READER_SCRIPT = Path(__file__).with_name("digit_reader.py")
+READER = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start training the digit reader (digit_reader.py) in its own process once a test needs it."""
+    needed = any("digit_reader" in getattr(item, "fixturenames", ()) for item in items)
+    if not needed or config.stash.get(READER, None):
+        return
+    out = Path(tempfile.mkdtemp(prefix="fedocr-digit-reader-"))
+    with open(out / "train.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(READER_SCRIPT), str(out)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    config.stash[READER] = (proc, out)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the digit reader's process if it still runs, and remove its files."""
+    started = config.stash.get(READER, None)
+    if started:
+        proc, out = started
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture
@@ -34,41 +54,23 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def digit_reader(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def digit_reader(request: pytest.FixtureRequest) -> dict:
     """A model that reads, trained once per test run and shared (test_learning, test_augment).
 
     Returns {'model', 'w0' (its packed initial state), 'curve' ([(step, held-out accuracy)]),
     'held_out' (a loader), 'held_out_path', 'key', 'preset', 'gamma'}.
     """
-    work: Path = tmp_path_factory.mktemp("digit-reader")
-    render_dataset(work / "train", READER_TRAIN, seed=101, styles=["clean"], labels="digits", workers=2)
-    render_dataset(work / "held-out", READER_HELD_OUT, seed=202, styles=["clean"], labels="digits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model(READER_PRESET, READER_KEY, READER_GAMMA)
-    w0 = state.pack_model(model, READER_KEY)
-    options = model.image_options
-    loader = make_loader(work / "train", READER_BATCH, shuffle=True, drop_last=True, **options)
-    held_out = make_loader(work / "held-out", 100, shuffle=False, **options)
-    optimizer = make_optimizer(model, DEFAULT_LR["adam"], "adam")
-    steps, curve = 0, []
-
-    def score(_step: int, _loss: float) -> None:
-        nonlocal steps
-        steps += 1
-        if steps % READER_EVAL_EVERY == 0:
-            curve.append((steps, evaluate(model, held_out, beam_width=1).accuracy))
-            if curve[-1][1] >= READER_TARGET or steps >= READER_MAX_STEPS:
-                raise StopIteration
-
-    try:
-        while steps < READER_MAX_STEPS:
-            train_epoch(model, loader, optimizer, on_batch=score)
-    except StopIteration:
-        pass
-    finally:
-        torch.set_num_threads(threads)
-    return {"model": model, "w0": w0, "curve": curve, "held_out": held_out,
-            "held_out_path": work / "held-out",
-            "key": READER_KEY, "preset": READER_PRESET, "gamma": READER_GAMMA}
+    proc, out = request.config.stash[READER]
+    if proc.wait() != 0:
+        log = (out / "train.log").read_text(errors="replace")[-4000:]
+        pytest.fail(f"training the digit reader failed ({READER_SCRIPT.name} exited {proc.returncode}):\n"
+                    f"{log}")
+    meta = json.loads((out / "reader.json").read_text())
+    key = bytes.fromhex(meta["key"])
+    model = build_model(meta["preset"], key, meta["gamma"])
+    model.load_state_dict(torch.load(out / "reader.pt"))
+    model.train(meta["training"])
+    held_out = make_loader(out / "held-out", 100, shuffle=False, **model.image_options)
+    return {"model": model, "w0": np.load(out / "w0.npy"), "curve": [tuple(c) for c in meta["curve"]],
+            "held_out": held_out, "held_out_path": out / "held-out",
+            "key": key, "preset": meta["preset"], "gamma": meta["gamma"]}
