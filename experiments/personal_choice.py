@@ -1,7 +1,7 @@
 """`python -m experiments.personal_choice`: how an edge should choose its personal model.
 
 Replays the personal model's last step (edge_agent: the final global model G fine-tuned on the
-edge's shard for a few epochs at a tenth of the usual lr, candidates G + w (F_e - G)) on the final
+edge's shard for a few epochs, candidates G + w (F_e - G)) on the final
 global models of finished `owners` federations, and compares rules that choose among the candidates
 on the edge's validation set (300 images, as the edge has). Each choice is scored on a check set of
 the owner's kind rendered with yet another seed, so no rule and no figure here touches the owners'
@@ -18,7 +18,8 @@ Rules (each can choose G itself):
     python -m experiments.personal_choice --runs fedavgm-rehearsal,fedadam-rehearsal
 
 With ``--edges`` it replays nothing: it scores the models a personalized federation's edges wrote
-(final.npz and personal.npz) on the same check sets.
+(final.npz and personal.npz), or each owner's model of a run of the owners alone, on the same check
+sets.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from edge_agent.agent import PERSONAL_MIXES
-from experiments.owners import OWNERS, SCALES, render_owner, score
+from experiments.owners import OWNERS, RUNS_BY_NAME, SCALES, render_owner, score
 from fedocr.harness.services import KEY_FILE
 from recognizer import metrics, state
 from recognizer import train as tr
@@ -83,14 +84,14 @@ RULES: dict[str, Callable[[dict, int], tuple]] = {
 
 
 def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: int, batch_size: int,
-           seed: int) -> dict[str, dict[tuple, Scored]]:  # fmt: skip
-    """Fine-tune ``final`` on ``shard`` and score every candidate (epoch, w) on each named set."""
+           seed: int, lr: float = DEFAULT_LR["adam"]) -> dict[str, dict[tuple, Scored]]:  # fmt: skip
+    """Fine-tune ``final`` on ``shard`` at ``lr`` and score every candidate (epoch, w) on each named set."""
     model, _ = load_model(final, key)
     g = state.pack_model(model, key)
     options = model.image_options
     loaders = {name: make_loader(path, 64, shuffle=False, **options) for name, path in sets.items()}
     scores = {name: {GLOBAL: Scored.of(model, ld)} for name, ld in loaders.items()}
-    optimizer = tr.make_optimizer(model, DEFAULT_LR["adam"] / 10, "adam")
+    optimizer = tr.make_optimizer(model, lr, "adam")
     loader = make_loader(shard, batch_size, shuffle=True, seed=seed, **options)
     tuned = g
     for epoch in range(1, epochs + 1):
@@ -105,13 +106,20 @@ def replay(final: Path, key: bytes, shard: Path, sets: dict[str, Path], epochs: 
 
 
 def score_edges(work: Path, run: str, check_words: int) -> list[dict]:
-    """Each owner's generic (final.npz) and personal (personal.npz) model on its check set."""
+    """Each owner's generic (final.npz) and personal (personal.npz) model on its check set; for a run
+    of the owners alone, each owner's model (its "own")."""
     cases = []
+    alone = run in RUNS_BY_NAME and RUNS_BY_NAME[run].kind == "alone"
     for k, owner in enumerate(OWNERS):
         check = _check_set(work / "data", owner, k, check_words, SCALES["owners"].seed)
         case = {"run": run, "owner": owner.name}
-        for name in ("final", "personal"):
-            model = _edge_model(work, run, owner.name, name, "a finished, personalized owners run")
+        for name in ("own",) if alone else ("final", "personal"):
+            if alone:
+                model = work / "runs" / run / f"{owner.name}.npz"
+                if not model.is_file():
+                    raise FileNotFoundError(f"{model} is missing: is {run} a finished owners run?")
+            else:
+                model = _edge_model(work, run, owner.name, name, "a finished, personalized owners run")
             case[name] = score(model, work / KEY_FILE, {owner.name: check})[owner.name]
         cases.append(case)
         print(json.dumps(case), flush=True)
@@ -140,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", required=True, help="comma-separated finished owners federations")
     p.add_argument("--work", type=Path, default=Path("runs/owners"), help="the owners scale's --work")
     p.add_argument("--check-words", type=int, default=1000, help="images of each owner's check set")
-    p.add_argument("--epochs", type=int, default=4, help="the fine-tune's epochs (edge agent: 4)")
+    p.add_argument("--epochs", type=int, default=8, help="the fine-tune's epochs (edge agent: 8; until "
+                   "2026-12-07, 4)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=DEFAULT_LR["adam"],
+                   help="the fine-tune's lr (edge agent: %(default)g; until 2026-12-07, a tenth of it)")
+    p.add_argument("--owners", help="comma-separated owners to replay (default: all)")
     p.add_argument("--edges", action="store_true", help="score the edges' own final and personal models on "
                    "the check sets instead (default --out: results/owners/personal-check.json)")  # fmt: skip
     p.add_argument("--out", type=Path, help="default: results/owners/personal-choice.json")
@@ -162,6 +174,9 @@ def _check_edges(args: argparse.Namespace) -> int:
                                "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")  # fmt: skip
     print("\n| run | owner | generic | personal | gain (pt) |\n|---|---|---|---|---|")
     for c in cases:
+        if "own" in c:  # an owner alone: its one model
+            print(f"| {c['run']} | {c['owner']} | {100 * c['own']['accuracy']:.1f} (alone) | - | - |")
+            continue
         gain = 100 * (c["personal"]["accuracy"] - c["final"]["accuracy"])
         print(f"| {c['run']} | {c['owner']} | {100 * c['final']['accuracy']:.1f} "
               f"| {100 * c['personal']['accuracy']:.1f} | {gain:+.1f} |")
@@ -177,12 +192,14 @@ def _study(args: argparse.Namespace) -> int:
     cases = []
     for run in args.runs.split(","):
         for k, owner in enumerate(OWNERS):
+            if args.owners and owner.name not in args.owners.split(","):
+                continue
             final = _edge_model(args.work, run, owner.name, "final", "a finished owners federation")
             check = _check_set(data, owner, k, args.check_words, scale.seed)
             started = time.monotonic()
             scores = replay(final, key, data / "shards" / owner.name,
                             {"val": data / "val" / owner.name, "check": check}, args.epochs, scale.batch_size,
-                            scale.seed + k)  # fmt: skip
+                            scale.seed + k, args.lr)  # fmt: skip
             generic = scores["check"][GLOBAL]
             case = {"run": run, "owner": owner.name, "generic_val": scores["val"][GLOBAL].accuracy,
                     "generic_check": generic.accuracy, "seconds": time.monotonic() - started,
@@ -198,7 +215,8 @@ def _study(args: argparse.Namespace) -> int:
             # After every case, so a stopped study keeps what it measured.
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"cases": cases, "check_words": args.check_words,
-                                            "epochs": args.epochs, "date": time.strftime("%Y-%m-%d")},
+                                            "epochs": args.epochs, "lr": args.lr,
+                                            "date": time.strftime("%Y-%m-%d")},
                                            indent=2) + "\n")  # fmt: skip
     print("\n| rule | cases at or above the generic model | mean gain (pt) | least gain (pt) |")
     print("|---|---|---|---|")
