@@ -65,12 +65,12 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="keep a personalized model beside the generic one (WORK_DIR/personal.npz): each "
                         "round's local fine-tune of the global model, never uploaded; with --val, the mix of "
                         "the global model and its fine-tune that reads --val best (or --own-model)")
-    p.add_argument("--personal-epochs", type=int, default=4, metavar="N",
+    p.add_argument("--personal-epochs", type=int, default=8, metavar="N",
                    help="with --personalize, epochs of the personal model's last fine-tune, of the final "
-                        "global model; with --val each epoch's mixes are candidates (default 4)")
+                        "global model; with --val each epoch's mixes are candidates (default 8)")
     p.add_argument("--personal-lr", type=float, metavar="LR",
-                   help="the lr of that last fine-tune (default: a tenth of the optimizer's usual lr, 2e-4 "
-                        "for adam; the federation's last rounds have often decayed the plan's lr to nothing)")
+                   help="the lr of that last fine-tune (default: the optimizer's usual lr, 2e-3 for adam; "
+                        "the federation's last rounds have often decayed the plan's lr to nothing)")
     p.add_argument("--own-model", action="store_true",
                    help="with --personalize and --val, also keep this edge's own model (WORK_DIR/own.npz, "
                         "Ditto): trained one round on the shard each round from its last weights, pulled "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import cli as edge_cli
 from experiments import owners
 from experiments.owners import OWNERS, SCALES
 from recognizer.lmdb_data import LmdbReader
@@ -152,14 +153,26 @@ def test_the_scales_federations_with_warm_up_rehearse_and_a_run_may_set_its_own_
     assert (shared.rounds, shared.warmup_rounds) == (scale.warmup_rounds, scale.warmup_rounds)
     assert (shared.server_optimizer, shared.lr_cosine_from_round) == ("fedavg", 0)
     assert shared.proximal_mu == 0.0 and shared.extra_edge_args == ()
-    assert owners._settings(runs["personal-rehearsal2-warmup"], scale, "").proximal_mu == 0.0
+    assert owners._settings(runs["personal-tune8-rehearsal"], scale, "").proximal_mu == 0.0
     best = owners._settings(next(r for r in default if r.best_optimizer), scale, "fedadam-rehearsal")
     assert (best.server_optimizer, best.server_tau, best.warmup_rounds) == ("fedadam", 0.02, 0)
 
 
+def test_a_run_may_set_the_personal_models_last_fine_tune_and_the_edge_reads_it() -> None:
+    scale, runs = SCALES["owners"], owners.RUNS_BY_NAME
+    earlier = owners._settings(runs["personal-rehearsal2-warmup"], scale, "")
+    assert earlier.extra_edge_args == ("--personalize", "--personal-epochs", "4", "--personal-lr", "0.0002")
+    args = owners._settings(runs["personal-tune8-rehearsal"], scale, "").extra_edge_args
+    assert args == ("--personalize", "--personal-epochs", "8", "--personal-lr", "0.002")
+    given = ["--shard", "s", "--server", "h:1", "--ca", "c", "--cert", "e", "--cert-key", "k", "--key", "f"]
+    parsed = edge_cli._run_parser().parse_args([*given, *args])
+    assert (parsed.personalize, parsed.personal_epochs, parsed.personal_lr) == (True, 8, 0.002)
+
+
 def test_the_edges_own_models_are_scored_on_fresh_check_sets(smoke: Path, tmp_path: Path) -> None:
-    """`personal_choice --edges` scores what the edges wrote (final.npz, personal.npz) on images of each
-    owner's kind from a seed no other set uses; a run without those files is named in the error."""
+    """`personal_choice --edges` scores what the edges wrote (final.npz, personal.npz), or the owners'
+    models alone, on images of each owner's kind from a seed no other set uses; a run without those
+    files is named in the error."""
     out = tmp_path / "check.json"
     cmd = [sys.executable, "-m", "experiments.personal_choice", "--edges", "--runs", "personal-own-warmup",
            "--work", str(smoke / "work"), "--check-words", "8", "--out", str(out)]  # fmt: skip
@@ -174,6 +187,12 @@ def test_the_edges_own_models_are_scored_on_fresh_check_sets(smoke: Path, tmp_pa
         assert not images & {LmdbReader(smoke / "work" / "data" / "test" / owner.name).get_raw(i)[0]
                              for i in range(SMOKE.test_words)}  # fmt: skip
     assert "| personal-own-warmup | receipts |" in proc.stdout
-    cmd[cmd.index("personal-own-warmup")] = "alone-warmup"  # no edges there
+    cmd[cmd.index("personal-own-warmup")] = "alone-warmup"  # each owner's model alone, on the same sets
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = json.loads(out.read_text())["cases"]
+    assert [sorted(c) for c in alone] == [["owner", "own", "run"]] * len(OWNERS)
+    assert all(c["own"]["samples"] == 8 for c in alone) and "| alone-warmup | signs |" in proc.stdout
+    cmd[cmd.index("alone-warmup")] = "fedavg"  # not run here
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "final.npz is missing" in proc.stderr
