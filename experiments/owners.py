@@ -151,7 +151,8 @@ class Run:
     personalize: bool = False
     own_models: bool = False  # with personalize: each edge's own model (Ditto) is a candidate too
     # With personalize: the personal model's last fine-tune, of the final global model, its epochs and
-    # lr (the edge agent's defaults until 2026-12-07, which every personalized run before it measured).
+    # lr (the edge agent's defaults until the evening of 2026-12-07, at which the personalized runs in
+    # results/owners before personal-tune8-rehearsal were measured).
     personal_epochs: int = 4
     personal_lr: float = 2e-4
     # With warmup: after the warm-up rounds each edge's epochs also go over this many of its warm-up

@@ -191,7 +191,7 @@ def test_the_edges_own_models_are_scored_on_fresh_check_sets(smoke: Path, tmp_pa
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = json.loads(out.read_text())["cases"]
-    assert [sorted(c) for c in alone] == [["owner", "own", "run"]] * len(OWNERS)
+    assert [sorted(c) for c in alone] == [["own", "owner", "run"]] * len(OWNERS)
     assert all(c["own"]["samples"] == 8 for c in alone) and "| alone-warmup | signs |" in proc.stdout
     cmd[cmd.index("alone-warmup")] = "fedavg"  # not run here
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
