@@ -110,25 +110,23 @@ def score_edges(work: Path, run: str, check_words: int) -> list[dict]:
     of the owners alone, each owner's model (its "own")."""
     cases = []
     alone = run in RUNS_BY_NAME and RUNS_BY_NAME[run].kind == "alone"
+    what = "a finished owners run" if alone else "a finished, personalized owners run"
     for k, owner in enumerate(OWNERS):
         check = _check_set(work / "data", owner, k, check_words, SCALES["owners"].seed)
         case = {"run": run, "owner": owner.name}
         for name in ("own",) if alone else ("final", "personal"):
-            if alone:
-                model = work / "runs" / run / f"{owner.name}.npz"
-                if not model.is_file():
-                    raise FileNotFoundError(f"{model} is missing: is {run} a finished owners run?")
-            else:
-                model = _edge_model(work, run, owner.name, name, "a finished, personalized owners run")
+            model = _run_model(work, run, owner.name, name, what)
             case[name] = score(model, work / KEY_FILE, {owner.name: check})[owner.name]
         cases.append(case)
         print(json.dumps(case), flush=True)
     return cases
 
 
-def _edge_model(work: Path, run: str, owner: str, name: str, what: str) -> Path:
-    """The model file ``name``.npz that ``owner``'s edge wrote in ``run``; FileNotFoundError if none."""
-    path = work / "runs" / run / "edges" / owner / f"{name}.npz"
+def _run_model(work: Path, run: str, owner: str, name: str, what: str) -> Path:
+    """The model file ``name``.npz that ``owner``'s edge wrote in ``run``, or with ``name`` "own" the
+    owner's model in a run of the owners alone (experiments.owners.run_alone); FileNotFoundError if none."""
+    home = work / "runs" / run
+    path = home / f"{owner}.npz" if name == "own" else home / "edges" / owner / f"{name}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {run} {what}?")
     return path
@@ -153,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULT_LR["adam"],
                    help="the fine-tune's lr (edge agent: %(default)g; until 2026-12-07, a tenth of it)")
     p.add_argument("--owners", help="comma-separated owners to replay (default: all)")
-    p.add_argument("--edges", action="store_true", help="score the edges' own final and personal models on "
-                   "the check sets instead (default --out: results/owners/personal-check.json)")  # fmt: skip
+    p.add_argument("--edges", action="store_true", help="score the edges' own final and personal models (or "
+                   "the owners' models alone) on the check sets instead (default --out: "
+                   "results/owners/personal-check.json)")  # fmt: skip
     p.add_argument("--out", type=Path, help="default: results/owners/personal-choice.json")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -166,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_edges(args: argparse.Namespace) -> int:
-    """--edges: score the edges' own final and personal models, write them and print the table."""
+    """--edges: score the edges' own final and personal models (or the owners' models alone), write
+    them and print the table."""
     out = args.out or Path("results/owners/personal-check.json")
     cases = [c for run in args.runs.split(",") for c in score_edges(args.work, run, args.check_words)]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def _study(args: argparse.Namespace) -> int:
         for k, owner in enumerate(OWNERS):
             if args.owners and owner.name not in args.owners.split(","):
                 continue
-            final = _edge_model(args.work, run, owner.name, "final", "a finished owners federation")
+            final = _run_model(args.work, run, owner.name, "final", "a finished owners federation")
             check = _check_set(data, owner, k, args.check_words, scale.seed)
             started = time.monotonic()
             scores = replay(final, key, data / "shards" / owner.name,

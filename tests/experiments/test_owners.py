@@ -24,9 +24,10 @@ SMOKE = SCALES["smoke"]
 RUNS = ("alone-warmup", "personal-own-warmup")
 
 
-def _owners(tmp: Path, *runs: str) -> subprocess.CompletedProcess:
+def _owners(tmp: Path, *runs: str, results: Path | None = None) -> subprocess.CompletedProcess:
+    """The smoke scale's ``runs`` with their work under ``tmp`` (and results there, or in ``results``)."""
     cmd = [sys.executable, "-m", "experiments.owners", "--scale", "smoke", "--work", str(tmp / "work"),
-           "--results", str(tmp / "results"), "--runs", ",".join(runs)]  # fmt: skip
+           "--results", str(results or tmp / "results"), "--runs", ",".join(runs)]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -99,9 +100,7 @@ def test_the_shared_warm_up_row_takes_the_warm_up_the_runs_went_on_from(smoke: P
     done = smoke / "work" / "runs" / owners.WARMUP / "done.json"
     before = done.stat().st_mtime_ns
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "experiments.owners", "--scale", "smoke", "--work", str(smoke / "work"),
-           "--results", str(results), "--runs", owners.WARMUP]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = _owners(smoke, owners.WARMUP, results=results)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert done.stat().st_mtime_ns == before
     r = json.loads((results / f"{owners.WARMUP}.json").read_text())
